@@ -1,0 +1,172 @@
+//! Reading the transformer's and the autoencoder's hyper-parameters from the weights.
+//!
+//! The Black Forest Labs files and GGUF files carry no config, so every size is read from
+//! tensor shapes; a diffusers `config.json`, when present, only adds what shapes cannot say
+//! (the RoPE axes and the VAE's latent scale and shift).
+
+use std::path::{Path, PathBuf};
+
+use candle_transformers::models::flux::{autoencoder, model};
+use serde::Deserialize;
+
+use crate::{
+    error::{EngineError, Result},
+    weights::{GgufFile, MappedWeights},
+};
+
+/// Shape lookups by canonical name, over any weight source.
+pub(crate) trait Shapes {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+    fn origin(&self) -> PathBuf;
+}
+
+impl Shapes for MappedWeights {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.shape(name)
+    }
+    fn origin(&self) -> PathBuf {
+        self.files().path_of("")
+    }
+}
+
+impl Shapes for GgufFile {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.shape(name)
+    }
+    fn origin(&self) -> PathBuf {
+        self.path().to_path_buf()
+    }
+}
+
+fn dim(w: &dyn Shapes, name: &str, axis: usize) -> Result<usize> {
+    let shape = w.shape_of(name).ok_or_else(|| EngineError::Tensor {
+        path: w.origin(),
+        tensor: name.to_string(),
+        problem: "missing".into(),
+    })?;
+    shape.get(axis).copied().ok_or_else(|| EngineError::Tensor {
+        path: w.origin(),
+        tensor: name.to_string(),
+        problem: format!(
+            "has shape {shape:?}, expected at least {} dimensions",
+            axis + 1
+        ),
+    })
+}
+
+fn count(w: &dyn Shapes, pattern: impl Fn(usize) -> String) -> usize {
+    (0..)
+        .take_while(|&i| w.shape_of(&pattern(i)).is_some())
+        .count()
+}
+
+fn bad(w: &dyn Shapes, message: String) -> EngineError {
+    EngineError::UnknownLayout {
+        path: w.origin(),
+        message,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DiffusersTransformerConfig {
+    #[serde(default)]
+    axes_dims_rope: Option<Vec<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DiffusersVaeConfig {
+    #[serde(default)]
+    scaling_factor: Option<f64>,
+    #[serde(default)]
+    shift_factor: Option<f64>,
+}
+
+fn read_config<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::file(path, format!("bad config: {e}")))
+}
+
+/// The flux transformer's config, from its weights (and `config.json` for the RoPE axes).
+pub(crate) fn transformer(w: &dyn Shapes, config: Option<&Path>) -> Result<model::Config> {
+    let hidden = dim(w, "img_in.weight", 0)?;
+    let in_channels = dim(w, "img_in.weight", 1)?;
+    let head_dim = dim(w, "double_blocks.0.img_attn.norm.query_norm.scale", 0)?;
+    let mlp = dim(w, "double_blocks.0.img_mlp.0.weight", 0)?;
+    if head_dim == 0 || hidden % head_dim != 0 {
+        return Err(bad(
+            w,
+            format!("hidden size {hidden} is not a multiple of the head size {head_dim}"),
+        ));
+    }
+    let axes_dim = match read_config::<DiffusersTransformerConfig>(config)?.axes_dims_rope {
+        Some(axes) => axes,
+        // FLUX's (16, 56, 56) for 128-wide heads, scaled: the proportion BFL uses.
+        None => vec![head_dim / 8, head_dim * 7 / 16, head_dim * 7 / 16],
+    };
+    if axes_dim.iter().sum::<usize>() != head_dim || axes_dim.iter().any(|a| a % 2 != 0) {
+        return Err(bad(
+            w,
+            format!("RoPE axes {axes_dim:?} must be even and add up to the head size {head_dim}"),
+        ));
+    }
+    let cfg = model::Config {
+        in_channels,
+        vec_in_dim: dim(w, "vector_in.in_layer.weight", 1)?,
+        context_in_dim: dim(w, "txt_in.weight", 1)?,
+        hidden_size: hidden,
+        mlp_ratio: mlp as f64 / hidden as f64,
+        num_heads: hidden / head_dim,
+        depth: count(w, |i| format!("double_blocks.{i}.img_attn.qkv.weight")),
+        depth_single_blocks: count(w, |i| format!("single_blocks.{i}.linear1.weight")),
+        axes_dim,
+        theta: 10_000,
+        qkv_bias: w.shape_of("double_blocks.0.img_attn.qkv.bias").is_some(),
+        guidance_embed: w.shape_of("guidance_in.in_layer.weight").is_some(),
+    };
+    if cfg.guidance_embed {
+        return Err(bad(
+            w,
+            "this transformer has a guidance embedding (FLUX.1-dev); only FLUX.1-schnell is supported so far".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// FLUX's latent normalisation, used when the weights come without a config
+/// (BFL `ae.safetensors`): `src/flux/util.py` in black-forest-labs/flux.
+const FLUX_SCALE: f64 = 0.3611;
+const FLUX_SHIFT: f64 = 0.1159;
+
+/// The autoencoder's config, from its decoder weights (and `config.json` for the latent
+/// scale and shift).
+pub(crate) fn vae(w: &dyn Shapes, config: Option<&Path>) -> Result<autoencoder::Config> {
+    let levels = count(w, |i| format!("decoder.up.{i}.block.0.conv1.weight"));
+    if levels == 0 {
+        return Err(bad(w, "no decoder.up.N blocks".into()));
+    }
+    let widths = (0..levels)
+        .map(|i| dim(w, &format!("decoder.up.{i}.block.0.conv2.weight"), 0))
+        .collect::<Result<Vec<_>>>()?;
+    let ch = widths[0];
+    if ch == 0 || widths.iter().any(|c| c % ch != 0) {
+        return Err(bad(
+            w,
+            format!("decoder widths {widths:?} are not multiples of {ch}"),
+        ));
+    }
+    let file: DiffusersVaeConfig = read_config(config)?;
+    Ok(autoencoder::Config {
+        resolution: 256,
+        in_channels: 3,
+        ch,
+        out_ch: dim(w, "decoder.conv_out.weight", 0)?,
+        ch_mult: widths.iter().map(|c| c / ch).collect(),
+        num_res_blocks: count(w, |j| format!("decoder.up.0.block.{j}.conv1.weight")) - 1,
+        z_channels: dim(w, "decoder.conv_in.weight", 1)?,
+        scale_factor: file.scaling_factor.unwrap_or(FLUX_SCALE),
+        shift_factor: file.shift_factor.unwrap_or(FLUX_SHIFT),
+    })
+}

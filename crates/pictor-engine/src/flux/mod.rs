@@ -1,0 +1,335 @@
+//! FLUX.1-schnell: CLIP-L and T5 text encoders, the flux transformer, the schnell
+//! schedule and the flux autoencoder's decoder.
+//!
+//! The networks are candle-transformers' (`models::flux`, `models::t5`,
+//! `models::clip::text_model`), which follow the Black Forest Labs reference; this module
+//! owns everything around them that decides parity with diffusers: tokenization, seeded
+//! noise, packing, the sigma schedule, the Euler update in f32, and the 8-bit conversion.
+
+pub mod config;
+pub mod sampling;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_transformers::models::flux::{
+    WithForward, autoencoder, model::Flux, quantized_model::Flux as QuantizedFlux,
+};
+
+use crate::{
+    device::{DTypeChoice, DeviceChoice},
+    error::{EngineError, Result},
+    image::{to_rgb8, to_unit_range},
+    layout::{ModelFiles, Part},
+    noise::gaussian_noise,
+    pipeline::{Control, Generation, GenerationRequest, Pipeline, Progress},
+    text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders, prefix_of},
+    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
+};
+
+/// Latent channels of the flux autoencoder (before 2×2 packing).
+const LATENT_CHANNELS: usize = 16;
+
+/// How to load and run the pipeline.
+#[derive(Debug, Clone)]
+pub struct FluxOptions {
+    /// Where to run.
+    pub device: DeviceChoice,
+    /// Compute dtype.
+    pub dtype: DTypeChoice,
+    /// T5 tokens per prompt: 256 for schnell (diffusers' and BFL's value).
+    pub max_sequence_length: usize,
+    /// Most images denoised together through the transformer.
+    pub max_batch: usize,
+}
+
+impl Default for FluxOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceChoice::Cpu,
+            dtype: DTypeChoice::Auto,
+            max_sequence_length: 256,
+            max_batch: 4,
+        }
+    }
+}
+
+enum Denoiser {
+    Dense(Box<Flux>),
+    Quantized(Box<QuantizedFlux>),
+}
+
+/// A loaded FLUX.1-schnell pipeline.
+pub struct FluxPipeline {
+    text: TextEncoders,
+    denoiser: Denoiser,
+    decoder: autoencoder::Decoder,
+    vae: autoencoder::Config,
+    transformer: candle_transformers::models::flux::model::Config,
+    device: Device,
+    dtype: DType,
+    options: FluxOptions,
+}
+
+fn open_transformer(
+    part: &Part,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Denoiser, candle_transformers::models::flux::model::Config)> {
+    if part.is_gguf() {
+        let gguf = GgufFile::open(&part.files[0])?;
+        let cfg = config::transformer(&gguf, part.config.as_deref())?;
+        let vb = gguf.var_builder(device)?;
+        let model = QuantizedFlux::new(&cfg, vb).map_err(|e| {
+            EngineError::load("transformer", format!("{}: {e}", gguf.path().display()))
+        })?;
+        return Ok((Denoiser::Quantized(Box::new(model)), cfg));
+    }
+    let files = Arc::new(SafetensorFiles::open(&part.files)?);
+    let weights = if let Some(prefix) = prefix_of(&files, "double_blocks.0.img_attn.qkv.weight") {
+        MappedWeights::new(files, Scheme::Identity, prefix)
+    } else if let Some(prefix) = prefix_of(&files, "transformer_blocks.0.attn.to_q.weight") {
+        MappedWeights::new(files, Scheme::DiffusersFluxTransformer, prefix)
+    } else {
+        return Err(EngineError::UnknownLayout {
+            path: files.path_of(""),
+            message: "neither Black Forest Labs (double_blocks.N...) nor diffusers (transformer_blocks.N...) transformer names".into(),
+        });
+    };
+    let cfg = config::transformer(&weights, part.config.as_deref())?;
+    let model = Flux::new(&cfg, weights.var_builder(dtype, device))
+        .map_err(|e| EngineError::load("transformer", e))?;
+    Ok((Denoiser::Dense(Box::new(model)), cfg))
+}
+
+fn open_vae(
+    part: &Part,
+    dtype: DType,
+    device: &Device,
+) -> Result<(autoencoder::Decoder, autoencoder::Config)> {
+    let files = Arc::new(SafetensorFiles::open(&part.files)?);
+    let weights = if let Some(prefix) = prefix_of(&files, "decoder.up.0.block.0.conv1.weight") {
+        MappedWeights::new(files, Scheme::Identity, prefix)
+    } else if let Some(prefix) = prefix_of(&files, "decoder.up_blocks.0.resnets.0.conv1.weight") {
+        let levels = (0..)
+            .take_while(|k| {
+                files.contains(&format!(
+                    "{prefix}decoder.up_blocks.{k}.resnets.0.conv1.weight"
+                ))
+            })
+            .count();
+        MappedWeights::new(files, Scheme::DiffusersVae { levels }, prefix)
+    } else {
+        return Err(EngineError::UnknownLayout {
+            path: files.path_of(""),
+            message: "neither Black Forest Labs (decoder.up.N...) nor diffusers (decoder.up_blocks.N...) autoencoder names".into(),
+        });
+    };
+    let cfg = config::vae(&weights, part.config.as_deref())?;
+    let decoder = autoencoder::Decoder::new(&cfg, weights.var_builder(dtype, device).pp("decoder"))
+        .map_err(|e| EngineError::load("vae", e))?;
+    Ok((decoder, cfg))
+}
+
+impl FluxPipeline {
+    /// Loads every part. Errors name the part, the file and the tensor at fault.
+    pub fn load(files: &ModelFiles, options: FluxOptions) -> Result<Self> {
+        let device = options.device.open()?;
+        let dtype = options.dtype.resolve(&device);
+        tracing::info!(?dtype, ?device, "loading FLUX.1-schnell");
+        let text = TextEncoders {
+            clip_tokenizer: FixedLengthTokenizer::clip(&files.clip_tokenizer, 77)?,
+            t5_tokenizer: FixedLengthTokenizer::t5(
+                &files.t5_tokenizer,
+                options.max_sequence_length,
+            )?,
+            clip: ClipEncoder::load(&files.clip, dtype, &device)?,
+            t5: T5Encoder::load(&files.t5, dtype, &device)?,
+        };
+        let (denoiser, transformer) = open_transformer(&files.transformer, dtype, &device)?;
+        let (decoder, vae) = open_vae(&files.vae, dtype, &device)?;
+        Ok(Self {
+            text,
+            denoiser,
+            decoder,
+            vae,
+            transformer,
+            device,
+            dtype,
+            options,
+        })
+    }
+
+    /// The compute dtype in use.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The transformer's hyper-parameters, as read from the weights.
+    pub fn transformer_config(&self) -> &candle_transformers::models::flux::model::Config {
+        &self.transformer
+    }
+
+    /// Encodes a prompt with both text encoders.
+    pub fn encode_prompt(&mut self, prompt: &str) -> Result<Embeddings> {
+        self.text.encode(prompt)
+    }
+
+    /// The tokenizers (for inspection and tests).
+    pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok((
+            self.text.clip_tokenizer.encode(prompt)?.ids,
+            self.text.t5_tokenizer.encode(prompt)?.ids,
+        ))
+    }
+
+    /// One transformer evaluation: the velocity for packed latents `img` `(b, tokens, 64)`
+    /// at `sigma`, returned in f32.
+    pub fn velocity(
+        &self,
+        img: &Tensor,
+        emb: &Embeddings,
+        sigma: f64,
+        latent_hw: (usize, usize),
+    ) -> Result<Tensor> {
+        let b = img.dim(0)?;
+        // The quantized model computes in f32 whatever the pipeline's dtype.
+        let dtype = match self.denoiser {
+            Denoiser::Dense(_) => self.dtype,
+            Denoiser::Quantized(_) => DType::F32,
+        };
+        let txt = emb.sequence.to_dtype(dtype)?.repeat((b, 1, 1))?;
+        let pooled = emb.pooled.to_dtype(dtype)?.repeat((b, 1))?;
+        let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), dtype, &self.device)?;
+        let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
+        let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
+        let img = img.to_dtype(dtype)?;
+        let v = match &self.denoiser {
+            Denoiser::Dense(m) => m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?,
+            Denoiser::Quantized(m) => {
+                m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?
+            }
+        };
+        Ok(v.to_dtype(DType::F32)?)
+    }
+
+    /// Denoises `noise` `(b, 16, h, w)` for `steps` schnell steps; returns the final packed
+    /// latents `(b, tokens, 64)` in f32. The Euler update runs in f32 whatever the compute
+    /// dtype, as diffusers' scheduler does.
+    pub fn denoise(
+        &self,
+        noise: &Tensor,
+        emb: &Embeddings,
+        steps: usize,
+        mut on_step: impl FnMut(usize) -> Control,
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = noise.dims4()?;
+        let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
+        let sigmas = sampling::schedule(steps);
+        for (i, pair) in sigmas.windows(2).enumerate() {
+            let v = self.velocity(&x, emb, pair[0], (h, w))?;
+            x = (x + (v * (pair[1] - pair[0]))?)?;
+            if on_step(i + 1) == Control::Cancel {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        Ok(x)
+    }
+
+    /// Decodes packed latents `(b, tokens, 64)` for an image of `height`×`width` into pixel
+    /// values in `[0, 1]`, `(b, 3, height, width)` f32, one image at a time to bound memory.
+    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        let (h, w) = sampling::latent_dims(height, width);
+        let latents = sampling::unpack(packed, h, w)?;
+        let mut images = Vec::with_capacity(latents.dim(0)?);
+        for i in 0..latents.dim(0)? {
+            let z = latents.narrow(0, i, 1)?;
+            let z = ((z / self.vae.scale_factor)? + self.vae.shift_factor)?.to_dtype(self.dtype)?;
+            images.push(to_unit_range(&self.decoder.forward(&z)?)?);
+        }
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// The initial noise for `count` images starting at `seed`: image `i` from `seed + i`.
+    pub fn noise(&self, seed: u64, count: usize, height: usize, width: usize) -> Result<Tensor> {
+        let (h, w) = sampling::latent_dims(height, width);
+        let per = LATENT_CHANNELS * h * w;
+        let mut all = Vec::with_capacity(per * count);
+        for i in 0..count {
+            all.extend(gaussian_noise(seed.wrapping_add(i as u64), per));
+        }
+        Ok(Tensor::from_vec(
+            all,
+            (count, LATENT_CHANNELS, h, w),
+            &self.device,
+        )?)
+    }
+}
+
+impl Pipeline for FluxPipeline {
+    fn check(&self, req: &GenerationRequest) -> Result<()> {
+        for (field, value) in [("width", req.width), ("height", req.height)] {
+            if value == 0 || value % 16 != 0 {
+                return Err(EngineError::InvalidInput {
+                    field,
+                    message: format!("{value} is not a positive multiple of 16"),
+                });
+            }
+        }
+        if req.steps == 0 {
+            return Err(EngineError::InvalidInput {
+                field: "steps",
+                message: "must be at least 1".into(),
+            });
+        }
+        if req.n == 0 {
+            return Err(EngineError::InvalidInput {
+                field: "n",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> Result<Generation> {
+        self.check(req)?;
+        if progress(Progress::Encoding) == Control::Cancel {
+            return Err(EngineError::Cancelled);
+        }
+        let emb = self.encode_prompt(&req.prompt)?;
+        let mut images = Vec::with_capacity(req.n);
+        let batch = self.options.max_batch.max(1);
+        let mut first = 0;
+        while first < req.n {
+            let count = batch.min(req.n - first);
+            let noise = self.noise(
+                req.seed.wrapping_add(first as u64),
+                count,
+                req.height,
+                req.width,
+            )?;
+            let latents = self.denoise(&noise, &emb, req.steps, |step| {
+                progress(Progress::Step {
+                    step,
+                    total: req.steps,
+                    first,
+                    count,
+                })
+            })?;
+            if progress(Progress::Decoding) == Control::Cancel {
+                return Err(EngineError::Cancelled);
+            }
+            let pixels = self.decode(&latents, req.height, req.width)?;
+            images.extend(to_rgb8(&pixels)?);
+            first += count;
+        }
+        Ok(Generation {
+            images,
+            prompt: emb.prompt,
+        })
+    }
+}

@@ -1,0 +1,364 @@
+//! Finding a model's parts on disk: folders, single files and Hugging Face cache snapshots.
+//!
+//! Parts are recognised by the tensor names inside the files, never by file names alone, so
+//! `flux1-schnell.safetensors` renamed to anything still loads, and a wrong file put in the
+//! wrong place is reported as such.
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    error::{EngineError, Result},
+    weights::{GgufFile, SafetensorFiles, shards_from_index},
+};
+
+/// One part of a model: its weight files (one, or several shards) and its `config.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Weight files: safetensors shards, or one GGUF file.
+    pub files: Vec<PathBuf>,
+    /// The part's `config.json`, when the layout has one.
+    pub config: Option<PathBuf>,
+}
+
+impl Part {
+    /// A part made of one file with no config.
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            files: vec![path.into()],
+            config: None,
+        }
+    }
+
+    /// A diffusers/transformers part folder: `config.json` plus either a sharded
+    /// checkpoint (`*.safetensors.index.json`) or the `*.safetensors` files in it.
+    pub fn folder(dir: &Path) -> Result<Self> {
+        let entries = list_files(dir)?;
+        let index = entries
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with(".safetensors.index.json"));
+        let files = match index {
+            Some(index) => shards_from_index(index)?,
+            None => entries
+                .iter()
+                .filter(|p| has_ext(p, "safetensors") || has_ext(p, "gguf"))
+                .cloned()
+                .collect(),
+        };
+        if files.is_empty() {
+            return Err(EngineError::NotFound(format!(
+                "{}: no .safetensors or .gguf weights in this folder",
+                dir.display()
+            )));
+        }
+        let config = dir.join("config.json");
+        Ok(Self {
+            files,
+            config: config.is_file().then_some(config),
+        })
+    }
+
+    /// Whether the part is a GGUF file.
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.files.as_slice(), [f] if has_ext(f, "gguf"))
+    }
+}
+
+/// Where every part of a FLUX model lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The flux transformer (BFL or diffusers names, or GGUF).
+    pub transformer: Part,
+    /// The autoencoder (BFL `ae.safetensors` or diffusers `vae/`).
+    pub vae: Part,
+    /// The CLIP-L text encoder.
+    pub clip: Part,
+    /// The T5 encoder.
+    pub t5: Part,
+    /// CLIP's tokenizer: a folder (`vocab.json` + `merges.txt`, or `tokenizer.json`) or a
+    /// `tokenizer.json` file.
+    pub clip_tokenizer: PathBuf,
+    /// T5's tokenizer: a folder with `tokenizer.json`, or the file.
+    pub t5_tokenizer: PathBuf,
+}
+
+/// What a weight file holds, judged from its tensor names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Transformer,
+    Vae,
+    Clip,
+    T5,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Transformer => "FLUX transformer",
+            Self::Vae => "autoencoder",
+            Self::Clip => "CLIP text encoder",
+            Self::T5 => "T5 encoder",
+        }
+    }
+}
+
+/// Classifies a checkpoint from its tensor names.
+pub(crate) fn classify<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Kind> {
+    const SIGNS: [(&str, Kind); 6] = [
+        ("double_blocks.0.img_attn.qkv.weight", Kind::Transformer),
+        ("transformer_blocks.0.attn.to_q.weight", Kind::Transformer),
+        ("decoder.conv_in.weight", Kind::Vae),
+        ("text_model.embeddings.token_embedding.weight", Kind::Clip),
+        ("encoder.block.0.layer.0.SelfAttention.q.weight", Kind::T5),
+        ("enc.blk.0.attn_q.weight", Kind::T5),
+    ];
+    let mut found = None;
+    for name in names {
+        for (sign, kind) in SIGNS {
+            if name.ends_with(sign) {
+                // A transformer outranks anything else it happens to contain.
+                if found.is_none() || kind == Kind::Transformer {
+                    found = Some(kind);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Classifies one weight file by reading its header.
+pub(crate) fn classify_file(path: &Path) -> Result<Option<Kind>> {
+    if has_ext(path, "gguf") {
+        let gguf = GgufFile::open(path)?;
+        return Ok(classify(gguf.names()));
+    }
+    let files = SafetensorFiles::open(&[path.to_path_buf()])?;
+    Ok(classify(files.names()))
+}
+
+fn has_ext(path: &Path, ext: &str) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+}
+
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let read = std::fs::read_dir(dir).map_err(|e| EngineError::file(dir, e))?;
+    let mut files = Vec::new();
+    for entry in read {
+        let path = entry.map_err(|e| EngineError::file(dir, e))?.path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl ModelFiles {
+    /// Finds a model from what a user typed: a folder, a weight file (its other parts are
+    /// looked for beside it), or a Hugging Face repo id (`owner/name`, optionally
+    /// `owner/name@revision`) looked up in the local Hugging Face cache.
+    pub fn resolve(spec: &str) -> Result<Self> {
+        Self::resolve_in(spec, &hf_hub_cache_dir())
+    }
+
+    /// [`ModelFiles::resolve`] with an explicit Hugging Face hub cache folder.
+    pub fn resolve_in(spec: &str, hf_cache: &Path) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        if path.is_file() {
+            return Self::from_file(path);
+        }
+        if let Some(snapshot) = hf_snapshot(spec, hf_cache)? {
+            return Self::from_dir(&snapshot);
+        }
+        Err(EngineError::NotFound(format!(
+            "`{spec}` is neither a file, a folder, nor a repo id in the Hugging Face cache ({})",
+            hf_cache.display()
+        )))
+    }
+
+    /// A model in one folder: diffusers sub-folders (`transformer/`, `vae/`,
+    /// `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`), or weight files at
+    /// the top (`flux1-schnell.safetensors`, `ae.safetensors`, ...) recognised by content.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        Self::assemble(dir, None)
+    }
+
+    /// A model named by one transformer file, with its other parts found beside it.
+    pub fn from_file(file: &Path) -> Result<Self> {
+        match classify_file(file)? {
+            Some(Kind::Transformer) => {}
+            Some(other) => {
+                return Err(EngineError::UnknownLayout {
+                    path: file.to_path_buf(),
+                    message: format!(
+                        "this is a {}, not a FLUX transformer; point at the transformer file or the model folder",
+                        other.label()
+                    ),
+                });
+            }
+            None => return Err(unknown_layout(file)),
+        }
+        let dir = file.parent().unwrap_or(Path::new("."));
+        Self::assemble(dir, Some(Part::file(file)))
+    }
+
+    fn assemble(dir: &Path, transformer: Option<Part>) -> Result<Self> {
+        let top = TopLevel::scan(dir)?;
+        let part = |folder: &str, kind: Kind| -> Result<Part> {
+            let sub = dir.join(folder);
+            if sub.is_dir() {
+                return Part::folder(&sub);
+            }
+            top.only(kind, dir, folder)
+        };
+        let transformer = match transformer {
+            Some(t) => t,
+            None => part("transformer", Kind::Transformer)?,
+        };
+        let tokenizer = |folder: &str| -> Result<PathBuf> {
+            let sub = dir.join(folder);
+            if sub.is_dir() {
+                Ok(sub)
+            } else {
+                Err(EngineError::NotFound(format!(
+                    "{}: no `{folder}/` folder with the tokenizer files",
+                    dir.display()
+                )))
+            }
+        };
+        Ok(Self {
+            transformer,
+            vae: part("vae", Kind::Vae)?,
+            clip: part("text_encoder", Kind::Clip)?,
+            t5: part("text_encoder_2", Kind::T5)?,
+            clip_tokenizer: tokenizer("tokenizer")?,
+            t5_tokenizer: tokenizer("tokenizer_2")?,
+        })
+    }
+}
+
+fn unknown_layout(path: &Path) -> EngineError {
+    EngineError::UnknownLayout {
+        path: path.to_path_buf(),
+        message: "no FLUX transformer, autoencoder, CLIP or T5 tensor names found".into(),
+    }
+}
+
+/// The weight files at the top of a folder, classified.
+struct TopLevel(Vec<(PathBuf, Kind)>);
+
+impl TopLevel {
+    fn scan(dir: &Path) -> Result<Self> {
+        let mut found = Vec::new();
+        for path in list_files(dir)? {
+            if !(has_ext(&path, "safetensors") || has_ext(&path, "gguf")) {
+                continue;
+            }
+            if let Some(kind) = classify_file(&path)? {
+                found.push((path, kind));
+            }
+        }
+        Ok(Self(found))
+    }
+
+    fn only(&self, kind: Kind, dir: &Path, folder: &str) -> Result<Part> {
+        let matches: Vec<&PathBuf> = self
+            .0
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(p, _)| p)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(Part::file(*one)),
+            [] => Err(EngineError::NotFound(format!(
+                "{}: no {} (neither a `{folder}/` folder nor a weight file holding one)",
+                dir.display(),
+                kind.label()
+            ))),
+            many => Err(EngineError::NotFound(format!(
+                "{}: several files hold a {}: {}; name the one to use",
+                dir.display(),
+                kind.label(),
+                many.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+/// The Hugging Face hub cache folder: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`, as `huggingface_hub` itself decides.
+pub fn hf_hub_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+/// The snapshot folder of repo id `owner/name[@revision]` in the local cache, if the spec
+/// looks like a repo id and the repo is cached.
+fn hf_snapshot(spec: &str, cache: &Path) -> Result<Option<PathBuf>> {
+    let (repo, revision) = spec.split_once('@').unwrap_or((spec, "main"));
+    let Some((owner, name)) = repo.split_once('/') else {
+        return Ok(None);
+    };
+    let valid = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    if !valid(owner) || !valid(name) {
+        return Ok(None);
+    }
+    let repo_dir = cache.join(format!("models--{owner}--{name}"));
+    if !repo_dir.is_dir() {
+        return Ok(None);
+    }
+    let snapshots = repo_dir.join("snapshots");
+    let direct = snapshots.join(revision);
+    if direct.is_dir() {
+        return Ok(Some(direct));
+    }
+    let reference = repo_dir.join("refs").join(revision);
+    if let Ok(hash) = std::fs::read_to_string(&reference) {
+        let snap = snapshots.join(hash.trim());
+        if snap.is_dir() {
+            return Ok(Some(snap));
+        }
+        return Err(EngineError::NotFound(format!(
+            "{}: points at snapshot {} which is not in {}",
+            reference.display(),
+            hash.trim(),
+            snapshots.display()
+        )));
+    }
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map_err(|e| EngineError::file(&snapshots, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    all.sort();
+    match all.as_slice() {
+        [one] => Ok(Some(one.clone())),
+        [] => Err(EngineError::NotFound(format!(
+            "{}: the repo has no snapshots",
+            repo_dir.display()
+        ))),
+        _ => Err(EngineError::NotFound(format!(
+            "{}: several snapshots and no refs/{revision}; ask for `{repo}@<revision>`",
+            repo_dir.display()
+        ))),
+    }
+}

@@ -1,0 +1,212 @@
+//! Text encoders: CLIP-L (pooled vector) and T5 (token sequence), with their tokenizers.
+
+mod clip_bpe;
+mod tokenize;
+
+use std::{path::Path, sync::Arc};
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{clip::text_model as clip, t5};
+use serde::Deserialize;
+
+pub use tokenize::{FixedLengthTokenizer, Tokens};
+
+use crate::{
+    error::{EngineError, Result},
+    layout::Part,
+    pipeline::PromptInfo,
+    weights::{MappedWeights, SafetensorFiles, Scheme},
+};
+
+/// The prefix before `anchor` in the first tensor name that ends with it (`""` when the file
+/// uses bare names); `None` when no name does.
+pub(crate) fn prefix_of(files: &SafetensorFiles, anchor: &str) -> Option<String> {
+    files
+        .names()
+        .filter_map(|n| n.strip_suffix(anchor))
+        .min_by_key(|p| p.len())
+        .map(str::to_string)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::file(path, format!("bad config: {e}")))
+}
+
+fn open(part: &Part, anchor: &str, label: &'static str) -> Result<MappedWeights> {
+    let files = Arc::new(SafetensorFiles::open(&part.files)?);
+    let prefix = prefix_of(&files, anchor).ok_or_else(|| EngineError::UnknownLayout {
+        path: files.path_of(anchor),
+        message: format!("no `{anchor}` tensor: this is not a {label}"),
+    })?;
+    Ok(MappedWeights::new(files, Scheme::Identity, prefix))
+}
+
+/// transformers' `CLIPTextConfig`, as `config.json` spells it (flat, or under
+/// `text_config` in a full `CLIPModel` config).
+#[derive(Debug, Deserialize)]
+struct ClipFileConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    eos_token_id: Option<u32>,
+    #[serde(default)]
+    layer_norm_eps: Option<f64>,
+}
+
+/// The CLIP text encoder; FLUX uses its pooled output only.
+pub struct ClipEncoder {
+    model: clip::ClipTextTransformer,
+    eos_token_id: u32,
+    device: Device,
+}
+
+impl ClipEncoder {
+    /// Loads the encoder; `part.config` must be transformers' config.json.
+    pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = part
+            .config
+            .as_ref()
+            .ok_or_else(|| EngineError::load("clip", "no config.json beside the CLIP weights"))?;
+        let raw: serde_json::Value = read_json(config_path)?;
+        let raw = raw.get("text_config").cloned().unwrap_or(raw);
+        let cfg: ClipFileConfig = serde_json::from_value(raw)
+            .map_err(|e| EngineError::file(config_path, format!("bad CLIP config: {e}")))?;
+        if let Some(act) = cfg.hidden_act.as_deref().filter(|a| *a != "quick_gelu") {
+            return Err(EngineError::file(
+                config_path,
+                format!("hidden_act `{act}` is not supported (CLIP-L uses quick_gelu)"),
+            ));
+        }
+        if let Some(eps) = cfg.layer_norm_eps.filter(|e| (e - 1e-5).abs() > 1e-12) {
+            return Err(EngineError::file(
+                config_path,
+                format!("layer_norm_eps {eps} is not supported (CLIP-L uses 1e-5)"),
+            ));
+        }
+        let weights = open(
+            part,
+            "text_model.embeddings.token_embedding.weight",
+            "CLIP text encoder",
+        )?;
+        let config = clip::ClipTextConfig {
+            vocab_size: cfg.vocab_size,
+            embed_dim: cfg.hidden_size,
+            activation: clip::Activation::QuickGelu,
+            intermediate_size: cfg.intermediate_size,
+            max_position_embeddings: cfg.max_position_embeddings,
+            pad_with: None,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            projection_dim: cfg.hidden_size,
+        };
+        let vb = weights.var_builder(dtype, device).pp("text_model");
+        let model = clip::ClipTextTransformer::new(vb, &config)
+            .map_err(|e| EngineError::load("clip", e))?;
+        Ok(Self {
+            model,
+            eos_token_id: cfg.eos_token_id.unwrap_or(2),
+            device: device.clone(),
+        })
+    }
+
+    /// The pooled vector `(1, hidden)`: the final hidden state at the end-of-text token,
+    /// chosen as transformers does (the highest id when `eos_token_id == 2`, the legacy
+    /// CLIP configs; else the first `eos_token_id`).
+    pub fn pooled(&self, ids: &[u32]) -> Result<Tensor> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let hidden = self.model.forward_with_mask(&input, usize::MAX)?;
+        let position = if self.eos_token_id == 2 {
+            // First maximum, as torch.argmax and candle's CPU argmax both return.
+            let max = ids.iter().copied().max().unwrap_or(0);
+            ids.iter().position(|&i| i == max)
+        } else {
+            ids.iter().position(|&i| i == self.eos_token_id)
+        }
+        .unwrap_or(ids.len().saturating_sub(1));
+        Ok(hidden.get(0)?.get(position)?.unsqueeze(0)?)
+    }
+}
+
+/// The T5 encoder (v1.1, gated GELU).
+pub struct T5Encoder {
+    model: t5::T5EncoderModel,
+    device: Device,
+}
+
+impl T5Encoder {
+    /// Loads the encoder; `part.config` must be transformers' config.json.
+    pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = part
+            .config
+            .as_ref()
+            .ok_or_else(|| EngineError::load("t5", "no config.json beside the T5 weights"))?;
+        let config: t5::Config = read_json(config_path)?;
+        let weights = open(
+            part,
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "T5 encoder",
+        )?;
+        let vb = weights.var_builder(dtype, device);
+        let model =
+            t5::T5EncoderModel::load(vb, &config).map_err(|e| EngineError::load("t5", e))?;
+        Ok(Self {
+            model,
+            device: device.clone(),
+        })
+    }
+
+    /// The last hidden states `(1, ids.len(), d_model)`, with no attention mask, as
+    /// FluxPipeline calls it.
+    pub fn hidden(&mut self, ids: &[u32]) -> Result<Tensor> {
+        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(self.model.forward(&input)?)
+    }
+}
+
+/// Both encoders and their tokenizers, as FLUX uses them.
+pub struct TextEncoders {
+    /// CLIP's tokenizer (77 tokens).
+    pub clip_tokenizer: FixedLengthTokenizer,
+    /// T5's tokenizer (256 tokens for schnell).
+    pub t5_tokenizer: FixedLengthTokenizer,
+    /// CLIP-L.
+    pub clip: ClipEncoder,
+    /// T5.
+    pub t5: T5Encoder,
+}
+
+/// A prompt's embeddings.
+pub struct Embeddings {
+    /// T5 hidden states `(1, len, d)`.
+    pub sequence: Tensor,
+    /// CLIP pooled `(1, d)`.
+    pub pooled: Tensor,
+    /// What was really encoded.
+    pub prompt: PromptInfo,
+}
+
+impl TextEncoders {
+    /// Encodes `prompt` with both encoders.
+    pub fn encode(&mut self, prompt: &str) -> Result<Embeddings> {
+        let clip_tokens = self.clip_tokenizer.encode(prompt)?;
+        let t5_tokens = self.t5_tokenizer.encode(prompt)?;
+        let pooled = self.clip.pooled(&clip_tokens.ids)?;
+        let sequence = self.t5.hidden(&t5_tokens.ids)?;
+        Ok(Embeddings {
+            sequence,
+            pooled,
+            prompt: PromptInfo {
+                encoded: t5_tokens.kept_text,
+                truncated: t5_tokens.truncated,
+                pooled_truncated: clip_tokens.truncated,
+            },
+        })
+    }
+}

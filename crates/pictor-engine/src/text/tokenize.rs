@@ -1,0 +1,153 @@
+//! Tokenizers in the files users hold, set up as diffusers' FluxPipeline uses them:
+//! truncated to a fixed length (keeping the end-of-sequence token) and padded to it.
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
+
+use crate::error::{EngineError, Result};
+
+/// A tokenizer with FluxPipeline's fixed-length rule.
+pub struct FixedLengthTokenizer {
+    inner: Tokenizer,
+    length: usize,
+    source: PathBuf,
+}
+
+/// Token ids plus what truncation kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    /// Exactly `length` ids.
+    pub ids: Vec<u32>,
+    /// The prompt was cut.
+    pub truncated: bool,
+    /// The prompt text behind the kept tokens (the whole prompt when not truncated).
+    pub kept_text: String,
+}
+
+impl FixedLengthTokenizer {
+    /// Loads CLIP's tokenizer from a folder holding `tokenizer.json`, or `vocab.json` +
+    /// `merges.txt` (the FLUX repos ship only those two), or from a `tokenizer.json` file.
+    pub fn clip(path: &Path, length: usize) -> Result<Self> {
+        let json = path.join("tokenizer.json");
+        let inner = if path.is_file() {
+            read_tokenizer_json(path)?
+        } else if json.is_file() {
+            read_tokenizer_json(&json)?
+        } else {
+            super::clip_bpe::from_vocab_and_merges(path)?
+        };
+        let pad = special_token(path, "pad_token").unwrap_or_else(|| "<|endoftext|>".into());
+        Self::configure(inner, length, &pad, path)
+    }
+
+    /// Loads T5's tokenizer from a folder holding `tokenizer.json` or from the file itself.
+    pub fn t5(path: &Path, length: usize) -> Result<Self> {
+        let json = if path.is_file() {
+            path.to_path_buf()
+        } else {
+            path.join("tokenizer.json")
+        };
+        if !json.is_file() {
+            let hint = if path.join("spiece.model").is_file() {
+                " (only spiece.model is there; export tokenizer.json with transformers' T5TokenizerFast.save_pretrained)"
+            } else {
+                ""
+            };
+            return Err(EngineError::file(path, format!("no tokenizer.json{hint}")));
+        }
+        let inner = read_tokenizer_json(&json)?;
+        let pad = special_token(path, "pad_token").unwrap_or_else(|| "<pad>".into());
+        Self::configure(inner, length, &pad, path)
+    }
+
+    fn configure(mut inner: Tokenizer, length: usize, pad: &str, source: &Path) -> Result<Self> {
+        let pad_id = inner.token_to_id(pad).ok_or_else(|| {
+            EngineError::file(
+                source,
+                format!("padding token `{pad}` is not in the vocabulary"),
+            )
+        })?;
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| EngineError::file(source, e))?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(length),
+            direction: PaddingDirection::Right,
+            pad_to_multiple_of: None,
+            pad_id,
+            pad_type_id: 0,
+            pad_token: pad.to_string(),
+        }));
+        Ok(Self {
+            inner,
+            length,
+            source: source.to_path_buf(),
+        })
+    }
+
+    /// Tokenizes `prompt` to exactly the configured length.
+    pub fn encode(&self, prompt: &str) -> Result<Tokens> {
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| EngineError::file(&self.source, format!("tokenizing failed: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        if ids.len() != self.length {
+            return Err(EngineError::file(
+                &self.source,
+                format!("tokenizer gave {} ids, expected {}", ids.len(), self.length),
+            ));
+        }
+        let truncated = !enc.get_overflowing().is_empty();
+        let kept_text = if truncated {
+            let end = enc
+                .get_offsets()
+                .iter()
+                .zip(enc.get_special_tokens_mask())
+                .filter(|(_, special)| **special == 0)
+                .map(|((_, end), _)| *end)
+                .max()
+                .unwrap_or(0);
+            prompt.get(..end).unwrap_or(prompt).trim_end().to_string()
+        } else {
+            prompt.to_string()
+        };
+        Ok(Tokens {
+            ids,
+            truncated,
+            kept_text,
+        })
+    }
+}
+
+fn read_tokenizer_json(path: &Path) -> Result<Tokenizer> {
+    Tokenizer::from_file(path)
+        .map_err(|e| EngineError::file(path, format!("bad tokenizer.json: {e}")))
+}
+
+/// Reads a special token (e.g. `pad_token`) from `special_tokens_map.json` or
+/// `tokenizer_config.json` beside the tokenizer; both spell it as a string or as
+/// `{"content": ...}`.
+fn special_token(path: &Path, key: &str) -> Option<String> {
+    let dir = if path.is_file() { path.parent()? } else { path };
+    ["special_tokens_map.json", "tokenizer_config.json"]
+        .iter()
+        .find_map(|file| {
+            let text = std::fs::read_to_string(dir.join(file)).ok()?;
+            let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+            match value.get(key)? {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        })
+}

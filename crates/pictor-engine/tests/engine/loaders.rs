@@ -1,0 +1,163 @@
+//! Every way of pointing at a model: diffusers folders, BFL files, single files, Hugging
+//! Face cache snapshots. Each is checked to pick the right files and to compute the same
+//! first transformer step as the reference.
+
+use std::path::Path;
+
+use pictor_engine::{ModelFiles, flux::sampling};
+
+use crate::common::*;
+
+/// Loads `files` and checks one transformer step against the reference (1e-4).
+fn assert_runs_like_reference(files: &ModelFiles) {
+    let p = load(files);
+    let r = reference();
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let v = p
+        .velocity(
+            &sampling::pack(&noise).unwrap(),
+            &reference_embeddings(&r),
+            1.0,
+            (h, w),
+        )
+        .expect("velocity");
+    let d = max_abs_diff(&v, &tensor(&r, "transformer_out_step0"));
+    assert!(d <= 1e-4, "step 0 differs by {d}");
+}
+
+#[test]
+fn diffusers_folder_uses_subfolders_and_sharded_indexes() {
+    let files = ModelFiles::from_dir(&fixture()).expect("resolves");
+    let t = &files.transformer;
+    assert_eq!(
+        t.files.len(),
+        2,
+        "the transformer index names two shards: {:?}",
+        t.files
+    );
+    assert!(
+        t.files
+            .iter()
+            .all(|f| f.parent().unwrap().ends_with("transformer"))
+    );
+    assert!(
+        t.config
+            .as_ref()
+            .unwrap()
+            .ends_with("transformer/config.json")
+    );
+    assert_eq!(files.t5.files.len(), 2, "T5 is sharded too");
+    assert!(files.vae.files[0].ends_with("vae/diffusion_pytorch_model.safetensors"));
+    assert!(files.clip_tokenizer.ends_with("tokenizer"));
+    assert_runs_like_reference(&files);
+}
+
+#[test]
+fn bfl_files_at_the_top_of_a_folder_are_recognised_by_content() {
+    let dir = tempfile::tempdir().unwrap();
+    link(
+        &["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"],
+        dir.path(),
+    );
+    // Renamed on purpose: parts are recognised by tensor names, not file names.
+    for (src, dst) in [
+        ("flux1-schnell.safetensors", "my-transformer.safetensors"),
+        ("ae.safetensors", "decoder.safetensors"),
+    ] {
+        std::os::unix::fs::symlink(
+            fixture().join(src).canonicalize().unwrap(),
+            dir.path().join(dst),
+        )
+        .unwrap();
+    }
+    let files = ModelFiles::from_dir(dir.path()).expect("resolves");
+    assert_eq!(
+        files.transformer.files,
+        vec![dir.path().join("my-transformer.safetensors")]
+    );
+    assert_eq!(
+        files.vae.files,
+        vec![dir.path().join("decoder.safetensors")]
+    );
+    assert!(files.transformer.config.is_none());
+    assert_runs_like_reference(&files);
+}
+
+#[test]
+fn a_transformer_file_finds_its_other_parts_beside_it() {
+    let file = fixture().join("flux1-schnell.safetensors");
+    let files = ModelFiles::resolve(file.to_str().unwrap()).expect("resolves");
+    assert_eq!(files.transformer.files, vec![file]);
+    assert!(files.vae.files[0].ends_with("vae/diffusion_pytorch_model.safetensors"));
+    assert_runs_like_reference(&files);
+}
+
+#[test]
+fn a_file_that_is_not_a_transformer_is_refused_with_what_it_is() {
+    let err =
+        ModelFiles::from_file(&fixture().join("ae.safetensors")).expect_err("not a transformer");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("ae.safetensors") && msg.contains("autoencoder"),
+        "{msg}"
+    );
+}
+
+/// Builds a Hugging Face cache the way `huggingface_hub` does: blobs named by hash,
+/// snapshot folders of symlinks into them, `refs/main` naming the snapshot.
+fn make_hf_cache(cache: &Path, repo: &str, revision: &str) {
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let blobs = repo_dir.join("blobs");
+    let snapshot = repo_dir.join("snapshots").join(revision);
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), revision).unwrap();
+    let mut n = 0;
+    for entry in walk(&fixture()) {
+        let rel = entry.strip_prefix(fixture()).unwrap();
+        if rel.starts_with("reference.safetensors") || rel.starts_with("README.md") {
+            continue;
+        }
+        n += 1;
+        let blob = blobs.join(format!("blob{n:04}"));
+        std::fs::copy(&entry, &blob).unwrap();
+        let link = snapshot.join(rel);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&blob, &link).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_repo_id_resolves_through_the_hugging_face_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    make_hf_cache(cache.path(), "black-forest-labs/FLUX.1-schnell", "0123abcd");
+    let files =
+        ModelFiles::resolve_in("black-forest-labs/FLUX.1-schnell", cache.path()).expect("resolves");
+    let snap = cache
+        .path()
+        .join("models--black-forest-labs--FLUX.1-schnell/snapshots/0123abcd");
+    assert!(files.transformer.files.iter().all(|f| f.starts_with(&snap)));
+    assert_runs_like_reference(&files);
+
+    // An explicit revision, and one that is not there.
+    assert!(
+        ModelFiles::resolve_in("black-forest-labs/FLUX.1-schnell@0123abcd", cache.path()).is_ok()
+    );
+    let err = ModelFiles::resolve_in("black-forest-labs/FLUX.1-dev", cache.path())
+        .expect_err("not cached");
+    assert!(err.to_string().contains("FLUX.1-dev"), "{err}");
+}

@@ -1,0 +1,8 @@
+//! Engine integration tests: parity with diffusers on the tiny fixture, and every loader
+//! path (layouts, shards, cache snapshots, GGUF, malformed files).
+
+mod common;
+mod gguf;
+mod loaders;
+mod malformed;
+mod parity;

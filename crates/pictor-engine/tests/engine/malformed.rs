@@ -1,0 +1,200 @@
+//! Broken or wrong files: each gives an error naming the file and the tensor, never a
+//! panic.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use pictor_engine::{
+    EngineError, ModelFiles, Part,
+    flux::{FluxOptions, FluxPipeline},
+};
+
+use crate::common::*;
+
+fn bfl_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("flux1-schnell.safetensors"), &Device::Cpu)
+        .unwrap()
+}
+
+fn load_with_transformer(path: &std::path::Path) -> EngineError {
+    let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+    files.transformer = Part::file(path);
+    match FluxPipeline::load(&files, FluxOptions::default()) {
+        Ok(_) => panic!("{} loaded but is broken", path.display()),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn missing_tensor_names_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux1-schnell.safetensors");
+    let mut t = bfl_tensors();
+    t.remove("single_blocks.1.linear2.weight").unwrap();
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let msg = load_with_transformer(&path).to_string();
+    assert!(msg.contains("single_blocks.1.linear2.weight"), "{msg}");
+    assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn wrong_shape_names_file_tensor_and_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux1-schnell.safetensors");
+    let mut t = bfl_tensors();
+    let wrong = Tensor::zeros((64, 63), candle_core::DType::BF16, &Device::Cpu).unwrap();
+    t.insert("double_blocks.1.img_attn.proj.weight".into(), wrong);
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let msg = load_with_transformer(&path).to_string();
+    assert!(
+        msg.contains("double_blocks.1.img_attn.proj.weight"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[64, 63]") && msg.contains("[64, 64]"),
+        "{msg}"
+    );
+    assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn wrong_shape_in_a_diffusers_shard_names_the_source_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture().join("vae/diffusion_pytorch_model.safetensors");
+    let mut t = candle_core::safetensors::load(&src, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((5,), candle_core::DType::BF16, &Device::Cpu).unwrap();
+    t.insert("decoder.up_blocks.0.resnets.0.norm1.weight".into(), wrong);
+    let path = dir.path().join("diffusion_pytorch_model.safetensors");
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+    files.vae = Part {
+        files: vec![path.clone()],
+        config: None,
+    };
+    let msg = FluxPipeline::load(&files, FluxOptions::default())
+        .err()
+        .expect("broken")
+        .to_string();
+    assert!(
+        msg.contains("decoder.up_blocks.0.resnets.0.norm1.weight"),
+        "{msg}"
+    );
+    assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+}
+
+#[test]
+fn truncated_safetensors_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux1-schnell.safetensors");
+    let bytes = std::fs::read(fixture().join("flux1-schnell.safetensors")).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_with_transformer(&path);
+    assert!(matches!(err, EngineError::File { .. }), "{err:?}");
+    assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+    // Resolving by path fails the same way, before anything is loaded.
+    assert!(ModelFiles::resolve(path.to_str().unwrap()).is_err());
+}
+
+#[test]
+fn truncated_gguf_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full.gguf");
+    let t = bfl_tensors();
+    let mut names: Vec<&String> = t.keys().collect();
+    names.sort();
+    let q: Vec<(&str, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| {
+            let x = t[*n].to_dtype(candle_core::DType::F32).unwrap();
+            (
+                n.as_str(),
+                candle_core::quantized::QTensor::quantize(
+                    &x,
+                    candle_core::quantized::GgmlDType::F32,
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        q.iter().map(|(n, x)| (*n, x)).collect();
+    candle_core::quantized::gguf_file::write(
+        &mut std::fs::File::create(&full).unwrap(),
+        &[],
+        &refs,
+    )
+    .unwrap();
+    let bytes = std::fs::read(&full).unwrap();
+    let path = dir.path().join("cut.gguf");
+    std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+    let msg = load_with_transformer(&path).to_string();
+    assert!(msg.contains(path.to_str().unwrap()), "{msg}");
+    assert!(msg.contains("truncated"), "{msg}");
+}
+
+#[test]
+fn unknown_layout_says_what_it_saw() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mystery.safetensors");
+    let mut t = HashMap::new();
+    t.insert(
+        "foo.bar.weight".to_string(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let err = load_with_transformer(&path);
+    assert!(matches!(err, EngineError::UnknownLayout { .. }), "{err:?}");
+    assert!(err.to_string().contains(path.to_str().unwrap()), "{err}");
+    let err = ModelFiles::from_file(&path).expect_err("unknown");
+    assert!(matches!(err, EngineError::UnknownLayout { .. }), "{err:?}");
+}
+
+#[test]
+fn index_naming_a_missing_shard_names_index_and_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("transformer");
+    std::fs::create_dir(&t).unwrap();
+    for f in [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model-00001-of-00002.safetensors",
+    ] {
+        std::os::unix::fs::symlink(
+            fixture()
+                .join("transformer")
+                .join(f)
+                .canonicalize()
+                .unwrap(),
+            t.join(f),
+        )
+        .unwrap();
+    }
+    let err = Part::folder(&t).expect_err("a shard is missing");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("index.json") && msg.contains("00002-of-00002"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_parts_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    link(
+        &[
+            "transformer",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "tokenizer_2",
+        ],
+        dir.path(),
+    );
+    let msg = ModelFiles::from_dir(dir.path())
+        .expect_err("no T5")
+        .to_string();
+    assert!(
+        msg.contains("T5") && msg.contains("text_encoder_2"),
+        "{msg}"
+    );
+}

@@ -1,0 +1,324 @@
+//! Parity with diffusers' FluxPipeline on the tiny fixture, stage by stage and end to end.
+//! Tolerances: 1e-4 for text encoders and one transformer step, 1e-3 for pixels in 0..1.
+
+use pictor_engine::{
+    Control, ModelFiles, Pipeline, Progress,
+    flux::{FluxPipeline, sampling},
+};
+
+use crate::common::*;
+
+const TEXT_TOL: f32 = 1e-4;
+const STEP_TOL: f32 = 1e-4;
+const PIXEL_TOL: f32 = 1e-3;
+
+fn diffusers_layout() -> FluxPipeline {
+    load(&ModelFiles::from_dir(&fixture()).expect("diffusers layout resolves"))
+}
+
+#[test]
+fn tokenizers_match_transformers_ids_exactly() {
+    let r = reference();
+    let s = setup();
+    let p = diffusers_layout();
+    for (prompt, clip, t5) in [
+        (&s.prompt, "clip_input_ids", "t5_input_ids"),
+        (&s.long_prompt, "long_clip_input_ids", "long_t5_input_ids"),
+        (
+            &s.punct_prompt,
+            "punct_clip_input_ids",
+            "punct_t5_input_ids",
+        ),
+    ] {
+        let (got_clip, got_t5) = p.tokenize(prompt).expect("tokenize");
+        assert_eq!(got_clip, ids(&r, clip), "CLIP ids for {prompt:?}");
+        assert_eq!(got_t5, ids(&r, t5), "T5 ids for {prompt:?}");
+    }
+}
+
+#[test]
+fn text_encoders_match_within_1e4() {
+    let r = reference();
+    let s = setup();
+    let mut p = diffusers_layout();
+    for (prompt, pooled, hidden) in [
+        (&s.prompt, "clip_pooled", "t5_hidden"),
+        (&s.long_prompt, "long_clip_pooled", "long_t5_hidden"),
+    ] {
+        let emb = p.encode_prompt(prompt).expect("encode");
+        let want_pooled = tensor(&r, pooled);
+        let want_hidden = tensor(&r, hidden);
+        assert!(
+            std(&want_pooled) > 0.5 && std(&want_hidden) > 0.5,
+            "reference is trivial"
+        );
+        let d_pooled = max_abs_diff(&emb.pooled, &want_pooled);
+        let d_hidden = max_abs_diff(&emb.sequence, &want_hidden);
+        eprintln!("{pooled}: max |Δ| {d_pooled:.2e}; {hidden}: max |Δ| {d_hidden:.2e}");
+        assert!(d_pooled <= TEXT_TOL, "CLIP pooled differs by {d_pooled}");
+        assert!(d_hidden <= TEXT_TOL, "T5 hidden differs by {d_hidden}");
+    }
+}
+
+#[test]
+fn long_prompt_is_truncated_and_reported() {
+    let s = setup();
+    let mut p = diffusers_layout();
+    let emb = p.encode_prompt(&s.long_prompt).expect("encode");
+    assert!(emb.prompt.truncated && emb.prompt.pooled_truncated);
+    assert!(emb.prompt.encoded.len() < s.long_prompt.len());
+    assert!(s.long_prompt.starts_with(&emb.prompt.encoded));
+    // The kept text is exactly what fits: re-encoding it gives the same 255 tokens + EOS
+    // and nothing more is cut.
+    let again = p
+        .encode_prompt(&emb.prompt.encoded)
+        .expect("encode kept text");
+    assert!(
+        !again.prompt.truncated,
+        "kept text {:?} still overflows",
+        emb.prompt.encoded
+    );
+    assert_eq!(
+        p.tokenize(&emb.prompt.encoded).unwrap().1,
+        p.tokenize(&s.long_prompt).unwrap().1
+    );
+
+    let short = p.encode_prompt(&s.prompt).expect("encode");
+    assert!(!short.prompt.truncated && !short.prompt.pooled_truncated);
+    assert_eq!(short.prompt.encoded, s.prompt);
+}
+
+fn check_first_step(p: &FluxPipeline, label: &str) {
+    let r = reference();
+    let emb = reference_embeddings(&r);
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let packed = sampling::pack(&noise).unwrap();
+    assert_eq!(
+        max_abs_diff(&packed, &tensor(&r, "noise_packed")),
+        0.0,
+        "packing differs"
+    );
+    let v = p.velocity(&packed, &emb, 1.0, (h, w)).expect("velocity");
+    let want = tensor(&r, "transformer_out_step0");
+    let d = max_abs_diff(&v, &want);
+    eprintln!(
+        "{label}: transformer step 0 max |Δ| {d:.2e} (reference std {:.3})",
+        std(&want)
+    );
+    assert!(d <= STEP_TOL, "{label}: step-0 velocity differs by {d}");
+}
+
+#[test]
+fn one_transformer_step_matches_within_1e4_diffusers_layout() {
+    check_first_step(&diffusers_layout(), "diffusers transformer (sharded)");
+}
+
+#[test]
+fn one_transformer_step_matches_within_1e4_bfl_file() {
+    let files =
+        ModelFiles::from_file(&fixture().join("flux1-schnell.safetensors")).expect("resolves");
+    check_first_step(&load(&files), "BFL flux1-schnell.safetensors");
+}
+
+#[test]
+fn every_step_and_the_final_latents_match_within_1e4() {
+    let r = reference();
+    let s = setup();
+    let p = diffusers_layout();
+    let emb = reference_embeddings(&r);
+    let noise = tensor(&r, "noise");
+    let mut seen = Vec::new();
+    let latents = p
+        .denoise(&noise, &emb, s.steps, |step| {
+            seen.push(step);
+            Control::Continue
+        })
+        .expect("denoise");
+    assert_eq!(seen, vec![1, 2, 3, 4]);
+    let d = max_abs_diff(&latents, &tensor(&r, "final_latents"));
+    eprintln!("final latents max |Δ| {d:.2e}");
+    assert!(d <= STEP_TOL, "final latents differ by {d}");
+}
+
+fn check_decode(p: &FluxPipeline, label: &str) {
+    let r = reference();
+    let s = setup();
+    let image = p
+        .decode(&tensor(&r, "final_latents"), s.height, s.width)
+        .expect("decode");
+    let want = tensor(&r, "image");
+    let d = max_abs_diff(&image, &want);
+    eprintln!("{label}: decoded pixels (0..1) max |Δ| {d:.2e}");
+    assert!(d <= PIXEL_TOL, "{label}: pixels differ by {d}");
+}
+
+#[test]
+fn decoded_pixels_match_within_1e3_diffusers_vae() {
+    check_decode(&diffusers_layout(), "diffusers vae/");
+}
+
+#[test]
+fn decoded_pixels_match_within_1e3_bfl_ae() {
+    let dir = tempfile::tempdir().unwrap();
+    link(
+        &[
+            "flux1-schnell.safetensors",
+            "ae.safetensors",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+        ],
+        dir.path(),
+    );
+    let files = ModelFiles::from_dir(dir.path()).expect("BFL folder resolves");
+    assert_eq!(files.vae.files, vec![dir.path().join("ae.safetensors")]);
+    check_decode(&load(&files), "BFL ae.safetensors");
+}
+
+/// The whole pipeline from the prompt, with the reference's initial noise injected.
+#[test]
+fn prompt_to_pixels_matches_diffusers_end_to_end() {
+    let r = reference();
+    let s = setup();
+    let mut p = diffusers_layout();
+    let emb = p.encode_prompt(&s.prompt).expect("encode");
+    let latents = p
+        .denoise(&tensor(&r, "noise"), &emb, s.steps, |_| Control::Continue)
+        .expect("denoise");
+    let image = p.decode(&latents, s.height, s.width).expect("decode");
+    let d = max_abs_diff(&image, &tensor(&r, "image"));
+    eprintln!("end to end: pixels max |Δ| {d:.2e}");
+    assert!(d <= PIXEL_TOL, "end-to-end pixels differ by {d}");
+
+    // 8-bit output: diffusers rounds; allow 1 LSB where a value sits on a rounding edge.
+    let ours = pictor_engine::to_rgb8(&image).expect("rgb8");
+    let want: Vec<u8> = tensor(&r, "image_u8")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = ours[0]
+        .pixels
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "8-bit pixels differ by {worst}");
+}
+
+#[test]
+fn generate_is_deterministic_per_seed_and_reports_progress() {
+    let s = setup();
+    let mut p = diffusers_layout();
+    let req = pictor_engine::GenerationRequest {
+        prompt: s.prompt.clone(),
+        width: s.width,
+        height: s.height,
+        steps: 2,
+        seed: 7,
+        n: 2,
+    };
+    let mut events = Vec::new();
+    let a = p
+        .generate(&req, &mut |e| {
+            events.push(e);
+            Control::Continue
+        })
+        .expect("generate");
+    assert_eq!(a.images.len(), 2);
+    assert_eq!(
+        (
+            a.images[0].width,
+            a.images[0].height,
+            a.images[0].pixels.len()
+        ),
+        (s.width, s.height, s.width * s.height * 3)
+    );
+    assert_eq!(events.first(), Some(&Progress::Encoding));
+    assert!(events.contains(&Progress::Step {
+        step: 2,
+        total: 2,
+        first: 0,
+        count: 2
+    }));
+    assert_eq!(events.last(), Some(&Progress::Decoding));
+    assert_eq!(a.prompt.encoded, s.prompt);
+
+    let b = p
+        .generate(&req, &mut |_| Control::Continue)
+        .expect("generate");
+    assert_eq!(a.images, b.images, "same seed, same pixels");
+    assert_ne!(a.images[0], a.images[1], "seed 7 and seed 8 differ");
+
+    // Image 1 of the batch is the image seed 8 gives alone, batched or not.
+    let single = p
+        .generate(
+            &pictor_engine::GenerationRequest {
+                seed: 8,
+                n: 1,
+                ..req.clone()
+            },
+            &mut |_| Control::Continue,
+        )
+        .expect("generate");
+    let diff = single.images[0]
+        .pixels
+        .iter()
+        .zip(&a.images[1].pixels)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(
+        diff <= 1,
+        "batched image differs from the single one by {diff}"
+    );
+}
+
+#[test]
+fn cancel_stops_between_steps() {
+    let s = setup();
+    let mut p = diffusers_layout();
+    let req = pictor_engine::GenerationRequest {
+        prompt: s.prompt,
+        width: s.width,
+        height: s.height,
+        steps: 4,
+        seed: 1,
+        n: 1,
+    };
+    let mut steps = 0;
+    let err = p
+        .generate(&req, &mut |e| {
+            if let Progress::Step { .. } = e {
+                steps += 1;
+                return Control::Cancel;
+            }
+            Control::Continue
+        })
+        .expect_err("cancelled");
+    assert!(
+        matches!(err, pictor_engine::EngineError::Cancelled),
+        "{err}"
+    );
+    assert_eq!(steps, 1, "no step ran after the cancel");
+}
+
+#[test]
+fn sizes_off_the_grid_are_rejected_with_the_field() {
+    let p = diffusers_layout();
+    let req = pictor_engine::GenerationRequest {
+        prompt: "x".into(),
+        width: 80,
+        height: 40,
+        steps: 4,
+        seed: 0,
+        n: 1,
+    };
+    match p.check(&req) {
+        Err(pictor_engine::EngineError::InvalidInput { field, .. }) => assert_eq!(field, "height"),
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+}

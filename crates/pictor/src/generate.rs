@@ -1,0 +1,192 @@
+//! `pictor generate`: one prompt to PNG files, with a progress bar.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use pictor_engine::{
+    Control, DTypeChoice, DeviceChoice, GenerationRequest, ModelFiles, Pipeline, Progress,
+    RgbImage,
+    flux::{FluxOptions, FluxPipeline},
+};
+
+/// Arguments of `pictor generate`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A model folder, a transformer file, or a Hugging Face repo id in the local cache
+    /// (e.g. black-forest-labs/FLUX.1-schnell).
+    #[arg(long, short = 'm')]
+    model: String,
+    /// The prompt.
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Image size, WIDTHxHEIGHT, multiples of 16.
+    #[arg(long, default_value = "512x512", value_parser = parse_size)]
+    size: (usize, usize),
+    /// Denoising steps (schnell is distilled for 4).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Seed of the first image; image i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of images.
+    #[arg(short = 'n', long = "n", default_value_t = 1)]
+    n: usize,
+    /// Output file; with -n > 1, `out-0.png`, `out-1.png`, ...
+    #[arg(long, short = 'o', default_value = "out.png")]
+    output: PathBuf,
+    /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    dtype: DTypeChoice,
+    /// Run on CUDA GPU number N (needs a build with --features cuda).
+    #[arg(long, value_name = "N")]
+    cuda: Option<usize>,
+    /// Most images denoised together.
+    #[arg(long, default_value_t = 4)]
+    max_batch: usize,
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("`{s}` is not WIDTHxHEIGHT"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{s}` is not WIDTHxHEIGHT"))
+    };
+    Ok((parse(w)?, parse(h)?))
+}
+
+/// Where image `i` of `n` goes.
+fn output_path(base: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return base.to_path_buf();
+    }
+    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    base.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+fn save_png(image: &RgbImage, path: &Path) -> anyhow::Result<()> {
+    let buffer = image::RgbImage::from_raw(
+        image.width as u32,
+        image.height as u32,
+        image.pixels.clone(),
+    )
+    .context("image buffer has the wrong length")?;
+    buffer
+        .save_with_format(path, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs `pictor generate`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let started = Instant::now();
+    let files = ModelFiles::resolve(&args.model)?;
+    let options = FluxOptions {
+        device: args.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
+        dtype: args.dtype,
+        max_batch: args.max_batch,
+        ..FluxOptions::default()
+    };
+    let mut pipeline = FluxPipeline::load(&files, options)?;
+    let loaded = started.elapsed();
+    eprintln!(
+        "loaded {} in {:.2}s ({:?})",
+        args.model,
+        loaded.as_secs_f64(),
+        pipeline.dtype()
+    );
+
+    let req = GenerationRequest {
+        prompt: args.prompt.clone(),
+        width: args.size.0,
+        height: args.size.1,
+        steps: args.steps,
+        seed: args.seed,
+        n: args.n,
+    };
+    pipeline.check(&req)?;
+    let bar = ProgressBar::new((args.steps * args.n) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg:10} [{bar:30}] {pos}/{len} steps, {elapsed} ({per_sec})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let denoise_started = Instant::now();
+    let generation = pipeline.generate(&req, &mut |p| {
+        match p {
+            Progress::Encoding => bar.set_message("encoding"),
+            Progress::Step { step, first, .. } => {
+                bar.set_message("denoising");
+                bar.set_position((first * args.steps + step) as u64);
+            }
+            Progress::Decoding => bar.set_message("decoding"),
+        }
+        Control::Continue
+    })?;
+    bar.finish_and_clear();
+    let elapsed = denoise_started.elapsed().as_secs_f64();
+
+    for (i, image) in generation.images.iter().enumerate() {
+        let path = output_path(&args.output, i, args.n);
+        save_png(image, &path)?;
+        println!(
+            "wrote {} ({}x{}, seed {})",
+            path.display(),
+            image.width,
+            image.height,
+            args.seed.wrapping_add(i as u64)
+        );
+    }
+    if generation.prompt.truncated || generation.prompt.pooled_truncated {
+        println!(
+            "prompt truncated (T5: {}, CLIP: {}); encoded: {:?}",
+            generation.prompt.truncated,
+            generation.prompt.pooled_truncated,
+            generation.prompt.encoded
+        );
+    }
+    println!(
+        "{} image(s), {} steps, {:.3}s total generation ({:.3}s per step per image), load {:.2}s",
+        args.n,
+        args.steps,
+        elapsed,
+        elapsed / (args.steps * args.n) as f64,
+        loaded.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_and_reject() {
+        assert_eq!(parse_size("512x768"), Ok((512, 768)));
+        assert!(parse_size("512").is_err());
+        assert!(parse_size("ax5").is_err());
+    }
+
+    #[test]
+    fn outputs_are_numbered_only_for_several_images() {
+        assert_eq!(
+            output_path(Path::new("a/out.png"), 0, 1),
+            PathBuf::from("a/out.png")
+        );
+        assert_eq!(
+            output_path(Path::new("a/out.png"), 1, 2),
+            PathBuf::from("a/out-1.png")
+        );
+    }
+}
