@@ -26,8 +26,8 @@ pub struct GenerationRequest {
 pub enum Progress {
     /// The text encoders are running.
     Encoding,
-    /// Denoising step `step` (1-based) of `total` has finished for images
-    /// `first..first + count` of the request.
+    /// `step` of `total` denoising steps have finished for images `first..first + count`
+    /// of the request; `step == 0` is sent as a batch starts to denoise.
     Step {
         /// Steps finished in this batch.
         step: usize,

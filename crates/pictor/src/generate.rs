@@ -122,20 +122,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let denoise_started = Instant::now();
+    // Seconds per phase: the time between two progress events belongs to the phase the
+    // earlier event opened (encode, denoise, decode).
+    let mut phases = [0f64; 3];
+    let mut phase = 0;
+    let mut last = Instant::now();
     let generation = pipeline.generate(&req, &mut |p| {
+        phases[phase] += last.elapsed().as_secs_f64();
+        last = Instant::now();
         match p {
-            Progress::Encoding => bar.set_message("encoding"),
+            Progress::Encoding => {
+                phase = 0;
+                bar.set_message("encoding");
+            }
             Progress::Step { step, first, .. } => {
+                phase = 1;
                 bar.set_message("denoising");
                 bar.set_position((first * args.steps + step) as u64);
             }
-            Progress::Decoding => bar.set_message("decoding"),
+            Progress::Decoding => {
+                phase = 2;
+                bar.set_message("decoding");
+            }
         }
         Control::Continue
     })?;
+    phases[phase] += last.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let elapsed = denoise_started.elapsed().as_secs_f64();
 
     for (i, image) in generation.images.iter().enumerate() {
         let path = output_path(&args.output, i, args.n);
@@ -156,12 +169,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             generation.prompt.encoded
         );
     }
+    let [encode, denoise, decode] = phases;
     println!(
-        "{} image(s), {} steps, {:.3}s total generation ({:.3}s per step per image), load {:.2}s",
+        "{} image(s) of {}x{}, {} steps: encode {encode:.3}s, denoise {denoise:.3}s ({:.4}s per step per image), decode {decode:.3}s, load {:.2}s",
         args.n,
+        args.size.0,
+        args.size.1,
         args.steps,
-        elapsed,
-        elapsed / (args.steps * args.n) as f64,
+        denoise / (args.steps * args.n) as f64,
         loaded.as_secs_f64()
     );
     Ok(())

@@ -23,7 +23,7 @@ use crate::{
     layout::{ModelFiles, Part},
     noise::gaussian_noise,
     pipeline::{Control, Generation, GenerationRequest, Pipeline, Progress},
-    text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders, prefix_of},
+    text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
@@ -86,9 +86,9 @@ fn open_transformer(
         return Ok((Denoiser::Quantized(Box::new(model)), cfg));
     }
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    let weights = if let Some(prefix) = prefix_of(&files, "double_blocks.0.img_attn.qkv.weight") {
+    let weights = if let Some(prefix) = files.prefix_of("double_blocks.0.img_attn.qkv.weight") {
         MappedWeights::new(files, Scheme::Identity, prefix)
-    } else if let Some(prefix) = prefix_of(&files, "transformer_blocks.0.attn.to_q.weight") {
+    } else if let Some(prefix) = files.prefix_of("transformer_blocks.0.attn.to_q.weight") {
         MappedWeights::new(files, Scheme::DiffusersFluxTransformer, prefix)
     } else {
         return Err(EngineError::UnknownLayout {
@@ -108,9 +108,9 @@ fn open_vae(
     device: &Device,
 ) -> Result<(autoencoder::Decoder, autoencoder::Config)> {
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    let weights = if let Some(prefix) = prefix_of(&files, "decoder.up.0.block.0.conv1.weight") {
+    let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
         MappedWeights::new(files, Scheme::Identity, prefix)
-    } else if let Some(prefix) = prefix_of(&files, "decoder.up_blocks.0.resnets.0.conv1.weight") {
+    } else if let Some(prefix) = files.prefix_of("decoder.up_blocks.0.resnets.0.conv1.weight") {
         let levels = (0..)
             .take_while(|k| {
                 files.contains(&format!(
@@ -215,7 +215,8 @@ impl FluxPipeline {
 
     /// Denoises `noise` `(b, 16, h, w)` for `steps` schnell steps; returns the final packed
     /// latents `(b, tokens, 64)` in f32. The Euler update runs in f32 whatever the compute
-    /// dtype, as diffusers' scheduler does.
+    /// dtype, as diffusers' scheduler does. `on_step(k)` is called before the first step
+    /// (`k = 0`) and after each step `k`; answering `Cancel` stops there.
     pub fn denoise(
         &self,
         noise: &Tensor,
@@ -226,6 +227,9 @@ impl FluxPipeline {
         let (_, _, h, w) = noise.dims4()?;
         let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
         let sigmas = sampling::schedule(steps);
+        if on_step(0) == Control::Cancel {
+            return Err(EngineError::Cancelled);
+        }
         for (i, pair) in sigmas.windows(2).enumerate() {
             let v = self.velocity(&x, emb, pair[0], (h, w))?;
             x = (x + (v * (pair[1] - pair[0]))?)?;

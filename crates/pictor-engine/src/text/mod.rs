@@ -18,16 +18,6 @@ use crate::{
     weights::{MappedWeights, SafetensorFiles, Scheme},
 };
 
-/// The prefix before `anchor` in the first tensor name that ends with it (`""` when the file
-/// uses bare names); `None` when no name does.
-pub(crate) fn prefix_of(files: &SafetensorFiles, anchor: &str) -> Option<String> {
-    files
-        .names()
-        .filter_map(|n| n.strip_suffix(anchor))
-        .min_by_key(|p| p.len())
-        .map(str::to_string)
-}
-
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e))?;
     serde_json::from_str(&text).map_err(|e| EngineError::file(path, format!("bad config: {e}")))
@@ -35,10 +25,12 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 
 fn open(part: &Part, anchor: &str, label: &'static str) -> Result<MappedWeights> {
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    let prefix = prefix_of(&files, anchor).ok_or_else(|| EngineError::UnknownLayout {
-        path: files.path_of(anchor),
-        message: format!("no `{anchor}` tensor: this is not a {label}"),
-    })?;
+    let prefix = files
+        .prefix_of(anchor)
+        .ok_or_else(|| EngineError::UnknownLayout {
+            path: files.path_of(anchor),
+            message: format!("no `{anchor}` tensor: this is not a {label}"),
+        })?;
     Ok(MappedWeights::new(files, Scheme::Identity, prefix))
 }
 

@@ -62,6 +62,15 @@ impl SafetensorFiles {
         self.routing.contains_key(name)
     }
 
+    /// The prefix before `anchor` in the tensor names that end with it (`""` for bare
+    /// names, `model.diffusion_model.` in a bundled checkpoint); `None` when none does.
+    pub fn prefix_of(&self, anchor: &str) -> Option<String> {
+        self.names()
+            .filter_map(|n| n.strip_suffix(anchor))
+            .min_by_key(|p| p.len())
+            .map(str::to_string)
+    }
+
     /// The shape and dtype of a tensor, from the header alone.
     pub fn info(&self, name: &str) -> Option<(Vec<usize>, DType)> {
         let (_, st) = &self.files[*self.routing.get(name)?];

@@ -161,3 +161,48 @@ fn a_repo_id_resolves_through_the_hugging_face_cache() {
         .expect_err("not cached");
     assert!(err.to_string().contains("FLUX.1-dev"), "{err}");
 }
+
+/// One file holding every part under prefixes, as bundled single-file checkpoints do:
+/// each part finds its own tensors by their names.
+#[test]
+fn a_bundled_file_with_prefixed_parts_loads_every_part() {
+    use candle_core::Device;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.safetensors");
+    let mut all = std::collections::HashMap::new();
+    let base = ModelFiles::from_dir(&fixture()).unwrap();
+    let parts = [
+        (
+            "model.diffusion_model.",
+            vec![fixture().join("flux1-schnell.safetensors")],
+        ),
+        ("vae.", vec![fixture().join("ae.safetensors")]),
+        ("text_encoders.clip_l.transformer.", base.clip.files.clone()),
+        ("text_encoders.t5xxl.transformer.", base.t5.files.clone()),
+    ];
+    for (prefix, files) in &parts {
+        for f in files {
+            for (name, t) in candle_core::safetensors::load(f, &Device::Cpu).unwrap() {
+                all.insert(format!("{prefix}{name}"), t);
+            }
+        }
+    }
+    candle_core::safetensors::save(&all, &bundle).unwrap();
+    let part = |config: &Option<std::path::PathBuf>| pictor_engine::Part {
+        files: vec![bundle.clone()],
+        config: config.clone(),
+    };
+    let files = ModelFiles {
+        transformer: part(&None),
+        vae: part(&None),
+        clip: part(&base.clip.config),
+        t5: part(&base.t5.config),
+        ..base.clone()
+    };
+    assert_runs_like_reference(&files);
+    let mut p = load(&files);
+    let r = reference();
+    let emb = p.encode_prompt(&setup().prompt).unwrap();
+    assert!(max_abs_diff(&emb.sequence, &tensor(&r, "t5_hidden")) <= 1e-4);
+    assert!(max_abs_diff(&emb.pooled, &tensor(&r, "clip_pooled")) <= 1e-4);
+}
