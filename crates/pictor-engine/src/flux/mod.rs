@@ -37,7 +37,8 @@ pub struct FluxOptions {
     pub device: DeviceChoice,
     /// Compute dtype.
     pub dtype: DTypeChoice,
-    /// T5 tokens per prompt: 256 for schnell (diffusers' and BFL's value).
+    /// Most T5 tokens per prompt: 256 for schnell (diffusers' and BFL's value); a tokenizer
+    /// that declares a smaller `model_max_length` uses that.
     pub max_sequence_length: usize,
     /// Most images denoised together through the transformer.
     pub max_batch: usize,
@@ -137,13 +138,17 @@ impl FluxPipeline {
         let device = options.device.open()?;
         let dtype = options.dtype.resolve(&device);
         tracing::info!(?dtype, ?device, "loading FLUX.1-schnell");
+        let clip = ClipEncoder::load(&files.clip, dtype, &device)?;
         let text = TextEncoders {
-            clip_tokenizer: FixedLengthTokenizer::clip(&files.clip_tokenizer, 77)?,
+            clip_tokenizer: FixedLengthTokenizer::clip(
+                &files.clip_tokenizer,
+                clip.max_positions(),
+            )?,
             t5_tokenizer: FixedLengthTokenizer::t5(
                 &files.t5_tokenizer,
                 options.max_sequence_length,
             )?,
-            clip: ClipEncoder::load(&files.clip, dtype, &device)?,
+            clip,
             t5: T5Encoder::load(&files.t5, dtype, &device)?,
         };
         let (denoiser, transformer) = open_transformer(&files.transformer, dtype, &device)?;

@@ -55,6 +55,7 @@ struct ClipFileConfig {
 /// The CLIP text encoder; FLUX uses its pooled output only.
 pub struct ClipEncoder {
     model: clip::ClipTextTransformer,
+    max_positions: usize,
     eos_token_id: u32,
     device: Device,
 }
@@ -103,9 +104,15 @@ impl ClipEncoder {
             .map_err(|e| EngineError::load("clip", e))?;
         Ok(Self {
             model,
+            max_positions: cfg.max_position_embeddings,
             eos_token_id: cfg.eos_token_id.unwrap_or(2),
             device: device.clone(),
         })
+    }
+
+    /// The most tokens the encoder takes (77 for CLIP-L).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
     }
 
     /// The pooled vector `(1, hidden)`: the final hidden state at the end-of-text token,

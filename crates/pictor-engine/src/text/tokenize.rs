@@ -64,7 +64,11 @@ impl FixedLengthTokenizer {
         Self::configure(inner, length, &pad, path)
     }
 
+    /// `length` is a cap: a tokenizer whose `tokenizer_config.json` declares a smaller
+    /// `model_max_length` (a small model trained on short prompts) gets that length, as
+    /// diffusers pads to `min(max_sequence_length, tokenizer.model_max_length)`.
     fn configure(mut inner: Tokenizer, length: usize, pad: &str, source: &Path) -> Result<Self> {
+        let length = declared_max_length(source).map_or(length, |declared| declared.min(length));
         let pad_id = inner.token_to_id(pad).ok_or_else(|| {
             EngineError::file(
                 source,
@@ -150,4 +154,14 @@ fn special_token(path: &Path, key: &str) -> Option<String> {
                 _ => None,
             }
         })
+}
+
+/// `model_max_length` from `tokenizer_config.json`, when it is a real bound (transformers
+/// writes a huge float such as 1e30 when there is none).
+fn declared_max_length(path: &Path) -> Option<usize> {
+    let dir = if path.is_file() { path.parent()? } else { path };
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let max = value.get("model_max_length")?.as_f64()?;
+    (1.0..1e6).contains(&max).then_some(max as usize)
 }

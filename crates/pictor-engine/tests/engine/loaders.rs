@@ -206,3 +206,35 @@ fn a_bundled_file_with_prefixed_parts_loads_every_part() {
     assert!(max_abs_diff(&emb.sequence, &tensor(&r, "t5_hidden")) <= 1e-4);
     assert!(max_abs_diff(&emb.pooled, &tensor(&r, "clip_pooled")) <= 1e-4);
 }
+
+/// A tokenizer declaring a shorter `model_max_length` (a small model trained on short
+/// prompts) pads and truncates to that length, keeping the end-of-sequence token.
+#[test]
+fn a_tokenizer_declaring_a_shorter_length_is_honoured() {
+    use pictor_engine::text::FixedLengthTokenizer;
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        fixture()
+            .join("tokenizer_2/tokenizer.json")
+            .canonicalize()
+            .unwrap(),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tokenizer_config.json"),
+        r#"{"model_max_length": 8}"#,
+    )
+    .unwrap();
+    let t5 = FixedLengthTokenizer::t5(dir.path(), 256).unwrap();
+    let long = t5.encode(&setup().long_prompt).unwrap();
+    assert_eq!(long.ids.len(), 8);
+    assert_eq!(long.ids[7], 1, "EOS kept at the end");
+    assert!(long.truncated);
+    let full = FixedLengthTokenizer::t5(&fixture().join("tokenizer_2"), 256).unwrap();
+    assert_eq!(
+        full.encode("a").unwrap().ids.len(),
+        256,
+        "512 declared, 256 asked: 256"
+    );
+}
