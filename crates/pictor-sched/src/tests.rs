@@ -1,0 +1,145 @@
+//! Queue behaviour with a pipeline that blocks on a gate, so tests control timing.
+//! (The pipeline here is a test double for the queue's plumbing; the real engine is tested
+//! in pictor-engine and through the API.)
+
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
+
+use super::*;
+
+struct Gated {
+    gate: Arc<Mutex<std_mpsc::Receiver<()>>>,
+    steps_run: Arc<AtomicUsize>,
+}
+
+impl Pipeline for Gated {
+    fn check(&self, _: &GenerationRequest) -> pictor_engine::Result<()> {
+        Ok(())
+    }
+    fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> pictor_engine::Result<Generation> {
+        for step in 0..=req.steps {
+            // Each step waits for the test to open the gate once.
+            let _ = self.gate.lock().unwrap().recv();
+            if progress(Progress::Step {
+                step,
+                total: req.steps,
+                first: 0,
+                count: 1,
+            }) == Control::Cancel
+            {
+                return Err(EngineError::Cancelled);
+            }
+            self.steps_run.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Generation {
+            images: vec![],
+            prompt: PromptInfo {
+                encoded: req.prompt.clone(),
+                truncated: false,
+                pooled_truncated: false,
+            },
+        })
+    }
+}
+
+fn req(steps: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt: "p".into(),
+        width: 16,
+        height: 16,
+        steps,
+        seed: 0,
+        n: 1,
+    }
+}
+
+fn queue(depth: usize, timeout: Duration) -> (ModelQueue, std_mpsc::Sender<()>, Arc<AtomicUsize>) {
+    let (open, gate) = std_mpsc::channel();
+    let steps_run = Arc::new(AtomicUsize::new(0));
+    let p = Gated {
+        gate: Arc::new(Mutex::new(gate)),
+        steps_run: Arc::clone(&steps_run),
+    };
+    (
+        ModelQueue::start("test", Box::new(p), QueueConfig { depth, timeout }),
+        open,
+        steps_run,
+    )
+}
+
+async fn until(cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("condition never became true");
+}
+
+#[tokio::test]
+async fn full_queue_is_refused_with_a_retry_estimate_then_drains() {
+    let (q, open, _) = queue(1, Duration::from_secs(60));
+    let first = q.submit(req(1)).unwrap();
+    until(|| q.running() == 1).await;
+    let second = q.submit(req(1)).unwrap();
+    match q.submit(req(1)) {
+        Err(SubmitError::Overloaded { retry_after }) => {
+            assert!(retry_after >= Duration::from_secs(1) && retry_after <= Duration::from_secs(60))
+        }
+        other => panic!("expected Overloaded, got {:?}", other.map(|_| ())),
+    }
+    for _ in 0..4 {
+        open.send(()).unwrap();
+    }
+    assert!(first.wait().await.is_ok());
+    assert!(second.wait().await.is_ok());
+    assert!(q.submit(req(1)).is_ok(), "a place is free again");
+}
+
+#[tokio::test]
+async fn dropping_the_ticket_cancels_within_one_step() {
+    let (q, open, steps_run) = queue(2, Duration::from_secs(60));
+    let ticket = q.submit(req(10)).unwrap();
+    open.send(()).unwrap(); // step 0 passes
+    until(|| steps_run.load(Ordering::Relaxed) == 1).await;
+    drop(ticket);
+    open.send(()).unwrap(); // step 1's gate opens, then the flag is seen
+    until(|| q.running() == 0).await;
+    assert_eq!(
+        steps_run.load(Ordering::Relaxed),
+        1,
+        "no further step after the cancel"
+    );
+    // The worker is free for the next job.
+    let next = q.submit(req(0)).unwrap();
+    open.send(()).unwrap();
+    assert!(next.wait().await.is_ok());
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_times_out() {
+    let (q, open, _) = queue(2, Duration::from_millis(50));
+    let ticket = q.submit(req(3)).unwrap();
+    open.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    for _ in 0..3 {
+        let _ = open.send(());
+    }
+    assert!(matches!(ticket.wait().await, Err(JobError::TimedOut(_))));
+}
+
+#[tokio::test]
+async fn shutdown_finishes_queued_work_and_refuses_new() {
+    let (q, open, _) = queue(2, Duration::from_secs(60));
+    let ticket = q.submit(req(1)).unwrap();
+    for _ in 0..2 {
+        open.send(()).unwrap();
+    }
+    assert!(q.shutdown(Duration::from_secs(5)).await);
+    assert!(ticket.wait().await.is_ok());
+    assert!(matches!(q.submit(req(1)), Err(SubmitError::Closed)));
+}
