@@ -1,1 +1,137 @@
-//! placeholder
+//! Pictor's HTTP surface: the OpenAI Images API over axum.
+//!
+//! This is the only crate that knows HTTP, JSON wire types and OpenAI's error shape. It
+//! parses and validates requests ([`wire`], [`validate`]), authenticates bearer keys
+//! ([`auth`]), admits work to the scheduler's per-model queues, encodes images and stores
+//! them behind signed links ([`links`]), and maps every failure to
+//! `{"error": {"message", "type", "param", "code"}}` with OpenAI's status ([`error`]).
+//! It never touches tensors: images arrive from `pictor-sched` as plain RGB bytes.
+//!
+//! Entry points: [`router`] builds the routes over an [`AppState`]; [`serve`] runs them on a
+//! listener until a shutdown signal, then drains the model queues.
+
+pub mod auth;
+pub mod encode;
+pub mod error;
+pub mod links;
+pub mod metrics;
+pub mod routes;
+pub mod state;
+pub mod validate;
+pub mod wire;
+
+use std::{
+    future::{Future, IntoFuture},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    http::{HeaderName, Request},
+    middleware,
+    routing::{get, post},
+};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+
+pub use state::{ApiConfig, AppState, ModelSpec};
+pub use validate::ModelRules;
+pub use wire::BodyLimits;
+
+use crate::error::ApiError;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+#[derive(Clone, Copy)]
+struct RandomId;
+
+impl MakeRequestId for RandomId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let id = format!("req_{}", hex::encode(rand::random::<[u8; 12]>()));
+        id.parse().ok().map(RequestId::new)
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Unknown request URL. Please check the URL and method.".into())
+}
+
+/// All routes over `state`.
+pub fn router(state: AppState) -> Router {
+    metrics::install();
+    let limit = state.0.config.max_body_bytes;
+    Router::new()
+        .route("/v1/images/generations", post(routes::images::generate))
+        .route("/v1/images/files/{name}", get(routes::images::file))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{id}", get(routes::models::get))
+        .route("/healthz", get(routes::health::healthz))
+        .route("/readyz", get(routes::health::readyz))
+        .route("/metrics", get(routes::health::metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(metrics::track))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, RandomId))
+        .with_state(state)
+}
+
+/// Deletes expired images every `every` until the process ends.
+pub fn spawn_sweeper(state: AppState, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            match routes::images::sweep(&state).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "swept expired images"),
+                Err(e) => tracing::warn!("sweeping expired images failed: {e:#}"),
+            }
+        }
+    })
+}
+
+/// Deletes expired images now; returns how many.
+pub async fn sweep_now(state: &AppState) -> anyhow::Result<usize> {
+    routes::images::sweep(state).await
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then refuses new generations
+/// (503), lets in-flight requests finish, and gives the model workers up to `grace` to
+/// drain. Returns whether everything finished within the grace period.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let app = router(state.clone());
+    let draining = state.clone();
+    let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+            draining.begin_shutdown();
+            let _ = began.send(());
+        })
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            result?;
+            return Ok(state.drain(grace).await);
+        }
+        _ = shutdown_began => {}
+    }
+    // Shutdown has begun: in-flight requests get `grace` to finish.
+    match tokio::time::timeout(grace, server).await {
+        Ok(result) => {
+            result?;
+            Ok(state.drain(grace).await)
+        }
+        Err(_) => Ok(false),
+    }
+}

@@ -1,6 +1,10 @@
-//! The `pictor` command: generate images from the command line (and, later, serve them).
+//! The `pictor` command: serve the OpenAI Images API, generate from the command line,
+//! manage keys.
 
+mod config;
 mod generate;
+mod keys;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -8,14 +12,22 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Configuration file (default: ./pictor.toml if it exists).
+    #[arg(long, global = true, env = "PICTOR_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the OpenAI Images API.
+    Serve(serve::Args),
     /// Generate images from a prompt and write them as PNG files.
     Generate(generate::Args),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,8 +38,11 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),
+        Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -37,4 +52,14 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Loads the configuration and runs an async command on a fresh runtime.
+fn block_on<F, Fut>(config: Option<&std::path::Path>, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(config::Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = config::Config::load(config)?;
+    tokio::runtime::Runtime::new()?.block_on(command(config))
 }

@@ -1,0 +1,69 @@
+//! Engine images to the bytes a client asked for: PNG, JPEG or WebP.
+
+use std::io::Cursor;
+
+use image::{ImageEncoder, codecs};
+use pictor_sched::RgbImage;
+
+/// An output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Lossless PNG (the default).
+    Png,
+    /// JPEG at `output_compression` quality.
+    Jpeg,
+    /// Lossless WebP (the encoder available is lossless; `output_compression` is ignored).
+    Webp,
+}
+
+impl Format {
+    /// The wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpeg",
+            Self::Webp => "webp",
+        }
+    }
+
+    /// The file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg => "jpg",
+            Self::Webp => "webp",
+        }
+    }
+
+    /// The MIME type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Jpeg => "image/jpeg",
+            Self::Webp => "image/webp",
+        }
+    }
+}
+
+/// Encodes `img`; `quality` (1..=100) applies to JPEG.
+pub fn encode(img: &RgbImage, format: Format, quality: u8) -> anyhow::Result<Vec<u8>> {
+    let mut out = Cursor::new(Vec::new());
+    let (w, h) = (img.width as u32, img.height as u32);
+    let color = image::ExtendedColorType::Rgb8;
+    match format {
+        Format::Png => {
+            codecs::png::PngEncoder::new(&mut out).write_image(&img.pixels, w, h, color)?
+        }
+        Format::Jpeg => {
+            codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
+                .write_image(&img.pixels, w, h, color)?
+        }
+        Format::Webp => codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
+            &img.pixels,
+            w,
+            h,
+            color,
+        )?,
+    }
+    Ok(out.into_inner())
+}

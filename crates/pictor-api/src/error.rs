@@ -1,0 +1,201 @@
+//! The one API error type and its OpenAI-shaped body:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use std::time::Duration;
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+/// Everything a request can fail with; the status, `type`, `param` and `code` all come
+/// from [`ApiError::parts`].
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is wrong; `param` names the field.
+    #[error("{message}")]
+    Invalid {
+        /// What is wrong, with the bound.
+        message: String,
+        /// The offending field, if one.
+        param: Option<String>,
+    },
+    /// 401: no key, a malformed header, or an unknown or revoked key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404: no such model.
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    /// 404: no such route or image.
+    #[error("{0}")]
+    NotFound(String),
+    /// 413: the body is larger than the limit.
+    #[error("Request body is larger than the limit of {0} bytes.")]
+    PayloadTooLarge(usize),
+    /// 415: not JSON.
+    #[error("Unsupported content type: send `Content-Type: application/json`.")]
+    UnsupportedMediaType,
+    /// 429: the model's queue is full.
+    #[error("The server is busy: the queue for model `{model}` is full. Retry after {} s.", retry_after.as_secs())]
+    Overloaded {
+        /// The model.
+        model: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// 503: loading, or shutting down.
+    #[error("{message}")]
+    Unavailable {
+        /// Why.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// 504: the generation ran past the server's deadline.
+    #[error("The generation took longer than the server's limit of {} s.", .0.as_secs())]
+    Timeout(Duration),
+    /// 500: a fault of ours; the details are logged, never sent.
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl ApiError {
+    /// A 400 naming `param`.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    /// A 400 about the body as a whole.
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::Invalid {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// Status, `type`, `param`, `code`.
+    fn parts(
+        &self,
+    ) -> (
+        StatusCode,
+        &'static str,
+        Option<String>,
+        Option<&'static str>,
+    ) {
+        use ApiError::*;
+        match self {
+            Invalid { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                param.clone(),
+                None,
+            ),
+            Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model".into()),
+                Some("model_not_found"),
+            ),
+            NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                None,
+                Some("not_found"),
+            ),
+            PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                None,
+                Some("payload_too_large"),
+            ),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
+            Overloaded { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                None,
+                Some("queue_full"),
+            ),
+            Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("unavailable"),
+            ),
+            Timeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                None,
+                Some("timeout"),
+            ),
+            Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+            ),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Internal(e)
+    }
+}
+
+impl From<pictor_store::StoreError> for ApiError {
+    fn from(e: pictor_store::StoreError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, param, code) = self.parts();
+        let message = match &self {
+            Self::Internal(e) => {
+                tracing::error!(error = %format!("{e:#}"), "request failed");
+                "The server had an error while processing your request.".to_string()
+            }
+            other => other.to_string(),
+        };
+        let body =
+            json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+        let mut response = (status, Json(body)).into_response();
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs().max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&after.as_millis().max(1000).to_string()) {
+                response.headers_mut().insert("retry-after-ms", v);
+            }
+        }
+        response
+    }
+}

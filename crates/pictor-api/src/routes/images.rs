@@ -1,0 +1,251 @@
+//! `POST /v1/images/generations` and the signed image links it hands out.
+
+use std::time::Instant;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Path, Query, State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use base64::Engine as _;
+use pictor_sched::{JobError, SubmitError};
+use pictor_store::now_unix;
+use serde_json::{Value, json};
+
+use crate::{
+    auth::Caller,
+    encode::{self, Format},
+    error::ApiError,
+    state::AppState,
+    validate::{ValidGeneration, validate},
+    wire::{self, ResponseFormat},
+};
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// The request body as JSON, with 413/415/400 in OpenAI's shape.
+fn json_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(limit)
+        } else {
+            ApiError::invalid_body(format!("Could not read the request body: {e}"))
+        }
+    })?;
+    if !is_json(headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid_body(format!(
+            "We could not parse the JSON body of your request. ({e}) Send valid JSON with Content-Type: application/json."
+        ))
+    })
+}
+
+/// `POST /v1/images/generations`.
+pub async fn generate(
+    State(state): State<AppState>,
+    Caller(key): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let config = &state.0.config;
+    let body = json_body(&headers, body, config.max_body_bytes)?;
+    let request = wire::parse(&body, &config.limits)?;
+    let slot = state
+        .model(&request.model)
+        .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
+    let model = slot.spec.name.clone();
+    let valid = validate(request, &slot.spec.rules, rand::random())?;
+    if state.shutting_down() {
+        return Err(ApiError::Unavailable {
+            message: "The server is shutting down.".into(),
+            retry_after: std::time::Duration::from_secs(5),
+        });
+    }
+    let Some(queue) = slot.queue() else {
+        let message = match slot.failure() {
+            Some(why) => format!("The model `{model}` failed to load: {why}"),
+            None => format!("The model `{model}` is still loading."),
+        };
+        return Err(ApiError::Unavailable {
+            message,
+            retry_after: std::time::Duration::from_secs(10),
+        });
+    };
+    let ticket = queue.submit(valid.engine.clone()).map_err(|e| match e {
+        SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
+            model: model.clone(),
+            retry_after,
+        },
+        SubmitError::Closed => ApiError::Unavailable {
+            message: "The server is shutting down.".into(),
+            retry_after: std::time::Duration::from_secs(5),
+        },
+    })?;
+    // If the client goes away, axum drops this future and with it the ticket, which
+    // cancels the job before its next denoising step.
+    let outcome = ticket.wait().await.map_err(|e| match e {
+        JobError::TimedOut(limit) => ApiError::Timeout(limit),
+        other => ApiError::Internal(
+            anyhow::Error::new(other).context(format!("generating with {model}")),
+        ),
+    })?;
+    metrics::histogram!("pictor_generation_seconds", "model" => model.clone())
+        .record(outcome.ran.as_secs_f64());
+    metrics::counter!("pictor_images_generated_total", "model" => model.clone())
+        .increment(outcome.generation.images.len() as u64);
+
+    let response = respond(&state, &valid, &outcome.generation).await?;
+    if let Some(key) = key {
+        let e = &valid.engine;
+        let images = outcome.generation.images.len() as i64;
+        state
+            .db()
+            .record_usage(
+                &key.id,
+                images,
+                images * (e.width * e.height) as i64,
+                started.elapsed().as_secs_f64(),
+            )
+            .await?;
+    }
+    Ok(Json(response).into_response())
+}
+
+async fn respond(
+    state: &AppState,
+    valid: &ValidGeneration,
+    generation: &pictor_sched::Generation,
+) -> Result<Value, ApiError> {
+    let req = &valid.request;
+    let config = &state.0.config;
+    let created = now_unix();
+    let mut data = Vec::with_capacity(generation.images.len());
+    for image in &generation.images {
+        let bytes = encode::encode(image, req.output_format, req.output_compression.max(1))?;
+        let mut item = serde_json::Map::new();
+        match req.response_format {
+            ResponseFormat::B64Json => {
+                item.insert(
+                    "b64_json".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&bytes)
+                        .into(),
+                );
+            }
+            ResponseFormat::Url => {
+                let url = store_image(
+                    state,
+                    bytes,
+                    req.output_format,
+                    config.image_ttl.as_secs() as i64,
+                )
+                .await?;
+                item.insert("url".into(), url.into());
+            }
+        }
+        item.insert(
+            "revised_prompt".into(),
+            generation.prompt.encoded.clone().into(),
+        );
+        data.push(Value::Object(item));
+    }
+    let e = &valid.engine;
+    let quality = match e.steps {
+        s if s >= 4 => "high",
+        3 => "medium",
+        _ => "low",
+    };
+    Ok(json!({
+        "created": created,
+        "data": data,
+        "output_format": req.output_format.name(),
+        "size": format!("{}x{}", e.width, e.height),
+        "quality": quality,
+    }))
+}
+
+/// Stores the bytes and returns their signed link.
+async fn store_image(
+    state: &AppState,
+    bytes: Vec<u8>,
+    format: Format,
+    ttl: i64,
+) -> Result<String, ApiError> {
+    let name = format!(
+        "{}.{}",
+        hex::encode(rand::random::<[u8; 16]>()),
+        format.extension()
+    );
+    let expires = now_unix() + ttl;
+    state.0.blobs.put(&name, bytes.into()).await?;
+    state
+        .db()
+        .add_image(&name, format.content_type(), expires)
+        .await?;
+    let signature = state.0.signer.sign(&name, expires);
+    Ok(format!(
+        "{}/v1/images/files/{name}?expires={expires}&signature={signature}",
+        state.0.config.public_url.trim_end_matches('/')
+    ))
+}
+
+/// Query of an image link.
+#[derive(Debug, serde::Deserialize)]
+pub struct LinkQuery {
+    expires: Option<i64>,
+    signature: Option<String>,
+}
+
+/// `GET /v1/images/files/{name}`: serves a stored image to whoever holds a valid link.
+pub async fn file(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LinkQuery>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound("This image link is invalid or has expired.".into());
+    let (Some(expires), Some(signature)) = (q.expires, q.signature) else {
+        return Err(not_found());
+    };
+    if expires <= now_unix() || !state.0.signer.verify(&name, expires, &signature) {
+        return Err(not_found());
+    }
+    let content_type = state.db().live_image(&name).await?.ok_or_else(not_found)?;
+    let bytes = match state.0.blobs.get(&name).await {
+        Ok(b) => b,
+        Err(pictor_store::StoreError::NotFound(_)) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    let max_age = (expires - now_unix()).max(0);
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, format!("private, max-age={max_age}")),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Deletes expired images; returns how many.
+pub async fn sweep(state: &AppState) -> anyhow::Result<usize> {
+    let expired = state.db().take_expired_images(now_unix()).await?;
+    for name in &expired {
+        state.0.blobs.delete(name).await?;
+    }
+    Ok(expired.len())
+}

@@ -1,0 +1,5 @@
+//! Route handlers, one module per endpoint family.
+
+pub mod health;
+pub mod images;
+pub mod models;

@@ -1,0 +1,172 @@
+//! Shared state: configuration, stores, models and their queues.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use pictor_sched::ModelQueue;
+use pictor_store::{Blobs, Db};
+
+use crate::{links::Signer, validate::ModelRules, wire::BodyLimits};
+
+/// Server settings the API needs.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Base of image links, e.g. `https://images.example.com` behind a proxy.
+    pub public_url: String,
+    /// How long image links and files live.
+    pub image_ttl: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Prompt and `n` limits.
+    pub limits: BodyLimits,
+    /// Serve requests without a key while no key exists (only ever true on loopback).
+    pub open_when_no_keys: bool,
+}
+
+/// A configured model.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Its name.
+    pub name: String,
+    /// Other names that reach it (`dall-e-3`, `gpt-image-1`, ...).
+    pub aliases: Vec<String>,
+    /// What it accepts.
+    pub rules: ModelRules,
+    /// Unix time shown as `created` in `/v1/models`.
+    pub created: i64,
+}
+
+/// A model and, once loaded, its queue.
+pub struct ModelSlot {
+    /// What it is.
+    pub spec: ModelSpec,
+    queue: OnceLock<ModelQueue>,
+    failed: OnceLock<String>,
+}
+
+impl ModelSlot {
+    /// Its queue, once loaded.
+    pub fn queue(&self) -> Option<&ModelQueue> {
+        self.queue.get()
+    }
+
+    /// Why it failed to load, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+}
+
+pub(crate) struct Inner {
+    pub config: ApiConfig,
+    pub db: Db,
+    pub blobs: Blobs,
+    pub signer: Signer,
+    pub models: Vec<ModelSlot>,
+    pub names: HashMap<String, usize>,
+    pub shutting_down: AtomicBool,
+}
+
+/// The state every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(pub(crate) Arc<Inner>);
+
+impl AppState {
+    /// Builds the state; models start unloaded (see [`AppState::install`]).
+    pub fn new(
+        config: ApiConfig,
+        db: Db,
+        blobs: Blobs,
+        signing_key: Vec<u8>,
+        models: Vec<ModelSpec>,
+    ) -> Self {
+        let mut names = HashMap::new();
+        for (i, m) in models.iter().enumerate() {
+            names.insert(m.name.clone(), i);
+            for alias in &m.aliases {
+                names.entry(alias.clone()).or_insert(i);
+            }
+        }
+        let models = models
+            .into_iter()
+            .map(|spec| ModelSlot {
+                spec,
+                queue: OnceLock::new(),
+                failed: OnceLock::new(),
+            })
+            .collect();
+        Self(Arc::new(Inner {
+            config,
+            db,
+            blobs,
+            signer: Signer::new(signing_key),
+            models,
+            names,
+            shutting_down: AtomicBool::new(false),
+        }))
+    }
+
+    /// Makes model `name` servable through `queue`.
+    pub fn install(&self, name: &str, queue: ModelQueue) {
+        if let Some(&i) = self.0.names.get(name) {
+            let _ = self.0.models[i].queue.set(queue);
+        }
+    }
+
+    /// Records that model `name` could not be loaded.
+    pub fn mark_failed(&self, name: &str, why: String) {
+        if let Some(&i) = self.0.names.get(name) {
+            let _ = self.0.models[i].failed.set(why);
+        }
+    }
+
+    /// The slot a name or alias reaches.
+    pub fn model(&self, name: &str) -> Option<&ModelSlot> {
+        self.0.names.get(name).map(|&i| &self.0.models[i])
+    }
+
+    /// All models.
+    pub fn models(&self) -> &[ModelSlot] {
+        &self.0.models
+    }
+
+    /// Whether every model is loaded.
+    pub fn ready(&self) -> bool {
+        self.0.models.iter().all(|m| m.queue().is_some())
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.0.db
+    }
+
+    /// Starts refusing new generations (503) while in-flight ones finish.
+    pub fn begin_shutdown(&self) {
+        self.0.shutting_down.store(true, Ordering::Relaxed);
+        for m in &self.0.models {
+            if let Some(q) = m.queue() {
+                q.close();
+            }
+        }
+    }
+
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.0.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `grace` for every model's worker to finish its queued work.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let mut all = true;
+        for m in &self.0.models {
+            if let Some(q) = m.queue() {
+                all &= q.shutdown(grace).await;
+            }
+        }
+        all
+    }
+}

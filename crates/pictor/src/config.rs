@@ -1,0 +1,187 @@
+//! `pictor.toml`: one file, overridable by `PICTOR_*` environment variables and flags.
+//! Defaults live on the types (figment's `Serialized::defaults`), not in strings elsewhere.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context;
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// Base of image links (set it behind a reverse proxy); default `http://<listen>`.
+    pub public_url: Option<String>,
+    /// Where the database, signing key and images live.
+    pub data_dir: PathBuf,
+    /// SQL database URL; default `sqlite://<data_dir>/pictor.db`.
+    pub database_url: Option<String>,
+    /// Lifetime of image links and files, seconds (OpenAI: 60 minutes).
+    pub image_ttl_secs: u64,
+    /// How often expired images are deleted, seconds.
+    pub sweep_interval_secs: u64,
+    /// Time given to in-flight work on SIGTERM, seconds.
+    pub shutdown_grace_secs: u64,
+    /// Request limits.
+    pub limits: Limits,
+    /// Models by name. Empty: the model shipped with Pictor.
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Longest prompt, characters.
+    pub max_prompt_chars: usize,
+    /// Most images per request.
+    pub max_n: usize,
+    /// Requests that may wait per model beyond the running one; more get 429.
+    pub queue_depth: usize,
+    /// Longest a request may take, queue included, seconds.
+    pub request_timeout_secs: u64,
+}
+
+/// One model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Folder, transformer file, or Hugging Face repo id in the local cache.
+    pub path: String,
+    /// Other names clients may use (`dall-e-3`, `gpt-image-1`, ...).
+    pub aliases: Vec<String>,
+    /// `auto`, `f32`, `bf16` or `f16`.
+    pub dtype: String,
+    /// CUDA device number, if any.
+    pub cuda: Option<usize>,
+    /// Most images denoised together.
+    pub max_batch: usize,
+    /// `size: auto`, `WxH`.
+    pub default_size: String,
+    /// Smallest side, pixels.
+    pub min_side: usize,
+    /// Largest side, pixels.
+    pub max_side: usize,
+    /// Most pixels per image.
+    pub max_pixels: usize,
+    /// Steps for `quality: auto|high`.
+    pub default_steps: usize,
+    /// Most steps a request may ask for.
+    pub max_steps: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        let rules = pictor_api::ModelRules::flux_schnell();
+        Self {
+            path: String::new(),
+            aliases: Vec::new(),
+            dtype: "auto".into(),
+            cuda: None,
+            max_batch: 4,
+            default_size: format!("{}x{}", rules.default_size.0, rules.default_size.1),
+            min_side: rules.min_side,
+            max_side: rules.max_side,
+            max_pixels: rules.max_pixels,
+            default_steps: rules.default_steps,
+            max_steps: rules.max_steps,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_prompt_chars: 8192,
+            max_n: 10,
+            queue_depth: 16,
+            request_timeout_secs: 600,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("pictor");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/pictor"),
+        None => PathBuf::from("pictor-data"),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            public_url: None,
+            data_dir: default_data_dir(),
+            database_url: None,
+            image_ttl_secs: 3600,
+            sweep_interval_secs: 60,
+            shutdown_grace_secs: 30,
+            limits: Limits::default(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+/// The model shipped with Pictor, served when no model is configured: for now the tiny
+/// FLUX.1-schnell test checkpoint (random weights) until the trained default model lands.
+pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/tiny-flux-schnell"
+    );
+    let model = ModelConfig {
+        path: path.into(),
+        aliases: vec!["gpt-image-1".into(), "dall-e-3".into(), "dall-e-2".into()],
+        default_size: "256x256".into(),
+        min_side: 64,
+        ..ModelConfig::default()
+    };
+    BTreeMap::from([("tiny-flux-schnell".to_string(), model)])
+}
+
+impl Config {
+    /// Defaults, then the TOML file (if given or if `./pictor.toml` exists), then
+    /// `PICTOR_*` variables (`PICTOR_LISTEN`, `PICTOR_LIMITS__MAX_N`, ...).
+    pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                anyhow::ensure!(
+                    path.is_file(),
+                    "config file {} does not exist",
+                    path.display()
+                );
+                figment = figment.merge(Toml::file(path));
+            }
+            None => figment = figment.merge(Toml::file("pictor.toml")),
+        }
+        let mut config: Config = figment
+            .merge(Env::prefixed("PICTOR_").split("__").ignore(&["log"]))
+            .extract()
+            .context("reading the configuration")?;
+        if config.models.is_empty() {
+            config.models = shipped_models();
+        }
+        Ok(config)
+    }
+
+    /// The database URL in use.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("pictor.db").display()))
+    }
+}

@@ -1,0 +1,184 @@
+//! `pictor serve`: the OpenAI-compatible image server.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context, bail};
+use pictor_api::{ApiConfig, AppState, BodyLimits, ModelRules, ModelSpec};
+use pictor_engine::{
+    DTypeChoice, DeviceChoice, ModelFiles,
+    flux::{FluxOptions, FluxPipeline},
+};
+use pictor_sched::{ModelQueue, QueueConfig};
+use pictor_store::{Blobs, Db, now_unix};
+
+use crate::config::{Config, ModelConfig};
+
+/// Arguments of `pictor serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Listen address (overrides the config's `listen`).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+fn rules(name: &str, m: &ModelConfig) -> anyhow::Result<ModelRules> {
+    let (w, h) = m
+        .default_size
+        .split_once('x')
+        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+        .with_context(|| format!("models.{name}.default_size `{}` is not WxH", m.default_size))?;
+    Ok(ModelRules {
+        min_side: m.min_side,
+        max_side: m.max_side,
+        max_pixels: m.max_pixels,
+        default_size: (w, h),
+        default_steps: m.default_steps,
+        max_steps: m.max_steps,
+        ..ModelRules::flux_schnell()
+    })
+}
+
+/// The URL-signing key, made on first start and kept in the data directory.
+fn signing_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = dir.join("url-signing.key");
+    if let Ok(key) = std::fs::read(&path)
+        && key.len() >= 32
+    {
+        return Ok(key);
+    }
+    let key: [u8; 32] = rand::random();
+    std::fs::write(&path, key).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(key.to_vec())
+}
+
+fn load_model(name: &str, m: &ModelConfig) -> anyhow::Result<FluxPipeline> {
+    let files = ModelFiles::resolve(&m.path)
+        .with_context(|| format!("finding model {name} at {}", m.path))?;
+    let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
+    let options = FluxOptions {
+        device: m.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
+        dtype,
+        max_batch: m.max_batch,
+        ..FluxOptions::default()
+    };
+    Ok(FluxPipeline::load(&files, options)?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Runs the server until SIGTERM or Ctrl-C.
+pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let addr: SocketAddr = config
+        .listen
+        .parse()
+        .with_context(|| format!("listen address `{}` is not IP:PORT", config.listen))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let db = Db::connect(&config.database_url())
+        .await
+        .context("opening the database")?;
+    let has_keys = db.has_keys().await?;
+    if !addr.ip().is_loopback() && !has_keys {
+        bail!(
+            "refusing to listen on {addr} with no API key: anyone who can reach it could use it. \
+             Create a key first with `pictor keys create --name NAME`, or listen on 127.0.0.1."
+        );
+    }
+    if !has_keys {
+        eprintln!(
+            "No API keys yet: requests without a key are accepted on this loopback address. \
+             Create one with `pictor keys create --name NAME`; from then on every request needs a key."
+        );
+    }
+    let blobs = Blobs::local(&config.data_dir.join("images"))?;
+    let specs = config
+        .models
+        .iter()
+        .map(|(name, m)| {
+            Ok(ModelSpec {
+                name: name.clone(),
+                aliases: m.aliases.clone(),
+                rules: rules(name, m)?,
+                created: now_unix(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let api = ApiConfig {
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        image_ttl: Duration::from_secs(config.image_ttl_secs),
+        max_body_bytes: config.limits.max_body_bytes,
+        limits: BodyLimits {
+            max_prompt_chars: config.limits.max_prompt_chars,
+            max_n: config.limits.max_n,
+        },
+        open_when_no_keys: addr.ip().is_loopback(),
+    };
+    let state = AppState::new(api, db, blobs, signing_key(&config.data_dir)?, specs);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    eprintln!("pictor listening on http://{}", listener.local_addr()?);
+
+    // Models load in the background: /readyz says 503 and generations get 503 until then.
+    let queue = QueueConfig {
+        depth: config.limits.queue_depth,
+        timeout: Duration::from_secs(config.limits.request_timeout_secs),
+    };
+    for (name, m) in config.models.clone() {
+        let state = state.clone();
+        let queue = queue.clone();
+        tokio::task::spawn_blocking(move || match load_model(&name, &m) {
+            Ok(pipeline) => {
+                tracing::info!(model = %name, "model loaded");
+                eprintln!("model {name} loaded from {}", m.path);
+                state.install(&name, ModelQueue::start(&name, Box::new(pipeline), queue));
+            }
+            Err(e) => {
+                eprintln!("model {name} failed to load: {e:#}");
+                state.mark_failed(&name, format!("{e:#}"));
+            }
+        });
+    }
+    pictor_api::spawn_sweeper(
+        state.clone(),
+        Duration::from_secs(config.sweep_interval_secs.max(1)),
+    );
+    let clean = pictor_api::serve(
+        listener,
+        state,
+        shutdown_signal(),
+        Duration::from_secs(config.shutdown_grace_secs),
+    )
+    .await?;
+    if !clean {
+        eprintln!("grace period over; exiting with work unfinished");
+    }
+    Ok(())
+}
