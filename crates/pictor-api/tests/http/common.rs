@@ -1,0 +1,163 @@
+//! A real server on 127.0.0.1:0 over a temp data dir, and a client.
+
+use std::{path::Path, time::Duration};
+
+use pictor_api::{ApiConfig, AppState, BodyLimits, ModelRules, ModelSpec};
+use pictor_engine::{
+    ModelFiles,
+    flux::{FluxOptions, FluxPipeline},
+};
+use pictor_sched::{ModelQueue, QueueConfig};
+use pictor_store::{Blobs, Db};
+use serde_json::{Value, json};
+
+pub struct Options {
+    pub open: bool,
+    pub ttl: Duration,
+    pub queue_depth: usize,
+    pub timeout: Duration,
+    pub load_model: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            open: false,
+            ttl: Duration::from_secs(3600),
+            queue_depth: 4,
+            timeout: Duration::from_secs(300),
+            load_model: true,
+        }
+    }
+}
+
+pub struct Server {
+    pub url: String,
+    pub state: AppState,
+    pub db: Db,
+    pub key: String,
+    pub client: reqwest::Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pub handle: Option<tokio::task::JoinHandle<std::io::Result<bool>>>,
+    pub dir: tempfile::TempDir,
+}
+
+pub const MODEL: &str = "tiny";
+
+fn fixture() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny-flux-schnell")
+}
+
+pub async fn start(opts: Options) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_file(&dir.path().join("pictor.db")).await.unwrap();
+    let key = db.create_key("test").await.unwrap().secret;
+    if opts.open {
+        // An open server is one with no keys at all.
+        let fresh = Db::open_file(&dir.path().join("open.db")).await.unwrap();
+        return start_with(opts, dir, fresh, String::new()).await;
+    }
+    start_with(opts, dir, db, key).await
+}
+
+async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) -> Server {
+    let blobs = Blobs::local(&dir.path().join("images")).unwrap();
+    let rules = ModelRules {
+        min_side: 32,
+        default_size: (64, 64),
+        // Long jobs let the lifecycle tests hold the worker busy.
+        max_steps: 500,
+        ..ModelRules::flux_schnell()
+    };
+    let spec = ModelSpec {
+        name: MODEL.into(),
+        aliases: vec!["dall-e-3".into()],
+        rules,
+        created: 1,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = ApiConfig {
+        public_url: url.clone(),
+        image_ttl: opts.ttl,
+        max_body_bytes: 64 * 1024,
+        limits: BodyLimits {
+            max_prompt_chars: 8192,
+            max_n: 10,
+        },
+        open_when_no_keys: opts.open,
+    };
+    let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
+    if opts.load_model {
+        let files = ModelFiles::from_dir(&fixture()).unwrap();
+        let pipeline = FluxPipeline::load(&files, FluxOptions::default()).unwrap();
+        let queue = QueueConfig {
+            depth: opts.queue_depth,
+            timeout: opts.timeout,
+        };
+        state.install(MODEL, ModelQueue::start(MODEL, Box::new(pipeline), queue));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(pictor_api::serve(
+        listener,
+        state.clone(),
+        async {
+            let _ = rx.await;
+        },
+        Duration::from_secs(60),
+    ));
+    Server {
+        url,
+        state,
+        db,
+        key,
+        client: reqwest::Client::new(),
+        shutdown: Some(tx),
+        handle: Some(handle),
+        dir,
+    }
+}
+
+impl Server {
+    pub fn post(&self, body: &Value) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}/v1/images/generations", self.url))
+            .bearer_auth(&self.key)
+            .json(body)
+    }
+
+    pub async fn generate(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
+        let r = self.post(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        (status, headers, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn stop(&mut self) -> tokio::task::JoinHandle<std::io::Result<bool>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.take().unwrap()
+    }
+}
+
+pub fn small(prompt: &str) -> Value {
+    json!({"model": MODEL, "prompt": prompt, "size": "64x48", "seed": 1, "steps": 2})
+}
+
+/// Asserts the OpenAI error shape and returns (type, param, code).
+pub fn error_parts(body: &Value) -> (String, Option<String>, Option<String>) {
+    let e = body
+        .get("error")
+        .unwrap_or_else(|| panic!("no error object in {body}"));
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    let s = |v: &Value| v.as_str().map(str::to_string);
+    (s(&e["type"]).expect("type"), s(&e["param"]), s(&e["code"]))
+}
+
+pub fn decode(bytes: &[u8]) -> image::RgbImage {
+    image::load_from_memory(bytes).expect("decodes").to_rgb8()
+}

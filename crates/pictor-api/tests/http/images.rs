@@ -1,0 +1,171 @@
+//! Successful generations: both response formats, encodings, links, usage, models.
+
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn b64_json_is_raw_base64_of_a_png_of_the_asked_size() {
+    let s = start(Options::default()).await;
+    let mut body = small("a small red circle");
+    body["response_format"] = json!("b64_json");
+    body["n"] = json!(2);
+    let (status, headers, reply) = s.generate(body.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(headers.contains_key("x-request-id"));
+    let data = reply["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let b64 = data[0]["b64_json"].as_str().unwrap();
+    assert!(!b64.starts_with("data:"));
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    assert_eq!(decode(&png).dimensions(), (64, 48));
+    assert_eq!(data[0]["revised_prompt"], "a small red circle");
+    assert_eq!(
+        (reply["size"].as_str(), reply["output_format"].as_str()),
+        (Some("64x48"), Some("png"))
+    );
+    assert!(reply["created"].as_i64().unwrap() > 1_700_000_000);
+    assert_ne!(
+        data[0]["b64_json"], data[1]["b64_json"],
+        "seed and seed+1 differ"
+    );
+
+    // The same seed gives the same image.
+    let (_, _, again) = s.generate(body).await;
+    assert_eq!(again["data"][0]["b64_json"], reply["data"][0]["b64_json"]);
+
+    // Usage was recorded against the key.
+    let usage = s.db.usage().await.unwrap();
+    assert_eq!(
+        (usage[0].requests, usage[0].images, usage[0].pixels),
+        (2, 4, 4 * 64 * 48)
+    );
+}
+
+#[tokio::test]
+async fn url_links_serve_the_image_and_refuse_tampering() {
+    let s = start(Options::default()).await;
+    let (status, _, reply) = s.generate(small("a blue square")).await;
+    assert_eq!(status, 200, "{reply}");
+    let url = reply["data"][0]["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&s.url));
+    // No bearer key needed: the link itself is the credential.
+    let r = s.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    assert_eq!(decode(&r.bytes().await.unwrap()).dimensions(), (64, 48));
+
+    let tampered = [
+        url.replace("signature=", "signature=00"),
+        url.replace(".png?", ".jpg?"),
+        {
+            let (base, _) = url.split_once("expires=").unwrap();
+            let rest = url.split_once("&signature=").unwrap().1;
+            format!("{base}expires=99999999999&signature={rest}")
+        },
+        url.split_once('?').unwrap().0.to_string(),
+    ];
+    for t in tampered {
+        let r = s.client.get(&t).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{t}");
+        error_parts(&r.json().await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn expired_links_are_404_and_swept_from_disk() {
+    let s = start(Options {
+        ttl: std::time::Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    let (_, _, reply) = s.generate(small("a")).await;
+    let url = reply["data"][0]["url"].as_str().unwrap().to_string();
+    let name = url
+        .split("/files/")
+        .nth(1)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let file = s.dir.path().join("images").join(&name);
+    assert!(file.is_file());
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = s.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(pictor_api::sweep_now(&s.state).await.unwrap(), 1);
+    assert!(!file.exists(), "the sweeper deleted the file");
+}
+
+#[tokio::test]
+async fn jpeg_and_webp_outputs() {
+    let s = start(Options::default()).await;
+    for (format, magic, mime) in [
+        ("jpeg", &b"\xff\xd8"[..], "image/jpeg"),
+        ("webp", &b"RIFF"[..], "image/webp"),
+    ] {
+        let mut body = small("a");
+        body["output_format"] = json!(format);
+        body["output_compression"] = json!(80);
+        let (status, _, reply) = s.generate(body).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["output_format"], format);
+        let r = s
+            .client
+            .get(reply["data"][0]["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], mime);
+        let bytes = r.bytes().await.unwrap();
+        assert!(bytes.starts_with(magic));
+        assert_eq!(decode(&bytes).dimensions(), (64, 48));
+    }
+}
+
+#[tokio::test]
+async fn models_list_names_and_aliases_and_an_alias_generates() {
+    let s = start(Options::default()).await;
+    let r: serde_json::Value = s
+        .client
+        .get(format!("{}/v1/models", s.url))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["object"], "list");
+    let ids: Vec<&str> = r["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![MODEL, "dall-e-3"]);
+    let mut body = small("a");
+    body["model"] = json!("dall-e-3");
+    let (status, _, _) = s.generate(body).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_open_loopback_server_needs_no_key_until_one_exists() {
+    let s = start(Options {
+        open: true,
+        ..Options::default()
+    })
+    .await;
+    let url = format!("{}/v1/images/generations", s.url);
+    let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.state.db().create_key("first").await.unwrap();
+    let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}

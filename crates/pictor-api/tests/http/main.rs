@@ -1,0 +1,6 @@
+//! The API over real HTTP on loopback, with the tiny FLUX.1-schnell fixture as the model.
+
+mod common;
+mod errors;
+mod images;
+mod lifecycle;
