@@ -152,6 +152,19 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     BTreeMap::from([("tiny-flux-schnell".to_string(), model)])
 }
 
+/// The top-level keys, for picking configuration out of the environment.
+const FIELDS: &[&str] = &[
+    "listen",
+    "public_url",
+    "data_dir",
+    "database_url",
+    "image_ttl_secs",
+    "sweep_interval_secs",
+    "shutdown_grace_secs",
+    "limits",
+    "models",
+];
+
 impl Config {
     /// Defaults, then the TOML file (if given or if `./pictor.toml` exists), then
     /// `PICTOR_*` variables (`PICTOR_LISTEN`, `PICTOR_LIMITS__MAX_N`, ...).
@@ -169,7 +182,13 @@ impl Config {
             None => figment = figment.merge(Toml::file("pictor.toml")),
         }
         let mut config: Config = figment
-            .merge(Env::prefixed("PICTOR_").split("__").ignore(&["log"]))
+            .merge(Env::prefixed("PICTOR_").split("__").filter(|key| {
+                // Other PICTOR_* variables (PICTOR_LOG, PICTOR_CONFIG, a tool's own) are not
+                // configuration keys; only the file is held to deny_unknown_fields.
+                let top = key.as_str().split(['.']).next().unwrap_or_default();
+                let top = top.split("__").next().unwrap_or_default();
+                FIELDS.contains(&top.to_ascii_lowercase().as_str())
+            }))
             .extract()
             .context("reading the configuration")?;
         if config.models.is_empty() {
@@ -183,5 +202,56 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("pictor.db").display()))
+    }
+}
+
+#[cfg(test)]
+// figment's Jail API fixes the closure's error type (figment::Error, which is large).
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_environment_layer_over_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "pictor.toml",
+                r#"
+                listen = "127.0.0.1:9000"
+                [limits]
+                max_n = 3
+                [models.a]
+                path = "/m"
+                aliases = ["dall-e-3"]
+                "#,
+            )?;
+            jail.set_env("PICTOR_LIMITS__QUEUE_DEPTH", "2");
+            jail.set_env("PICTOR_BIN", "/not/a/config/key");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen, "127.0.0.1:9000");
+            assert_eq!((c.limits.max_n, c.limits.queue_depth), (3, 2));
+            assert_eq!(c.limits.max_prompt_chars, 8192);
+            assert_eq!(c.models["a"].aliases, vec!["dall-e-3".to_string()]);
+            assert_eq!(c.models["a"].default_steps, 4, "model defaults fill in");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_typo_in_the_file_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("pictor.toml", "lisen = \"127.0.0.1:1\"")?;
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn no_models_means_the_shipped_one() {
+        figment::Jail::expect_with(|_| {
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(c.models.contains_key("tiny-flux-schnell"));
+            Ok(())
+        });
     }
 }

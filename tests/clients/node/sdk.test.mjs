@@ -1,0 +1,51 @@
+// The official `openai` Node SDK against a running `pictor serve`, unchanged.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { after, before, test } from 'node:test';
+import OpenAI from 'openai';
+
+const MODEL = 'tiny-flux-schnell';
+let server;
+
+before(() => {
+  const out = execFileSync(new URL('../server.sh', import.meta.url).pathname, { encoding: 'utf8' });
+  const [url, key, pid] = out.trim().split(/\s+/);
+  server = { url, key, pid: Number(pid) };
+});
+
+after(() => process.kill(server.pid, 'SIGTERM'));
+
+const client = (key = server.key) => new OpenAI({ baseURL: `${server.url}/v1`, apiKey: key });
+
+function pngSize(buf) {
+  assert.equal(buf.subarray(1, 4).toString(), 'PNG');
+  return [buf.readUInt32BE(16), buf.readUInt32BE(20)];
+}
+
+test('url response downloads a png', async () => {
+  const r = await client().images.generate({ model: MODEL, prompt: 'a white siamese cat', size: '64x64', response_format: 'url' });
+  assert.equal(r.data.length, 1);
+  const res = await fetch(r.data[0].url);
+  assert.equal(res.status, 200);
+  assert.deepEqual(pngSize(Buffer.from(await res.arrayBuffer())), [64, 64]);
+});
+
+test('b64_json with n=2 and the same seed twice', async () => {
+  const body = { model: MODEL, prompt: 'a red circle', size: '64x48', n: 2, response_format: 'b64_json', seed: 99 };
+  const a = await client().images.generate(body);
+  const b = await client().images.generate(body);
+  assert.equal(a.data.length, 2);
+  assert.deepEqual(pngSize(Buffer.from(a.data[0].b64_json, 'base64')), [64, 48]);
+  assert.equal(a.data[0].b64_json, b.data[0].b64_json);
+  assert.notEqual(a.data[0].b64_json, a.data[1].b64_json);
+});
+
+test('errors map to the SDK classes', async () => {
+  await assert.rejects(client('sk-wrong').images.generate({ model: MODEL, prompt: 'x' }), OpenAI.AuthenticationError);
+  await assert.rejects(client().images.generate({ model: MODEL, prompt: 'x', size: '100x100' }), (e) => {
+    assert.ok(e instanceof OpenAI.BadRequestError);
+    assert.equal(e.param, 'size');
+    return true;
+  });
+  await assert.rejects(client().images.generate({ model: 'no-such-model', prompt: 'x' }), OpenAI.NotFoundError);
+});

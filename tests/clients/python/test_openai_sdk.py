@@ -1,0 +1,101 @@
+"""The official `openai` Python SDK against a running `pictor serve`, unchanged."""
+
+import base64
+import io
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+from openai import OpenAI
+
+MODEL = "tiny-flux-schnell"
+
+
+def client(server, **kw):
+    return OpenAI(base_url=server["url"] + "/v1", api_key=server["key"], **kw)
+
+
+def png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_url_response_downloads_a_png(server):
+    r = client(server).images.generate(model=MODEL, prompt="a white siamese cat", size="64x64", response_format="url")
+    assert len(r.data) == 1 and r.data[0].url.startswith(server["url"])
+    assert r.data[0].revised_prompt == "a white siamese cat"
+    with urllib.request.urlopen(r.data[0].url) as f:
+        assert png_size(f.read()) == (64, 64)
+
+
+def test_b64_json_with_n_2(server):
+    r = client(server).images.generate(model="gpt-image-1", prompt="a red circle", size="64x48", n=2,
+                                       response_format="b64_json")
+    assert len(r.data) == 2
+    images = [base64.b64decode(d.b64_json) for d in r.data]
+    assert all(png_size(i) == (64, 48) for i in images)
+    assert images[0] != images[1]
+
+
+def test_same_seed_same_image(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="a blue square", size="64x64", response_format="b64_json",
+              extra_body={"seed": 1234, "steps": 2})
+    assert c.images.generate(**kw).data[0].b64_json == c.images.generate(**kw).data[0].b64_json
+
+
+def test_bad_key_is_authentication_error(server):
+    c = OpenAI(base_url=server["url"] + "/v1", api_key="sk-wrong")
+    with pytest.raises(openai.AuthenticationError) as e:
+        c.images.generate(model=MODEL, prompt="x")
+    assert e.value.code == "invalid_api_key"
+
+
+def test_bad_size_is_bad_request_with_param(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).images.generate(model=MODEL, prompt="x", size="100x100")
+    assert e.value.param == "size"
+
+
+def test_unknown_model_is_not_found(server):
+    with pytest.raises(openai.NotFoundError) as e:
+        client(server).images.generate(model="no-such-model", prompt="x")
+    assert e.value.code == "model_not_found"
+
+
+def count_429(server):
+    with urllib.request.urlopen(server["url"] + "/metrics") as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith("pictor_requests_total") and 'status="429"' in line and "generations" in line:
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def queue_depth(server):
+    with urllib.request.urlopen(server["url"] + "/metrics") as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith("pictor_queue_depth"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_sdk_retries_429_until_the_queue_drains(server):
+    slow = dict(model=MODEL, prompt="busy", size="256x256", response_format="b64_json",
+                extra_body={"steps": 40})
+    busy = [threading.Thread(target=lambda: client(server, max_retries=0).images.generate(**slow))
+            for _ in range(2)]
+    busy[0].start()
+    while queue_depth(server) < 1:
+        time.sleep(0.05)
+    busy[1].start()
+    while queue_depth(server) < 2:
+        time.sleep(0.05)
+    before = count_429(server)
+    r = client(server, max_retries=8).images.generate(model=MODEL, prompt="patient", size="64x64",
+                                                      response_format="b64_json")
+    assert png_size(base64.b64decode(r.data[0].b64_json)) == (64, 64)
+    assert count_429(server) > before, "the SDK saw at least one 429 and retried it"
+    for t in busy:
+        t.join()
