@@ -143,3 +143,70 @@ fn unknown_model_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn serve_refuses_a_public_address_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = pictor()
+        .env("XDG_DATA_HOME", dir.path())
+        .current_dir(dir.path())
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("keys create") && stderr.contains("0.0.0.0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_answers_and_exits_0_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = pictor()
+        .env("XDG_DATA_HOME", dir.path())
+        .current_dir(dir.path())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ready = rt.block_on(async {
+        let client = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = client.get(format!("{url}/readyz")).send().await
+                && r.status() == 200
+            {
+                let body = serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "size": "64x64",
+                                              "response_format": "b64_json"});
+                let r = client.post(format!("{url}/v1/images/generations")).json(&body).send().await.unwrap();
+                return r.status().as_u16();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        0
+    });
+    assert_eq!(
+        ready, 200,
+        "the shipped model answers with no config and no key on loopback"
+    );
+    // SIGTERM: graceful shutdown, exit status 0.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -120,3 +120,42 @@ async fn metrics_count_requests_and_show_queue_depth() {
     assert!(text.contains("pictor_generation_seconds_bucket"), "{text}");
     assert!(text.contains("pictor_images_generated_total"), "{text}");
 }
+
+#[tokio::test]
+async fn a_job_past_the_deadline_is_504_not_408() {
+    let s = start(Options {
+        timeout: Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    let (status, _, reply) = s.generate(slow()).await;
+    assert_eq!(status, 504, "{reply}");
+    let (kind, _, code) = error_parts(&reply);
+    assert_eq!(
+        (kind.as_str(), code.as_deref()),
+        ("server_error", Some("timeout"))
+    );
+}
+
+#[tokio::test]
+async fn a_storage_failure_is_500_without_internals_and_the_server_keeps_serving() {
+    let s = start(Options::default()).await;
+    // Replace the image directory with a file: storing a `url` image now fails.
+    let images = s.dir.path().join("images");
+    std::fs::remove_dir_all(&images).unwrap();
+    std::fs::write(&images, b"not a directory").unwrap();
+    let (status, _, reply) = s.generate(small("a")).await;
+    assert_eq!(status, 500, "{reply}");
+    let (kind, _, _) = error_parts(&reply);
+    assert_eq!(kind, "server_error");
+    let message = reply["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains("images") && !message.contains('/'),
+        "leaks internals: {message}"
+    );
+    // b64_json needs no storage and still works.
+    let mut body = small("a");
+    body["response_format"] = json!("b64_json");
+    let (status, _, _) = s.generate(body).await;
+    assert_eq!(status, 200);
+}
