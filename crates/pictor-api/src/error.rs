@@ -8,7 +8,8 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+
+use crate::openapi::{ErrorBody, ErrorResponse};
 
 /// Everything a request can fail with; the status, `type`, `param` and `code` all come
 /// from [`ApiError::parts`].
@@ -184,8 +185,14 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body =
-            json!({"error": {"message": message, "type": kind, "param": param, "code": code}});
+        let body = ErrorResponse {
+            error: ErrorBody {
+                message,
+                kind,
+                param,
+                code,
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let Some(after) = self.retry_after() {
             let secs = after.as_secs().max(1);

@@ -15,6 +15,7 @@ pub mod encode;
 pub mod error;
 pub mod links;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod state;
 pub mod validate;
@@ -54,6 +55,13 @@ impl MakeRequestId for RandomId {
     }
 }
 
+async fn openapi_json() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        openapi::json(),
+    )
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("Unknown request URL. Please check the URL and method.".into())
 }
@@ -70,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
+        .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(metrics::track))

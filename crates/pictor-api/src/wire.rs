@@ -81,7 +81,7 @@ pub struct BodyLimits {
     pub max_n: usize,
 }
 
-const KNOWN: &[&str] = &[
+pub(crate) const KNOWN: &[&str] = &[
     "model",
     "prompt",
     "n",

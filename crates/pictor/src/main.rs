@@ -25,6 +25,8 @@ enum Command {
     Serve(serve::Args),
     /// Generate images from a prompt and write them as PNG files.
     Generate(generate::Args),
+    /// Print the OpenAPI document of the HTTP API.
+    Openapi,
     /// Manage API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -41,6 +43,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Openapi => {
+            println!("{}", pictor_api::openapi::json());
+            Ok(())
+        }
         Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),
         Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
     };

@@ -12,12 +12,13 @@ use axum::{
 use base64::Engine as _;
 use pictor_sched::{JobError, SubmitError};
 use pictor_store::now_unix;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{
     auth::Caller,
     encode::{self, Format},
     error::ApiError,
+    openapi::{ImageData, ImagesResponse},
     state::AppState,
     validate::{ValidGeneration, validate},
     wire::{self, ResponseFormat},
@@ -130,53 +131,40 @@ async fn respond(
     state: &AppState,
     valid: &ValidGeneration,
     generation: &pictor_sched::Generation,
-) -> Result<Value, ApiError> {
+) -> Result<ImagesResponse, ApiError> {
     let req = &valid.request;
-    let config = &state.0.config;
-    let created = now_unix();
+    let ttl = state.0.config.image_ttl.as_secs() as i64;
     let mut data = Vec::with_capacity(generation.images.len());
     for image in &generation.images {
         let bytes = encode::encode(image, req.output_format, req.output_compression.max(1))?;
-        let mut item = serde_json::Map::new();
-        match req.response_format {
-            ResponseFormat::B64Json => {
-                item.insert(
-                    "b64_json".into(),
-                    base64::engine::general_purpose::STANDARD
-                        .encode(&bytes)
-                        .into(),
-                );
-            }
-            ResponseFormat::Url => {
-                let url = store_image(
-                    state,
-                    bytes,
-                    req.output_format,
-                    config.image_ttl.as_secs() as i64,
-                )
-                .await?;
-                item.insert("url".into(), url.into());
-            }
-        }
-        item.insert(
-            "revised_prompt".into(),
-            generation.prompt.encoded.clone().into(),
-        );
-        data.push(Value::Object(item));
+        let (url, b64_json) = match req.response_format {
+            ResponseFormat::B64Json => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+            ),
+            ResponseFormat::Url => (
+                Some(store_image(state, bytes, req.output_format, ttl).await?),
+                None,
+            ),
+        };
+        data.push(ImageData {
+            url,
+            b64_json,
+            revised_prompt: generation.prompt.encoded.clone(),
+        });
     }
     let e = &valid.engine;
-    let quality = match e.steps {
-        s if s >= 4 => "high",
-        3 => "medium",
-        _ => "low",
-    };
-    Ok(json!({
-        "created": created,
-        "data": data,
-        "output_format": req.output_format.name(),
-        "size": format!("{}x{}", e.width, e.height),
-        "quality": quality,
-    }))
+    Ok(ImagesResponse {
+        created: now_unix(),
+        data,
+        output_format: req.output_format.name(),
+        size: format!("{}x{}", e.width, e.height),
+        quality: match e.steps {
+            s if s >= 4 => "high",
+            3 => "medium",
+            _ => "low",
+        },
+    })
 }
 
 /// Stores the bytes and returns their signed link.

@@ -5,27 +5,41 @@ use axum::{
     Json,
     extract::{Path, State},
 };
-use serde_json::{Value, json};
 
-use crate::{auth::Caller, error::ApiError, state::AppState};
+use crate::{
+    auth::Caller,
+    error::ApiError,
+    openapi::{Model, ModelList},
+    state::AppState,
+};
 
-fn entries(state: &AppState) -> Vec<Value> {
+fn entries(state: &AppState) -> Vec<Model> {
     let mut out = Vec::new();
     for slot in state.models() {
         let spec = &slot.spec;
         let ready = slot.queue().is_some();
-        out.push(json!({"id": spec.name, "object": "model", "created": spec.created, "owned_by": "pictor", "ready": ready}));
+        let entry = |id: &str, alias_of: Option<String>| Model {
+            id: id.to_string(),
+            object: "model",
+            created: spec.created,
+            owned_by: "pictor",
+            alias_of,
+            ready,
+        };
+        out.push(entry(&spec.name, None));
         for alias in &spec.aliases {
-            out.push(json!({"id": alias, "object": "model", "created": spec.created, "owned_by": "pictor",
-                            "alias_of": spec.name, "ready": ready}));
+            out.push(entry(alias, Some(spec.name.clone())));
         }
     }
     out
 }
 
 /// `GET /v1/models`.
-pub async fn list(State(state): State<AppState>, _: Caller) -> Json<Value> {
-    Json(json!({"object": "list", "data": entries(&state)}))
+pub async fn list(State(state): State<AppState>, _: Caller) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: entries(&state),
+    })
 }
 
 /// `GET /v1/models/{id}`.
@@ -33,10 +47,10 @@ pub async fn get(
     State(state): State<AppState>,
     _: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Model>, ApiError> {
     entries(&state)
         .into_iter()
-        .find(|e| e["id"] == id.as_str())
+        .find(|e| e.id == id)
         .map(Json)
         .ok_or(ApiError::ModelNotFound(id))
 }

@@ -159,3 +159,23 @@ async fn a_storage_failure_is_500_without_internals_and_the_server_keeps_serving
     let (status, _, _) = s.generate(body).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn openapi_document_is_served() {
+    let s = start(Options {
+        load_model: false,
+        ..Options::default()
+    })
+    .await;
+    let doc: serde_json::Value = s
+        .client
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["paths"]["/v1/images/generations"]["post"].is_object());
+    assert!(doc["components"]["schemas"]["ErrorResponse"].is_object());
+}

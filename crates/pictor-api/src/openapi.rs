@@ -1,0 +1,217 @@
+//! The OpenAPI document, generated from the wire types (`GET /openapi.json`,
+//! `pictor openapi`). The request body is parsed by hand in `wire.rs` so that every error
+//! names its `param`; a test keeps [`CreateImageRequest`]'s fields and the parser's list of
+//! known fields identical.
+
+use serde::Serialize;
+use utoipa::{OpenApi, ToSchema};
+
+/// `POST /v1/images/generations` body. `null` for any optional field means its default.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub struct CreateImageRequest {
+    /// A configured model name or alias.
+    pub model: String,
+    /// 1 to 8192 characters (configurable).
+    pub prompt: String,
+    /// Images to generate, 1 to `limits.max_n` (default 1).
+    pub n: Option<u32>,
+    /// `WxH` (multiples of 16 for FLUX) or `auto`.
+    #[schema(example = "1024x1024")]
+    pub size: Option<String>,
+    /// `auto` | `low` | `medium` | `high` | `standard` | `hd`: steps per model (low ½, medium ¾ of the default).
+    pub quality: Option<String>,
+    /// `url` (default) | `b64_json`.
+    pub response_format: Option<String>,
+    /// Accepted and recorded nowhere.
+    pub user: Option<String>,
+    /// `vivid` | `natural`: accepted, ignored.
+    pub style: Option<String>,
+    /// `png` (default) | `jpeg` | `webp`.
+    pub output_format: Option<String>,
+    /// 0 to 100: JPEG quality (WebP is lossless).
+    pub output_compression: Option<u8>,
+    /// `auto` | `opaque` (`transparent` is refused).
+    pub background: Option<String>,
+    /// `auto` | `low`: accepted, ignored.
+    pub moderation: Option<String>,
+    /// Must be false: streaming is not implemented yet.
+    pub stream: Option<bool>,
+    /// 0 to 3; only meaningful with `stream`.
+    pub partial_images: Option<u8>,
+    /// Extension: seed of the first image; image `i` uses `seed + i`.
+    pub seed: Option<u64>,
+    /// Extension: denoising steps.
+    pub steps: Option<u32>,
+    /// Extension: alias of `steps`.
+    pub num_inference_steps: Option<u32>,
+    /// Extension: refused (400) by models without a guidance input, such as FLUX.1-schnell.
+    pub guidance_scale: Option<f64>,
+    /// Extension: refused (400) by models that cannot use it, such as FLUX.1-schnell.
+    pub negative_prompt: Option<String>,
+}
+
+/// One image of a response: `url` or `b64_json`, never both.
+#[derive(Serialize, ToSchema)]
+pub struct ImageData {
+    /// Signed link, valid for `image_ttl_secs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The encoded image, raw base64 (no `data:` prefix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b64_json: Option<String>,
+    /// The prompt text the encoder really saw (after truncation).
+    pub revised_prompt: String,
+}
+
+/// `POST /v1/images/generations` response.
+#[derive(Serialize, ToSchema)]
+pub struct ImagesResponse {
+    /// Unix seconds.
+    pub created: i64,
+    /// The images, in seed order.
+    pub data: Vec<ImageData>,
+    /// `png` | `jpeg` | `webp`.
+    pub output_format: &'static str,
+    /// `WxH`.
+    pub size: String,
+    /// `low` | `medium` | `high`, from the steps run.
+    pub quality: &'static str,
+}
+
+/// The error object.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, if one.
+    pub param: Option<String>,
+    /// A machine-readable code (`invalid_api_key`, `model_not_found`, `queue_full`, ...).
+    pub code: Option<&'static str>,
+}
+
+/// Every error response: `{"error": {...}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+pub struct Model {
+    /// The name clients send.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: i64,
+    /// Always `pictor`.
+    pub owned_by: &'static str,
+    /// For an alias, the model it reaches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias_of: Option<String>,
+    /// Whether the model has loaded.
+    pub ready: bool,
+}
+
+/// `GET /v1/models`.
+#[derive(Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// Models and aliases.
+    pub data: Vec<Model>,
+}
+
+#[utoipa::path(post, path = "/v1/images/generations", request_body = CreateImageRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, body = ImagesResponse),
+        (status = 400, description = "Invalid request; `param` names the field", body = ErrorResponse),
+        (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 413, description = "Body too large", body = ErrorResponse),
+        (status = 415, description = "Not JSON", body = ErrorResponse),
+        (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),
+        (status = 500, body = ErrorResponse),
+        (status = 503, description = "Loading or shutting down", body = ErrorResponse),
+        (status = 504, description = "Past the server's deadline", body = ErrorResponse),
+    ))]
+#[allow(dead_code)]
+fn create_image() {}
+
+#[utoipa::path(get, path = "/v1/images/files/{name}",
+    params(("name" = String, Path), ("expires" = i64, Query), ("signature" = String, Query)),
+    responses((status = 200, description = "The image bytes", content_type = "image/*"),
+               (status = 404, description = "Invalid, tampered or expired link", body = ErrorResponse)))]
+#[allow(dead_code)]
+fn image_file() {}
+
+#[utoipa::path(get, path = "/v1/models", security(("bearer" = [])),
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)))]
+#[allow(dead_code)]
+fn list_models() {}
+
+#[utoipa::path(get, path = "/v1/models/{id}", security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = Model), (status = 404, body = ErrorResponse)))]
+#[allow(dead_code)]
+fn get_model() {}
+
+struct Bearer;
+
+impl utoipa::Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Pictor", description = "OpenAI-compatible image generation."),
+    paths(create_image, image_file, list_models, get_model),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON.
+pub fn json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_request_fields_are_exactly_the_parsed_ones() {
+        let doc: serde_json::Value = serde_json::from_str(&json()).unwrap();
+        let props = doc["components"]["schemas"]["CreateImageRequest"]["properties"]
+            .as_object()
+            .expect("schema");
+        let mut documented: Vec<&str> = props.keys().map(String::as_str).collect();
+        let mut parsed = crate::wire::KNOWN.to_vec();
+        documented.sort_unstable();
+        parsed.sort_unstable();
+        assert_eq!(documented, parsed);
+    }
+
+    #[test]
+    fn committed_document_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed.trim() == json().trim(),
+            "docs/openapi.json is stale: run `cargo run -p pictor -- openapi > docs/openapi.json`"
+        );
+    }
+}
