@@ -75,6 +75,7 @@ pub struct Generation {
 
 /// A loaded model that turns prompts into images.
 ///
+/// Implementors provide [`Pipeline::check`] and [`Pipeline::generate_batch`];
 /// `generate` blocks the calling thread for the whole computation (seconds to minutes);
 /// async callers run it on a dedicated thread.
 pub trait Pipeline: Send {
@@ -88,5 +89,23 @@ pub trait Pipeline: Send {
         &mut self,
         req: &GenerationRequest,
         progress: &mut dyn FnMut(Progress) -> Control,
-    ) -> Result<Generation>;
+    ) -> Result<Generation> {
+        let mut all = self.generate_batch(std::slice::from_ref(req), progress)?;
+        all.pop().ok_or(crate::EngineError::Cancelled)
+    }
+
+    /// Generates several requests together, one [`Generation`] per request in order.
+    /// Requests that share size and steps are denoised in the same batches (their images
+    /// are identical to those each would get alone, up to floating-point rounding); a
+    /// pipeline that cannot batch them runs them one after another, which is the default.
+    fn generate_batch(
+        &mut self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> Result<Vec<Generation>>;
+
+    /// Whether two requests can share a batch in [`Pipeline::generate_batch`].
+    fn compatible(&self, a: &GenerationRequest, b: &GenerationRequest) -> bool {
+        (a.width, a.height, a.steps) == (b.width, b.height, b.steps)
+    }
 }

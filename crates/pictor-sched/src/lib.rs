@@ -7,10 +7,14 @@
 //! denoising steps; dropping the [`Ticket`] (the client went away) sets it, and so does the
 //! job's deadline.
 //!
+//! Compatible waiting jobs (same size and steps) are run together through
+//! [`Pipeline::generate_batch`], up to [`QueueConfig::batch_images`] images.
+//!
 //! It is not an HTTP layer and not a store: it takes engine requests and gives back engine
-//! results. Batching of compatible requests across jobs and distributed queues come later.
+//! results. Distributed queues come later.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -30,6 +34,9 @@ pub struct QueueConfig {
     pub depth: usize,
     /// Longest a job may take from submission to its last step.
     pub timeout: Duration,
+    /// Most images run together: waiting jobs compatible with the next one (same size and
+    /// steps) join its batch up to this many images.
+    pub batch_images: usize,
 }
 
 /// Why a job was not admitted.
@@ -49,9 +56,9 @@ pub enum SubmitError {
 /// Why an admitted job produced no images.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// The engine failed.
+    /// The engine failed (shared by every job of the batch).
     #[error(transparent)]
-    Engine(EngineError),
+    Engine(Arc<EngineError>),
     /// The job ran past its deadline.
     #[error("the generation took longer than the {0:?} limit")]
     TimedOut(Duration),
@@ -122,10 +129,10 @@ impl ModelQueue {
         let (tx, rx) = mpsc::channel(config.depth.max(1));
         let stats = Arc::new(Stats::default());
         let worker_stats = Arc::clone(&stats);
-        let timeout = config.timeout;
+        let worker_config = config.clone();
         let worker = std::thread::Builder::new()
             .name(format!("model-{name}"))
-            .spawn(move || work(pipeline, rx, worker_stats, timeout))
+            .spawn(move || Worker::new(pipeline, rx, worker_stats, worker_config).run())
             .expect("spawning a thread only fails when the OS is out of resources");
         Self {
             tx: Mutex::new(Some(tx)),
@@ -209,53 +216,169 @@ impl ModelQueue {
     }
 }
 
-fn work(
-    mut pipeline: Box<dyn Pipeline>,
-    mut rx: mpsc::Receiver<Job>,
+/// The model's thread: takes jobs, groups compatible ones, runs them, replies.
+struct Worker {
+    pipeline: Box<dyn Pipeline>,
+    rx: mpsc::Receiver<Job>,
+    /// Jobs taken off the channel but not yet run (incompatible with the last batch);
+    /// still counted as waiting.
+    pending: VecDeque<Job>,
     stats: Arc<Stats>,
-    timeout: Duration,
-) {
-    while let Some(job) = rx.blocking_recv() {
-        stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        let deadline = job.submitted + timeout;
-        if job.cancel.load(Ordering::Relaxed) || job.reply.is_closed() {
+    config: QueueConfig,
+}
+
+impl Job {
+    fn deadline(&self, timeout: Duration) -> Instant {
+        self.submitted + timeout
+    }
+
+    /// The client left, or the job can no longer finish in time.
+    fn dead(&self, timeout: Duration) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+            || self.reply.is_closed()
+            || Instant::now() >= self.deadline(timeout)
+    }
+}
+
+impl Worker {
+    fn new(
+        pipeline: Box<dyn Pipeline>,
+        rx: mpsc::Receiver<Job>,
+        stats: Arc<Stats>,
+        config: QueueConfig,
+    ) -> Self {
+        Self {
+            pipeline,
+            rx,
+            pending: VecDeque::new(),
+            stats,
+            config,
+        }
+    }
+
+    /// The next job, from what was set aside first, then the channel (blocking).
+    fn next(&mut self) -> Option<Job> {
+        if let Some(job) = self.pending.pop_front() {
+            return Some(job);
+        }
+        self.rx.blocking_recv()
+    }
+
+    /// Marks a job as no longer waiting; replies to it and returns `None` when it is dead.
+    fn take(&self, job: Job) -> Option<Job> {
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        if !job.dead(self.config.timeout) {
+            return Some(job);
+        }
+        if Instant::now() >= job.deadline(self.config.timeout) {
+            let _ = job.reply.send(Err(JobError::TimedOut(self.config.timeout)));
+        } else {
             tracing::debug!("skipping a job whose client left while it waited");
-            continue;
         }
-        if Instant::now() >= deadline {
-            let _ = job.reply.send(Err(JobError::TimedOut(timeout)));
-            continue;
+        None
+    }
+
+    /// `first` plus the waiting jobs that can share its batch, in arrival order.
+    fn gather(&mut self, first: Job) -> Vec<Job> {
+        let budget = self.config.batch_images.max(1);
+        let mut images = first.req.n;
+        let lead = first.req.clone();
+        let mut batch = vec![first];
+        let fits = |job: &Job, images: usize, this: &Self| {
+            images + job.req.n <= budget && this.pipeline.compatible(&lead, &job.req)
+        };
+        let mut i = 0;
+        while i < self.pending.len() && images < budget {
+            if fits(&self.pending[i], images, self) {
+                let job = self.pending.remove(i).expect("index checked");
+                if let Some(job) = self.take(job) {
+                    images += job.req.n;
+                    batch.push(job);
+                }
+            } else {
+                i += 1;
+            }
         }
-        stats.running.store(1, Ordering::Relaxed);
+        while images < budget {
+            let Ok(job) = self.rx.try_recv() else { break };
+            if fits(&job, images, self) {
+                if let Some(job) = self.take(job) {
+                    images += job.req.n;
+                    batch.push(job);
+                }
+            } else {
+                self.pending.push_back(job);
+            }
+        }
+        batch
+    }
+
+    fn run(mut self) {
+        while let Some(job) = self.next() {
+            let Some(first) = self.take(job) else {
+                continue;
+            };
+            let batch = self.gather(first);
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<Job>) {
+        let timeout = self.config.timeout;
+        self.stats.running.store(batch.len(), Ordering::Relaxed);
         let started = Instant::now();
-        let queued = started - job.submitted;
-        let result = pipeline.generate(&job.req, &mut |_| {
-            if job.cancel.load(Ordering::Relaxed) || Instant::now() >= deadline {
+        let reqs: Vec<GenerationRequest> = batch.iter().map(|j| j.req.clone()).collect();
+        // Stop only when no job of the batch is still wanted.
+        let result = self.pipeline.generate_batch(&reqs, &mut |_| {
+            if batch.iter().all(|j| j.dead(timeout)) {
                 Control::Cancel
             } else {
                 Control::Continue
             }
         });
         let ran = started.elapsed();
-        stats.running.store(0, Ordering::Relaxed);
-        let outcome = match result {
-            Ok(generation) => {
-                let mut mean = stats.mean_secs.lock().unwrap_or_else(|e| e.into_inner());
+        self.stats.running.store(0, Ordering::Relaxed);
+        let outcome_of = |job: &Job| {
+            if job.cancel.load(Ordering::Relaxed) {
+                Err(JobError::Cancelled)
+            } else if Instant::now() >= job.deadline(timeout) {
+                Err(JobError::TimedOut(timeout))
+            } else {
+                Ok(())
+            }
+        };
+        match result {
+            Ok(generations) => {
+                let mut mean = self
+                    .stats
+                    .mean_secs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let secs = ran.as_secs_f64();
                 *mean = Some(mean.map_or(secs, |m| 0.8 * m + 0.2 * secs));
-                Ok(Outcome {
-                    generation,
-                    queued,
-                    ran,
-                })
+                drop(mean);
+                for (job, generation) in batch.into_iter().zip(generations) {
+                    let reply = outcome_of(&job).map(|()| Outcome {
+                        generation,
+                        queued: started - job.submitted,
+                        ran,
+                    });
+                    let _ = job.reply.send(reply);
+                }
             }
-            Err(EngineError::Cancelled) if job.cancel.load(Ordering::Relaxed) => {
-                Err(JobError::Cancelled)
+            Err(EngineError::Cancelled) => {
+                for job in batch {
+                    let reply = outcome_of(&job).and(Err(JobError::Cancelled));
+                    let _ = job.reply.send(reply);
+                }
             }
-            Err(EngineError::Cancelled) => Err(JobError::TimedOut(timeout)),
-            Err(e) => Err(JobError::Engine(e)),
-        };
-        let _ = job.reply.send(outcome);
+            Err(e) => {
+                let e = Arc::new(e);
+                for job in batch {
+                    let _ = job.reply.send(Err(JobError::Engine(Arc::clone(&e))));
+                }
+            }
+        }
     }
 }
 

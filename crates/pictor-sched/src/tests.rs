@@ -9,45 +9,58 @@ use super::*;
 struct Gated {
     gate: Arc<Mutex<std_mpsc::Receiver<()>>>,
     steps_run: Arc<AtomicUsize>,
+    batches: Arc<Mutex<Vec<Vec<String>>>>,
 }
 
 impl Pipeline for Gated {
     fn check(&self, _: &GenerationRequest) -> pictor_engine::Result<()> {
         Ok(())
     }
-    fn generate(
+    fn generate_batch(
         &mut self,
-        req: &GenerationRequest,
+        reqs: &[GenerationRequest],
         progress: &mut dyn FnMut(Progress) -> Control,
-    ) -> pictor_engine::Result<Generation> {
-        for step in 0..=req.steps {
+    ) -> pictor_engine::Result<Vec<Generation>> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(reqs.iter().map(|r| r.prompt.clone()).collect());
+        let steps = reqs[0].steps;
+        for step in 0..=steps {
             // Each step waits for the test to open the gate once.
             let _ = self.gate.lock().unwrap().recv();
             if progress(Progress::Step {
                 step,
-                total: req.steps,
+                total: steps,
                 first: 0,
-                count: 1,
+                count: reqs.len(),
             }) == Control::Cancel
             {
                 return Err(EngineError::Cancelled);
             }
             self.steps_run.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Generation {
-            images: vec![],
-            prompt: PromptInfo {
-                encoded: req.prompt.clone(),
-                truncated: false,
-                pooled_truncated: false,
-            },
-        })
+        Ok(reqs
+            .iter()
+            .map(|r| Generation {
+                images: vec![],
+                prompt: PromptInfo {
+                    encoded: r.prompt.clone(),
+                    truncated: false,
+                    pooled_truncated: false,
+                },
+            })
+            .collect())
     }
 }
 
 fn req(steps: usize) -> GenerationRequest {
+    named("p", steps)
+}
+
+fn named(prompt: &str, steps: usize) -> GenerationRequest {
     GenerationRequest {
-        prompt: "p".into(),
+        prompt: prompt.into(),
         width: 16,
         height: 16,
         steps,
@@ -56,18 +69,37 @@ fn req(steps: usize) -> GenerationRequest {
     }
 }
 
-fn queue(depth: usize, timeout: Duration) -> (ModelQueue, std_mpsc::Sender<()>, Arc<AtomicUsize>) {
+type Batches = Arc<Mutex<Vec<Vec<String>>>>;
+
+fn queue_with(
+    depth: usize,
+    timeout: Duration,
+    batch_images: usize,
+) -> (ModelQueue, std_mpsc::Sender<()>, Arc<AtomicUsize>, Batches) {
     let (open, gate) = std_mpsc::channel();
     let steps_run = Arc::new(AtomicUsize::new(0));
+    let batches = Batches::default();
     let p = Gated {
         gate: Arc::new(Mutex::new(gate)),
         steps_run: Arc::clone(&steps_run),
+        batches: Arc::clone(&batches),
+    };
+    let config = QueueConfig {
+        depth,
+        timeout,
+        batch_images,
     };
     (
-        ModelQueue::start("test", Box::new(p), QueueConfig { depth, timeout }),
+        ModelQueue::start("test", Box::new(p), config),
         open,
         steps_run,
+        batches,
     )
+}
+
+fn queue(depth: usize, timeout: Duration) -> (ModelQueue, std_mpsc::Sender<()>, Arc<AtomicUsize>) {
+    let (q, open, steps, _) = queue_with(depth, timeout, 1);
+    (q, open, steps)
 }
 
 async fn until(cond: impl Fn() -> bool) {
@@ -142,4 +174,28 @@ async fn shutdown_finishes_queued_work_and_refuses_new() {
     assert!(q.shutdown(Duration::from_secs(5)).await);
     assert!(ticket.wait().await.is_ok());
     assert!(matches!(q.submit(req(1)), Err(SubmitError::Closed)));
+}
+
+#[tokio::test]
+async fn compatible_waiting_jobs_run_in_one_batch_in_order() {
+    let (q, open, _, batches) = queue_with(8, Duration::from_secs(60), 3);
+    let a = q.submit(named("a", 1)).unwrap();
+    until(|| q.running() == 1).await;
+    // While `a` runs: two compatible jobs, one with other steps, one more compatible.
+    let b = q.submit(named("b", 1)).unwrap();
+    let c = q.submit(named("c", 2)).unwrap();
+    let d = q.submit(named("d", 1)).unwrap();
+    let e = q.submit(named("e", 1)).unwrap();
+    until(|| q.waiting() == 4).await;
+    for _ in 0..20 {
+        let _ = open.send(());
+    }
+    for t in [a, b, c, d, e] {
+        let outcome = t.wait().await.unwrap();
+        assert_eq!(outcome.generation.images.len(), 0);
+    }
+    let got = batches.lock().unwrap().clone();
+    // `b`, `d`, `e` share size and steps and fit the 3-image budget; `c` waits its turn.
+    assert_eq!(got, vec![vec!["a"], vec!["b", "d", "e"], vec!["c"]]);
+    assert_eq!(q.waiting(), 0);
 }

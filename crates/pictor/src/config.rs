@@ -62,7 +62,7 @@ pub struct ModelConfig {
     pub dtype: String,
     /// CUDA device number, if any.
     pub cuda: Option<usize>,
-    /// Most images denoised together.
+    /// Most images denoised together, from one request or several compatible ones.
     pub max_batch: usize,
     /// `size: auto`, `WxH`.
     pub default_size: String,

@@ -150,10 +150,14 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     let queue = QueueConfig {
         depth: config.limits.queue_depth,
         timeout: Duration::from_secs(config.limits.request_timeout_secs),
+        batch_images: 1,
     };
     for (name, m) in config.models.clone() {
         let state = state.clone();
-        let queue = queue.clone();
+        let queue = QueueConfig {
+            batch_images: m.max_batch,
+            ..queue.clone()
+        };
         tokio::task::spawn_blocking(move || match load_model(&name, &m) {
             Ok(pipeline) => {
                 tracing::info!(model = %name, "model loaded");

@@ -94,6 +94,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         let queue = QueueConfig {
             depth: opts.queue_depth,
             timeout: opts.timeout,
+            batch_images: 4,
         };
         state.install(MODEL, ModelQueue::start(MODEL, Box::new(pipeline), queue));
     }

@@ -19,7 +19,7 @@ use candle_transformers::models::flux::{
 use crate::{
     device::{DTypeChoice, DeviceChoice},
     error::{EngineError, Result},
-    image::{to_rgb8, to_unit_range},
+    image::{RgbImage, to_rgb8, to_unit_range},
     layout::{ModelFiles, Part},
     noise::gaussian_noise,
     pipeline::{Control, Generation, GenerationRequest, Pipeline, Progress},
@@ -189,7 +189,7 @@ impl FluxPipeline {
     }
 
     /// One transformer evaluation: the velocity for packed latents `img` `(b, tokens, 64)`
-    /// at `sigma`, returned in f32.
+    /// at `sigma`, returned in f32. `emb` holds one prompt (shared by the batch) or `b`.
     pub fn velocity(
         &self,
         img: &Tensor,
@@ -203,8 +203,20 @@ impl FluxPipeline {
             Denoiser::Dense(_) => self.dtype,
             Denoiser::Quantized(_) => DType::F32,
         };
-        let txt = emb.sequence.to_dtype(dtype)?.repeat((b, 1, 1))?;
-        let pooled = emb.pooled.to_dtype(dtype)?.repeat((b, 1))?;
+        // One prompt for the whole batch, or one per image.
+        let per_image = emb.sequence.dim(0)? == b;
+        let txt = emb.sequence.to_dtype(dtype)?;
+        let txt = if per_image {
+            txt
+        } else {
+            txt.repeat((b, 1, 1))?
+        };
+        let pooled = emb.pooled.to_dtype(dtype)?;
+        let pooled = if per_image {
+            pooled
+        } else {
+            pooled.repeat((b, 1))?
+        };
         let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), dtype, &self.device)?;
         let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
         let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
@@ -300,31 +312,58 @@ impl Pipeline for FluxPipeline {
         Ok(())
     }
 
-    fn generate(
+    fn generate_batch(
         &mut self,
-        req: &GenerationRequest,
+        reqs: &[GenerationRequest],
         progress: &mut dyn FnMut(Progress) -> Control,
-    ) -> Result<Generation> {
-        self.check(req)?;
+    ) -> Result<Vec<Generation>> {
+        let Some(first_req) = reqs.first() else {
+            return Ok(Vec::new());
+        };
+        for req in reqs {
+            self.check(req)?;
+            if !self.compatible(first_req, req) {
+                return Err(EngineError::InvalidInput {
+                    field: "size",
+                    message: "a batch must share size and steps".into(),
+                });
+            }
+        }
+        let (width, height, steps) = (first_req.width, first_req.height, first_req.steps);
         if progress(Progress::Encoding) == Control::Cancel {
             return Err(EngineError::Cancelled);
         }
-        let emb = self.encode_prompt(&req.prompt)?;
-        let mut images = Vec::with_capacity(req.n);
-        let batch = self.options.max_batch.max(1);
-        let mut first = 0;
-        while first < req.n {
-            let count = batch.min(req.n - first);
-            let noise = self.noise(
-                req.seed.wrapping_add(first as u64),
-                count,
-                req.height,
-                req.width,
-            )?;
-            let latents = self.denoise(&noise, &emb, req.steps, |step| {
+        let embeddings = reqs
+            .iter()
+            .map(|r| self.encode_prompt(&r.prompt))
+            .collect::<Result<Vec<_>>>()?;
+        // Every image of every request, as (request, seed), in order.
+        let items: Vec<(usize, u64)> = reqs
+            .iter()
+            .enumerate()
+            .flat_map(|(r, req)| (0..req.n).map(move |i| (r, req.seed.wrapping_add(i as u64))))
+            .collect();
+        let mut images: Vec<Vec<RgbImage>> = reqs.iter().map(|r| Vec::with_capacity(r.n)).collect();
+        for (chunk_index, chunk) in items.chunks(self.options.max_batch.max(1)).enumerate() {
+            let first = chunk_index * self.options.max_batch.max(1);
+            let mut noise = Vec::with_capacity(chunk.len());
+            let mut sequence = Vec::with_capacity(chunk.len());
+            let mut pooled = Vec::with_capacity(chunk.len());
+            for &(r, seed) in chunk {
+                noise.push(self.noise(seed, 1, height, width)?);
+                sequence.push(embeddings[r].sequence.clone());
+                pooled.push(embeddings[r].pooled.clone());
+            }
+            let batch = Embeddings {
+                sequence: Tensor::cat(&sequence, 0)?,
+                pooled: Tensor::cat(&pooled, 0)?,
+                prompt: embeddings[chunk[0].0].prompt.clone(),
+            };
+            let count = chunk.len();
+            let latents = self.denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |step| {
                 progress(Progress::Step {
                     step,
-                    total: req.steps,
+                    total: steps,
                     first,
                     count,
                 })
@@ -332,13 +371,18 @@ impl Pipeline for FluxPipeline {
             if progress(Progress::Decoding) == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
-            let pixels = self.decode(&latents, req.height, req.width)?;
-            images.extend(to_rgb8(&pixels)?);
-            first += count;
+            let pixels = self.decode(&latents, height, width)?;
+            for (&(r, _), image) in chunk.iter().zip(to_rgb8(&pixels)?) {
+                images[r].push(image);
+            }
         }
-        Ok(Generation {
-            images,
-            prompt: emb.prompt,
-        })
+        Ok(images
+            .into_iter()
+            .zip(embeddings)
+            .map(|(images, emb)| Generation {
+                images,
+                prompt: emb.prompt,
+            })
+            .collect())
     }
 }

@@ -323,3 +323,48 @@ fn sizes_off_the_grid_are_rejected_with_the_field() {
         other => panic!("expected InvalidInput, got {other:?}"),
     }
 }
+
+/// Requests with different prompts and seeds denoised in one batch give the images each
+/// gets alone.
+#[test]
+fn a_batch_of_different_prompts_equals_each_alone() {
+    let s = setup();
+    let mut p = diffusers_layout();
+    let a = pictor_engine::GenerationRequest {
+        prompt: s.prompt.clone(),
+        width: s.width,
+        height: s.height,
+        steps: 2,
+        seed: 3,
+        n: 2,
+    };
+    let b = pictor_engine::GenerationRequest {
+        prompt: s.punct_prompt.clone(),
+        seed: 11,
+        n: 1,
+        ..a.clone()
+    };
+    let together = p
+        .generate_batch(&[a.clone(), b.clone()], &mut |_| Control::Continue)
+        .expect("batch");
+    assert_eq!(together.len(), 2);
+    assert_eq!((together[0].images.len(), together[1].images.len()), (2, 1));
+    assert_eq!(together[1].prompt.encoded, s.punct_prompt);
+    for (req, got) in [(&a, &together[0]), (&b, &together[1])] {
+        let alone = p.generate(req, &mut |_| Control::Continue).expect("alone");
+        for (x, y) in alone.images.iter().zip(&got.images) {
+            let worst = x
+                .pixels
+                .iter()
+                .zip(&y.pixels)
+                .map(|(p, q)| p.abs_diff(*q))
+                .max()
+                .unwrap();
+            assert!(
+                worst <= 1,
+                "batched image differs from its single run by {worst}"
+            );
+        }
+    }
+    assert_ne!(together[0].images[0], together[1].images[0]);
+}
