@@ -71,6 +71,14 @@ impl ApiError {
         }
     }
 
+    /// The 503 for new work while the server shuts down.
+    pub fn shutting_down() -> Self {
+        Self::Unavailable {
+            message: "The server is shutting down.".into(),
+            retry_after: Duration::from_secs(5),
+        }
+    }
+
     /// A 400 about the body as a whole.
     pub fn invalid_body(message: impl Into<String>) -> Self {
         Self::Invalid {

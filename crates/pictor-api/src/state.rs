@@ -60,6 +60,21 @@ impl ModelSlot {
     pub fn failure(&self) -> Option<&str> {
         self.failed.get().map(String::as_str)
     }
+
+    /// Its queue, or the 503 that says it is still loading or failed to.
+    pub fn ready_queue(&self) -> Result<&ModelQueue, crate::error::ApiError> {
+        self.queue().ok_or_else(|| {
+            let name = &self.spec.name;
+            let (message, secs) = match self.failure() {
+                Some(why) => (format!("The model `{name}` failed to load: {why}"), 60),
+                None => (format!("The model `{name}` is still loading."), 10),
+            };
+            crate::error::ApiError::Unavailable {
+                message,
+                retry_after: Duration::from_secs(secs),
+            }
+        })
+    }
 }
 
 pub(crate) struct Inner {

@@ -13,20 +13,10 @@ pub async fn healthz() -> Json<Value> {
 /// `GET /readyz`: every model is loaded and the server is not shutting down.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.shutting_down() {
-        return Err(ApiError::Unavailable {
-            message: "The server is shutting down.".into(),
-            retry_after: std::time::Duration::from_secs(5),
-        });
+        return Err(ApiError::shutting_down());
     }
-    if let Some(slot) = state.models().iter().find(|m| m.queue().is_none()) {
-        let message = match slot.failure() {
-            Some(why) => format!("The model `{}` failed to load: {why}", slot.spec.name),
-            None => format!("The model `{}` is still loading.", slot.spec.name),
-        };
-        return Err(ApiError::Unavailable {
-            message,
-            retry_after: std::time::Duration::from_secs(5),
-        });
+    for slot in state.models() {
+        slot.ready_queue()?;
     }
     Ok(Json(json!({"status": "ready"})))
 }

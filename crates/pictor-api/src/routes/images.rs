@@ -1,7 +1,5 @@
 //! `POST /v1/images/generations` and the signed image links it hands out.
 
-use std::time::Instant;
-
 use axum::{
     Json,
     body::Bytes,
@@ -62,7 +60,6 @@ pub async fn generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let config = &state.0.config;
     let body = json_body(&headers, body, config.max_body_bytes)?;
     let request = wire::parse(&body, &config.limits)?;
@@ -72,30 +69,15 @@ pub async fn generate(
     let model = slot.spec.name.clone();
     let valid = validate(request, &slot.spec.rules, rand::random())?;
     if state.shutting_down() {
-        return Err(ApiError::Unavailable {
-            message: "The server is shutting down.".into(),
-            retry_after: std::time::Duration::from_secs(5),
-        });
+        return Err(ApiError::shutting_down());
     }
-    let Some(queue) = slot.queue() else {
-        let message = match slot.failure() {
-            Some(why) => format!("The model `{model}` failed to load: {why}"),
-            None => format!("The model `{model}` is still loading."),
-        };
-        return Err(ApiError::Unavailable {
-            message,
-            retry_after: std::time::Duration::from_secs(10),
-        });
-    };
+    let queue = slot.ready_queue()?;
     let ticket = queue.submit(valid.engine.clone()).map_err(|e| match e {
         SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
             model: model.clone(),
             retry_after,
         },
-        SubmitError::Closed => ApiError::Unavailable {
-            message: "The server is shutting down.".into(),
-            retry_after: std::time::Duration::from_secs(5),
-        },
+        SubmitError::Closed => ApiError::shutting_down(),
     })?;
     // If the client goes away, axum drops this future and with it the ticket, which
     // cancels the job before its next denoising step.
@@ -120,7 +102,7 @@ pub async fn generate(
                 &key.id,
                 images,
                 images * (e.width * e.height) as i64,
-                started.elapsed().as_secs_f64(),
+                outcome.ran.as_secs_f64(),
             )
             .await?;
     }
