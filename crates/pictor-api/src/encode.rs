@@ -45,15 +45,37 @@ impl Format {
     }
 }
 
-/// Encodes `img`; `quality` (1..=100) applies to JPEG.
-pub fn encode(img: &RgbImage, format: Format, quality: u8) -> anyhow::Result<Vec<u8>> {
+/// Writes a PNG with a `parameters` text chunk, the field image tools read generation
+/// settings from.
+fn png_with_parameters(img: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if parameters.is_ascii() {
+        encoder.add_text_chunk("parameters".into(), parameters.into())?;
+    } else {
+        encoder.add_itxt_chunk("parameters".into(), parameters.into())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&img.pixels)?;
+    writer.finish()?;
+    Ok(out)
+}
+
+/// Encodes `img`; `quality` (1..=100) applies to JPEG. `parameters` (the receipt in the
+/// text form image tools use) is embedded in PNG files; JPEG and WebP carry none yet.
+pub fn encode(
+    img: &RgbImage,
+    format: Format,
+    quality: u8,
+    parameters: &str,
+) -> anyhow::Result<Vec<u8>> {
     let mut out = Cursor::new(Vec::new());
     let (w, h) = (img.width as u32, img.height as u32);
     let color = image::ExtendedColorType::Rgb8;
     match format {
-        Format::Png => {
-            codecs::png::PngEncoder::new(&mut out).write_image(&img.pixels, w, h, color)?
-        }
+        Format::Png => return png_with_parameters(img, parameters),
         Format::Jpeg => {
             codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
                 .write_image(&img.pixels, w, h, color)?

@@ -62,6 +62,18 @@ pub struct ImageData {
     pub b64_json: Option<String>,
     /// The prompt text the encoder really saw (after truncation).
     pub revised_prompt: String,
+    /// Extension: whether the prompt was cut to fit the text encoder.
+    pub prompt_truncated: bool,
+    /// Extension: this image's seed (`seed + i` for image `i`); send it back to reproduce it.
+    pub seed: u64,
+    /// Extension: denoising steps run.
+    pub steps: u32,
+    /// Extension: width in pixels.
+    pub width: u32,
+    /// Extension: height in pixels.
+    pub height: u32,
+    /// Extension: the model that drew it (its configured name, not an alias).
+    pub model: String,
 }
 
 /// `POST /v1/images/generations` response.

@@ -92,7 +92,7 @@ pub async fn generate(
     metrics::counter!("pictor_images_generated_total", "model" => model.clone())
         .increment(outcome.generation.images.len() as u64);
 
-    let response = respond(&state, &valid, &outcome.generation).await?;
+    let response = respond(&state, &model, &valid, &outcome.generation).await?;
     if let Some(key) = key {
         let e = &valid.engine;
         let images = outcome.generation.images.len() as i64;
@@ -109,16 +109,48 @@ pub async fn generate(
     Ok(Json(response).into_response())
 }
 
+/// The receipt in the `parameters` text form that image tools write and read
+/// (`prompt` then `Steps: …, Seed: …, Size: WxH, Model: …`).
+fn parameters_text(
+    prompt: &str,
+    steps: usize,
+    seed: u64,
+    width: usize,
+    height: usize,
+    model: &str,
+) -> String {
+    format!(
+        "{prompt}\nSteps: {steps}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {seed}, Size: {width}x{height}, Model: {model}, Version: pictor {}",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
 async fn respond(
     state: &AppState,
+    model: &str,
     valid: &ValidGeneration,
     generation: &pictor_sched::Generation,
 ) -> Result<ImagesResponse, ApiError> {
     let req = &valid.request;
     let ttl = state.0.config.image_ttl.as_secs() as i64;
+    let e = &valid.engine;
     let mut data = Vec::with_capacity(generation.images.len());
-    for image in &generation.images {
-        let bytes = encode::encode(image, req.output_format, req.output_compression.max(1))?;
+    for (i, image) in generation.images.iter().enumerate() {
+        let seed = e.seed.wrapping_add(i as u64);
+        let parameters = parameters_text(
+            &generation.prompt.encoded,
+            e.steps,
+            seed,
+            e.width,
+            e.height,
+            model,
+        );
+        let bytes = encode::encode(
+            image,
+            req.output_format,
+            req.output_compression.max(1),
+            &parameters,
+        )?;
         let (url, b64_json) = match req.response_format {
             ResponseFormat::B64Json => (
                 None,
@@ -133,9 +165,14 @@ async fn respond(
             url,
             b64_json,
             revised_prompt: generation.prompt.encoded.clone(),
+            prompt_truncated: generation.prompt.truncated,
+            seed,
+            steps: e.steps as u32,
+            width: e.width as u32,
+            height: e.height as u32,
+            model: model.to_string(),
         });
     }
-    let e = &valid.engine;
     Ok(ImagesResponse {
         created: now_unix(),
         data,

@@ -169,3 +169,84 @@ async fn an_open_loopback_server_needs_no_key_until_one_exists() {
     let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }
+
+/// Each image carries its receipt: extension fields in the JSON and a `parameters` text
+/// chunk in the PNG, from which the same image can be asked for again.
+#[tokio::test]
+async fn every_image_carries_its_receipt() {
+    let s = start(Options::default()).await;
+    let mut body = small("a green star");
+    body["response_format"] = json!("b64_json");
+    body["n"] = json!(2);
+    let (status, _, reply) = s.generate(body).await;
+    assert_eq!(status, 200, "{reply}");
+    for (i, item) in reply["data"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(item["seed"], 1 + i as u64);
+        assert_eq!(
+            (
+                item["steps"].as_u64(),
+                item["width"].as_u64(),
+                item["height"].as_u64()
+            ),
+            (Some(2), Some(64), Some(48))
+        );
+        assert_eq!(item["model"], MODEL);
+        assert_eq!(item["prompt_truncated"], false);
+        let png_bytes = base64::engine::general_purpose::STANDARD
+            .decode(item["b64_json"].as_str().unwrap())
+            .unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(png_bytes))
+            .read_info()
+            .unwrap();
+        let text = reader
+            .info()
+            .uncompressed_latin1_text
+            .iter()
+            .find(|c| c.keyword == "parameters")
+            .expect("a parameters chunk")
+            .text
+            .clone();
+        assert!(text.starts_with("a green star\n"), "{text}");
+        assert!(
+            text.contains(&format!("Seed: {}", 1 + i))
+                && text.contains("Steps: 2")
+                && text.contains("Size: 64x48"),
+            "{text}"
+        );
+    }
+
+    // Image 1 asked for alone, by its own seed: the same pixels.
+    let mut again = small("a green star");
+    again["response_format"] = json!("b64_json");
+    again["seed"] = json!(2);
+    let (_, _, single) = s.generate(again).await;
+    let pixels = |v: &serde_json::Value| {
+        decode(
+            &base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().unwrap())
+                .unwrap(),
+        )
+    };
+    let a = pixels(&reply["data"][1]["b64_json"]);
+    let b = pixels(&single["data"][0]["b64_json"]);
+    let worst = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "differs by {worst}");
+}
+
+#[tokio::test]
+async fn a_truncated_prompt_says_so() {
+    let s = start(Options::default()).await;
+    let long = "a small red circle on a blue background in the top left, ".repeat(40);
+    let (status, _, reply) = s.generate(small(&long)).await;
+    assert_eq!(status, 200, "{reply}");
+    let item = &reply["data"][0];
+    assert_eq!(item["prompt_truncated"], true);
+    let revised = item["revised_prompt"].as_str().unwrap();
+    assert!(revised.len() < long.len() && long.starts_with(revised));
+}
