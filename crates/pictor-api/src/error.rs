@@ -32,6 +32,11 @@ pub enum ApiError {
     /// 404: no such route or image.
     #[error("{0}")]
     NotFound(String),
+    /// 409: the `Idempotency-Key` was used with a different body.
+    #[error(
+        "This Idempotency-Key was already used with a different request body; use a new key for a new request."
+    )]
+    IdempotencyConflict,
     /// 413: the body is larger than the limit.
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
@@ -122,6 +127,12 @@ impl ApiError {
                 None,
                 Some("not_found"),
             ),
+            IdempotencyConflict => (
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("Idempotency-Key".into()),
+                Some("idempotency_key_reused"),
+            ),
             PayloadTooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -202,6 +213,12 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::IdempotencyConflict) {
+            // SDKs retry 409 by default; repeating this request can only fail again.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let Some(after) = self.retry_after() {
             let secs = after.as_secs().max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {

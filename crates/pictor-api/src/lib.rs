@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod encode;
 pub mod error;
+pub mod idempotency;
 pub mod links;
 pub mod metrics;
 pub mod openapi;

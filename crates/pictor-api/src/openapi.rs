@@ -141,11 +141,14 @@ pub struct ModelList {
 
 #[utoipa::path(post, path = "/v1/images/generations", request_body = CreateImageRequest,
     security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "Same key and body from the same API key: one job, the same response replayed (24 h by default); another body: 409.")),
     responses(
         (status = 200, body = ImagesResponse),
         (status = 400, description = "Invalid request; `param` names the field", body = ErrorResponse),
         (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 409, description = "Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "Not JSON", body = ErrorResponse),
         (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),

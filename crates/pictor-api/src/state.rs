@@ -27,6 +27,8 @@ pub struct ApiConfig {
     pub limits: BodyLimits,
     /// Serve requests without a key while no key exists (only ever true on loopback).
     pub open_when_no_keys: bool,
+    /// How long an `Idempotency-Key`'s response is replayed.
+    pub idempotency_ttl: Duration,
 }
 
 /// A configured model.
@@ -85,6 +87,7 @@ pub(crate) struct Inner {
     pub models: Vec<ModelSlot>,
     pub names: HashMap<String, usize>,
     pub shutting_down: AtomicBool,
+    pub replays: crate::idempotency::Replays,
 }
 
 /// The state every handler shares; cheap to clone.
@@ -115,7 +118,9 @@ impl AppState {
                 failed: OnceLock::new(),
             })
             .collect();
+        let replays = crate::idempotency::Replays::new(config.idempotency_ttl, 4096);
         Self(Arc::new(Inner {
+            replays,
             config,
             db,
             blobs,

@@ -26,6 +26,8 @@ pub struct Config {
     pub image_ttl_secs: u64,
     /// How often expired images are deleted, seconds.
     pub sweep_interval_secs: u64,
+    /// How long a response is replayed for its `Idempotency-Key`, seconds.
+    pub idempotency_ttl_secs: u64,
     /// Time given to in-flight work on SIGTERM, seconds.
     pub shutdown_grace_secs: u64,
     /// Request limits.
@@ -128,6 +130,7 @@ impl Default for Config {
             database_url: None,
             image_ttl_secs: 3600,
             sweep_interval_secs: 60,
+            idempotency_ttl_secs: 24 * 3600,
             shutdown_grace_secs: 30,
             limits: Limits::default(),
             models: BTreeMap::new(),
@@ -160,6 +163,7 @@ const FIELDS: &[&str] = &[
     "database_url",
     "image_ttl_secs",
     "sweep_interval_secs",
+    "idempotency_ttl_secs",
     "shutdown_grace_secs",
     "limits",
     "models",

@@ -139,6 +139,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             max_n: config.limits.max_n,
         },
         open_when_no_keys: addr.ip().is_loopback(),
+        idempotency_ttl: Duration::from_secs(config.idempotency_ttl_secs),
     };
     let state = AppState::new(api, db, blobs, signing_key(&config.data_dir)?, specs);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -11,11 +11,13 @@ use base64::Engine as _;
 use pictor_sched::{JobError, SubmitError};
 use pictor_store::now_unix;
 use serde_json::Value;
+use sha2::Digest as _;
 
 use crate::{
     auth::Caller,
     encode::{self, Format},
     error::ApiError,
+    idempotency::Lookup,
     openapi::{ImageData, ImagesResponse},
     state::AppState,
     validate::{ValidGeneration, validate},
@@ -53,6 +55,13 @@ fn json_body(
     })
 }
 
+/// A validated request, ready for the queue.
+struct Prepared {
+    model: String,
+    valid: ValidGeneration,
+    key: Option<pictor_store::ApiKey>,
+}
+
 /// `POST /v1/images/generations`.
 pub async fn generate(
     State(state): State<AppState>,
@@ -66,21 +75,139 @@ pub async fn generate(
     let slot = state
         .model(&request.model)
         .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?;
-    let model = slot.spec.name.clone();
-    let valid = validate(request, &slot.spec.rules, rand::random())?;
+    let prepared = Prepared {
+        model: slot.spec.name.clone(),
+        valid: validate(request, &slot.spec.rules, rand::random())?,
+        key,
+    };
+    match idempotency_key(&headers)? {
+        Some(idem) => idempotent(state, prepared, &idem, &body).await,
+        None => {
+            // If the client goes away, axum drops this future and with it the ticket,
+            // which cancels the job before its next denoising step.
+            let ticket = submit(&state, &prepared)?;
+            Ok(Json(finish(&state, &prepared, ticket).await?).into_response())
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(v) if !v.is_empty() && v.len() <= 255 => Ok(Some(v.to_string())),
+        _ => Err(ApiError::invalid(
+            "Idempotency-Key",
+            "The Idempotency-Key header must be 1 to 255 visible ASCII characters.",
+        )),
+    }
+}
+
+/// The same `Idempotency-Key` and body from the same API key get one job and one answer;
+/// the job runs detached, so a client that drops the connection and retries attaches to it.
+async fn idempotent(
+    state: AppState,
+    prepared: Prepared,
+    idem: &str,
+    body: &serde_json::Value,
+) -> Result<Response, ApiError> {
+    let owner = prepared.key.as_ref().map_or("anonymous", |k| k.id.as_str());
+    let scope = format!("{owner}\n{idem}");
+    let fingerprint = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(body).unwrap_or_default(),
+    ));
+    let replay = |stored: &[u8]| {
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (
+                    header::HeaderName::from_static("idempotent-replayed"),
+                    "true",
+                ),
+            ],
+            stored.to_vec(),
+        )
+            .into_response()
+    };
+    loop {
+        match state.0.replays.begin(&scope, &fingerprint) {
+            Lookup::Replay(stored) => return Ok(replay(&stored)),
+            Lookup::Conflict => return Err(ApiError::IdempotencyConflict),
+            Lookup::Wait(mut done) => {
+                let _ = done.changed().await;
+                let stored = done.borrow().clone();
+                match stored {
+                    Some(stored) => return Ok(replay(&stored)),
+                    None => continue, // the first attempt failed: try again ourselves
+                }
+            }
+            Lookup::New(done) => {
+                let ticket = match submit(&state, &prepared) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        state.0.replays.complete(&scope, &fingerprint, None, done);
+                        return Err(e);
+                    }
+                };
+                let task = tokio::spawn(async move {
+                    let result = finish(&state, &prepared, ticket).await;
+                    let stored = result
+                        .as_ref()
+                        .ok()
+                        .and_then(|r| serde_json::to_vec(r).ok())
+                        .map(std::sync::Arc::new);
+                    state
+                        .0
+                        .replays
+                        .complete(&scope, &fingerprint, stored.clone(), done);
+                    result.map(|_| stored)
+                });
+                return match task.await {
+                    Ok(Ok(Some(stored))) => Ok((
+                        [(header::CONTENT_TYPE, "application/json")],
+                        stored.to_vec(),
+                    )
+                        .into_response()),
+                    Ok(Ok(None)) => Err(ApiError::Internal(anyhow::anyhow!(
+                        "the response could not be serialized"
+                    ))),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(ApiError::Internal(
+                        anyhow::Error::new(e).context("generation task"),
+                    )),
+                };
+            }
+        }
+    }
+}
+
+/// Admits the job to its model's queue (429 when full, 503 while loading or stopping).
+fn submit(state: &AppState, p: &Prepared) -> Result<pictor_sched::Ticket, ApiError> {
     if state.shutting_down() {
         return Err(ApiError::shutting_down());
     }
-    let queue = slot.ready_queue()?;
-    let ticket = queue.submit(valid.engine.clone()).map_err(|e| match e {
-        SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
-            model: model.clone(),
-            retry_after,
-        },
-        SubmitError::Closed => ApiError::shutting_down(),
-    })?;
-    // If the client goes away, axum drops this future and with it the ticket, which
-    // cancels the job before its next denoising step.
+    let slot = state
+        .model(&p.model)
+        .ok_or_else(|| ApiError::ModelNotFound(p.model.clone()))?;
+    slot.ready_queue()?
+        .submit(p.valid.engine.clone())
+        .map_err(|e| match e {
+            SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
+                model: p.model.clone(),
+                retry_after,
+            },
+            SubmitError::Closed => ApiError::shutting_down(),
+        })
+}
+
+/// Waits for the job, encodes and stores its images, records usage.
+async fn finish(
+    state: &AppState,
+    p: &Prepared,
+    ticket: pictor_sched::Ticket,
+) -> Result<ImagesResponse, ApiError> {
+    let model = &p.model;
     let outcome = ticket.wait().await.map_err(|e| match e {
         JobError::TimedOut(limit) => ApiError::Timeout(limit),
         other => ApiError::Internal(
@@ -91,10 +218,9 @@ pub async fn generate(
         .record(outcome.ran.as_secs_f64());
     metrics::counter!("pictor_images_generated_total", "model" => model.clone())
         .increment(outcome.generation.images.len() as u64);
-
-    let response = respond(&state, &model, &valid, &outcome.generation).await?;
-    if let Some(key) = key {
-        let e = &valid.engine;
+    let response = respond(state, model, &p.valid, &outcome.generation).await?;
+    if let Some(key) = &p.key {
+        let e = &p.valid.engine;
         let images = outcome.generation.images.len() as i64;
         state
             .db()
@@ -106,7 +232,7 @@ pub async fn generate(
             )
             .await?;
     }
-    Ok(Json(response).into_response())
+    Ok(response)
 }
 
 /// The receipt in the `parameters` text form that image tools write and read

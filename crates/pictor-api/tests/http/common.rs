@@ -86,6 +86,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             max_n: 10,
         },
         open_when_no_keys: opts.open,
+        idempotency_ttl: Duration::from_secs(3600),
     };
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     if opts.load_model {

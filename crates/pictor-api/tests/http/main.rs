@@ -2,5 +2,6 @@
 
 mod common;
 mod errors;
+mod idempotency;
 mod images;
 mod lifecycle;
