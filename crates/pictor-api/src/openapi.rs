@@ -74,6 +74,43 @@ pub struct ImageData {
     pub height: u32,
     /// Extension: the model that drew it (its configured name, not an alias).
     pub model: String,
+    /// Extension: where the time went.
+    pub timings: Timings,
+}
+
+/// Seconds spent on a request.
+#[derive(Serialize, ToSchema, Clone, Copy)]
+pub struct Timings {
+    /// Waiting in the model's queue.
+    pub queue_seconds: f64,
+    /// Generating (encode, denoise and decode of the whole batch it ran in).
+    pub generation_seconds: f64,
+}
+
+/// Token counts, as OpenAI reports them. For an image model: input tokens are the T5
+/// tokens that carry the prompt (end-of-text included, padding not); output tokens are the
+/// transformer's image tokens, one per 16×16 pixels of each image.
+#[derive(Serialize, ToSchema)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Their kinds (all text here).
+    pub input_tokens_details: TokenDetails,
+    /// Image tokens generated.
+    pub output_tokens: u64,
+    /// Their kinds (all image here).
+    pub output_tokens_details: TokenDetails,
+    /// Input plus output.
+    pub total_tokens: u64,
+}
+
+/// Tokens by kind.
+#[derive(Serialize, ToSchema)]
+pub struct TokenDetails {
+    /// Text tokens.
+    pub text_tokens: u64,
+    /// Image tokens.
+    pub image_tokens: u64,
 }
 
 /// `POST /v1/images/generations` response.
@@ -89,6 +126,8 @@ pub struct ImagesResponse {
     pub size: String,
     /// `low` | `medium` | `high`, from the steps run.
     pub quality: &'static str,
+    /// Tokens in and out.
+    pub usage: Usage,
 }
 
 /// The error object.

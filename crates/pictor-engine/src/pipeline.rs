@@ -62,6 +62,8 @@ pub struct PromptInfo {
     /// The pooled encoder (CLIP, 77 tokens) dropped part of the prompt; it usually
     /// truncates much earlier than T5.
     pub pooled_truncated: bool,
+    /// Sequence-encoder tokens that carry the prompt (end-of-text included, padding not).
+    pub tokens: usize,
 }
 
 /// The result of one request.

@@ -48,6 +48,7 @@ impl Pipeline for Gated {
                     encoded: r.prompt.clone(),
                     truncated: false,
                     pooled_truncated: false,
+                    tokens: 0,
                 },
             })
             .collect())

@@ -18,7 +18,7 @@ use crate::{
     encode::{self, Format},
     error::ApiError,
     idempotency::Lookup,
-    openapi::{ImageData, ImagesResponse},
+    openapi::{ImageData, ImagesResponse, Timings, TokenDetails, Usage},
     state::AppState,
     validate::{ValidGeneration, validate},
     wire::{self, ResponseFormat},
@@ -218,7 +218,7 @@ async fn finish(
         .record(outcome.ran.as_secs_f64());
     metrics::counter!("pictor_images_generated_total", "model" => model.clone())
         .increment(outcome.generation.images.len() as u64);
-    let response = respond(state, model, &p.valid, &outcome.generation).await?;
+    let response = respond(state, model, &p.valid, &outcome).await?;
     if let Some(key) = &p.key {
         let e = &p.valid.engine;
         let images = outcome.generation.images.len() as i64;
@@ -255,8 +255,13 @@ async fn respond(
     state: &AppState,
     model: &str,
     valid: &ValidGeneration,
-    generation: &pictor_sched::Generation,
+    outcome: &pictor_sched::Outcome,
 ) -> Result<ImagesResponse, ApiError> {
+    let generation = &outcome.generation;
+    let timings = Timings {
+        queue_seconds: outcome.queued.as_secs_f64(),
+        generation_seconds: outcome.ran.as_secs_f64(),
+    };
     let req = &valid.request;
     let ttl = state.0.config.image_ttl.as_secs() as i64;
     let e = &valid.engine;
@@ -297,9 +302,25 @@ async fn respond(
             width: e.width as u32,
             height: e.height as u32,
             model: model.to_string(),
+            timings,
         });
     }
+    let input = generation.prompt.tokens as u64;
+    let output = (generation.images.len() * (e.width / 16) * (e.height / 16)) as u64;
     Ok(ImagesResponse {
+        usage: Usage {
+            input_tokens: input,
+            input_tokens_details: TokenDetails {
+                text_tokens: input,
+                image_tokens: 0,
+            },
+            output_tokens: output,
+            output_tokens_details: TokenDetails {
+                text_tokens: 0,
+                image_tokens: output,
+            },
+            total_tokens: input + output,
+        },
         created: now_unix(),
         data,
         output_format: req.output_format.name(),

@@ -180,7 +180,19 @@ async fn every_image_carries_its_receipt() {
     body["n"] = json!(2);
     let (status, _, reply) = s.generate(body).await;
     assert_eq!(status, 200, "{reply}");
+    // Usage: output tokens are image tokens, one per 16x16 pixels of each image.
+    let usage = &reply["usage"];
+    assert_eq!(usage["output_tokens"], 2 * (64 / 16) * (48 / 16));
+    assert_eq!(
+        usage["output_tokens_details"]["image_tokens"],
+        usage["output_tokens"]
+    );
+    let input = usage["input_tokens"].as_u64().unwrap();
+    assert!(input >= 4, "the prompt's T5 tokens, EOS included: {input}");
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), input + 24);
     for (i, item) in reply["data"].as_array().unwrap().iter().enumerate() {
+        assert!(item["timings"]["generation_seconds"].as_f64().unwrap() > 0.0);
+        assert!(item["timings"]["queue_seconds"].as_f64().unwrap() >= 0.0);
         assert_eq!(item["seed"], 1 + i as u64);
         assert_eq!(
             (

@@ -205,6 +205,7 @@ impl TextEncoders {
                 encoded: t5_tokens.kept_text,
                 truncated: t5_tokens.truncated,
                 pooled_truncated: clip_tokens.truncated,
+                tokens: t5_tokens.used,
             },
         })
     }

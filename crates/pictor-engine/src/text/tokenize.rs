@@ -26,6 +26,8 @@ pub struct Tokens {
     pub truncated: bool,
     /// The prompt text behind the kept tokens (the whole prompt when not truncated).
     pub kept_text: String,
+    /// Ids that are not padding.
+    pub used: usize,
 }
 
 impl FixedLengthTokenizer {
@@ -112,6 +114,7 @@ impl FixedLengthTokenizer {
             ));
         }
         let truncated = !enc.get_overflowing().is_empty();
+        let used = enc.get_attention_mask().iter().filter(|&&m| m == 1).count();
         let kept_text = if truncated {
             let end = enc
                 .get_offsets()
@@ -129,6 +132,7 @@ impl FixedLengthTokenizer {
             ids,
             truncated,
             kept_text,
+            used,
         })
     }
 }

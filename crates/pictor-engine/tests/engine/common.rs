@@ -73,6 +73,7 @@ pub fn reference_embeddings(reference: &HashMap<String, Tensor>) -> Embeddings {
             encoded: String::new(),
             truncated: false,
             pooled_truncated: false,
+            tokens: 0,
         },
     }
 }

@@ -85,6 +85,16 @@ fn long_prompt_is_truncated_and_reported() {
 
     let short = p.encode_prompt(&s.prompt).expect("encode");
     assert!(!short.prompt.truncated && !short.prompt.pooled_truncated);
+    let r = reference();
+    let unpadded = ids(&r, "t5_input_ids").iter().filter(|&&i| i != 0).count();
+    assert_eq!(
+        short.prompt.tokens, unpadded,
+        "tokens counts the prompt's ids, EOS included"
+    );
+    assert_eq!(
+        emb.prompt.tokens, 256,
+        "a truncated prompt fills the sequence"
+    );
     assert_eq!(short.prompt.encoded, s.prompt);
 }
 
