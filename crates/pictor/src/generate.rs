@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use pictor_api::{encode::Format, receipt::Receipt};
 use pictor_engine::{
     Control, DTypeChoice, DeviceChoice, GenerationRequest, ModelFiles, Pipeline, Progress,
     RgbImage,
@@ -21,8 +22,12 @@ pub struct Args {
     #[arg(long, short = 'm')]
     model: String,
     /// The prompt.
-    #[arg(long, short = 'p')]
-    prompt: String,
+    #[arg(long, short = 'p', required_unless_present = "from_image")]
+    prompt: Option<String>,
+    /// Reproduce an image from the receipt in its own PNG (prompt, steps, seed, size);
+    /// `--model` must name the model that drew it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n"])]
+    from_image: Option<PathBuf>,
     /// Image size, WIDTHxHEIGHT, multiples of 16.
     #[arg(long, default_value = "512x512", value_parser = parse_size)]
     size: (usize, usize),
@@ -71,16 +76,34 @@ fn output_path(base: &Path, i: usize, n: usize) -> PathBuf {
     base.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
-fn save_png(image: &RgbImage, path: &Path) -> anyhow::Result<()> {
-    let buffer = image::RgbImage::from_raw(
-        image.width as u32,
-        image.height as u32,
-        image.pixels.clone(),
-    )
-    .context("image buffer has the wrong length")?;
-    buffer
-        .save_with_format(path, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", path.display()))
+fn save_png(image: &RgbImage, receipt: &Receipt, path: &Path) -> anyhow::Result<()> {
+    let bytes = pictor_api::encode::encode(image, Format::Png, 100, &receipt.to_parameters())?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The request: from the flags, or from an image's own receipt.
+fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
+    if let Some(file) = &args.from_image {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let r = Receipt::from_png(&bytes)
+            .with_context(|| format!("reading the receipt in {}", file.display()))?;
+        return Ok(GenerationRequest {
+            prompt: r.prompt,
+            width: r.width,
+            height: r.height,
+            steps: r.steps,
+            seed: r.seed,
+            n: 1,
+        });
+    }
+    Ok(GenerationRequest {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        width: args.size.0,
+        height: args.size.1,
+        steps: args.steps,
+        seed: args.seed,
+        n: args.n,
+    })
 }
 
 /// Runs `pictor generate`.
@@ -88,6 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.n == 0 {
         bail!("-n must be at least 1");
     }
+    let n = if args.from_image.is_some() { 1 } else { args.n };
     let started = Instant::now();
     let files = ModelFiles::resolve(&args.model)?;
     let options = FluxOptions {
@@ -105,16 +129,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pipeline.dtype()
     );
 
-    let req = GenerationRequest {
-        prompt: args.prompt.clone(),
-        width: args.size.0,
-        height: args.size.1,
-        steps: args.steps,
-        seed: args.seed,
-        n: args.n,
-    };
+    let req = request(&args)?;
     pipeline.check(&req)?;
-    let bar = ProgressBar::new((args.steps * args.n) as u64);
+    let bar = ProgressBar::new((req.steps * n) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} {msg:10} [{bar:30}] {pos}/{len} steps, {elapsed} ({per_sec})",
@@ -138,7 +155,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Progress::Step { step, first, .. } => {
                 phase = 1;
                 bar.set_message("denoising");
-                bar.set_position((first * args.steps + step) as u64);
+                bar.set_position((first * req.steps + step) as u64);
             }
             Progress::Decoding => {
                 phase = 2;
@@ -151,14 +168,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     for (i, image) in generation.images.iter().enumerate() {
-        let path = output_path(&args.output, i, args.n);
-        save_png(image, &path)?;
+        let path = output_path(&args.output, i, n);
+        let receipt = Receipt {
+            prompt: generation.prompt.encoded.clone(),
+            steps: req.steps,
+            seed: req.seed.wrapping_add(i as u64),
+            width: image.width,
+            height: image.height,
+            model: args.model.clone(),
+        };
+        save_png(image, &receipt, &path)?;
         println!(
             "wrote {} ({}x{}, seed {})",
             path.display(),
             image.width,
             image.height,
-            args.seed.wrapping_add(i as u64)
+            receipt.seed
         );
     }
     if generation.prompt.truncated || generation.prompt.pooled_truncated {
@@ -172,11 +197,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let [encode, denoise, decode] = phases;
     println!(
         "{} image(s) of {}x{}, {} steps: encode {encode:.3}s, denoise {denoise:.3}s ({:.4}s per step per image), decode {decode:.3}s, load {:.2}s",
-        args.n,
-        args.size.0,
-        args.size.1,
-        args.steps,
-        denoise / (args.steps * args.n) as f64,
+        n,
+        req.width,
+        req.height,
+        req.steps,
+        denoise / (req.steps * n) as f64,
         loaded.as_secs_f64()
     );
     Ok(())

@@ -210,3 +210,56 @@ fn serve_answers_and_exits_0_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// An image reproduces from its own file: the receipt in the PNG gives the prompt, steps,
+/// seed and size, and the pixels come out the same.
+#[test]
+fn from_image_reproduces_an_image_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let run = generate(fixture().to_str().unwrap(), &out, &["-n", "2"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let original = dir.path().join("out-1.png");
+    let again = dir.path().join("again.png");
+    let run = pictor()
+        .args([
+            "generate",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--from-image",
+        ])
+        .arg(&original)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("seed 8"));
+    let a = image::open(&original).unwrap().to_rgb8();
+    let b = image::open(&again).unwrap().to_rgb8();
+    assert_eq!(a, b, "same pixels");
+
+    // A PNG without a receipt is a clear error.
+    let plain = dir.path().join("plain.png");
+    image::RgbImage::new(4, 4).save(&plain).unwrap();
+    let run = pictor()
+        .args([
+            "generate",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--from-image",
+        ])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("parameters"));
+}

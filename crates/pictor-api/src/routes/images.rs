@@ -19,6 +19,7 @@ use crate::{
     error::ApiError,
     idempotency::Lookup,
     openapi::{ImageData, ImagesResponse, Timings, TokenDetails, Usage},
+    receipt::Receipt,
     state::AppState,
     validate::{ValidGeneration, validate},
     wire::{self, ResponseFormat},
@@ -235,22 +236,6 @@ async fn finish(
     Ok(response)
 }
 
-/// The receipt in the `parameters` text form that image tools write and read
-/// (`prompt` then `Steps: …, Seed: …, Size: WxH, Model: …`).
-fn parameters_text(
-    prompt: &str,
-    steps: usize,
-    seed: u64,
-    width: usize,
-    height: usize,
-    model: &str,
-) -> String {
-    format!(
-        "{prompt}\nSteps: {steps}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {seed}, Size: {width}x{height}, Model: {model}, Version: pictor {}",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
 async fn respond(
     state: &AppState,
     model: &str,
@@ -268,14 +253,15 @@ async fn respond(
     let mut data = Vec::with_capacity(generation.images.len());
     for (i, image) in generation.images.iter().enumerate() {
         let seed = e.seed.wrapping_add(i as u64);
-        let parameters = parameters_text(
-            &generation.prompt.encoded,
-            e.steps,
+        let parameters = Receipt {
+            prompt: generation.prompt.encoded.clone(),
+            steps: e.steps,
             seed,
-            e.width,
-            e.height,
-            model,
-        );
+            width: e.width,
+            height: e.height,
+            model: model.to_string(),
+        }
+        .to_parameters();
         let bytes = encode::encode(
             image,
             req.output_format,
