@@ -74,6 +74,10 @@ pub struct ImageData {
     pub height: u32,
     /// Extension: the model that drew it (its configured name, not an alias).
     pub model: String,
+    /// Extension: a short hash of the model's weight files (first 10 hex digits of their
+    /// SHA-256), once the server has computed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
     /// Extension: where the time went.
     pub timings: Timings,
 }
@@ -167,6 +171,9 @@ pub struct Model {
     pub alias_of: Option<String>,
     /// Whether the model has loaded.
     pub ready: bool,
+    /// A short hash of its weight files, once computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// `GET /v1/models`.

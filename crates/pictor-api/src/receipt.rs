@@ -17,18 +17,24 @@ pub struct Receipt {
     pub height: usize,
     /// The model's name.
     pub model: String,
+    /// A short hash of the model's weight files, when known.
+    pub model_hash: Option<String>,
 }
 
 impl Receipt {
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
-            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, Model: {}, Version: pictor {}",
+            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}Model: {}, Version: pictor {}",
             self.prompt,
             self.steps,
             self.seed,
             self.width,
             self.height,
+            self.model_hash
+                .as_ref()
+                .map(|h| format!("Model hash: {h}, "))
+                .unwrap_or_default(),
             self.model,
             env!("CARGO_PKG_VERSION")
         )
@@ -52,6 +58,7 @@ impl Receipt {
             width,
             height,
             model: field("Model").unwrap_or_default(),
+            model_hash: field("Model hash"),
         })
     }
 
@@ -95,6 +102,7 @@ mod tests {
             width: 512,
             height: 256,
             model: "flux-1-schnell".into(),
+            model_hash: Some("0123abcdef".into()),
         };
         assert_eq!(Receipt::parse(&r.to_parameters()), Some(r));
         assert_eq!(Receipt::parse("just a prompt"), None);

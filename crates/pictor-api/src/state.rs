@@ -50,12 +50,18 @@ pub struct ModelSlot {
     pub spec: ModelSpec,
     queue: OnceLock<ModelQueue>,
     failed: OnceLock<String>,
+    hash: OnceLock<String>,
 }
 
 impl ModelSlot {
     /// Its queue, once loaded.
     pub fn queue(&self) -> Option<&ModelQueue> {
         self.queue.get()
+    }
+
+    /// A short hash of its weight files, once computed.
+    pub fn hash(&self) -> Option<&str> {
+        self.hash.get().map(String::as_str)
     }
 
     /// Why it failed to load, if it did.
@@ -116,6 +122,7 @@ impl AppState {
                 spec,
                 queue: OnceLock::new(),
                 failed: OnceLock::new(),
+                hash: OnceLock::new(),
             })
             .collect();
         let replays = crate::idempotency::Replays::new(config.idempotency_ttl, 4096);
@@ -135,6 +142,13 @@ impl AppState {
     pub fn install(&self, name: &str, queue: ModelQueue) {
         if let Some(&i) = self.0.names.get(name) {
             let _ = self.0.models[i].queue.set(queue);
+        }
+    }
+
+    /// Records the short hash of model `name`'s weights (shown in receipts).
+    pub fn set_hash(&self, name: &str, hash: String) {
+        if let Some(&i) = self.0.names.get(name) {
+            let _ = self.0.models[i].hash.set(hash);
         }
     }
 

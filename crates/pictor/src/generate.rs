@@ -176,6 +176,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             width: image.width,
             height: image.height,
             model: args.model.clone(),
+            model_hash: None,
         };
         save_png(image, &receipt, &path)?;
         println!(

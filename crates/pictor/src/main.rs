@@ -3,6 +3,7 @@
 
 mod config;
 mod generate;
+mod hash;
 mod keys;
 mod serve;
 

@@ -56,7 +56,7 @@ fn signing_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(key.to_vec())
 }
 
-fn load_model(name: &str, m: &ModelConfig) -> anyhow::Result<FluxPipeline> {
+fn load_model(name: &str, m: &ModelConfig) -> anyhow::Result<(FluxPipeline, ModelFiles)> {
     let files = ModelFiles::resolve(&m.path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
     let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
@@ -66,7 +66,20 @@ fn load_model(name: &str, m: &ModelConfig) -> anyhow::Result<FluxPipeline> {
         max_batch: m.max_batch,
         ..FluxOptions::default()
     };
-    Ok(FluxPipeline::load(&files, options)?)
+    Ok((FluxPipeline::load(&files, options)?, files))
+}
+
+/// Every weight file of a model, each once, in a fixed order.
+fn weight_files(files: &ModelFiles) -> Vec<std::path::PathBuf> {
+    let mut all = Vec::new();
+    for part in [&files.transformer, &files.vae, &files.clip, &files.t5] {
+        for f in &part.files {
+            if !all.contains(f) {
+                all.push(f.clone());
+            }
+        }
+    }
+    all
 }
 
 async fn shutdown_signal() {
@@ -155,15 +168,21 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     };
     for (name, m) in config.models.clone() {
         let state = state.clone();
+        let hash_cache = config.data_dir.join("weight-hashes.json");
         let queue = QueueConfig {
             batch_images: m.max_batch,
             ..queue.clone()
         };
         tokio::task::spawn_blocking(move || match load_model(&name, &m) {
-            Ok(pipeline) => {
+            Ok((pipeline, files)) => {
                 tracing::info!(model = %name, "model loaded");
                 eprintln!("model {name} loaded from {}", m.path);
                 state.install(&name, ModelQueue::start(&name, Box::new(pipeline), queue));
+                // Receipts name the weights by hash; large models take a while to hash.
+                match crate::hash::weights_hash(&weight_files(&files), &hash_cache) {
+                    Ok(hash) => state.set_hash(&name, hash),
+                    Err(e) => tracing::warn!(model = %name, "hashing the weights failed: {e:#}"),
+                }
             }
             Err(e) => {
                 eprintln!("model {name} failed to load: {e:#}");

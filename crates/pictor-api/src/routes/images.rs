@@ -243,6 +243,10 @@ async fn respond(
     outcome: &pictor_sched::Outcome,
 ) -> Result<ImagesResponse, ApiError> {
     let generation = &outcome.generation;
+    let model_hash = state
+        .model(model)
+        .and_then(|m| m.hash())
+        .map(str::to_string);
     let timings = Timings {
         queue_seconds: outcome.queued.as_secs_f64(),
         generation_seconds: outcome.ran.as_secs_f64(),
@@ -260,6 +264,7 @@ async fn respond(
             width: e.width,
             height: e.height,
             model: model.to_string(),
+            model_hash: model_hash.clone(),
         }
         .to_parameters();
         let bytes = encode::encode(
@@ -288,6 +293,7 @@ async fn respond(
             width: e.width as u32,
             height: e.height as u32,
             model: model.to_string(),
+            model_hash: model_hash.clone(),
             timings,
         });
     }

@@ -25,6 +25,7 @@ fn entries(state: &AppState) -> Vec<Model> {
             owned_by: "pictor",
             alias_of,
             ready,
+            hash: slot.hash().map(str::to_string),
         };
         out.push(entry(&spec.name, None));
         for alias in &spec.aliases {

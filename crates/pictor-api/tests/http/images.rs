@@ -175,6 +175,7 @@ async fn an_open_loopback_server_needs_no_key_until_one_exists() {
 #[tokio::test]
 async fn every_image_carries_its_receipt() {
     let s = start(Options::default()).await;
+    s.state.set_hash(MODEL, "0123abcdef".into());
     let mut body = small("a green star");
     body["response_format"] = json!("b64_json");
     body["n"] = json!(2);
@@ -203,6 +204,7 @@ async fn every_image_carries_its_receipt() {
             (Some(2), Some(64), Some(48))
         );
         assert_eq!(item["model"], MODEL);
+        assert_eq!(item["model_hash"], "0123abcdef");
         assert_eq!(item["prompt_truncated"], false);
         let png_bytes = base64::engine::general_purpose::STANDARD
             .decode(item["b64_json"].as_str().unwrap())
@@ -220,7 +222,8 @@ async fn every_image_carries_its_receipt() {
             .clone();
         assert!(text.starts_with("a green star\n"), "{text}");
         assert!(
-            text.contains(&format!("Seed: {}", 1 + i))
+            text.contains("Model hash: 0123abcdef")
+                && text.contains(&format!("Seed: {}", 1 + i))
                 && text.contains("Steps: 2")
                 && text.contains("Size: 64x48"),
             "{text}"
