@@ -48,9 +48,7 @@ impl Receipt {
                 .find_map(|kv| kv.strip_prefix(key)?.strip_prefix(": "))
                 .map(str::to_string)
         };
-        let (width, height) = field("Size")?
-            .split_once('x')
-            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))?;
+        let (width, height) = crate::wire::dimensions(&field("Size")?)?;
         Some(Self {
             prompt: prompt.to_string(),
             steps: field("Steps")?.parse().ok()?,

@@ -204,19 +204,27 @@ impl Fields<'_> {
     }
 }
 
+/// `WIDTHxHEIGHT` (lower-case `x`, no spaces) as pixels; the one spelling of sizes in
+/// requests, receipts and the config file.
+pub fn dimensions(s: &str) -> Option<(usize, usize)> {
+    let (w, h) = s.split_once('x')?;
+    Some((w.parse().ok()?, h.parse().ok()?))
+}
+
 fn parse_size(s: &str) -> Result<Size, ApiError> {
     if s == "auto" {
         return Ok(Size::Auto);
     }
-    let parsed = s
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse::<usize>().ok()?, h.parse::<usize>().ok()?)));
-    parsed.map(|(w, h)| Size::Exact(w, h)).ok_or_else(|| {
-        ApiError::invalid(
-            "size",
-            format!("Invalid size '{s}': expected 'auto' or WIDTHxHEIGHT, such as '1024x1024'."),
-        )
-    })
+    dimensions(s)
+        .map(|(w, h)| Size::Exact(w, h))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "size",
+                format!(
+                    "Invalid size '{s}': expected 'auto' or WIDTHxHEIGHT, such as '1024x1024'."
+                ),
+            )
+        })
 }
 
 /// Parses a request body (already checked to be JSON).

@@ -22,10 +22,7 @@ pub struct Args {
 }
 
 fn rules(name: &str, m: &ModelConfig) -> anyhow::Result<ModelRules> {
-    let (w, h) = m
-        .default_size
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+    let (w, h) = pictor_api::wire::dimensions(&m.default_size)
         .with_context(|| format!("models.{name}.default_size `{}` is not WxH", m.default_size))?;
     Ok(ModelRules {
         min_side: m.min_side,
