@@ -52,7 +52,9 @@ fn png_with_parameters(img: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u
     let mut encoder = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    if parameters.is_ascii() {
+    if parameters.is_empty() {
+        // No receipt (a preview).
+    } else if parameters.is_ascii() {
         encoder.add_text_chunk("parameters".into(), parameters.into())?;
     } else {
         encoder.add_itxt_chunk("parameters".into(), parameters.into())?;

@@ -194,25 +194,33 @@ impl From<pictor_store::StoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, kind, param, code) = self.parts();
-        let message = match &self {
+impl ApiError {
+    /// The OpenAI-shaped body; an internal error is logged here and described to the
+    /// client only in general terms.
+    pub fn body(&self) -> ErrorResponse {
+        let (_, kind, param, code) = self.parts();
+        let message = match self {
             Self::Internal(e) => {
                 tracing::error!(error = %format!("{e:#}"), "request failed");
                 "The server had an error while processing your request.".to_string()
             }
             other => other.to_string(),
         };
-        let body = ErrorResponse {
+        ErrorResponse {
             error: ErrorBody {
                 message,
                 kind,
                 param,
                 code,
             },
-        };
-        let mut response = (status, Json(body)).into_response();
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, ..) = self.parts();
+        let mut response = (status, Json(self.body())).into_response();
         if matches!(self, Self::IdempotencyConflict) {
             // SDKs retry 409 by default; repeating this request can only fail again.
             response

@@ -35,9 +35,12 @@ pub struct CreateImageRequest {
     pub background: Option<String>,
     /// `auto` | `low`: accepted, ignored.
     pub moderation: Option<String>,
-    /// Must be false: streaming is not implemented yet.
+    /// Answer with server-sent events (`text/event-stream`): `image_generation.partial_image`
+    /// previews, then one `image_generation.completed` per image. See [`PartialImageEvent`]
+    /// and [`CompletedEvent`].
     pub stream: Option<bool>,
-    /// 0 to 3; only meaningful with `stream`.
+    /// 0 to 3 previews per image while streaming (ignored otherwise); fewer come when the
+    /// run has fewer steps than `partial_images + 1`.
     pub partial_images: Option<u8>,
     /// Extension: seed of the first image; image `i` uses `seed + i`.
     pub seed: Option<u64>,
@@ -72,6 +75,9 @@ pub struct ImageData {
     pub width: u32,
     /// Extension: height in pixels.
     pub height: u32,
+    /// Extension: the guidance scale used; `null` for models that take none (FLUX.1-schnell
+    /// is guidance-distilled).
+    pub guidance: Option<f64>,
     /// Extension: the model that drew it (its configured name, not an alias).
     pub model: String,
     /// Extension: a short hash of the model's weight files (first 10 hex digits of their
@@ -82,12 +88,19 @@ pub struct ImageData {
     pub timings: Timings,
 }
 
-/// Seconds spent on a request.
+/// Seconds spent on a request. The phases are those of the batch the request ran in
+/// (requests of the same size and steps that waited together run as one batch).
 #[derive(Serialize, ToSchema, Clone, Copy)]
 pub struct Timings {
     /// Waiting in the model's queue.
     pub queue_seconds: f64,
-    /// Generating (encode, denoise and decode of the whole batch it ran in).
+    /// Running the text encoders.
+    pub encode_seconds: f64,
+    /// Denoising (including decoding previews when streaming).
+    pub denoise_seconds: f64,
+    /// Decoding the final latents to pixels.
+    pub decode_seconds: f64,
+    /// The whole run on the model's worker: encode, denoise and decode.
     pub generation_seconds: f64,
 }
 
@@ -177,6 +190,60 @@ pub struct Model {
 }
 
 /// `GET /v1/models`.
+/// `image_generation.partial_image`: a preview of one image while it denoises, sent as
+/// `event: image_generation.partial_image` with this object as `data`.
+#[derive(Serialize, ToSchema)]
+pub struct PartialImageEvent {
+    /// `image_generation.partial_image`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The preview, encoded in `output_format`, raw base64.
+    pub b64_json: String,
+    /// Always `opaque`.
+    pub background: &'static str,
+    /// Unix seconds when the request was accepted.
+    pub created_at: i64,
+    /// `png` | `jpeg` | `webp`.
+    pub output_format: &'static str,
+    /// 0-based index of this preview among its image's previews.
+    pub partial_image_index: usize,
+    /// `low` | `medium` | `high`, from the steps run.
+    pub quality: &'static str,
+    /// `WxH`.
+    pub size: String,
+    /// Extension: which image of the request it previews (`0..n`).
+    pub image_index: usize,
+    /// Extension: denoising steps finished when it was taken.
+    pub step: usize,
+}
+
+/// `image_generation.completed`: one finished image (one event per image, in order), with
+/// every receipt field of [`ImageData`] except `url`.
+#[derive(Serialize, ToSchema)]
+pub struct CompletedEvent {
+    /// `image_generation.completed`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Always `opaque`.
+    pub background: &'static str,
+    /// Unix seconds when the request was accepted.
+    pub created_at: i64,
+    /// `png` | `jpeg` | `webp`.
+    pub output_format: &'static str,
+    /// `low` | `medium` | `high`, from the steps run.
+    pub quality: &'static str,
+    /// `WxH`.
+    pub size: String,
+    /// This image's share of the request's tokens: the prompt's input tokens are counted on
+    /// image 0 only, so the events' usages add up to the request's.
+    pub usage: Usage,
+    /// Extension: which image of the request this is (`0..n`).
+    pub image_index: usize,
+    /// The image and its receipt (`b64_json` always; no `url`).
+    #[serde(flatten)]
+    pub image: ImageData,
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct ModelList {
     /// Always `list`.
@@ -190,7 +257,8 @@ pub struct ModelList {
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Same key and body from the same API key: one job, the same response replayed (24 h by default); another body: 409.")),
     responses(
-        (status = 200, body = ImagesResponse),
+        (status = 200, description = "JSON; with `stream: true`, server-sent events: `image_generation.partial_image` (PartialImageEvent) previews, then one `image_generation.completed` (CompletedEvent) per image. A failure after the stream began arrives as `event: error` with `{\"type\": \"error\", \"error\": {...}}`.",
+            content((ImagesResponse = "application/json"), (CompletedEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request; `param` names the field", body = ErrorResponse),
         (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
@@ -240,6 +308,7 @@ impl utoipa::Modify for Bearer {
 #[openapi(
     info(title = "Pictor", description = "OpenAI-compatible image generation."),
     paths(create_image, image_file, list_models, get_model),
+    components(schemas(PartialImageEvent)),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

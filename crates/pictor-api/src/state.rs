@@ -93,8 +93,17 @@ pub(crate) struct Inner {
     pub models: Vec<ModelSlot>,
     pub names: HashMap<String, usize>,
     pub shutting_down: AtomicBool,
+    /// Responses by `Idempotency-Key`.
     pub replays: crate::idempotency::Replays,
+    /// Responses by request body, for SDK retries to attach to (see `routes::images`).
+    pub retries: crate::idempotency::Replays,
 }
+
+/// Memory for stored `Idempotency-Key` responses (base64 images are large).
+const REPLAY_BYTES: usize = 256 << 20;
+/// How long a finished job waits for an SDK retry to collect it, and the memory for them.
+const RETRY_TTL: Duration = Duration::from_secs(120);
+const RETRY_BYTES: usize = 64 << 20;
 
 /// The state every handler shares; cheap to clone.
 #[derive(Clone)]
@@ -125,9 +134,11 @@ impl AppState {
                 hash: OnceLock::new(),
             })
             .collect();
-        let replays = crate::idempotency::Replays::new(config.idempotency_ttl, 4096);
+        let replays = crate::idempotency::Replays::new(config.idempotency_ttl, 4096, REPLAY_BYTES);
+        let retries = crate::idempotency::Replays::new(RETRY_TTL, 1024, RETRY_BYTES);
         Self(Arc::new(Inner {
             replays,
+            retries,
             config,
             db,
             blobs,

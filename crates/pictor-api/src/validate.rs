@@ -131,6 +131,7 @@ pub fn validate(
         steps: req.steps.unwrap_or_else(|| rules.steps_for(req.quality)),
         seed: req.seed.unwrap_or(seed),
         n: req.n,
+        previews: if req.stream { req.partial_images } else { 0 },
     };
     Ok(ValidGeneration {
         engine,

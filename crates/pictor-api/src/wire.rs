@@ -70,6 +70,10 @@ pub struct ImageRequest {
     pub negative_prompt: Option<String>,
     /// `user`.
     pub user: Option<String>,
+    /// `stream`: answer with server-sent events.
+    pub stream: bool,
+    /// `partial_images`: previews per image when streaming (0 to 3).
+    pub partial_images: usize,
 }
 
 /// Limits that do not depend on the model.
@@ -303,13 +307,8 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
             "Transparent backgrounds are not supported by this server.",
         ));
     }
-    if f.boolean("stream")? == Some(true) {
-        return Err(ApiError::invalid(
-            "stream",
-            "Streaming is not supported by this server yet; send stream: false.",
-        ));
-    }
-    f.in_range("partial_images", 0, 3)?;
+    let stream = f.boolean("stream")?.unwrap_or(false);
+    let partial_images = f.in_range("partial_images", 0, 3)?.unwrap_or(0) as usize;
     let seed = match f.get("seed") {
         None => None,
         Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
@@ -348,6 +347,8 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
         guidance_scale: f.number("guidance_scale")?,
         negative_prompt: f.string("negative_prompt")?.map(str::to_string),
         user: f.string("user")?.map(str::to_string),
+        stream,
+        partial_images,
     })
 }
 
@@ -415,8 +416,12 @@ mod tests {
             (json!({"model": "m", "prompt": "a", "seed": -1}), "seed"),
             (json!({"model": "m", "prompt": "a", "steps": 0}), "steps"),
             (
-                json!({"model": "m", "prompt": "a", "stream": true}),
+                json!({"model": "m", "prompt": "a", "stream": "yes"}),
                 "stream",
+            ),
+            (
+                json!({"model": "m", "prompt": "a", "stream": true, "partial_images": 4}),
+                "partial_images",
             ),
             (
                 json!({"model": "m", "prompt": "a", "colour": "red"}),

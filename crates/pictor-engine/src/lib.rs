@@ -37,4 +37,6 @@ pub use error::{EngineError, Result};
 pub use image::{RgbImage, to_rgb8, to_unit_range};
 pub use layout::{ModelFiles, Part, hf_hub_cache_dir};
 pub use noise::gaussian_noise;
-pub use pipeline::{Control, Generation, GenerationRequest, Pipeline, Progress, PromptInfo};
+pub use pipeline::{
+    Control, Generation, GenerationRequest, Phases, Pipeline, Progress, PromptInfo, preview_steps,
+};

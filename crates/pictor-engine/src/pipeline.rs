@@ -1,10 +1,12 @@
 //! The seam between the engine and its callers: one trait, plain data in and out.
 
+use std::time::Duration;
+
 use crate::{RgbImage, error::Result};
 
 /// What to generate. Plain values: the caller has already validated them against the
 /// model's limits (see [`Pipeline::check`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationRequest {
     /// The text prompt, as the user wrote it.
     pub prompt: String,
@@ -19,11 +21,24 @@ pub struct GenerationRequest {
     pub seed: u64,
     /// Number of images.
     pub n: usize,
+    /// Previews wanted per image while it denoises (0 for none); see [`preview_steps`].
+    pub previews: usize,
+}
+
+/// The steps after which an image asking for `previews` previews gets one: evenly spread
+/// over the run, never after the last step (that is the final image), so at most
+/// `steps - 1` of them. 4 steps give `[2]` for one preview, `[1, 3]` for two and
+/// `[1, 2, 3]` for three.
+pub fn preview_steps(steps: usize, previews: usize) -> Vec<usize> {
+    let k = previews.min(steps.saturating_sub(1));
+    (1..=k)
+        .map(|j| ((j * steps) as f64 / (k + 1) as f64).round() as usize)
+        .collect()
 }
 
 /// How far a generation has gone; passed to the progress callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Progress {
+pub enum Progress<'a> {
     /// The text encoders are running.
     Encoding,
     /// `step` of `total` denoising steps have finished for images `first..first + count`
@@ -37,6 +52,20 @@ pub enum Progress {
         first: usize,
         /// Images in the batch.
         count: usize,
+    },
+    /// A preview of one image: the clean image predicted at `step`, through the real
+    /// decoder. Sent at the [`preview_steps`] of requests that ask for previews.
+    Preview {
+        /// Index of the request in the batch given to [`Pipeline::generate_batch`].
+        request: usize,
+        /// Index of the image within its request.
+        image: usize,
+        /// 0-based index of this preview among the image's previews.
+        index: usize,
+        /// Steps finished when the prediction was made.
+        step: usize,
+        /// The preview.
+        pixels: &'a RgbImage,
     },
     /// The autoencoder is decoding.
     Decoding,
@@ -66,6 +95,18 @@ pub struct PromptInfo {
     pub tokens: usize,
 }
 
+/// Where the time of a [`Pipeline::generate_batch`] call went. Every request of the batch
+/// reports the batch's figures: its phases ran for all of them at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// Running the text encoders.
+    pub encode: Duration,
+    /// Denoising (and decoding previews, when some were asked for).
+    pub denoise: Duration,
+    /// Decoding the final latents to pixels.
+    pub decode: Duration,
+}
+
 /// The result of one request.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -73,6 +114,8 @@ pub struct Generation {
     pub images: Vec<RgbImage>,
     /// What the encoders saw.
     pub prompt: PromptInfo,
+    /// Time per phase.
+    pub phases: Phases,
 }
 
 /// A loaded model that turns prompts into images.

@@ -23,7 +23,8 @@ use std::{
 };
 
 pub use pictor_engine::{
-    Control, EngineError, Generation, GenerationRequest, Pipeline, Progress, PromptInfo, RgbImage,
+    Control, EngineError, Generation, GenerationRequest, Phases, Pipeline, Progress, PromptInfo,
+    RgbImage,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -81,8 +82,23 @@ pub struct Outcome {
     pub ran: Duration,
 }
 
+/// A preview of one image of a job, taken while it denoises.
+#[derive(Debug, Clone)]
+pub struct Preview {
+    /// Index of the image within the job (`0..n`).
+    pub image: usize,
+    /// 0-based index of this preview among the image's previews.
+    pub index: usize,
+    /// Denoising steps finished when it was taken.
+    pub step: usize,
+    /// The preview.
+    pub pixels: RgbImage,
+}
+
 struct Job {
     req: GenerationRequest,
+    /// Where previews go, when the request asked for some.
+    previews: Option<mpsc::UnboundedSender<Preview>>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
     reply: oneshot::Sender<Result<Outcome, JobError>>,
@@ -104,15 +120,46 @@ pub struct ModelQueue {
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// A submitted job. Await [`Ticket::wait`]; dropping the ticket cancels the job.
+/// A submitted job. Await [`Ticket::wait`] (after [`Ticket::next_preview`] when the
+/// request asked for previews); dropping the ticket cancels the job.
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Outcome, JobError>>,
+    previews: Option<mpsc::UnboundedReceiver<Preview>>,
+    /// The result, when it arrived while waiting for a preview.
+    result: Option<Result<Outcome, JobError>>,
     cancel: Arc<AtomicBool>,
 }
 
 impl Ticket {
+    /// The next preview, in the order the engine made them; `None` once the job has
+    /// finished (or failed) and every preview was handed out. The worker sends a job's
+    /// previews before its result, so none is lost.
+    pub async fn next_preview(&mut self) -> Option<Preview> {
+        if self.result.is_some() {
+            return None;
+        }
+        let previews = self.previews.as_mut()?;
+        tokio::select! {
+            biased;
+            preview = previews.recv() => {
+                if preview.is_none() {
+                    self.previews = None;
+                }
+                preview
+            }
+            result = &mut self.rx => {
+                self.result = Some(result.unwrap_or(Err(JobError::WorkerGone)));
+                // Previews sent just before the result are still in the channel.
+                self.previews.as_mut().and_then(|p| p.try_recv().ok())
+            }
+        }
+    }
+
     /// Waits for the result.
     pub async fn wait(mut self) -> Result<Outcome, JobError> {
+        if let Some(result) = self.result.take() {
+            return result;
+        }
         (&mut self.rx).await.unwrap_or(Err(JobError::WorkerGone))
     }
 }
@@ -156,8 +203,16 @@ impl ModelQueue {
     pub fn submit(&self, req: GenerationRequest) -> Result<Ticket, SubmitError> {
         let cancel = Arc::new(AtomicBool::new(false));
         let (reply, rx) = oneshot::channel();
+        // At most `n × previews` of them, so the channel is bounded by the request.
+        let (previews_tx, previews) = if req.previews > 0 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
         let job = Job {
             req,
+            previews: previews_tx,
             cancel: Arc::clone(&cancel),
             submitted: Instant::now(),
             reply,
@@ -166,7 +221,12 @@ impl ModelQueue {
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(job) {
-            Ok(()) => Ok(Ticket { rx, cancel }),
+            Ok(()) => Ok(Ticket {
+                rx,
+                previews,
+                result: None,
+                cancel,
+            }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 match e {
@@ -329,7 +389,23 @@ impl Worker {
         let started = Instant::now();
         let reqs: Vec<GenerationRequest> = batch.iter().map(|j| j.req.clone()).collect();
         // Stop only when no job of the batch is still wanted.
-        let result = self.pipeline.generate_batch(&reqs, &mut |_| {
+        let result = self.pipeline.generate_batch(&reqs, &mut |progress| {
+            if let Progress::Preview {
+                request,
+                image,
+                index,
+                step,
+                pixels,
+            } = progress
+                && let Some(tx) = batch.get(request).and_then(|j| j.previews.as_ref())
+            {
+                let _ = tx.send(Preview {
+                    image,
+                    index,
+                    step,
+                    pixels: pixels.clone(),
+                });
+            }
             if batch.iter().all(|j| j.dead(timeout)) {
                 Control::Cancel
             } else {

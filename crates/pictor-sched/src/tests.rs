@@ -38,6 +38,23 @@ impl Pipeline for Gated {
             {
                 return Err(EngineError::Cancelled);
             }
+            for (request, r) in reqs.iter().enumerate() {
+                let due = pictor_engine::preview_steps(steps, r.previews);
+                if let Some(index) = due.iter().position(|&s| s == step) {
+                    let pixels = RgbImage {
+                        width: 1,
+                        height: 1,
+                        pixels: vec![step as u8; 3],
+                    };
+                    progress(Progress::Preview {
+                        request,
+                        image: 0,
+                        index,
+                        step,
+                        pixels: &pixels,
+                    });
+                }
+            }
             self.steps_run.fetch_add(1, Ordering::Relaxed);
         }
         Ok(reqs
@@ -50,6 +67,7 @@ impl Pipeline for Gated {
                     pooled_truncated: false,
                     tokens: 0,
                 },
+                phases: Phases::default(),
             })
             .collect())
     }
@@ -67,6 +85,7 @@ fn named(prompt: &str, steps: usize) -> GenerationRequest {
         steps,
         seed: 0,
         n: 1,
+        previews: 0,
     }
 }
 
@@ -131,6 +150,35 @@ async fn full_queue_is_refused_with_a_retry_estimate_then_drains() {
     assert!(first.wait().await.is_ok());
     assert!(second.wait().await.is_ok());
     assert!(q.submit(req(1)).is_ok(), "a place is free again");
+}
+
+/// Previews reach the job that asked for them, in order and before the result; a job in
+/// the same batch that asked for none gets none.
+#[tokio::test]
+async fn previews_go_to_their_job_before_its_result() {
+    let (q, open, _, _) = queue_with(4, Duration::from_secs(60), 4);
+    let first = q.submit(req(4)).unwrap();
+    until(|| q.running() == 1).await;
+    let mut streamed = q
+        .submit(GenerationRequest {
+            previews: 2,
+            ..named("streamed", 4)
+        })
+        .unwrap();
+    let plain = q.submit(named("plain", 4)).unwrap();
+    for _ in 0..10 {
+        open.send(()).unwrap();
+    }
+    assert!(first.wait().await.is_ok());
+    let mut steps = Vec::new();
+    while let Some(p) = streamed.next_preview().await {
+        assert_eq!(p.pixels.pixels[0] as usize, p.step);
+        steps.push((p.index, p.step));
+    }
+    assert_eq!(steps, vec![(0, 1), (1, 3)]);
+    assert!(streamed.next_preview().await.is_none());
+    assert!(streamed.wait().await.is_ok());
+    assert!(plain.wait().await.is_ok());
 }
 
 #[tokio::test]

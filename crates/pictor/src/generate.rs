@@ -94,6 +94,7 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
             steps: r.steps,
             seed: r.seed,
             n: 1,
+            previews: 0,
         });
     }
     Ok(GenerationRequest {
@@ -103,6 +104,7 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
         steps: args.steps,
         seed: args.seed,
         n: args.n,
+        previews: 0,
     })
 }
 
@@ -161,6 +163,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 phase = 2;
                 bar.set_message("decoding");
             }
+            // None are asked for.
+            Progress::Preview { .. } => {}
         }
         Control::Continue
     })?;

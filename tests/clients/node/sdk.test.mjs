@@ -49,3 +49,37 @@ test('errors map to the SDK classes', async () => {
   });
   await assert.rejects(client().images.generate({ model: 'no-such-model', prompt: 'x' }), OpenAI.NotFoundError);
 });
+
+async function imagesGenerated() {
+  const text = await (await fetch(`${server.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith('pictor_images_generated_total'));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+test('streaming yields partial images then the same final image', async () => {
+  const body = { model: MODEL, prompt: 'a green star', size: '64x64', seed: 78, steps: 4 };
+  const stream = await client().images.generate({ ...body, stream: true, partial_images: 2 });
+  const events = [];
+  for await (const event of stream) events.push(event);
+  assert.deepEqual(events.map((e) => e.type), [
+    'image_generation.partial_image',
+    'image_generation.partial_image',
+    'image_generation.completed',
+  ]);
+  assert.deepEqual(events.slice(0, 2).map((e) => e.partial_image_index), [0, 1]);
+  for (const e of events) assert.deepEqual(pngSize(Buffer.from(e.b64_json, 'base64')), [64, 64]);
+  const done = events[2];
+  assert.equal(done.usage.output_tokens, 16);
+  const plain = await client().images.generate({ ...body, response_format: 'b64_json' });
+  assert.equal(done.b64_json, plain.data[0].b64_json);
+});
+
+test('a retry after a dropped connection does not render twice', async () => {
+  const before = await imagesGenerated();
+  // Each attempt gives up after 300 ms; the SDK retries the same body, which attaches to
+  // the job already running.
+  const patient = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: server.key, timeout: 300, maxRetries: 6 });
+  const r = await patient.images.generate({ model: MODEL, prompt: 'slow and steady', size: '256x256', response_format: 'b64_json', steps: 30 });
+  assert.deepEqual(pngSize(Buffer.from(r.data[0].b64_json, 'base64')), [256, 256]);
+  assert.equal((await imagesGenerated()) - before, 1);
+});

@@ -99,3 +99,37 @@ def test_sdk_retries_429_until_the_queue_drains(server):
     assert count_429(server) > before, "the SDK saw at least one 429 and retried it"
     for t in busy:
         t.join()
+
+
+def images_generated(server):
+    with urllib.request.urlopen(server["url"] + "/metrics") as f:
+        for line in f.read().decode().splitlines():
+            if line.startswith("pictor_images_generated_total"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_stream_yields_partial_images_then_the_same_final_image(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="a green star", size="64x64", extra_body={"seed": 77, "steps": 4})
+    events = list(c.images.generate(stream=True, partial_images=2, **kw))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for e in events:
+        assert png_size(base64.b64decode(e.b64_json)) == (64, 64)
+        assert e.size == "64x64" and e.output_format == "png"
+    done = events[-1]
+    assert done.usage.output_tokens == 16 and done.usage.input_tokens > 0
+    plain = c.images.generate(response_format="b64_json", **kw)
+    assert done.b64_json == plain.data[0].b64_json, "streaming does not change the image"
+
+
+def test_a_retry_after_a_dropped_connection_does_not_render_twice(server):
+    before = images_generated(server)
+    # Each attempt gives up after 0.3 s, long before the job ends; the SDK drops the
+    # connection and retries the same body, which attaches to the job already running.
+    c = client(server, timeout=0.3, max_retries=6)
+    r = c.images.generate(model=MODEL, prompt="slow and steady", size="256x256",
+                          response_format="b64_json", extra_body={"steps": 30})
+    assert png_size(base64.b64decode(r.data[0].b64_json)) == (256, 256)
+    assert images_generated(server) - before == 1, "one image rendered for all attempts"

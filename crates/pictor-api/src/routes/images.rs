@@ -57,10 +57,10 @@ fn json_body(
 }
 
 /// A validated request, ready for the queue.
-struct Prepared {
-    model: String,
-    valid: ValidGeneration,
-    key: Option<pictor_store::ApiKey>,
+pub(super) struct Prepared {
+    pub(super) model: String,
+    pub(super) valid: ValidGeneration,
+    pub(super) key: Option<pictor_store::ApiKey>,
 }
 
 /// `POST /v1/images/generations`.
@@ -81,15 +81,43 @@ pub async fn generate(
         valid: validate(request, &slot.spec.rules, rand::random())?,
         key,
     };
-    match idempotency_key(&headers)? {
-        Some(idem) => idempotent(state, prepared, &idem, &body).await,
-        None => {
-            // If the client goes away, axum drops this future and with it the ticket,
-            // which cancels the job before its next denoising step.
-            let ticket = submit(&state, &prepared)?;
-            Ok(Json(finish(&state, &prepared, ticket).await?).into_response())
+    let idem = idempotency_key(&headers)?;
+    if prepared.valid.request.stream {
+        if idem.is_some() {
+            return Err(ApiError::invalid(
+                "Idempotency-Key",
+                "A streamed response cannot be replayed; send Idempotency-Key without stream: true.",
+            ));
         }
+        return super::stream::respond(state, prepared);
     }
+    let owner = prepared
+        .key
+        .as_ref()
+        .map_or_else(|| "anonymous".to_string(), |k| k.id.clone());
+    let fingerprint = hex::encode(sha2::Sha256::digest(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ));
+    if let Some(idem) = idem {
+        let run = Run {
+            scope: format!("{owner}\n{idem}"),
+            fingerprint,
+            fresh: false,
+        };
+        return detached(state, prepared, run, Table::Keys).await;
+    }
+    if let Some(attempt) = sdk_attempt(&headers) {
+        let run = Run {
+            scope: format!("{owner}\n{fingerprint}"),
+            fingerprint,
+            fresh: attempt == 0,
+        };
+        return detached(state, prepared, run, Table::Retries).await;
+    }
+    // If the client goes away, axum drops this future and with it the ticket, which
+    // cancels the job before its next denoising step.
+    let ticket = submit(&state, &prepared)?;
+    Ok(Json(finish(&state, &prepared, ticket).await?).into_response())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -105,19 +133,59 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// The same `Idempotency-Key` and body from the same API key get one job and one answer;
-/// the job runs detached, so a client that drops the connection and retries attaches to it.
-async fn idempotent(
+/// The attempt number the OpenAI SDKs send (`x-stainless-retry-count`: 0 first, then 1, 2);
+/// `None` from other clients.
+fn sdk_attempt(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get("x-stainless-retry-count")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Which table a detached run is recorded in.
+#[derive(Clone, Copy)]
+enum Table {
+    /// By `Idempotency-Key` (kept `idempotency_ttl_secs`).
+    Keys,
+    /// By request body, for SDK retries (kept two minutes).
+    Retries,
+}
+
+/// A detached run's identity.
+struct Run {
+    /// Who and what: the API key and the idempotency key or the body's hash.
+    scope: String,
+    /// The body's hash (a different body under the same idempotency key is a conflict).
+    fingerprint: String,
+    /// Render anew even if the table holds a run for this scope (an SDK's first attempt).
+    fresh: bool,
+}
+
+/// Runs the job detached from the connection, recorded in `table`, so that a duplicate or
+/// a retry attaches to it instead of rendering again:
+/// - `Idempotency-Key`: the same key and body get one job and one answer; another body 409.
+/// - No key, but an OpenAI SDK's retry (`x-stainless-retry-count` > 0) of a body the same
+///   API key sent within the last two minutes attaches to that attempt's job, running or
+///   just finished. A first attempt (count 0) always renders: sending the same body twice
+///   on purpose still draws new images.
+///
+/// A detached job keeps running when its client leaves (that is the point: the retry
+/// collects it); the queue's deadline still bounds it.
+async fn detached(
     state: AppState,
     prepared: Prepared,
-    idem: &str,
-    body: &serde_json::Value,
+    run: Run,
+    table: Table,
 ) -> Result<Response, ApiError> {
-    let owner = prepared.key.as_ref().map_or("anonymous", |k| k.id.as_str());
-    let scope = format!("{owner}\n{idem}");
-    let fingerprint = hex::encode(sha2::Sha256::digest(
-        serde_json::to_vec(body).unwrap_or_default(),
-    ));
+    fn replays(state: &AppState, table: Table) -> &crate::idempotency::Replays {
+        match table {
+            Table::Keys => &state.0.replays,
+            Table::Retries => &state.0.retries,
+        }
+    }
     let replay = |stored: &[u8]| {
         (
             [
@@ -131,8 +199,18 @@ async fn idempotent(
         )
             .into_response()
     };
+    let Run {
+        scope,
+        fingerprint,
+        fresh,
+    } = run;
+    let mut lookup = if fresh {
+        Lookup::New(replays(&state, table).begin_fresh(&scope, &fingerprint))
+    } else {
+        replays(&state, table).begin(&scope, &fingerprint)
+    };
     loop {
-        match state.0.replays.begin(&scope, &fingerprint) {
+        match lookup {
             Lookup::Replay(stored) => return Ok(replay(&stored)),
             Lookup::Conflict => return Err(ApiError::IdempotencyConflict),
             Lookup::Wait(mut done) => {
@@ -140,14 +218,15 @@ async fn idempotent(
                 let stored = done.borrow().clone();
                 match stored {
                     Some(stored) => return Ok(replay(&stored)),
-                    None => continue, // the first attempt failed: try again ourselves
+                    // The first attempt failed: try again ourselves.
+                    None => lookup = replays(&state, table).begin(&scope, &fingerprint),
                 }
             }
             Lookup::New(done) => {
                 let ticket = match submit(&state, &prepared) {
                     Ok(t) => t,
                     Err(e) => {
-                        state.0.replays.complete(&scope, &fingerprint, None, done);
+                        replays(&state, table).complete(&scope, &fingerprint, None, done);
                         return Err(e);
                     }
                 };
@@ -158,10 +237,7 @@ async fn idempotent(
                         .ok()
                         .and_then(|r| serde_json::to_vec(r).ok())
                         .map(std::sync::Arc::new);
-                    state
-                        .0
-                        .replays
-                        .complete(&scope, &fingerprint, stored.clone(), done);
+                    replays(&state, table).complete(&scope, &fingerprint, stored.clone(), done);
                     result.map(|_| stored)
                 });
                 return match task.await {
@@ -184,7 +260,7 @@ async fn idempotent(
 }
 
 /// Admits the job to its model's queue (429 when full, 503 while loading or stopping).
-fn submit(state: &AppState, p: &Prepared) -> Result<pictor_sched::Ticket, ApiError> {
+pub(super) fn submit(state: &AppState, p: &Prepared) -> Result<pictor_sched::Ticket, ApiError> {
     if state.shutting_down() {
         return Err(ApiError::shutting_down());
     }
@@ -203,7 +279,7 @@ fn submit(state: &AppState, p: &Prepared) -> Result<pictor_sched::Ticket, ApiErr
 }
 
 /// Waits for the job, encodes and stores its images, records usage.
-async fn finish(
+pub(super) async fn finish(
     state: &AppState,
     p: &Prepared,
     ticket: pictor_sched::Ticket,
@@ -247,8 +323,12 @@ async fn respond(
         .model(model)
         .and_then(|m| m.hash())
         .map(str::to_string);
+    let phases = &generation.phases;
     let timings = Timings {
         queue_seconds: outcome.queued.as_secs_f64(),
+        encode_seconds: phases.encode.as_secs_f64(),
+        denoise_seconds: phases.denoise.as_secs_f64(),
+        decode_seconds: phases.decode.as_secs_f64(),
         generation_seconds: outcome.ran.as_secs_f64(),
     };
     let req = &valid.request;
@@ -292,6 +372,7 @@ async fn respond(
             steps: e.steps as u32,
             width: e.width as u32,
             height: e.height as u32,
+            guidance: None,
             model: model.to_string(),
             model_hash: model_hash.clone(),
             timings,
@@ -317,12 +398,17 @@ async fn respond(
         data,
         output_format: req.output_format.name(),
         size: format!("{}x{}", e.width, e.height),
-        quality: match e.steps {
-            s if s >= 4 => "high",
-            3 => "medium",
-            _ => "low",
-        },
+        quality: quality_name(e.steps),
     })
+}
+
+/// OpenAI's `quality` for a run of `steps` (schnell's default 4 is `high`).
+pub(super) fn quality_name(steps: usize) -> &'static str {
+    match steps {
+        s if s >= 4 => "high",
+        3 => "medium",
+        _ => "low",
+    }
 }
 
 /// Stores the bytes and returns their signed link.

@@ -3,3 +3,4 @@
 pub mod health;
 pub mod images;
 pub mod models;
+mod stream;

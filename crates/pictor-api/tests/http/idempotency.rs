@@ -108,3 +108,56 @@ async fn a_bad_key_header_is_400() {
     let (_, param, _) = error_parts(&reply);
     assert_eq!(param.as_deref(), Some("Idempotency-Key"));
 }
+
+async fn sdk_attempt(
+    s: &Server,
+    attempt: u32,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = s
+        .post(body)
+        .header("x-stainless-retry-count", attempt.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Without a key, an OpenAI SDK's retry (`x-stainless-retry-count` > 0) of the same body
+/// attaches to the attempt it repeats, running or finished; a first attempt renders anew.
+#[tokio::test]
+async fn an_sdk_retry_without_a_key_attaches_to_the_dropped_attempt() {
+    let s = start(Options::default()).await;
+    let slow = json!({"model": MODEL, "prompt": "slow", "size": "256x256", "steps": 30, "response_format": "b64_json"});
+    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let dropped = tokio::spawn({
+        let req = s.post(&slow).header("x-stainless-retry-count", "0");
+        async move { req.send().await }
+    });
+    let start = Instant::now();
+    while queue().running() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dropped.abort(); // the SDK timed out and drops the connection
+    let (status, retried) = sdk_attempt(&s, 1, &slow).await;
+    assert_eq!(status, 200, "{retried}");
+    assert_eq!(
+        requests_billed(&s).await,
+        1,
+        "the retry did not render again"
+    );
+    // A second retry of the same attempt gets the same answer.
+    let (_, again) = sdk_attempt(&s, 2, &slow).await;
+    assert_eq!(again, retried);
+    assert_eq!(requests_billed(&s).await, 1);
+
+    // A new first attempt with the same body is a new request: no seed, new images.
+    let (_, fresh) = sdk_attempt(&s, 0, &slow).await;
+    assert_ne!(fresh["data"][0]["b64_json"], retried["data"][0]["b64_json"]);
+    assert_eq!(requests_billed(&s).await, 2);
+    // Another body is never attached to.
+    let (status, _) = sdk_attempt(&s, 1, &body("something else")).await;
+    assert_eq!(status, 200);
+    assert_eq!(requests_billed(&s).await, 3);
+}

@@ -5,3 +5,4 @@ mod errors;
 mod idempotency;
 mod images;
 mod lifecycle;
+mod stream;

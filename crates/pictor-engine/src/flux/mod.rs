@@ -9,7 +9,7 @@
 pub mod config;
 pub mod sampling;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::models::flux::{
@@ -22,7 +22,7 @@ use crate::{
     image::{RgbImage, to_rgb8, to_unit_range},
     layout::{ModelFiles, Part},
     noise::gaussian_noise,
-    pipeline::{Control, Generation, GenerationRequest, Pipeline, Progress},
+    pipeline::{Control, Generation, GenerationRequest, Phases, Pipeline, Progress, preview_steps},
     text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
@@ -58,6 +58,28 @@ impl Default for FluxOptions {
 enum Denoiser {
     Dense(Box<Flux>),
     Quantized(Box<QuantizedFlux>),
+}
+
+/// The sampler after a step, as [`FluxPipeline::denoise`] shows it to its callback.
+pub struct StepState<'a> {
+    /// Steps finished (0 before the first).
+    pub step: usize,
+    latents: &'a Tensor,
+    velocity: Option<&'a Tensor>,
+    sigma: f64,
+}
+
+impl StepState<'_> {
+    /// The clean latents predicted at this step, `x₀ = x − σ·v` (packed, f32): what the
+    /// image would be if the last velocity held to the end. `None` before the first step.
+    /// It is the rectified-flow estimate every step already makes, so a preview costs one
+    /// decode and no extra transformer pass.
+    pub fn predicted_clean(&self) -> Result<Option<Tensor>> {
+        let Some(v) = self.velocity else {
+            return Ok(None);
+        };
+        Ok(Some((self.latents - (v * self.sigma)?)?))
+    }
 }
 
 /// A loaded FLUX.1-schnell pipeline.
@@ -232,25 +254,37 @@ impl FluxPipeline {
 
     /// Denoises `noise` `(b, 16, h, w)` for `steps` schnell steps; returns the final packed
     /// latents `(b, tokens, 64)` in f32. The Euler update runs in f32 whatever the compute
-    /// dtype, as diffusers' scheduler does. `on_step(k)` is called before the first step
-    /// (`k = 0`) and after each step `k`; answering `Cancel` stops there.
+    /// dtype, as diffusers' scheduler does. `on_step` sees the state before the first step
+    /// (`step = 0`) and after each step; answering `Cancel` stops there.
     pub fn denoise(
         &self,
         noise: &Tensor,
         emb: &Embeddings,
         steps: usize,
-        mut on_step: impl FnMut(usize) -> Control,
+        mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
         let (_, _, h, w) = noise.dims4()?;
         let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
         let sigmas = sampling::schedule(steps);
-        if on_step(0) == Control::Cancel {
+        let start = StepState {
+            step: 0,
+            latents: &x,
+            velocity: None,
+            sigma: 1.0,
+        };
+        if on_step(&start)? == Control::Cancel {
             return Err(EngineError::Cancelled);
         }
         for (i, pair) in sigmas.windows(2).enumerate() {
             let v = self.velocity(&x, emb, pair[0], (h, w))?;
-            x = (x + (v * (pair[1] - pair[0]))?)?;
-            if on_step(i + 1) == Control::Cancel {
+            x = (x + (&v * (pair[1] - pair[0]))?)?;
+            let state = StepState {
+                step: i + 1,
+                latents: &x,
+                velocity: Some(&v),
+                sigma: pair[1],
+            };
+            if on_step(&state)? == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
         }
@@ -269,6 +303,46 @@ impl FluxPipeline {
             images.push(to_unit_range(&self.decoder.forward(&z)?)?);
         }
         Ok(Tensor::cat(&images, 0)?)
+    }
+
+    /// Decodes and reports the previews due at this step for the images of `chunk`
+    /// (`(request, image, seed)`); `due[r]` lists request `r`'s preview steps.
+    fn previews(
+        &self,
+        state: &StepState<'_>,
+        chunk: &[(usize, usize, u64)],
+        due: &[Vec<usize>],
+        height: usize,
+        width: usize,
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> Result<()> {
+        let wanted: Vec<(usize, usize, usize, usize)> = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(row, &(r, i, _))| {
+                let index = due[r].iter().position(|&s| s == state.step)?;
+                Some((row, r, i, index))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let Some(clean) = state.predicted_clean()? else {
+            return Ok(());
+        };
+        for (row, request, image, index) in wanted {
+            let pixels = self.decode(&clean.narrow(0, row, 1)?, height, width)?;
+            if let Some(preview) = to_rgb8(&pixels)?.first() {
+                progress(Progress::Preview {
+                    request,
+                    image,
+                    index,
+                    step: state.step,
+                    pixels: preview,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The initial noise for `count` images starting at `seed`: image `i` from `seed + i`.
@@ -333,15 +407,22 @@ impl Pipeline for FluxPipeline {
         if progress(Progress::Encoding) == Control::Cancel {
             return Err(EngineError::Cancelled);
         }
+        let mut phases = Phases::default();
+        let started = Instant::now();
         let embeddings = reqs
             .iter()
             .map(|r| self.encode_prompt(&r.prompt))
             .collect::<Result<Vec<_>>>()?;
-        // Every image of every request, as (request, seed), in order.
-        let items: Vec<(usize, u64)> = reqs
+        phases.encode = started.elapsed();
+        // Every image of every request, as (request, image index, seed), in order.
+        let items: Vec<(usize, usize, u64)> = reqs
             .iter()
             .enumerate()
-            .flat_map(|(r, req)| (0..req.n).map(move |i| (r, req.seed.wrapping_add(i as u64))))
+            .flat_map(|(r, req)| (0..req.n).map(move |i| (r, i, req.seed.wrapping_add(i as u64))))
+            .collect();
+        let previews: Vec<Vec<usize>> = reqs
+            .iter()
+            .map(|r| preview_steps(steps, r.previews))
             .collect();
         let mut images: Vec<Vec<RgbImage>> = reqs.iter().map(|r| Vec::with_capacity(r.n)).collect();
         for (chunk_index, chunk) in items.chunks(self.options.max_batch.max(1)).enumerate() {
@@ -349,7 +430,7 @@ impl Pipeline for FluxPipeline {
             let mut noise = Vec::with_capacity(chunk.len());
             let mut sequence = Vec::with_capacity(chunk.len());
             let mut pooled = Vec::with_capacity(chunk.len());
-            for &(r, seed) in chunk {
+            for &(r, _, seed) in chunk {
                 noise.push(self.noise(seed, 1, height, width)?);
                 sequence.push(embeddings[r].sequence.clone());
                 pooled.push(embeddings[r].pooled.clone());
@@ -360,19 +441,28 @@ impl Pipeline for FluxPipeline {
                 prompt: embeddings[chunk[0].0].prompt.clone(),
             };
             let count = chunk.len();
-            let latents = self.denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |step| {
-                progress(Progress::Step {
+            let started = Instant::now();
+            let latents = self.denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |state| {
+                let step = state.step;
+                let control = progress(Progress::Step {
                     step,
                     total: steps,
                     first,
                     count,
-                })
+                });
+                if control == Control::Continue {
+                    self.previews(state, chunk, &previews, height, width, progress)?;
+                }
+                Ok(control)
             })?;
+            phases.denoise += started.elapsed();
             if progress(Progress::Decoding) == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
+            let started = Instant::now();
             let pixels = self.decode(&latents, height, width)?;
-            for (&(r, _), image) in chunk.iter().zip(to_rgb8(&pixels)?) {
+            phases.decode += started.elapsed();
+            for (&(r, _, _), image) in chunk.iter().zip(to_rgb8(&pixels)?) {
                 images[r].push(image);
             }
         }
@@ -382,6 +472,7 @@ impl Pipeline for FluxPipeline {
             .map(|(images, emb)| Generation {
                 images,
                 prompt: emb.prompt,
+                phases,
             })
             .collect())
     }

@@ -140,9 +140,9 @@ fn every_step_and_the_final_latents_match_within_1e4() {
     let noise = tensor(&r, "noise");
     let mut seen = Vec::new();
     let latents = p
-        .denoise(&noise, &emb, s.steps, |step| {
-            seen.push(step);
-            Control::Continue
+        .denoise(&noise, &emb, s.steps, |state| {
+            seen.push(state.step);
+            Ok(Control::Continue)
         })
         .expect("denoise");
     assert_eq!(seen, vec![0, 1, 2, 3, 4]);
@@ -195,7 +195,9 @@ fn prompt_to_pixels_matches_diffusers_end_to_end() {
     let mut p = diffusers_layout();
     let emb = p.encode_prompt(&s.prompt).expect("encode");
     let latents = p
-        .denoise(&tensor(&r, "noise"), &emb, s.steps, |_| Control::Continue)
+        .denoise(&tensor(&r, "noise"), &emb, s.steps, |_| {
+            Ok(Control::Continue)
+        })
         .expect("denoise");
     let image = p.decode(&latents, s.height, s.width).expect("decode");
     let d = max_abs_diff(&image, &tensor(&r, "image"));
@@ -230,11 +232,12 @@ fn generate_is_deterministic_per_seed_and_reports_progress() {
         steps: 2,
         seed: 7,
         n: 2,
+        previews: 0,
     };
     let mut events = Vec::new();
     let a = p
         .generate(&req, &mut |e| {
-            events.push(e);
+            events.push(owned(e));
             Control::Continue
         })
         .expect("generate");
@@ -287,6 +290,106 @@ fn generate_is_deterministic_per_seed_and_reports_progress() {
     );
 }
 
+/// A copy of a progress event that borrows nothing (no previews are asked for here).
+fn owned(e: Progress<'_>) -> Progress<'static> {
+    match e {
+        Progress::Encoding => Progress::Encoding,
+        Progress::Step {
+            step,
+            total,
+            first,
+            count,
+        } => Progress::Step {
+            step,
+            total,
+            first,
+            count,
+        },
+        Progress::Decoding => Progress::Decoding,
+        Progress::Preview { .. } => panic!("no previews were asked for"),
+    }
+}
+
+/// Previews come at the spread-out steps, for every image, and are the decoded clean-image
+/// prediction of that step; at the last step that prediction is the final latent itself.
+#[test]
+fn previews_are_the_decoded_prediction_at_their_steps() {
+    let s = setup();
+    let mut p = diffusers_layout();
+    let req = pictor_engine::GenerationRequest {
+        prompt: s.prompt.clone(),
+        width: s.width,
+        height: s.height,
+        steps: 4,
+        seed: 5,
+        n: 2,
+        previews: 2,
+    };
+    assert_eq!(pictor_engine::preview_steps(4, 2), vec![1, 3]);
+    let mut seen = Vec::new();
+    let generation = p
+        .generate(&req, &mut |e| {
+            if let Progress::Preview {
+                request,
+                image,
+                index,
+                step,
+                pixels,
+            } = e
+            {
+                seen.push((request, image, index, step, pixels.clone()));
+            }
+            Control::Continue
+        })
+        .expect("generate");
+    let order: Vec<_> = seen
+        .iter()
+        .map(|(r, i, k, st, _)| (*r, *i, *k, *st))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(0, 0, 0, 1), (0, 1, 0, 1), (0, 0, 1, 3), (0, 1, 1, 3)]
+    );
+    // The same image without previews is unchanged by them.
+    let plain = p
+        .generate(
+            &pictor_engine::GenerationRequest {
+                previews: 0,
+                ..req.clone()
+            },
+            &mut |_| Control::Continue,
+        )
+        .expect("generate");
+    assert_eq!(generation.images, plain.images);
+
+    // Recompute image 0's step-3 preview by hand from the sampler's state.
+    let emb = p.encode_prompt(&req.prompt).expect("encode");
+    let noise = p.noise(req.seed, 1, req.height, req.width).expect("noise");
+    let mut clean = Vec::new();
+    let latents = p
+        .denoise(&noise, &emb, 4, |state| {
+            clean.push(state.predicted_clean()?);
+            Ok(Control::Continue)
+        })
+        .expect("denoise");
+    assert!(clean[0].is_none(), "no prediction before the first step");
+    let last = clean[4].as_ref().expect("after the last step");
+    assert_eq!(
+        max_abs_diff(last, &latents),
+        0.0,
+        "σ = 0: the prediction is x"
+    );
+    let decoded = p
+        .decode(clean[3].as_ref().expect("step 3"), req.height, req.width)
+        .expect("decode");
+    let by_hand = pictor_engine::to_rgb8(&decoded).expect("rgb").remove(0);
+    assert_eq!(seen[2].4, by_hand);
+    assert_ne!(
+        seen[2].4, generation.images[0],
+        "a preview is not the final image"
+    );
+}
+
 #[test]
 fn cancel_stops_between_steps() {
     let s = setup();
@@ -298,6 +401,7 @@ fn cancel_stops_between_steps() {
         steps: 4,
         seed: 1,
         n: 1,
+        previews: 0,
     };
     let mut steps = 0;
     let err = p
@@ -327,6 +431,7 @@ fn sizes_off_the_grid_are_rejected_with_the_field() {
         steps: 4,
         seed: 0,
         n: 1,
+        previews: 0,
     };
     match p.check(&req) {
         Err(pictor_engine::EngineError::InvalidInput { field, .. }) => assert_eq!(field, "height"),
@@ -347,6 +452,7 @@ fn a_batch_of_different_prompts_equals_each_alone() {
         steps: 2,
         seed: 3,
         n: 2,
+        previews: 0,
     };
     let b = pictor_engine::GenerationRequest {
         prompt: s.punct_prompt.clone(),

@@ -1,0 +1,155 @@
+//! `stream: true`: OpenAI's image stream as server-sent events.
+//!
+//! Each image's previews arrive as `image_generation.partial_image` events while it
+//! denoises, then each finished image as one `image_generation.completed` event, in image
+//! order. With `n > 1`, every event carries the extension field `image_index`; images
+//! denoised in the same batch send their previews interleaved. A failure after the stream
+//! began is an `error` event, which the SDKs raise as `APIError`. When the client closes
+//! the stream, the job's ticket is dropped, which cancels it before its next step.
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::response::{
+    IntoResponse, Response,
+    sse::{Event, KeepAlive, Sse},
+};
+use base64::Engine as _;
+use pictor_sched::Ticket;
+use pictor_store::now_unix;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::images::{Prepared, finish, quality_name, submit};
+use crate::{
+    encode,
+    error::ApiError,
+    openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, TokenDetails, Usage},
+    state::AppState,
+    wire::ResponseFormat,
+};
+
+/// Admits the job (errors before the stream starts are ordinary HTTP errors) and answers
+/// with its event stream.
+pub(super) fn respond(state: AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
+    // Stream events carry the image inline, as OpenAI's do.
+    prepared.valid.request.response_format = ResponseFormat::B64Json;
+    let ticket = submit(&state, &prepared)?;
+    let (tx, rx) = mpsc::channel::<Event>(8);
+    tokio::spawn(async move {
+        tokio::select! {
+            // The client left: returning drops the ticket, which cancels the job.
+            () = tx.closed() => tracing::debug!("the client closed the image stream"),
+            () = produce(&state, &prepared, ticket, &tx) => {}
+        }
+    });
+    let events = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|event| (Ok::<_, Infallible>(event), rx))
+    });
+    // Comments every second keep proxies from timing the stream out and let the server
+    // notice a vanished client while a long step runs.
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(1)))
+        .into_response())
+}
+
+fn event(name: &'static str, data: &impl Serialize) -> Option<Event> {
+    match Event::default().event(name).json_data(data) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::error!(error = %e, "serializing a stream event");
+            None
+        }
+    }
+}
+
+/// Sends the job's events until it ends or the client leaves (a failed send).
+async fn produce(state: &AppState, p: &Prepared, mut ticket: Ticket, tx: &mpsc::Sender<Event>) {
+    let created_at = now_unix();
+    let (e, req) = (&p.valid.engine, &p.valid.request);
+    let size = format!("{}x{}", e.width, e.height);
+    let quality = quality_name(e.steps);
+    while let Some(preview) = ticket.next_preview().await {
+        let bytes = match encode::encode(
+            &preview.pixels,
+            req.output_format,
+            req.output_compression.max(1),
+            "",
+        ) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(error = %err, "encoding a preview");
+                continue;
+            }
+        };
+        let data = PartialImageEvent {
+            kind: "image_generation.partial_image",
+            b64_json: base64::engine::general_purpose::STANDARD.encode(bytes),
+            background: "opaque",
+            created_at,
+            output_format: req.output_format.name(),
+            partial_image_index: preview.index,
+            quality,
+            size: size.clone(),
+            image_index: preview.image,
+            step: preview.step,
+        };
+        let Some(ev) = event("image_generation.partial_image", &data) else {
+            continue;
+        };
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+    let events = match finish(state, p, ticket).await {
+        Ok(response) => completed(response, created_at),
+        Err(err) => {
+            let body = serde_json::json!({"type": "error", "error": err.body().error});
+            event("error", &body).into_iter().collect()
+        }
+    };
+    for ev in events {
+        if tx.send(ev).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One `image_generation.completed` event per image.
+fn completed(response: ImagesResponse, created_at: i64) -> Vec<Event> {
+    let usage = response.usage;
+    let per_image = usage.output_tokens / (response.data.len().max(1) as u64);
+    response
+        .data
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, image)| {
+            let input = if i == 0 { usage.input_tokens } else { 0 };
+            let data = CompletedEvent {
+                kind: "image_generation.completed",
+                background: "opaque",
+                created_at,
+                output_format: response.output_format,
+                quality: response.quality,
+                size: response.size.clone(),
+                usage: Usage {
+                    input_tokens: input,
+                    input_tokens_details: TokenDetails {
+                        text_tokens: input,
+                        image_tokens: 0,
+                    },
+                    output_tokens: per_image,
+                    output_tokens_details: TokenDetails {
+                        text_tokens: 0,
+                        image_tokens: per_image,
+                    },
+                    total_tokens: input + per_image,
+                },
+                image_index: i,
+                image,
+            };
+            event("image_generation.completed", &data)
+        })
+        .collect()
+}
