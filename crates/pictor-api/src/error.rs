@@ -51,6 +51,18 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 429: the API key's rate limit (`kind` is `requests` or `images`).
+    #[error("Rate limit reached for {kind} per minute: limit {limit}. Please try again in {:.1} s.", retry_after.as_secs_f64())]
+    RateLimited {
+        /// `requests` or `images`.
+        kind: &'static str,
+        /// The per-minute limit.
+        limit: u32,
+        /// When enough is back.
+        retry_after: Duration,
+        /// The `x-ratelimit-*` headers.
+        headers: crate::ratelimit::RateHeaders,
+    },
     /// 503: loading, or shutting down.
     #[error("{message}")]
     Unavailable {
@@ -151,6 +163,12 @@ impl ApiError {
                 None,
                 Some("queue_full"),
             ),
+            RateLimited { kind, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                kind,
+                None,
+                Some("rate_limit_exceeded"),
+            ),
             Unavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -174,9 +192,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Overloaded { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::Overloaded { retry_after, .. }
+            | Self::Unavailable { retry_after, .. }
+            | Self::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -227,12 +245,15 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
         }
+        if let Self::RateLimited { headers, .. } = &self {
+            headers.apply(&mut response);
+        }
         if let Some(after) = self.retry_after() {
-            let secs = after.as_secs().max(1);
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
-            if let Ok(v) = HeaderValue::from_str(&after.as_millis().max(1000).to_string()) {
+            if let Ok(v) = HeaderValue::from_str(&after.as_millis().max(1).to_string()) {
                 response.headers_mut().insert("retry-after-ms", v);
             }
         }

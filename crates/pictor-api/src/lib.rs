@@ -17,6 +17,7 @@ pub mod idempotency;
 pub mod links;
 pub mod metrics;
 pub mod openapi;
+pub mod ratelimit;
 pub mod receipt;
 pub mod routes;
 pub mod state;

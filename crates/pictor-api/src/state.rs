@@ -97,6 +97,8 @@ pub(crate) struct Inner {
     pub replays: crate::idempotency::Replays,
     /// Responses by request body, for SDK retries to attach to (see `routes::images`).
     pub retries: crate::idempotency::Replays,
+    /// Per-key rate limits.
+    pub limiter: crate::ratelimit::Limiter,
 }
 
 /// Memory for stored `Idempotency-Key` responses (base64 images are large).
@@ -139,6 +141,7 @@ impl AppState {
         Self(Arc::new(Inner {
             replays,
             retries,
+            limiter: crate::ratelimit::Limiter::default(),
             config,
             db,
             blobs,

@@ -19,6 +19,17 @@ pub struct ApiKey {
     pub created_at: i64,
     /// Revocation time, if revoked.
     pub revoked_at: Option<i64>,
+    /// Rate limits, if any.
+    pub limits: KeyLimits,
+}
+
+/// A key's rate limits; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Requests per minute.
+    pub requests_per_minute: Option<u32>,
+    /// Images per minute (a request for `n` images counts `n`).
+    pub images_per_minute: Option<u32>,
 }
 
 /// A freshly created key: the only time the secret is seen.
@@ -56,16 +67,26 @@ struct KeyRow {
     prefix: String,
     created_at: i64,
     revoked_at: Option<i64>,
+    requests_per_minute: Option<i64>,
+    images_per_minute: Option<i64>,
 }
+
+/// The columns of a [`KeyRow`].
+const KEY_COLUMNS: &str = "k.id, k.name, k.prefix, k.created_at, k.revoked_at, k.requests_per_minute, k.images_per_minute";
 
 impl From<KeyRow> for ApiKey {
     fn from(r: KeyRow) -> Self {
+        let limit = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
         Self {
             id: r.id,
             name: r.name,
             prefix: r.prefix,
             created_at: r.created_at,
             revoked_at: r.revoked_at,
+            limits: KeyLimits {
+                requests_per_minute: limit(r.requests_per_minute),
+                images_per_minute: limit(r.images_per_minute),
+            },
         }
     }
 }
@@ -101,6 +122,7 @@ impl Db {
             prefix: secret[..10].to_string(),
             created_at: now_unix(),
             revoked_at: None,
+            limits: KeyLimits::default(),
         };
         sqlx::query(
             "INSERT INTO api_keys (id, name, prefix, secret_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
@@ -117,9 +139,9 @@ impl Db {
 
     /// All keys, oldest first.
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>> {
-        let rows: Vec<KeyRow> = sqlx::query_as(
-            "SELECT id, name, prefix, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
-        )
+        let rows: Vec<KeyRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.created_at, k.id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.into_iter().map(ApiKey::from).collect())
@@ -147,12 +169,28 @@ impl Db {
         Ok(())
     }
 
+    /// Sets key `id`'s rate limits (`None` removes one).
+    pub async fn set_limits(&self, id: &str, limits: KeyLimits) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET requests_per_minute = $1, images_per_minute = $2 WHERE id = $3",
+        )
+        .bind(limits.requests_per_minute.map(i64::from))
+        .bind(limits.images_per_minute.map(i64::from))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("no key with id {id}")));
+        }
+        Ok(())
+    }
+
     /// The active key whose secret is `secret`, if any.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<ApiKey>> {
         let digest = hash(secret);
-        let row: Option<AuthRow> = sqlx::query_as(
-            "SELECT id, name, prefix, created_at, revoked_at, secret_hash FROM api_keys WHERE secret_hash = $1",
-        )
+        let row: Option<AuthRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS}, k.secret_hash FROM api_keys k WHERE k.secret_hash = $1"
+        ))
         .bind(&digest)
         .fetch_optional(&self.pool)
         .await?;
@@ -183,14 +221,14 @@ impl Db {
 
     /// Usage totals per key (keys with no usage show zeros).
     pub async fn usage(&self) -> Result<Vec<Usage>> {
-        let rows: Vec<UsageRow> = sqlx::query_as(
-            "SELECT k.id, k.name, k.prefix, k.created_at, k.revoked_at,
+        let rows: Vec<UsageRow> = sqlx::query_as(&format!(
+            "SELECT {KEY_COLUMNS},
                     COUNT(u.key_id) AS requests, COALESCE(SUM(u.images), 0) AS images,
                     COALESCE(SUM(u.pixels), 0) AS pixels, COALESCE(SUM(u.seconds), 0.0) AS seconds
              FROM api_keys k LEFT JOIN usage_events u ON u.key_id = k.id
-             GROUP BY k.id, k.name, k.prefix, k.created_at, k.revoked_at
-             ORDER BY k.created_at, k.id",
-        )
+             GROUP BY {KEY_COLUMNS}
+             ORDER BY k.created_at, k.id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -230,6 +268,14 @@ mod tests {
             (2, 3, 3 * 64 * 64)
         );
         assert!((usage[0].seconds - 2.0).abs() < 1e-9);
+        let limits = KeyLimits {
+            requests_per_minute: Some(30),
+            images_per_minute: None,
+        };
+        db.set_limits(&a.key.id, limits).await?;
+        let seen = db.authenticate(&a.secret).await?.expect("still active");
+        assert_eq!(seen.limits, limits);
+        assert_eq!(db.list_keys().await?[0].limits, limits);
         db.revoke_key(&a.key.id).await?;
         assert_eq!(db.authenticate(&a.secret).await?, None);
         assert!(db.list_keys().await?[0].revoked_at.is_some());

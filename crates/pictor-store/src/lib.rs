@@ -22,7 +22,7 @@ use std::{
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
 pub use blobs::Blobs;
-pub use keys::{ApiKey, NewKey, Usage};
+pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
 
 /// Errors from the stores.
 #[derive(Debug, thiserror::Error)]

@@ -263,3 +263,39 @@ fn from_image_reproduces_an_image_bit_for_bit() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("parameters"));
 }
+
+#[test]
+fn keys_carry_rate_limits_from_create_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = |args: &[&str]| {
+        let run = pictor()
+            .env("XDG_DATA_HOME", dir.path())
+            .current_dir(dir.path())
+            .arg("keys")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        (
+            String::from_utf8_lossy(&run.stdout).to_string(),
+            String::from_utf8_lossy(&run.stderr).to_string(),
+        )
+    };
+    let (secret, created) = keys(&["create", "--name", "ci", "--rpm", "30"]);
+    assert!(secret.trim().starts_with("sk-"));
+    let id = created
+        .split_whitespace()
+        .find(|w| w.starts_with("key_"))
+        .expect("the id is printed")
+        .to_string();
+    let (list, _) = keys(&["list"]);
+    assert!(list.contains("30/-"), "{list}");
+    let (set, _) = keys(&["limit", &id, "--ipm", "8"]);
+    assert!(set.contains("30/8"), "a limit not given is kept: {set}");
+    let (set, _) = keys(&["limit", &id, "--rpm", "0"]);
+    assert!(set.contains("-/8"), "0 removes a limit: {set}");
+}

@@ -81,7 +81,26 @@ pub async fn generate(
         valid: validate(request, &slot.spec.rules, rand::random())?,
         key,
     };
-    let idem = idempotency_key(&headers)?;
+    let rate = match &prepared.key {
+        Some(key) => state.0.limiter.admit(key, prepared.valid.engine.n)?,
+        None => Default::default(),
+    };
+    let mut response = dispatch(state, prepared, &headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    rate.apply(&mut response);
+    Ok(response)
+}
+
+/// Runs an admitted request: streamed, under an idempotency key, attachable by SDK
+/// retries, or plain.
+async fn dispatch(
+    state: AppState,
+    prepared: Prepared,
+    headers: &HeaderMap,
+    body: Value,
+) -> Result<Response, ApiError> {
+    let idem = idempotency_key(headers)?;
     if prepared.valid.request.stream {
         if idem.is_some() {
             return Err(ApiError::invalid(
@@ -106,7 +125,7 @@ pub async fn generate(
         };
         return detached(state, prepared, run, Table::Keys).await;
     }
-    if let Some(attempt) = sdk_attempt(&headers) {
+    if let Some(attempt) = sdk_attempt(headers) {
         let run = Run {
             scope: format!("{owner}\n{fingerprint}"),
             fingerprint,

@@ -203,3 +203,52 @@ async fn a_model_still_loading_is_503_and_not_ready() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn per_key_rate_limits_answer_429_with_openai_headers() {
+    let s = start(Options::default()).await;
+    let key = s.db.list_keys().await.unwrap().remove(0);
+    let limits = pictor_store::KeyLimits {
+        requests_per_minute: Some(2),
+        images_per_minute: Some(3),
+    };
+    s.db.set_limits(&key.id, limits).await.unwrap();
+    let body = |n: u32| json!({"model": MODEL, "prompt": "x", "size": "32x32", "steps": 1, "n": n});
+
+    let (status, headers, reply) = s.generate(body(2)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(headers["x-ratelimit-limit-requests"], "2");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(headers["x-ratelimit-limit-images"], "3");
+    assert_eq!(headers["x-ratelimit-remaining-images"], "1");
+    assert!(headers.contains_key("x-ratelimit-reset-requests"));
+
+    // Two more images do not fit the images-per-minute budget.
+    let (status, headers, reply) = s.generate(body(2)).await;
+    assert_eq!(status, 429, "{reply}");
+    let (kind, _, code) = error_parts(&reply);
+    assert_eq!(
+        (kind.as_str(), code.as_deref()),
+        ("images", Some("rate_limit_exceeded"))
+    );
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert!(headers.contains_key("retry-after-ms"));
+    assert_eq!(
+        headers["x-ratelimit-remaining-requests"], "1",
+        "a refusal costs nothing"
+    );
+
+    // One image still fits; then the requests budget is spent.
+    let (status, _, _) = s.generate(body(1)).await;
+    assert_eq!(status, 200);
+    let (status, headers, reply) = s.generate(body(1)).await;
+    assert_eq!(status, 429);
+    assert_eq!(error_parts(&reply).0, "requests");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "0");
+
+    // More images than a minute allows can never succeed: 400, not 429.
+    let (status, _, reply) = s.generate(body(4)).await;
+    assert_eq!(status, 400);
+    assert_eq!(error_parts(&reply).1.as_deref(), Some("n"));
+}
