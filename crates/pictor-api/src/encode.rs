@@ -65,8 +65,27 @@ fn png_with_parameters(img: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u
     Ok(out)
 }
 
+/// An EXIF block (raw TIFF, big-endian) holding `parameters` as its `UserComment`, in the
+/// form AUTOMATIC1111's web UI writes and reads for JPEG and WebP: the `UNICODE\0` charset
+/// code, then UTF-16BE text.
+fn exif_with_parameters(parameters: &str) -> anyhow::Result<Vec<u8>> {
+    let mut comment = b"UNICODE\0".to_vec();
+    comment.extend(parameters.encode_utf16().flat_map(u16::to_be_bytes));
+    let field = exif::Field {
+        tag: exif::Tag::UserComment,
+        ifd_num: exif::In::PRIMARY,
+        value: exif::Value::Undefined(comment, 0),
+    };
+    let mut writer = exif::experimental::Writer::new();
+    writer.push_field(&field);
+    let mut out = Cursor::new(Vec::new());
+    writer.write(&mut out, false)?;
+    Ok(out.into_inner())
+}
+
 /// Encodes `img`; `quality` (1..=100) applies to JPEG. `parameters` (the receipt in the
-/// text form image tools use) is embedded in PNG files; JPEG and WebP carry none yet.
+/// text form image tools use) is embedded in every format: a PNG `parameters` text chunk,
+/// or the EXIF `UserComment` of JPEG and WebP. An empty `parameters` embeds nothing.
 pub fn encode(
     img: &RgbImage,
     format: Format,
@@ -76,18 +95,24 @@ pub fn encode(
     let mut out = Cursor::new(Vec::new());
     let (w, h) = (img.width as u32, img.height as u32);
     let color = image::ExtendedColorType::Rgb8;
+    let exif = if parameters.is_empty() {
+        Vec::new()
+    } else {
+        exif_with_parameters(parameters)?
+    };
     match format {
         Format::Png => return png_with_parameters(img, parameters),
         Format::Jpeg => {
-            codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
-                .write_image(&img.pixels, w, h, color)?
+            let mut encoder =
+                codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            encoder.set_exif_metadata(exif)?;
+            encoder.write_image(&img.pixels, w, h, color)?
         }
-        Format::Webp => codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
-            &img.pixels,
-            w,
-            h,
-            color,
-        )?,
+        Format::Webp => {
+            let mut encoder = codecs::webp::WebPEncoder::new_lossless(&mut out);
+            encoder.set_exif_metadata(exif)?;
+            encoder.write_image(&img.pixels, w, h, color)?
+        }
     }
     Ok(out.into_inner())
 }

@@ -60,6 +60,18 @@ impl Receipt {
         })
     }
 
+    /// The receipt of an image file: PNG (`parameters` text chunk), JPEG or WebP (EXIF
+    /// `UserComment`).
+    pub fn from_image(bytes: &[u8]) -> anyhow::Result<Self> {
+        if bytes.starts_with(b"\x89PNG") {
+            return Self::from_png(bytes);
+        }
+        let format = image::guess_format(bytes)?;
+        let text = exif_user_comment(bytes, format)?;
+        Self::parse(&text)
+            .ok_or_else(|| anyhow::anyhow!("the EXIF UserComment has no Steps, Seed and Size"))
+    }
+
     /// Reads the receipt from a PNG's `parameters` chunk (tEXt, zTXt or iTXt).
     pub fn from_png(bytes: &[u8]) -> anyhow::Result<Self> {
         let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
@@ -87,6 +99,47 @@ impl Receipt {
     }
 }
 
+/// The EXIF `UserComment` of a JPEG or WebP file, decoded by its charset code.
+fn exif_user_comment(bytes: &[u8], format: image::ImageFormat) -> anyhow::Result<String> {
+    use image::ImageDecoder as _;
+    let cursor = std::io::Cursor::new(bytes);
+    let tiff = match format {
+        image::ImageFormat::Jpeg => {
+            image::codecs::jpeg::JpegDecoder::new(cursor)?.exif_metadata()?
+        }
+        image::ImageFormat::WebP => {
+            image::codecs::webp::WebPDecoder::new(cursor)?.exif_metadata()?
+        }
+        other => anyhow::bail!("{other:?} files carry no receipt Pictor can read"),
+    }
+    .ok_or_else(|| anyhow::anyhow!("the image has no EXIF metadata"))?;
+    let exif = exif::Reader::new().read_raw(tiff)?;
+    let field = exif
+        .get_field(exif::Tag::UserComment, exif::In::PRIMARY)
+        .ok_or_else(|| anyhow::anyhow!("the EXIF metadata has no UserComment"))?;
+    let exif::Value::Undefined(raw, _) = &field.value else {
+        anyhow::bail!("the EXIF UserComment is not of type UNDEFINED");
+    };
+    let (code, text) = raw.split_at(raw.len().min(8));
+    Ok(match code {
+        b"UNICODE\0" => {
+            // UTF-16 in the file's byte order, as the standard says; big-endian in practice.
+            let units: Vec<u16> = text
+                .chunks_exact(2)
+                .map(|c| {
+                    if exif.little_endian() {
+                        u16::from_le_bytes([c[0], c[1]])
+                    } else {
+                        u16::from_be_bytes([c[0], c[1]])
+                    }
+                })
+                .collect();
+            String::from_utf16(&units)?
+        }
+        _ => String::from_utf8_lossy(text).into_owned(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +157,38 @@ mod tests {
         };
         assert_eq!(Receipt::parse(&r.to_parameters()), Some(r));
         assert_eq!(Receipt::parse("just a prompt"), None);
+    }
+
+    #[test]
+    fn every_format_carries_the_receipt() {
+        use crate::encode::{Format, encode};
+        let r = Receipt {
+            prompt: "un café, s'il vous plaît — ☕".into(),
+            steps: 3,
+            seed: 42,
+            width: 16,
+            height: 8,
+            model: "m".into(),
+            model_hash: None,
+        };
+        let img = pictor_sched::RgbImage {
+            width: 16,
+            height: 8,
+            pixels: vec![200; 16 * 8 * 3],
+        };
+        for format in [Format::Png, Format::Jpeg, Format::Webp] {
+            let bytes = encode(&img, format, 90, &r.to_parameters()).expect("encodes");
+            let back = Receipt::from_image(&bytes).unwrap_or_else(|e| panic!("{format:?}: {e:#}"));
+            assert_eq!(back, r, "{format:?}");
+            assert!(
+                image::load_from_memory(&bytes).is_ok(),
+                "{format:?} still decodes"
+            );
+        }
+        let bare = encode(&img, Format::Jpeg, 90, "").expect("encodes");
+        assert!(
+            Receipt::from_image(&bare).is_err(),
+            "no receipt, a clear error"
+        );
     }
 }

@@ -24,7 +24,8 @@ pub struct Args {
     /// The prompt.
     #[arg(long, short = 'p', required_unless_present = "from_image")]
     prompt: Option<String>,
-    /// Reproduce an image from the receipt in its own PNG (prompt, steps, seed, size);
+    /// Reproduce an image from the receipt in its own PNG, JPEG or WebP file (prompt, steps,
+    /// seed, size);
     /// `--model` must name the model that drew it.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n"])]
     from_image: Option<PathBuf>,
@@ -76,8 +77,19 @@ fn output_path(base: &Path, i: usize, n: usize) -> PathBuf {
     base.with_file_name(format!("{stem}-{i}.{ext}"))
 }
 
-fn save_png(image: &RgbImage, receipt: &Receipt, path: &Path) -> anyhow::Result<()> {
-    let bytes = pictor_api::encode::encode(image, Format::Png, 100, &receipt.to_parameters())?;
+/// Writes the image with its receipt, in the format the file name asks for (`.jpg`/`.jpeg`
+/// at quality 95, `.webp` lossless, PNG otherwise).
+fn save(image: &RgbImage, receipt: &Receipt, path: &Path) -> anyhow::Result<()> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let format = match ext.as_deref() {
+        Some("jpg" | "jpeg") => Format::Jpeg,
+        Some("webp") => Format::Webp,
+        _ => Format::Png,
+    };
+    let bytes = pictor_api::encode::encode(image, format, 95, &receipt.to_parameters())?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
@@ -85,7 +97,7 @@ fn save_png(image: &RgbImage, receipt: &Receipt, path: &Path) -> anyhow::Result<
 fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
     if let Some(file) = &args.from_image {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        let r = Receipt::from_png(&bytes)
+        let r = Receipt::from_image(&bytes)
             .with_context(|| format!("reading the receipt in {}", file.display()))?;
         return Ok(GenerationRequest {
             prompt: r.prompt,
@@ -182,7 +194,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             model: args.model.clone(),
             model_hash: None,
         };
-        save_png(image, &receipt, &path)?;
+        save(image, &receipt, &path)?;
         println!(
             "wrote {} ({}x{}, seed {})",
             path.display(),

@@ -247,6 +247,37 @@ fn from_image_reproduces_an_image_bit_for_bit() {
     let b = image::open(&again).unwrap().to_rgb8();
     assert_eq!(a, b, "same pixels");
 
+    // WebP (lossless) carries the receipt in EXIF and reproduces the same way.
+    let webp = dir.path().join("out.webp");
+    let run = generate(fixture().to_str().unwrap(), &webp, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let from_webp = dir.path().join("from-webp.png");
+    let run = pictor()
+        .args([
+            "generate",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--from-image",
+        ])
+        .arg(&webp)
+        .arg("-o")
+        .arg(&from_webp)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        image::open(&webp).unwrap().to_rgb8(),
+        image::open(&from_webp).unwrap().to_rgb8()
+    );
+
     // A PNG without a receipt is a clear error.
     let plain = dir.path().join("plain.png");
     image::RgbImage::new(4, 4).save(&plain).unwrap();

@@ -103,7 +103,7 @@ async fn expired_links_are_404_and_swept_from_disk() {
 }
 
 #[tokio::test]
-async fn jpeg_and_webp_outputs() {
+async fn jpeg_and_webp_outputs_carry_the_receipt() {
     let s = start(Options::default()).await;
     for (format, magic, mime) in [
         ("jpeg", &b"\xff\xd8"[..], "image/jpeg"),
@@ -125,6 +125,16 @@ async fn jpeg_and_webp_outputs() {
         let bytes = r.bytes().await.unwrap();
         assert!(bytes.starts_with(magic));
         assert_eq!(decode(&bytes).dimensions(), (64, 48));
+        let receipt = pictor_api::receipt::Receipt::from_image(&bytes).expect("EXIF receipt");
+        assert_eq!(
+            (
+                receipt.prompt.as_str(),
+                receipt.seed,
+                receipt.steps,
+                receipt.width
+            ),
+            ("a", 1, 2, 64)
+        );
     }
 }
 
