@@ -45,12 +45,16 @@ def load_trained(d: Path, seed: int):
     tok, tok2 = T.load_tokenizers(d / "tokenizers")
     clip, t5, tr = T.make_models(tok, tok2, seed)
     fl = torch.load(d / "ckpt" / "flux.pt", map_location="cpu", weights_only=False)
+    tuned = d / "ckpt" / "tune.pt"
+    tn = torch.load(tuned, map_location="cpu", weights_only=False) if tuned.exists() else None
     for k, m in (("transformer", tr), ("clip", clip), ("t5", t5)):
-        m.load_state_dict(fl["ema"][k])
+        m.load_state_dict((tn or fl)["ema"][k])
     vae = T.load_ema_vae(d, seed)
     st = json.loads((d / "latent_stats.json").read_text())
     vae.register_to_config(scaling_factor=round(st["scaling_factor"], 4), shift_factor=round(st["shift_factor"], 4))
     info = {"flux_steps": fl["step"], "flux_minutes": fl["seconds"] / 60}
+    if tn is not None:
+        info.update({"tune_steps": tn["step"], "tune_minutes": tn["seconds"] / 60})
     ae = torch.load(d / "ckpt" / "ae.pt", map_location="cpu", weights_only=False)
     info.update({"ae_steps": ae["step"], "ae_minutes": ae["seconds"] / 60,
                  "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor})

@@ -14,6 +14,8 @@ Stages (run in this order by --stage all; each one resumes where it stopped):
           rectified flow: x_t = (1-t) x0 + t eps, target v = eps - x0, timestep input t
           (diffusers' FluxPipeline passes sigma = t/1000), t ~ 75 % logit-normal(0,1),
           25 % uniform.  AdamW, warm-up + cosine, grad clip, EMA, bf16 autocast.
+5. tune   continue the transformer and text encoders with a foreground-weighted loss and
+          half the timesteps at the 4 sigmas inference uses (see flux_phase).
 
 All state lives in ${PICTOR_TRAIN_DIR:-$HOME/.cache/pictor/train-tiny}: checkpoints are
 written atomically every --ckpt-minutes and when the time box (--minutes) ends; running the
@@ -79,7 +81,8 @@ DEFAULTS = dict(
     n_train=30000,
     ae_steps=3600, ae_lr=1e-3, ae_crop_frac=0.75, ae_crop=64, ae_bs_crop=16, ae_bs_full=8,
     ae_kl=1e-4, ae_fg_weight=4.0, ae_ema=0.999,
-    flux_steps=10000, flux_lr=1e-3, flux_bs=32, flux_ema=0.999, flux_min_lr_frac=0.05,
+    flux_steps=10000, flux_stop=6022, flux_lr=1e-3, flux_bs=32, flux_ema=0.999, flux_min_lr_frac=0.05,
+    tune_steps=8000, tune_lr=5e-4, tune_fg_weight=24.0, tune_discrete_frac=0.5,
     warmup=100,
 )
 
@@ -504,43 +507,74 @@ def flux_forward(tr, clip, t5, x_t, t, cids, tids):
               return_dict=False)[0]
 
 
-def stage_flux(d: Path, a, log, deadline: float) -> bool:
-    ck = d / "ckpt" / "flux.pt"
+def token_cover(masks: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """Fraction of each packed token's 16x16 pixels that belong to a shape: [bs, tokens]."""
+    m = torch.from_numpy(np.array(masks[idx])).float().div(255.0)[:, None]
+    return torch.nn.functional.avg_pool2d(m, 16).flatten(1)
+
+
+# The sigmas a 4-step schnell run evaluates the transformer at (FlowMatchEulerDiscrete,
+# no shift): the tune phase spends part of its samples exactly there.
+INFERENCE_SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.25])
+
+
+def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
+    """One phase of transformer training.
+
+    flux  from scratch: plain rectified-flow MSE, t ~ 75 % logit-normal(0,1) + 25 % uniform,
+          cosine over --flux-steps, stopped at --flux-stop.
+    tune  from the flux phase's weights and EMA, fresh optimizer: the same loss with every
+          packed token weighted 1 + --tune-fg-weight x (its shape coverage), normalised per
+          batch, so that small shapes are not drowned by the background; and half of the
+          timesteps drawn from the 4 sigmas inference uses.  Cosine over --tune-steps.
+    """
+    tune = phase == "tune"
+    ck = d / "ckpt" / ("tune.pt" if tune else "flux.pt")
+    stage_id = 4 if tune else 3
+    total = a.tune_steps if tune else a.flux_steps
+    stop = total if tune else min(a.flux_stop, a.flux_steps)
+    base_lr = a.tune_lr if tune else a.flux_lr
     tok, tok2 = load_tokenizers(d / "tokenizers")
     clip, t5, tr = make_models(tok, tok2, a.seed)
     mods = {"transformer": tr, "clip": clip, "t5": t5}
     params = [p for m in mods.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=a.flux_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = load_ckpt(ck)
     if state is not None:
         for k, m in mods.items():
             m.load_state_dict(state["model"][k])
         opt.load_state_dict(state["opt"])
         ema, step, spent = state["ema"], state["step"], state["seconds"]
+    elif tune:
+        init = load_ckpt(d / "ckpt" / "flux.pt")
+        for k, m in mods.items():
+            m.load_state_dict(init["model"][k])
+        ema, step, spent = init["ema"], 0, 0.0
     else:
         ema = {k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in mods.items()}
         step, spent = 0, 0.0
-    if step >= a.flux_steps:
+    if step >= stop:
         return True
-    log(f"flux: transformer {nparams(tr):,} + CLIP {nparams(clip):,} + T5 {nparams(t5):,} params; "
-        f"resuming at step {step}/{a.flux_steps} ({spent / 60:.1f} min so far)")
+    log(f"{phase}: transformer {nparams(tr):,} + CLIP {nparams(clip):,} + T5 {nparams(t5):,} params; "
+        f"resuming at step {step}/{stop} ({spent / 60:.1f} min so far)")
     st = json.loads((d / "latent_stats.json").read_text())
     shift, scale = st["shift_factor"], st["scaling_factor"]
     mean, logvar = load_latents(d)
     std = np.exp(0.5 * logvar.astype(np.float32)).astype(np.float16)
     del logvar
     n = mean.shape[0] - 1000
+    masks = np.load(d / "data" / "masks.npy", mmap_mode="r") if tune else None
     cids_all = torch.from_numpy(np.load(d / "data" / "clip_ids.npy")).long()
     tids_all = torch.from_numpy(np.load(d / "data" / "t5_ids.npy")).long()
     for m in mods.values():
         m.train()
-    lossf = open(d / "loss_flux.tsv", "a")
+    lossf = open(d / f"loss_{phase}.tsv", "a")
     perm_cache: dict = {}
     last_ck, t_acc, run = time.time(), time.time(), []
-    while step < a.flux_steps:
+    while step < stop:
         t_step = time.time()
-        g = step_gen(a.seed, 3, step)
-        idx = np.sort(batch_indices(a.seed, 3, step, a.flux_bs, n, perm_cache))
+        g = step_gen(a.seed, stage_id, step)
+        idx = np.sort(batch_indices(a.seed, stage_id, step, a.flux_bs, n, perm_cache))
         bs = len(idx)
         var = torch.randint(0, 2, (bs,), generator=g)
         cids = cids_all[idx, var]
@@ -552,14 +586,22 @@ def stage_flux(d: Path, a, log, deadline: float) -> bool:
         t_ln = torch.sigmoid(torch.randn(bs, generator=g))
         t = torch.where(torch.rand(bs, generator=g) < 0.75, t_ln, u)
         eps = torch.randn(x0.shape, generator=g)
+        if tune:
+            at = INFERENCE_SIGMAS[torch.randint(0, 4, (bs,), generator=g)]
+            t = torch.where(torch.rand(bs, generator=g) < a.tune_discrete_frac, at, t)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         v = eps - x0
-        lr = lr_at(step, a.flux_steps, a.flux_lr, a.warmup, a.flux_min_lr_frac)
+        lr = lr_at(step, total, base_lr, a.warmup, a.flux_min_lr_frac)
         for pg in opt.param_groups:
             pg["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
             pred = flux_forward(tr, clip, t5, x_t, t, cids, tids)
-        loss = (pred.float() - v).square().mean()
+        err = (pred.float() - v).square()
+        if tune:
+            w = 1.0 + a.tune_fg_weight * token_cover(masks, idx)
+            loss = (w * err.mean(-1)).sum() / w.sum()
+        else:
+            loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -569,22 +611,22 @@ def stage_flux(d: Path, a, log, deadline: float) -> bool:
         step += 1
         spent += time.time() - t_step
         run.append((loss.item(), gn))
-        if step % 50 == 0 or step == a.flux_steps:
+        if step % 50 == 0 or step == stop:
             r = np.mean(run, 0)
             lossf.write(f"{step}\t{spent:.0f}\t{r[0]:.5f}\t{r[1]:.3f}\t{lr:.2e}\n")
             lossf.flush()
-            log(f"flux step {step}/{a.flux_steps} loss {r[0]:.4f} gnorm {r[1]:.2f} lr {lr:.1e} "
+            log(f"{phase} step {step}/{stop} loss {r[0]:.4f} gnorm {r[1]:.2f} lr {lr:.1e} "
                 f"{(time.time() - t_acc) / len(run):.2f}s/step")
             run, t_acc = [], time.time()
-        stop = time.time() >= deadline
-        if stop or step == a.flux_steps or time.time() - last_ck > a.ckpt_minutes * 60:
+        out_of_time = time.time() >= deadline
+        if out_of_time or step == stop or time.time() - last_ck > a.ckpt_minutes * 60:
             atomic_save({"model": {k: m.state_dict() for k, m in mods.items()}, "opt": opt.state_dict(),
                          "ema": ema, "step": step, "seconds": spent, "args": vars(a)}, ck)
             last_ck = time.time()
-            if stop and step < a.flux_steps:
-                log(f"flux: time box reached at step {step}; checkpoint saved")
+            if out_of_time and step < stop:
+                log(f"{phase}: time box reached at step {step}; checkpoint saved")
                 return False
-    log(f"flux: done, {step} steps, {spent / 60:.1f} min")
+    log(f"{phase}: done, {step} steps, {spent / 60:.1f} min")
     return True
 
 
@@ -592,7 +634,7 @@ def stage_flux(d: Path, a, log, deadline: float) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["data", "ae", "encode", "flux", "all"], default="all")
+    ap.add_argument("--stage", choices=["data", "ae", "encode", "flux", "tune", "all"], default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=150.0, help="time box for this invocation")
     ap.add_argument("--seed", type=int, default=0)
@@ -614,11 +656,14 @@ def main() -> None:
     if run_all or a.stage == "ae":
         if not stage_ae(d, a, log, deadline):
             return
-    if run_all or a.stage in ("encode", "flux"):
+    if run_all or a.stage in ("encode", "flux", "tune"):
         if not stage_encode(d, a, log, deadline):
             return
-    if run_all or a.stage == "flux":
-        if not stage_flux(d, a, log, deadline):
+    if run_all or a.stage in ("flux", "tune"):
+        if not flux_phase(d, a, log, deadline, "flux"):
+            return
+    if run_all or a.stage == "tune":
+        if not flux_phase(d, a, log, deadline, "tune"):
             return
     log("finished: all requested stages complete")
 
