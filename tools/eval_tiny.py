@@ -2,7 +2,8 @@
 """Evaluate models/pictor-tiny on prompts with HELD-OUT colour-shape pairs (tools/scenes.py).
 
 Images come from diffusers' FluxPipeline loaded from the exported folder (4 steps,
-guidance_scale 0, max_sequence_length = the trained T5 length, 128x128), and are scored
+guidance_scale 0, max_sequence_length = the trained T5 length, 128x128), or with --pictor
+from Pictor itself over its HTTP API (what users get), and are scored
 by pixel statistics:
 
 * bg colour : nearest named colour of the median of the outer 10 % frame
@@ -18,6 +19,7 @@ Prompt sets (solid backgrounds chosen far from the shape colour):
   pos-held     small held-out shapes in the 8 non-centre cells, canonical and "label:" captions
 
     python tools/eval_tiny.py [--model models/pictor-tiny] [--source model|gt|ae] [--steps 4]
+                              [--pictor target/release/pictor]   # through Pictor's HTTP API
 """
 
 from __future__ import annotations
@@ -156,6 +158,51 @@ def generate(pipe, items: list[dict], steps: int, seed: int, bs: int = 16) -> np
     return np.concatenate(out)
 
 
+def generate_pictor(binary: Path, model: Path, items: list[dict], steps: int, seed: int) -> np.ndarray:
+    """The same prompts through Pictor itself: `pictor serve` on a free loopback port with
+    the model, one POST /v1/images/generations per prompt (b64_json, seed per item)."""
+    import base64
+    import io
+    import socket
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    from PIL import Image
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    tmp = Path(tempfile.mkdtemp(prefix="pictor-eval-"))
+    cfg = tmp / "pictor.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\ndata_dir = "{tmp / "data"}"\n'
+                   f'[models.eval]\npath = "{model.resolve()}"\ndefault_size = "128x128"\nmin_side = 64\n')
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen([str(binary), "--config", str(cfg), "serve"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(url + "/readyz").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit(f"pictor serve did not become ready; see {tmp / 'serve.log'}")
+        out = []
+        for k, it in enumerate(items):
+            body = json.dumps({"model": "eval", "prompt": it["prompt"], "size": "128x128", "steps": steps,
+                               "seed": seed * 100_000 + k, "response_format": "b64_json"}).encode()
+            req = urllib.request.Request(url + "/v1/images/generations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            reply = json.loads(urllib.request.urlopen(req).read())
+            png = base64.b64decode(reply["data"][0]["b64_json"])
+            out.append(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        return np.stack(out)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def ground_truth(items: list[dict], seed: int) -> np.ndarray:
     return np.stack([scenes.render(scenes.eval_scene(it["colour"], it["shape"], it["size"], it["cell"], it["bg"],
                                                      jitter_seed=seed * 100_000 + k))
@@ -186,6 +233,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="results JSON + sample grids go here")
+    ap.add_argument("--pictor", type=Path, default=None, metavar="BIN",
+                    help="generate through this pictor binary's HTTP API instead of diffusers")
     args = ap.parse_args()
     T.setup_torch(args.threads)
     T._quiet()
@@ -193,14 +242,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     sets = prompt_sets(args.seed)
     pipe = None
-    if args.source != "gt":
+    if args.source == "ae" or (args.source == "model" and args.pictor is None):
         from diffusers import FluxPipeline
         pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
-    report = {"source": args.source, "steps": args.steps, "model": str(args.model), "sets": {}}
+    engine = "pictor" if args.pictor is not None else "diffusers"
+    report = {"source": args.source, "engine": engine, "steps": args.steps, "model": str(args.model), "sets": {}}
     t0 = time.time()
     for name, items in sets.items():
-        if args.source == "model":
+        if args.source == "model" and args.pictor is not None:
+            imgs = generate_pictor(args.pictor, args.model, items, args.steps, args.seed)
+        elif args.source == "model":
             imgs = generate(pipe, items, args.steps, args.seed)
         else:
             imgs = ground_truth(items, args.seed)
@@ -222,7 +274,7 @@ def main() -> None:
         "shape_large": ch["shape"],
     }
     (out / f"{args.source}-{args.steps}steps.json").write_text(json.dumps(report, indent=2))
-    print(f"source {args.source}, {args.steps} steps, model {args.model} ({report['seconds']} s)")
+    print(f"source {args.source}, engine {engine}, {args.steps} steps, model {args.model} ({report['seconds']} s)")
     print(f"{'set':12s} {'n':>4s} {'fg':>6s} {'bg':>6s} {'pos':>6s} {'shape':>6s}")
     for name, r in report["sets"].items():
         print(f"{name:12s} {r['n']:4d} {r['fg']:6.1f} {r['bg']:6.1f} {r['pos']:6.1f} {r['shape']:6.1f}")
