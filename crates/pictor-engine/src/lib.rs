@@ -28,6 +28,7 @@ mod image;
 
 mod layout;
 mod noise;
+pub mod ops;
 mod pipeline;
 pub mod text;
 pub mod weights;

@@ -7,6 +7,7 @@
 //! noise, packing, the sigma schedule, the Euler update in f32, and the 8-bit conversion.
 
 pub mod config;
+pub mod decoder;
 pub mod sampling;
 
 use std::{sync::Arc, time::Instant};
@@ -86,7 +87,7 @@ impl StepState<'_> {
 pub struct FluxPipeline {
     text: TextEncoders,
     denoiser: Denoiser,
-    decoder: autoencoder::Decoder,
+    decoder: decoder::Decoder,
     vae: autoencoder::Config,
     transformer: candle_transformers::models::flux::model::Config,
     device: Device,
@@ -129,7 +130,7 @@ fn open_vae(
     part: &Part,
     dtype: DType,
     device: &Device,
-) -> Result<(autoencoder::Decoder, autoencoder::Config)> {
+) -> Result<(decoder::Decoder, autoencoder::Config)> {
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
     let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
         MappedWeights::new(files, Scheme::Identity, prefix)
@@ -149,8 +150,7 @@ fn open_vae(
         });
     };
     let cfg = config::vae(&weights, part.config.as_deref())?;
-    let decoder = autoencoder::Decoder::new(&cfg, weights.var_builder(dtype, device).pp("decoder"))
-        .map_err(|e| EngineError::load("vae", e))?;
+    let decoder = decoder::Decoder::load(&cfg, weights.var_builder(dtype, device).pp("decoder"))?;
     Ok((decoder, cfg))
 }
 
