@@ -1,31 +1,33 @@
 //! FLUX.1-schnell: CLIP-L and T5 text encoders, the flux transformer, the schnell
 //! schedule and the flux autoencoder's decoder.
 //!
-//! The networks are candle-transformers' (`models::flux`, `models::t5`,
-//! `models::clip::text_model`), which follow the Black Forest Labs reference; this module
-//! owns everything around them that decides parity with diffusers: tokenization, seeded
-//! noise, packing, the sigma schedule, the Euler update in f32, and the 8-bit conversion.
+//! The transformer and text encoders are candle-transformers' (`models::flux`, `models::t5`,
+//! `models::clip::text_model`), which follow the Black Forest Labs reference; the decoder
+//! is ours (`decoder.rs`, on faster CPU kernels). This module owns everything around them
+//! that decides parity with diffusers: tokenization, seeded noise, packing, the sigma
+//! schedule, the Euler update in f32, and the 8-bit conversion. Each network is also a
+//! component of its own ([`transformer::Transformer`], [`vae::Vae`]) for benches and staged
+//! loading.
 
 pub mod config;
 pub mod decoder;
 pub mod sampling;
+pub mod transformer;
+pub mod vae;
 
-use std::{sync::Arc, time::Instant};
+use std::time::Instant;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_transformers::models::flux::{
-    WithForward, autoencoder, model::Flux, quantized_model::Flux as QuantizedFlux,
-};
+use candle_core::{DType, Device, Tensor};
 
+use self::{transformer::Transformer, vae::Vae};
 use crate::{
     device::{DTypeChoice, DeviceChoice},
     error::{EngineError, Result},
-    image::{RgbImage, to_rgb8, to_unit_range},
-    layout::{ModelFiles, Part},
+    image::{RgbImage, to_rgb8},
+    layout::ModelFiles,
     noise::gaussian_noise,
     pipeline::{Control, Generation, GenerationRequest, Phases, Pipeline, Progress, preview_steps},
     text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
-    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
 /// Latent channels of the flux autoencoder (before 2×2 packing).
@@ -56,11 +58,6 @@ impl Default for FluxOptions {
     }
 }
 
-enum Denoiser {
-    Dense(Box<Flux>),
-    Quantized(Box<QuantizedFlux>),
-}
-
 /// The sampler after a step, as [`FluxPipeline::denoise`] shows it to its callback.
 pub struct StepState<'a> {
     /// Steps finished (0 before the first).
@@ -86,72 +83,11 @@ impl StepState<'_> {
 /// A loaded FLUX.1-schnell pipeline.
 pub struct FluxPipeline {
     text: TextEncoders,
-    denoiser: Denoiser,
-    decoder: decoder::Decoder,
-    vae: autoencoder::Config,
-    transformer: candle_transformers::models::flux::model::Config,
+    transformer: Transformer,
+    vae: Vae,
     device: Device,
     dtype: DType,
     options: FluxOptions,
-}
-
-fn open_transformer(
-    part: &Part,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Denoiser, candle_transformers::models::flux::model::Config)> {
-    if part.is_gguf() {
-        let gguf = GgufFile::open(&part.files[0])?;
-        let cfg = config::transformer(&gguf, part.config.as_deref())?;
-        let vb = gguf.var_builder(device)?;
-        let model = QuantizedFlux::new(&cfg, vb).map_err(|e| {
-            EngineError::load("transformer", format!("{}: {e}", gguf.path().display()))
-        })?;
-        return Ok((Denoiser::Quantized(Box::new(model)), cfg));
-    }
-    let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    let weights = if let Some(prefix) = files.prefix_of("double_blocks.0.img_attn.qkv.weight") {
-        MappedWeights::new(files, Scheme::Identity, prefix)
-    } else if let Some(prefix) = files.prefix_of("transformer_blocks.0.attn.to_q.weight") {
-        MappedWeights::new(files, Scheme::DiffusersFluxTransformer, prefix)
-    } else {
-        return Err(EngineError::UnknownLayout {
-            path: files.path_of(""),
-            message: "neither Black Forest Labs (double_blocks.N...) nor diffusers (transformer_blocks.N...) transformer names".into(),
-        });
-    };
-    let cfg = config::transformer(&weights, part.config.as_deref())?;
-    let model = Flux::new(&cfg, weights.var_builder(dtype, device))
-        .map_err(|e| EngineError::load("transformer", e))?;
-    Ok((Denoiser::Dense(Box::new(model)), cfg))
-}
-
-fn open_vae(
-    part: &Part,
-    dtype: DType,
-    device: &Device,
-) -> Result<(decoder::Decoder, autoencoder::Config)> {
-    let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
-        MappedWeights::new(files, Scheme::Identity, prefix)
-    } else if let Some(prefix) = files.prefix_of("decoder.up_blocks.0.resnets.0.conv1.weight") {
-        let levels = (0..)
-            .take_while(|k| {
-                files.contains(&format!(
-                    "{prefix}decoder.up_blocks.{k}.resnets.0.conv1.weight"
-                ))
-            })
-            .count();
-        MappedWeights::new(files, Scheme::DiffusersVae { levels }, prefix)
-    } else {
-        return Err(EngineError::UnknownLayout {
-            path: files.path_of(""),
-            message: "neither Black Forest Labs (decoder.up.N...) nor diffusers (decoder.up_blocks.N...) autoencoder names".into(),
-        });
-    };
-    let cfg = config::vae(&weights, part.config.as_deref())?;
-    let decoder = decoder::Decoder::load(&cfg, weights.var_builder(dtype, device).pp("decoder"))?;
-    Ok((decoder, cfg))
 }
 
 impl FluxPipeline {
@@ -173,14 +109,12 @@ impl FluxPipeline {
             clip,
             t5: T5Encoder::load(&files.t5, dtype, &device)?,
         };
-        let (denoiser, transformer) = open_transformer(&files.transformer, dtype, &device)?;
-        let (decoder, vae) = open_vae(&files.vae, dtype, &device)?;
+        let transformer = Transformer::load(&files.transformer, dtype, &device)?;
+        let vae = Vae::load(&files.vae, dtype, &device)?;
         Ok(Self {
             text,
-            denoiser,
-            decoder,
-            vae,
             transformer,
+            vae,
             device,
             dtype,
             options,
@@ -194,7 +128,23 @@ impl FluxPipeline {
 
     /// The transformer's hyper-parameters, as read from the weights.
     pub fn transformer_config(&self) -> &candle_transformers::models::flux::model::Config {
-        &self.transformer
+        self.transformer.config()
+    }
+
+    /// One transformer evaluation; see [`Transformer::velocity`].
+    pub fn velocity(
+        &self,
+        img: &Tensor,
+        emb: &Embeddings,
+        sigma: f64,
+        latent_hw: (usize, usize),
+    ) -> Result<Tensor> {
+        self.transformer.velocity(img, emb, sigma, latent_hw)
+    }
+
+    /// Decodes packed latents to pixels in `[0, 1]`; see [`Vae::decode`].
+    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        self.vae.decode(packed, height, width)
     }
 
     /// Encodes a prompt with both text encoders.
@@ -208,48 +158,6 @@ impl FluxPipeline {
             self.text.clip_tokenizer.encode(prompt)?.ids,
             self.text.t5_tokenizer.encode(prompt)?.ids,
         ))
-    }
-
-    /// One transformer evaluation: the velocity for packed latents `img` `(b, tokens, 64)`
-    /// at `sigma`, returned in f32. `emb` holds one prompt (shared by the batch) or `b`.
-    pub fn velocity(
-        &self,
-        img: &Tensor,
-        emb: &Embeddings,
-        sigma: f64,
-        latent_hw: (usize, usize),
-    ) -> Result<Tensor> {
-        let b = img.dim(0)?;
-        // The quantized model computes in f32 whatever the pipeline's dtype.
-        let dtype = match self.denoiser {
-            Denoiser::Dense(_) => self.dtype,
-            Denoiser::Quantized(_) => DType::F32,
-        };
-        // One prompt for the whole batch, or one per image.
-        let per_image = emb.sequence.dim(0)? == b;
-        let txt = emb.sequence.to_dtype(dtype)?;
-        let txt = if per_image {
-            txt
-        } else {
-            txt.repeat((b, 1, 1))?
-        };
-        let pooled = emb.pooled.to_dtype(dtype)?;
-        let pooled = if per_image {
-            pooled
-        } else {
-            pooled.repeat((b, 1))?
-        };
-        let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), dtype, &self.device)?;
-        let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
-        let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
-        let img = img.to_dtype(dtype)?;
-        let v = match &self.denoiser {
-            Denoiser::Dense(m) => m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?,
-            Denoiser::Quantized(m) => {
-                m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?
-            }
-        };
-        Ok(v.to_dtype(DType::F32)?)
     }
 
     /// Denoises `noise` `(b, 16, h, w)` for `steps` schnell steps; returns the final packed
@@ -276,7 +184,7 @@ impl FluxPipeline {
             return Err(EngineError::Cancelled);
         }
         for (i, pair) in sigmas.windows(2).enumerate() {
-            let v = self.velocity(&x, emb, pair[0], (h, w))?;
+            let v = self.transformer.velocity(&x, emb, pair[0], (h, w))?;
             x = (x + (&v * (pair[1] - pair[0]))?)?;
             let state = StepState {
                 step: i + 1,
@@ -289,20 +197,6 @@ impl FluxPipeline {
             }
         }
         Ok(x)
-    }
-
-    /// Decodes packed latents `(b, tokens, 64)` for an image of `height`×`width` into pixel
-    /// values in `[0, 1]`, `(b, 3, height, width)` f32, one image at a time to bound memory.
-    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
-        let (h, w) = sampling::latent_dims(height, width);
-        let latents = sampling::unpack(packed, h, w)?;
-        let mut images = Vec::with_capacity(latents.dim(0)?);
-        for i in 0..latents.dim(0)? {
-            let z = latents.narrow(0, i, 1)?;
-            let z = ((z / self.vae.scale_factor)? + self.vae.shift_factor)?.to_dtype(self.dtype)?;
-            images.push(to_unit_range(&self.decoder.forward(&z)?)?);
-        }
-        Ok(Tensor::cat(&images, 0)?)
     }
 
     /// Decodes and reports the previews due at this step for the images of `chunk`

@@ -1,0 +1,116 @@
+//! The flux transformer as a component: loaded from safetensors (Black Forest Labs or
+//! diffusers names) or GGUF, evaluated one velocity at a time.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::flux::{
+    WithForward,
+    model::{Config, Flux},
+    quantized_model::Flux as QuantizedFlux,
+};
+
+use super::{config, sampling};
+use crate::{
+    error::{EngineError, Result},
+    layout::Part,
+    text::Embeddings,
+    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
+};
+
+enum Denoiser {
+    Dense(Box<Flux>),
+    Quantized(Box<QuantizedFlux>),
+}
+
+/// A loaded flux transformer.
+pub struct Transformer {
+    denoiser: Denoiser,
+    config: Config,
+    device: Device,
+    dtype: DType,
+}
+
+impl Transformer {
+    /// Loads the transformer part in `dtype` (GGUF files keep their quantization and compute
+    /// in f32).
+    pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        if part.is_gguf() {
+            let gguf = GgufFile::open(&part.files[0])?;
+            let config = config::transformer(&gguf, part.config.as_deref())?;
+            let vb = gguf.var_builder(device)?;
+            let model = QuantizedFlux::new(&config, vb).map_err(|e| {
+                EngineError::load("transformer", format!("{}: {e}", gguf.path().display()))
+            })?;
+            return Ok(Self {
+                denoiser: Denoiser::Quantized(Box::new(model)),
+                config,
+                device: device.clone(),
+                dtype: DType::F32,
+            });
+        }
+        let files = Arc::new(SafetensorFiles::open(&part.files)?);
+        let weights = if let Some(prefix) = files.prefix_of("double_blocks.0.img_attn.qkv.weight") {
+            MappedWeights::new(files, Scheme::Identity, prefix)
+        } else if let Some(prefix) = files.prefix_of("transformer_blocks.0.attn.to_q.weight") {
+            MappedWeights::new(files, Scheme::DiffusersFluxTransformer, prefix)
+        } else {
+            return Err(EngineError::UnknownLayout {
+                path: files.path_of(""),
+                message: "neither Black Forest Labs (double_blocks.N...) nor diffusers (transformer_blocks.N...) transformer names".into(),
+            });
+        };
+        let config = config::transformer(&weights, part.config.as_deref())?;
+        let model = Flux::new(&config, weights.var_builder(dtype, device))
+            .map_err(|e| EngineError::load("transformer", e))?;
+        Ok(Self {
+            denoiser: Denoiser::Dense(Box::new(model)),
+            config,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The hyper-parameters, as read from the weights.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// One evaluation: the velocity for packed latents `img` `(b, tokens, 64)` at `sigma`,
+    /// returned in f32. `emb` holds one prompt (shared by the batch) or `b`.
+    pub fn velocity(
+        &self,
+        img: &Tensor,
+        emb: &Embeddings,
+        sigma: f64,
+        latent_hw: (usize, usize),
+    ) -> Result<Tensor> {
+        let b = img.dim(0)?;
+        let dtype = self.dtype;
+        // One prompt for the whole batch, or one per image.
+        let per_image = emb.sequence.dim(0)? == b;
+        let txt = emb.sequence.to_dtype(dtype)?;
+        let txt = if per_image {
+            txt
+        } else {
+            txt.repeat((b, 1, 1))?
+        };
+        let pooled = emb.pooled.to_dtype(dtype)?;
+        let pooled = if per_image {
+            pooled
+        } else {
+            pooled.repeat((b, 1))?
+        };
+        let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), dtype, &self.device)?;
+        let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
+        let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
+        let img = img.to_dtype(dtype)?;
+        let v = match &self.denoiser {
+            Denoiser::Dense(m) => m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?,
+            Denoiser::Quantized(m) => {
+                m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?
+            }
+        };
+        Ok(v.to_dtype(DType::F32)?)
+    }
+}
