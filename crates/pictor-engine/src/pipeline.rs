@@ -81,7 +81,7 @@ pub enum Control {
 }
 
 /// What the text encoders really saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PromptInfo {
     /// The prompt text the sequence encoder (T5) really encoded: the prompt itself, or its
     /// longest prefix that fit when it was truncated. This is OpenAI's `revised_prompt`.

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Writes full-width FLUX.1-schnell components with random weights, in the diffusers folder
+layout and in bf16 like the real files, for speed and memory benchmarks (never for
+quality):
+
+* transformer: FLUX.1's width (3072, 24 heads × 128, RoPE axes 16/56/56) at reduced depth,
+  `--double` double and `--single` single blocks (the real model has 19 and 38);
+* text_encoder_2: T5-XXL's width (d_model 4096, 64 heads × 64, d_ff 10240, vocab 32128) with
+  `--t5-layers` of its 24 layers;
+* text_encoder: CLIP-L, whole (12 layers, 768 wide);
+* vae: the FLUX autoencoder, whole (128/256/512/512 channels, 16 latent channels);
+* tokenizers and scheduler: copied from tests/data/tiny-flux-schnell (the benches feed
+  token ids directly).
+
+The folder is cached outside the repository (default ~/.cache/pictor/bench/) and reused.
+
+    python bench/make_fullwidth.py [--out DIR] [--double 2] [--single 4] [--t5-layers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_dir(double: int, single: int, t5_layers: int) -> Path:
+    return Path.home() / ".cache" / "pictor" / "bench" / f"flux-fullwidth-{double}d{single}s-t5x{t5_layers}"
+
+
+def make(out: Path, double: int, single: int, t5_layers: int) -> Path:
+    if (out / "model_index.json").exists():
+        return out
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny = ROOT / "tests" / "data" / "tiny-flux-schnell"
+    for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        shutil.copytree(tiny / sub, tmp / sub)
+    shutil.copy(tiny / "model_index.json", tmp / "model_index.json")
+    bf16 = torch.bfloat16
+
+    def save(model, sub):
+        model.to(bf16).save_pretrained(tmp / sub, safe_serialization=True, max_shard_size="10GB")
+        print(f"wrote {sub}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+
+    save(FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
+         "transformer")
+    save(T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers,
+                                 num_heads=64, relative_attention_num_buckets=32,
+                                 relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                                 dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False)),
+         "text_encoder_2")
+    save(CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                      projection_dim=768, num_hidden_layers=12, num_attention_heads=12,
+                                      max_position_embeddings=77, hidden_act="quick_gelu")),
+         "text_encoder")
+    save(AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                       layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                       scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                       use_post_quant_conv=False, mid_block_add_attention=True),
+         "vae")
+    tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--double", type=int, default=2)
+    ap.add_argument("--single", type=int, default=4)
+    ap.add_argument("--t5-layers", type=int, default=2)
+    a = ap.parse_args()
+    out = a.out or default_dir(a.double, a.single, a.t5_layers)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(make(out, a.double, a.single, a.t5_layers))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+//! Times one FLUX component from a model folder, for side-by-side runs against diffusers
+//! (`bench/engine.py` drives it; `bench/diffusers_part.py` is the PyTorch twin).
+//!
+//! ```sh
+//! cargo bench -p pictor-engine --bench components -- \
+//!     --model DIR --part transformer|t5|clip|vae|matmul --size 512 --reps 3 --dtype f32|bf16
+//! ```
+//!
+//! Prints one JSON line: the part, the settings, every timed run (after one warm-up), the
+//! median, the load time and the process's peak resident memory (`VmHWM`).
+//! The inputs are fixed-size, as in the pipeline: T5 sees 256 tokens, CLIP 77, the
+//! transformer `(size/16)²` image tokens plus 256 text tokens at sigma 1, and the decoder
+//! the latents of one `size`² image.
+
+use std::{collections::HashMap, time::Instant};
+
+use candle_core::{DType, Device, Tensor};
+use pictor_engine::{
+    ModelFiles,
+    flux::{sampling, transformer::Transformer, vae::Vae},
+    text::{ClipEncoder, Embeddings, T5Encoder},
+};
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: HashMap<String, String> = HashMap::new();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    for pair in raw.windows(2) {
+        if let Some(key) = pair[0].strip_prefix("--") {
+            args.insert(key.to_string(), pair[1].clone());
+        }
+    }
+    let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let part = get("part", "matmul");
+    let size: usize = get("size", "512").parse()?;
+    let reps: usize = get("reps", "3").parse()?;
+    let dtype = match get("dtype", "f32").as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    let dev = Device::Cpu;
+    let started = Instant::now();
+    // Each arm loads its part, then returns the closure to time.
+    let mut run: Box<dyn FnMut() -> anyhow::Result<()>> = match part.as_str() {
+        "matmul" => {
+            let n = size;
+            let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
+            Box::new(move || {
+                a.matmul(&b)?;
+                Ok(())
+            })
+        }
+        _ => {
+            let model = get("model", "");
+            anyhow::ensure!(!model.is_empty(), "--model DIR is needed for --part {part}");
+            let files = ModelFiles::resolve(&model)?;
+            match part.as_str() {
+                "transformer" => {
+                    let t = Transformer::load(&files.transformer, dtype, &dev)?;
+                    let cfg = t.config().clone();
+                    let (h, w) = sampling::latent_dims(size, size);
+                    let img =
+                        Tensor::randn(0f32, 1.0, (1, (h / 2) * (w / 2), cfg.in_channels), &dev)?;
+                    let emb = Embeddings {
+                        sequence: Tensor::randn(0f32, 1.0, (1, 256, cfg.context_in_dim), &dev)?,
+                        pooled: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?,
+                        prompt: Default::default(),
+                    };
+                    Box::new(move || {
+                        t.velocity(&img, &emb, 1.0, (h, w))?;
+                        Ok(())
+                    })
+                }
+                "t5" => {
+                    let mut t5 = T5Encoder::load(&files.t5, dtype, &dev)?;
+                    let ids: Vec<u32> = (0..256u32).map(|i| 3 + i % 500).collect();
+                    Box::new(move || {
+                        t5.hidden(&ids)?;
+                        Ok(())
+                    })
+                }
+                "clip" => {
+                    let clip = ClipEncoder::load(&files.clip, dtype, &dev)?;
+                    let n = clip.max_positions();
+                    let ids: Vec<u32> = (0..n as u32).map(|i| 3 + i % 500).collect();
+                    Box::new(move || {
+                        clip.pooled(&ids)?;
+                        Ok(())
+                    })
+                }
+                "vae" => {
+                    let vae = Vae::load(&files.vae, dtype, &dev)?;
+                    let (h, w) = sampling::latent_dims(size, size);
+                    let packed = Tensor::randn(0f32, 1.0, (1, (h / 2) * (w / 2), 64), &dev)?;
+                    Box::new(move || {
+                        vae.decode(&packed, size, size)?;
+                        Ok(())
+                    })
+                }
+                other => anyhow::bail!("unknown part {other}"),
+            }
+        }
+    };
+    let load = started.elapsed().as_secs_f64();
+    run()?; // warm-up
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        run()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let out = serde_json::json!({
+        "engine": "pictor",
+        "part": part,
+        "size": size,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "threads": rayon::current_num_threads(),
+        "times": times,
+        "median": median(times.clone()),
+        "load_seconds": load,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{out}");
+    Ok(())
+}
