@@ -15,6 +15,8 @@
 //!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
+mod winograd;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -28,9 +30,19 @@ fn fast_path(x: &Tensor) -> bool {
 /// A 2-D convolution with stride 1 (the only kind the flux decoder has).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    kernel: Kernel,
     bias: Tensor,
     padding: usize,
+}
+
+/// The filters, as the fastest path for them wants them.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// Winograd-transformed 3×3 filters `(16, out, in)` (f32 on the CPU); the plain weight
+    /// is not kept.
+    Winograd(Tensor),
+    /// The weight `(out, in, k, k)`.
+    Plain(Tensor),
 }
 
 impl Conv2d {
@@ -42,28 +54,66 @@ impl Conv2d {
         k: usize,
         padding: usize,
     ) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, k, k), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        Ok(Self::new(weight, bias, padding)?)
+    }
+
+    /// A convolution with these filters, bias and padding.
+    pub fn new(weight: Tensor, bias: Tensor, padding: usize) -> candle_core::Result<Self> {
+        let kernel = match winograd_filters(&weight)? {
+            Some(u) => Kernel::Winograd(u),
+            None => Kernel::Plain(weight),
+        };
         Ok(Self {
-            weight: vb.get((c_out, c_in, k, k), "weight")?,
-            bias: vb.get(c_out, "bias")?,
+            kernel,
+            bias,
             padding,
         })
     }
 }
 
+/// The Winograd filters of a 3×3 f32 CPU weight; `None` for any other.
+fn winograd_filters(weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (c_out, c_in, k_h, k_w) = weight.dims4()?;
+    if !fast_path(weight) || (k_h, k_w) != (3, 3) {
+        return Ok(None);
+    }
+    let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+    let u = winograd::transform_filters(&w, c_out, c_in);
+    Ok(Some(Tensor::from_vec(
+        u,
+        (16, c_out, c_in),
+        weight.device(),
+    )?))
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (.., k_h, k_w) = self.weight.dims4()?;
+        let weight = match &self.kernel {
+            Kernel::Winograd(u) => {
+                return x.contiguous()?.apply_op3_no_bwd(
+                    u,
+                    &self.bias.contiguous()?,
+                    &winograd::WinogradOp {
+                        padding: self.padding,
+                    },
+                );
+            }
+            Kernel::Plain(weight) => weight,
+        };
+        let (.., k_h, k_w) = weight.dims4()?;
         if fast_path(x) && k_h * k_w > 1 {
             let x = x.contiguous()?;
             return x.apply_op3_no_bwd(
-                &self.weight.contiguous()?,
+                &weight.contiguous()?,
                 &self.bias.contiguous()?,
                 &ConvOp {
                     padding: self.padding,
                 },
             );
         }
-        let y = x.conv2d(&self.weight, self.padding, 1, 1, 1)?;
+        let y = x.conv2d(weight, self.padding, 1, 1, 1)?;
         y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
     }
 }
@@ -74,13 +124,13 @@ struct ConvOp {
 
 /// A pointer that may cross threads: each task writes a disjoint part of the output.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// The pointer (a method, so closures capture the `Send` wrapper, not the field).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -331,20 +381,31 @@ mod tests {
             (1, 32, 32, 16, 16, 3, 1),
             (1, 3, 4, 6, 5, 3, 0),
             (1, 4, 2, 7, 7, 5, 2),
+            (1, 6, 3, 8, 9, 3, 0),
+            (2, 3, 5, 1, 2, 3, 1),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, c_in, h, w), &dev)?;
-            let conv = Conv2d {
-                weight: Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev)?,
-                bias: Tensor::randn(0f32, 1.0, c_out, &dev)?,
+            let weight = Tensor::randn(0f32, 1.0, (c_out, c_in, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1.0, c_out, &dev)?;
+            let fast = Conv2d::new(weight.clone(), bias.clone(), p)?.forward(&x)?;
+            // The im2col path too, for the 3×3 filters that took Winograd above.
+            let im2col = Conv2d {
+                kernel: Kernel::Plain(weight.clone()),
+                bias: bias.clone(),
                 padding: p,
-            };
-            let fast = conv.forward(&x)?;
+            }
+            .forward(&x)?;
             let slow = x
-                .conv2d(&conv.weight, p, 1, 1, 1)?
-                .broadcast_add(&conv.bias.reshape((1, (), 1, 1))?)?;
+                .conv2d(&weight, p, 1, 1, 1)?
+                .broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
             assert_eq!(fast.dims(), slow.dims());
             let d = max_diff(&fast, &slow);
             assert!(d < 1e-3, "conv {c_in}->{c_out} {h}x{w} k{k} p{p}: {d}");
+            let d = max_diff(&im2col, &slow);
+            assert!(
+                d < 1e-3,
+                "im2col conv {c_in}->{c_out} {h}x{w} k{k} p{p}: {d}"
+            );
         }
         let x = ((Tensor::randn(0f32, 1.0, (2, 64, 5, 7), &dev)? * 3.0)? + 1.5)?;
         let gn = GroupNorm {
