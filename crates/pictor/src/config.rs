@@ -138,21 +138,18 @@ impl Default for Config {
     }
 }
 
-/// The model shipped with Pictor, served when no model is configured: for now the tiny
-/// FLUX.1-schnell test checkpoint (random weights) until the trained default model lands.
+/// The model shipped with Pictor, served when no model is configured: `pictor-tiny`,
+/// compiled into the binary (see `shipped.rs`), native size 128×128.
 pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/data/tiny-flux-schnell"
-    );
     let model = ModelConfig {
-        path: path.into(),
+        path: crate::shipped::NAME.into(),
         aliases: vec!["gpt-image-1".into(), "dall-e-3".into(), "dall-e-2".into()],
-        default_size: "256x256".into(),
+        default_size: "128x128".into(),
         min_side: 64,
+        max_side: 512,
         ..ModelConfig::default()
     };
-    BTreeMap::from([("tiny-flux-schnell".to_string(), model)])
+    BTreeMap::from([(crate::shipped::NAME.to_string(), model)])
 }
 
 /// The top-level keys, for picking configuration out of the environment.
@@ -254,7 +251,7 @@ mod tests {
     fn no_models_means_the_shipped_one() {
         figment::Jail::expect_with(|_| {
             let c = Config::load(None).map_err(|e| e.to_string())?;
-            assert!(c.models.contains_key("tiny-flux-schnell"));
+            assert!(c.models.contains_key("pictor-tiny"));
             Ok(())
         });
     }

@@ -17,9 +17,9 @@ use pictor_engine::{
 /// Arguments of `pictor generate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder, a transformer file, or a Hugging Face repo id in the local cache
-    /// (e.g. black-forest-labs/FLUX.1-schnell).
-    #[arg(long, short = 'm')]
+    /// A model folder, a transformer file, a Hugging Face repo id in the local cache
+    /// (e.g. black-forest-labs/FLUX.1-schnell), or `pictor-tiny`, the model built in.
+    #[arg(long, short = 'm', default_value = crate::shipped::NAME)]
     model: String,
     /// The prompt.
     #[arg(long, short = 'p', required_unless_present = "from_image")]
@@ -29,9 +29,10 @@ pub struct Args {
     /// `--model` must name the model that drew it.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n"])]
     from_image: Option<PathBuf>,
-    /// Image size, WIDTHxHEIGHT, multiples of 16.
-    #[arg(long, default_value = "512x512", value_parser = parse_size)]
-    size: (usize, usize),
+    /// Image size, WIDTHxHEIGHT, multiples of 16 (default 512x512; 128x128 for pictor-tiny,
+    /// its native size).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<(usize, usize)>,
     /// Denoising steps (schnell is distilled for 4).
     #[arg(long, default_value_t = 4)]
     steps: usize,
@@ -109,10 +110,16 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
             previews: 0,
         });
     }
+    let native = if args.model == crate::shipped::NAME {
+        (128, 128)
+    } else {
+        (512, 512)
+    };
+    let size = args.size.unwrap_or(native);
     Ok(GenerationRequest {
         prompt: args.prompt.clone().unwrap_or_default(),
-        width: args.size.0,
-        height: args.size.1,
+        width: size.0,
+        height: size.1,
         steps: args.steps,
         seed: args.seed,
         n: args.n,
@@ -121,13 +128,13 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
 }
 
 /// Runs `pictor generate`.
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, data_dir: &Path) -> anyhow::Result<()> {
     if args.n == 0 {
         bail!("-n must be at least 1");
     }
     let n = if args.from_image.is_some() { 1 } else { args.n };
     let started = Instant::now();
-    let files = ModelFiles::resolve(&args.model)?;
+    let files = ModelFiles::resolve(&crate::shipped::locate(&args.model, data_dir)?)?;
     let options = FluxOptions {
         device: args.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
         dtype: args.dtype,

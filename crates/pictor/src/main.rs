@@ -6,6 +6,7 @@ mod generate;
 mod hash;
 mod keys;
 mod serve;
+mod shipped;
 
 use clap::{Parser, Subcommand};
 
@@ -43,7 +44,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => config::Config::load(cli.config.as_deref())
+            .and_then(|c| generate::run(args, &c.data_dir)),
         Command::Openapi => {
             println!("{}", pictor_api::openapi::json());
             Ok(())

@@ -53,8 +53,13 @@ fn signing_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(key.to_vec())
 }
 
-fn load_model(name: &str, m: &ModelConfig) -> anyhow::Result<(FluxPipeline, ModelFiles)> {
-    let files = ModelFiles::resolve(&m.path)
+fn load_model(
+    name: &str,
+    m: &ModelConfig,
+    data_dir: &Path,
+) -> anyhow::Result<(FluxPipeline, ModelFiles)> {
+    let path = crate::shipped::locate(&m.path, data_dir)?;
+    let files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
     let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
     let options = FluxOptions {
@@ -166,11 +171,12 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     for (name, m) in config.models.clone() {
         let state = state.clone();
         let hash_cache = config.data_dir.join("weight-hashes.json");
+        let data_dir = config.data_dir.clone();
         let queue = QueueConfig {
             batch_images: m.max_batch,
             ..queue.clone()
         };
-        tokio::task::spawn_blocking(move || match load_model(&name, &m) {
+        tokio::task::spawn_blocking(move || match load_model(&name, &m, &data_dir) {
             Ok((pipeline, files)) => {
                 tracing::info!(model = %name, "model loaded");
                 eprintln!("model {name} loaded from {}", m.path);
