@@ -265,7 +265,7 @@ pub struct ModelList {
         (status = 409, description = "Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "Not JSON", body = ErrorResponse),
-        (status = 429, description = "Queue full; see Retry-After", body = ErrorResponse),
+        (status = 429, description = "Queue full (`queue_full`) or the key's rate limit (`rate_limit_exceeded`, with x-ratelimit-* headers); see Retry-After", body = ErrorResponse),
         (status = 500, body = ErrorResponse),
         (status = 503, description = "Loading or shutting down", body = ErrorResponse),
         (status = 504, description = "Past the server's deadline", body = ErrorResponse),
