@@ -22,7 +22,10 @@ pub struct Vae {
 
 impl Vae {
     /// Loads the decoder of the autoencoder part (Black Forest Labs or diffusers names).
+    /// On the CPU it always runs in f32: candle 0.11.1 has no bf16/f16 convolution there
+    /// (its im2col matmul refuses them), and f32 is the faster CPU dtype anyway.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        let dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let files = Arc::new(SafetensorFiles::open(&part.files)?);
         let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
             MappedWeights::new(files, Scheme::Identity, prefix)
