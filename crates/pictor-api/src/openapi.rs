@@ -121,6 +121,25 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
+impl Usage {
+    /// `input` text tokens in and `output` image tokens out.
+    pub fn new(input: u64, output: u64) -> Self {
+        Self {
+            input_tokens: input,
+            input_tokens_details: TokenDetails {
+                text_tokens: input,
+                image_tokens: 0,
+            },
+            output_tokens: output,
+            output_tokens_details: TokenDetails {
+                text_tokens: 0,
+                image_tokens: output,
+            },
+            total_tokens: input + output,
+        }
+    }
+}
+
 /// Tokens by kind.
 #[derive(Serialize, ToSchema)]
 pub struct TokenDetails {

@@ -18,7 +18,7 @@ use crate::{
     encode::{self, Format},
     error::ApiError,
     idempotency::Lookup,
-    openapi::{ImageData, ImagesResponse, Timings, TokenDetails, Usage},
+    openapi::{ImageData, ImagesResponse, Timings, Usage},
     receipt::Receipt,
     state::AppState,
     validate::{ValidGeneration, validate},
@@ -110,28 +110,24 @@ async fn dispatch(
         }
         return super::stream::respond(state, prepared);
     }
-    let owner = prepared
-        .key
-        .as_ref()
-        .map_or_else(|| "anonymous".to_string(), |k| k.id.clone());
-    let fingerprint = hex::encode(sha2::Sha256::digest(
-        serde_json::to_vec(&body).unwrap_or_default(),
-    ));
-    if let Some(idem) = idem {
+    let detach = match (idem, sdk_attempt(headers)) {
+        (Some(idem), _) => Some((Table::Keys, Some(idem), false)),
+        (None, Some(attempt)) => Some((Table::Retries, None, attempt == 0)),
+        (None, None) => None,
+    };
+    if let Some((table, idem, fresh)) = detach {
+        let owner = prepared.key.as_ref().map_or("anonymous", |k| k.id.as_str());
+        let fingerprint = hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&body).unwrap_or_default(),
+        ));
+        // Keyed runs are found by their key, SDK attempts by their body.
+        let scope = format!("{owner}\n{}", idem.as_deref().unwrap_or(&fingerprint));
         let run = Run {
-            scope: format!("{owner}\n{idem}"),
+            scope,
             fingerprint,
-            fresh: false,
+            fresh,
         };
-        return detached(state, prepared, run, Table::Keys).await;
-    }
-    if let Some(attempt) = sdk_attempt(headers) {
-        let run = Run {
-            scope: format!("{owner}\n{fingerprint}"),
-            fingerprint,
-            fresh: attempt == 0,
-        };
-        return detached(state, prepared, run, Table::Retries).await;
+        return detached(state, prepared, run, table).await;
     }
     // If the client goes away, axum drops this future and with it the ticket, which
     // cancels the job before its next denoising step.
@@ -400,19 +396,7 @@ async fn respond(
     let input = generation.prompt.tokens as u64;
     let output = (generation.images.len() * (e.width / 16) * (e.height / 16)) as u64;
     Ok(ImagesResponse {
-        usage: Usage {
-            input_tokens: input,
-            input_tokens_details: TokenDetails {
-                text_tokens: input,
-                image_tokens: 0,
-            },
-            output_tokens: output,
-            output_tokens_details: TokenDetails {
-                text_tokens: 0,
-                image_tokens: output,
-            },
-            total_tokens: input + output,
-        },
+        usage: Usage::new(input, output),
         created: now_unix(),
         data,
         output_format: req.output_format.name(),

@@ -23,7 +23,7 @@ use super::images::{Prepared, finish, quality_name, submit};
 use crate::{
     encode,
     error::ApiError,
-    openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, TokenDetails, Usage},
+    openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, Usage},
     state::AppState,
     wire::ResponseFormat,
 };
@@ -133,19 +133,7 @@ fn completed(response: ImagesResponse, created_at: i64) -> Vec<Event> {
                 output_format: response.output_format,
                 quality: response.quality,
                 size: response.size.clone(),
-                usage: Usage {
-                    input_tokens: input,
-                    input_tokens_details: TokenDetails {
-                        text_tokens: input,
-                        image_tokens: 0,
-                    },
-                    output_tokens: per_image,
-                    output_tokens_details: TokenDetails {
-                        text_tokens: 0,
-                        image_tokens: per_image,
-                    },
-                    total_tokens: input + per_image,
-                },
+                usage: Usage::new(input, per_image),
                 image_index: i,
                 image,
             };
