@@ -103,7 +103,17 @@ impl Replays {
     pub fn begin_fresh(&self, scope: &str, fingerprint: &str) -> watch::Sender<Option<Stored>> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.remove(scope);
-        make_room(&mut entries, self.capacity, self.max_bytes, 0);
+        self.start(&mut entries, scope, fingerprint)
+    }
+
+    /// Records a running entry for `scope` and returns the sender that completes it.
+    fn start(
+        &self,
+        entries: &mut HashMap<String, Entry>,
+        scope: &str,
+        fingerprint: &str,
+    ) -> watch::Sender<Option<Stored>> {
+        make_room(entries, self.capacity, self.max_bytes, 0);
         let (tx, rx) = watch::channel(None);
         entries.insert(
             scope.to_string(),
@@ -131,18 +141,7 @@ impl Replays {
                 done,
             }) if f == fingerprint => Lookup::Wait(done.clone()),
             Some(_) => Lookup::Conflict,
-            None => {
-                make_room(&mut entries, self.capacity, self.max_bytes, 0);
-                let (tx, rx) = watch::channel(None);
-                entries.insert(
-                    scope.to_string(),
-                    Entry::Running {
-                        fingerprint: fingerprint.to_string(),
-                        done: rx,
-                    },
-                );
-                Lookup::New(tx)
-            }
+            None => Lookup::New(self.start(&mut entries, scope, fingerprint)),
         }
     }
 

@@ -56,6 +56,14 @@ pub struct Usage {
     pub seconds: f64,
 }
 
+/// An update of key `id` that touched `rows` rows: none means no such key.
+fn found(rows: u64, id: &str) -> Result<()> {
+    if rows == 0 {
+        return Err(StoreError::NotFound(format!("no key with id {id}")));
+    }
+    Ok(())
+}
+
 fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
@@ -163,10 +171,7 @@ impl Db {
                 .bind(id)
                 .execute(&self.pool)
                 .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("no key with id {id}")));
-        }
-        Ok(())
+        found(done.rows_affected(), id)
     }
 
     /// Sets key `id`'s rate limits (`None` removes one).
@@ -179,10 +184,7 @@ impl Db {
         .bind(id)
         .execute(&self.pool)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("no key with id {id}")));
-        }
-        Ok(())
+        found(done.rows_affected(), id)
     }
 
     /// The active key whose secret is `secret`, if any.
