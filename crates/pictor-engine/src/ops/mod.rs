@@ -122,6 +122,21 @@ struct ConvOp {
     padding: usize,
 }
 
+/// The f32 data of a CPU op's (contiguous) inputs, each from its layout's start.
+fn f32_inputs<'a, const N: usize>(
+    op: &str,
+    inputs: [(&'a CpuStorage, &Layout); N],
+) -> candle_core::Result<[&'a [f32]; N]> {
+    let mut out = [&[][..]; N];
+    for (slot, (storage, layout)) in out.iter_mut().zip(inputs) {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{op} takes f32");
+        };
+        *slot = &data[layout.start_offset()..];
+    }
+    Ok(out)
+}
+
 /// A pointer that may cross threads: each task writes a disjoint part of the output.
 #[derive(Clone, Copy)]
 pub(crate) struct Out(*mut f32);
@@ -149,12 +164,7 @@ impl CustomOp3 for ConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (s1, s2, s3) else {
-            candle_core::bail!("pictor-conv2d takes f32");
-        };
-        let x = &x[l1.start_offset()..];
-        let w = &w[l2.start_offset()..];
-        let bias = &bias[l3.start_offset()..];
+        let [x, w, bias] = f32_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (b, c_in, h, wd) = l1.shape().dims4()?;
         let (c_out, c_in_w, k_h, k_w) = l2.shape().dims4()?;
         if c_in != c_in_w {
@@ -245,16 +255,29 @@ pub struct GroupNorm {
     beta: Tensor,
     groups: usize,
     eps: f64,
+    /// candle's own, for other dtypes and devices.
+    portable: candle_nn::GroupNorm,
 }
 
 impl GroupNorm {
     /// Loads `weight` and `bias` `(channels)` from `vb`.
     pub fn load(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let gamma = vb.get(channels, "weight")?;
+        let beta = vb.get(channels, "bias")?;
+        Ok(Self::new(gamma, beta, groups, eps)?)
+    }
+
+    /// A group norm with these affine parameters `(channels)`.
+    pub fn new(gamma: Tensor, beta: Tensor, groups: usize, eps: f64) -> candle_core::Result<Self> {
+        let channels = gamma.dim(0)?;
+        let portable =
+            candle_nn::GroupNorm::new(gamma.clone(), beta.clone(), channels, groups, eps)?;
         Ok(Self {
-            gamma: vb.get(channels, "weight")?,
-            beta: vb.get(channels, "bias")?,
+            gamma,
+            beta,
             groups,
             eps,
+            portable,
         })
     }
 
@@ -270,18 +293,7 @@ impl GroupNorm {
             };
             return x.contiguous()?.apply_op1_no_bwd(&op);
         }
-        let (b, c, h, w) = x.dims4()?;
-        let dtype = x.dtype();
-        let g = x.to_dtype(DType::F32)?.reshape((b, self.groups, ()))?;
-        let mean = g.mean_keepdim(2)?;
-        let g = g.broadcast_sub(&mean)?;
-        let var = g.sqr()?.mean_keepdim(2)?;
-        let g = g.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        let y = g
-            .reshape((b, c, h, w))?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.gamma.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.beta.reshape((1, c, 1, 1))?)?;
+        let y = self.portable.forward(x)?;
         if silu {
             candle_nn::ops::silu(&y)
         } else {
@@ -304,10 +316,8 @@ impl CustomOp1 for GroupNormOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("pictor-group-norm takes f32");
-        };
-        let x = &x[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let [x] = f32_inputs(self.name(), [(s, l)])?;
+        let x = &x[..l.shape().elem_count()];
         let (_, c, h, w) = l.shape().dims4()?;
         if self.groups == 0 || c % self.groups != 0 || self.gamma.len() != c {
             candle_core::bail!("pictor-group-norm: {c} channels in {} groups", self.groups);
@@ -408,23 +418,24 @@ mod tests {
             );
         }
         let x = ((Tensor::randn(0f32, 1.0, (2, 64, 5, 7), &dev)? * 3.0)? + 1.5)?;
-        let gn = GroupNorm {
-            gamma: Tensor::randn(0f32, 1.0, 64, &dev)?,
-            beta: Tensor::randn(0f32, 1.0, 64, &dev)?,
-            groups: 32,
-            eps: 1e-6,
-        };
+        let gn = GroupNorm::new(
+            Tensor::randn(0f32, 1.0, 64, &dev)?,
+            Tensor::randn(0f32, 1.0, 64, &dev)?,
+            32,
+            1e-6,
+        )?;
         let reference = candle_nn::GroupNorm::new(gn.gamma.clone(), gn.beta.clone(), 64, 32, 1e-6)?;
         let want = reference.forward(&x)?;
         assert!(max_diff(&gn.forward(&x, false)?, &want) < 1e-4);
         let want = candle_nn::ops::silu(&want)?;
         assert!(max_diff(&gn.forward(&x, true)?, &want) < 1e-4);
         // The portable path (used for other dtypes and devices) agrees too.
-        let gn64 = GroupNorm {
-            gamma: gn.gamma.to_dtype(DType::F64)?,
-            beta: gn.beta.to_dtype(DType::F64)?,
-            ..gn.clone()
-        };
+        let gn64 = GroupNorm::new(
+            gn.gamma.to_dtype(DType::F64)?,
+            gn.beta.to_dtype(DType::F64)?,
+            32,
+            1e-6,
+        )?;
         let portable64 = gn64
             .forward(&x.to_dtype(DType::F64)?, true)?
             .to_dtype(DType::F32)?;

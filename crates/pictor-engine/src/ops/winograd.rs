@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
-use super::Out;
+use super::{Out, f32_inputs};
 
 /// `U = G g Gᵀ` for every `(c_out, c_in)` filter of `w` `(c_out, c_in, 3, 3)`, laid out
 /// `[16][c_out][c_in]` (one matrix per transformed position).
@@ -59,12 +59,7 @@ impl CustomOp3 for WinogradOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(u), CpuStorage::F32(bias)) = (s1, s2, s3) else {
-            candle_core::bail!("pictor-winograd-conv3x3 takes f32");
-        };
-        let x = &x[l1.start_offset()..];
-        let u = &u[l2.start_offset()..];
-        let bias = &bias[l3.start_offset()..];
+        let [x, u, bias] = f32_inputs(self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let (b, c_in, h, w) = l1.shape().dims4()?;
         let (sixteen, c_out, c_in_u) = l2.shape().dims3()?;
         if sixteen != 16 || c_in_u != c_in {
