@@ -144,7 +144,11 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     let model = ModelConfig {
         path: crate::shipped::NAME.into(),
         aliases: vec!["gpt-image-1".into(), "dall-e-3".into(), "dall-e-2".into()],
-        default_size: "128x128".into(),
+        default_size: format!(
+            "{}x{}",
+            crate::shipped::NATIVE_SIZE.0,
+            crate::shipped::NATIVE_SIZE.1
+        ),
         min_side: 64,
         max_side: 512,
         ..ModelConfig::default()

@@ -111,7 +111,7 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
         });
     }
     let native = if args.model == crate::shipped::NAME {
-        (128, 128)
+        crate::shipped::NATIVE_SIZE
     } else {
         (512, 512)
     };

@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 /// The name the shipped model answers to, in config and on the command line.
 pub const NAME: &str = "pictor-tiny";
 
+/// The size it was trained at, its default.
+pub const NATIVE_SIZE: (usize, usize) = (128, 128);
+
 macro_rules! shipped_files {
     ($($path:literal),* $(,)?) => {
         &[$(
