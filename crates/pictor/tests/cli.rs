@@ -213,6 +213,22 @@ fn serve_answers_and_exits_0_on_sigterm() {
 
 /// An image reproduces from its own file: the receipt in the PNG gives the prompt, steps,
 /// seed and size, and the pixels come out the same.
+/// `pictor generate --from-image SRC -o OUT` with the fixture model.
+fn from_image(src: &Path, out: &Path) -> std::process::Output {
+    pictor()
+        .args([
+            "generate",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--from-image",
+        ])
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .expect("pictor runs")
+}
+
 #[test]
 fn from_image_reproduces_an_image_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,18 +241,7 @@ fn from_image_reproduces_an_image_bit_for_bit() {
     );
     let original = dir.path().join("out-1.png");
     let again = dir.path().join("again.png");
-    let run = pictor()
-        .args([
-            "generate",
-            "--model",
-            fixture().to_str().unwrap(),
-            "--from-image",
-        ])
-        .arg(&original)
-        .arg("-o")
-        .arg(&again)
-        .output()
-        .unwrap();
+    let run = from_image(&original, &again);
     assert!(
         run.status.success(),
         "{}",
@@ -256,18 +261,7 @@ fn from_image_reproduces_an_image_bit_for_bit() {
         String::from_utf8_lossy(&run.stderr)
     );
     let from_webp = dir.path().join("from-webp.png");
-    let run = pictor()
-        .args([
-            "generate",
-            "--model",
-            fixture().to_str().unwrap(),
-            "--from-image",
-        ])
-        .arg(&webp)
-        .arg("-o")
-        .arg(&from_webp)
-        .output()
-        .unwrap();
+    let run = from_image(&webp, &from_webp);
     assert!(
         run.status.success(),
         "{}",
@@ -281,16 +275,7 @@ fn from_image_reproduces_an_image_bit_for_bit() {
     // A PNG without a receipt is a clear error.
     let plain = dir.path().join("plain.png");
     image::RgbImage::new(4, 4).save(&plain).unwrap();
-    let run = pictor()
-        .args([
-            "generate",
-            "--model",
-            fixture().to_str().unwrap(),
-            "--from-image",
-        ])
-        .arg(&plain)
-        .output()
-        .unwrap();
+    let run = from_image(&plain, &dir.path().join("never.png"));
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("parameters"));
 }
