@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::{
     error::{EngineError, Result},
-    weights::{GgufFile, MappedWeights},
+    weights::{MappedWeights, QWeights},
 };
 
 /// Shape lookups by canonical name, over any weight source.
@@ -29,12 +29,12 @@ impl Shapes for MappedWeights {
     }
 }
 
-impl Shapes for GgufFile {
+impl Shapes for QWeights {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         self.shape(name)
     }
     fn origin(&self) -> PathBuf {
-        self.path().to_path_buf()
+        self.origin().to_path_buf()
     }
 }
 

@@ -1,9 +1,9 @@
 //! FLUX.1-schnell: CLIP-L and T5 text encoders, the flux transformer, the schnell
 //! schedule and the flux autoencoder's decoder.
 //!
-//! The transformer and text encoders are candle-transformers' (`models::flux`, `models::t5`,
-//! `models::clip::text_model`), which follow the Black Forest Labs reference; the decoder
-//! is ours (`decoder.rs`, on faster CPU kernels). This module owns everything around them
+//! The transformer is ours (`model.rs`, one network over dense or quantized layers), as is
+//! the decoder (`decoder.rs`, on faster CPU kernels); the text encoders are
+//! candle-transformers' (`models::t5`, `models::clip::text_model`) for dense weights. This module owns everything around them
 //! that decides parity with diffusers: tokenization, seeded noise, packing, the sigma
 //! schedule, the Euler update in f32, and the 8-bit conversion. Each network is also a
 //! component of its own ([`transformer::Transformer`], [`vae::Vae`]) for benches and staged
@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod decoder;
+mod model;
 pub mod sampling;
 pub mod transformer;
 pub mod vae;

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::flux::{
-    WithForward,
-    model::{Config, Flux},
-    quantized_model::Flux as QuantizedFlux,
-};
+use candle_transformers::models::flux::model::Config;
 
-use super::{config, sampling};
+use super::{
+    config,
+    model::{FluxModel, Source},
+    sampling,
+};
 use crate::{
     error::{EngineError, Result},
     layout::Part,
@@ -18,14 +18,13 @@ use crate::{
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
-enum Denoiser {
-    Dense(Box<Flux>),
-    Quantized(Box<QuantizedFlux>),
-}
+/// The prefix ComfyUI and stable-diffusion.cpp put before the transformer's names in
+/// bundled files.
+const BUNDLE_PREFIX: &str = "model.diffusion_model.";
 
 /// A loaded flux transformer.
 pub struct Transformer {
-    denoiser: Denoiser,
+    model: FluxModel,
     config: Config,
     device: Device,
     dtype: DType,
@@ -37,13 +36,18 @@ impl Transformer {
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         if part.is_gguf() {
             let gguf = GgufFile::open(&part.files[0])?;
-            let config = config::transformer(&gguf, part.config.as_deref())?;
-            let vb = gguf.var_builder(device)?;
-            let model = QuantizedFlux::new(&config, vb).map_err(|e| {
-                EngineError::load("transformer", format!("{}: {e}", gguf.path().display()))
-            })?;
+            let prefixed = gguf.contains(&format!("{BUNDLE_PREFIX}img_in.weight"));
+            let weights = gguf.weights(
+                |name| match name.strip_prefix(BUNDLE_PREFIX) {
+                    Some(bare) => Some(bare.to_string()),
+                    None => (!prefixed).then(|| name.to_string()),
+                },
+                device,
+            )?;
+            let config = config::transformer(&weights, part.config.as_deref())?;
+            let model = FluxModel::load(&Source::Quantized(&weights), &config)?;
             return Ok(Self {
-                denoiser: Denoiser::Quantized(Box::new(model)),
+                model,
                 config,
                 device: device.clone(),
                 dtype: DType::F32,
@@ -61,10 +65,9 @@ impl Transformer {
             });
         };
         let config = config::transformer(&weights, part.config.as_deref())?;
-        let model = Flux::new(&config, weights.var_builder(dtype, device))
-            .map_err(|e| EngineError::load("transformer", e))?;
+        let model = FluxModel::load(&Source::Dense(&weights, dtype, device), &config)?;
         Ok(Self {
-            denoiser: Denoiser::Dense(Box::new(model)),
+            model,
             config,
             device: device.clone(),
             dtype,
@@ -105,12 +108,9 @@ impl Transformer {
         let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
         let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
         let img = img.to_dtype(dtype)?;
-        let v = match &self.denoiser {
-            Denoiser::Dense(m) => m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?,
-            Denoiser::Quantized(m) => {
-                m.forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled, None)?
-            }
-        };
+        let v = self
+            .model
+            .forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled)?;
         Ok(v.to_dtype(DType::F32)?)
     }
 }

@@ -1,16 +1,30 @@
-//! GGUF files: quantized transformers read by candle's quantized FLUX model.
+//! GGUF files: the header read with candle, the tensors kept in the file as mapped
+//! quantized tensors ([`QWeights`]).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use candle_core::{Device, quantized::gguf_file};
-use candle_transformers::quantized_var_builder::VarBuilder as QVarBuilder;
+use candle_core::{
+    Device,
+    quantized::{GgmlDType, QStorage, QTensor, gguf_file},
+};
+use memmap2::Mmap;
 
+use super::mapped;
 use crate::error::{EngineError, Result};
 
-/// An opened GGUF file: its tensor directory, read from the header.
+/// An opened GGUF file: its metadata and tensor directory, read from the header.
 pub struct GgufFile {
     path: PathBuf,
     content: gguf_file::Content,
+}
+
+/// Bytes a tensor of `elems` elements takes in `dtype`.
+pub fn tensor_bytes(dtype: GgmlDType, elems: usize) -> usize {
+    elems / dtype.block_size() * dtype.type_size()
 }
 
 impl GgufFile {
@@ -23,11 +37,10 @@ impl GgufFile {
             .metadata()
             .map_err(|e| EngineError::file(path, e))?
             .len();
-        // The header can be intact while the data is cut short: check the last tensor ends
+        // The header can be intact while the data is cut short: check every tensor ends
         // inside the file.
         for (name, info) in &content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
+            let bytes = tensor_bytes(info.ggml_dtype, info.shape.elem_count());
             let end = content.tensor_data_offset + info.offset + bytes as u64;
             if end > len {
                 return Err(EngineError::Tensor {
@@ -63,8 +76,182 @@ impl GgufFile {
         Some(self.content.tensor_infos.get(name)?.shape.dims().to_vec())
     }
 
-    /// A quantized `VarBuilder` over the file; tensors are read when the model asks.
-    pub fn var_builder(&self, device: &Device) -> Result<QVarBuilder> {
-        QVarBuilder::from_gguf(&self.path, device).map_err(|e| EngineError::file(&self.path, e))
+    /// A tensor's storage type.
+    pub fn dtype(&self, name: &str) -> Option<GgmlDType> {
+        Some(self.content.tensor_infos.get(name)?.ggml_dtype)
+    }
+
+    /// A metadata value as text (strings as they are, numbers formatted), if present.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        use gguf_file::Value;
+        Some(match self.content.metadata.get(key)? {
+            Value::String(s) => s.clone(),
+            Value::U8(v) => v.to_string(),
+            Value::I8(v) => v.to_string(),
+            Value::U16(v) => v.to_string(),
+            Value::I16(v) => v.to_string(),
+            Value::U32(v) => v.to_string(),
+            Value::I32(v) => v.to_string(),
+            Value::U64(v) => v.to_string(),
+            Value::I64(v) => v.to_string(),
+            Value::F32(v) => v.to_string(),
+            Value::F64(v) => v.to_string(),
+            Value::Bool(v) => v.to_string(),
+            Value::Array(v) => format!("[{} values]", v.len()),
+        })
+    }
+
+    /// A numeric metadata value.
+    pub fn meta_usize(&self, key: &str) -> Option<usize> {
+        self.meta(key)?.parse().ok()
+    }
+
+    /// Reads one tensor onto the heap (used to convert or re-quantize a file).
+    pub fn read(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let mut file =
+            std::fs::File::open(&self.path).map_err(|e| EngineError::file(&self.path, e))?;
+        self.content
+            .tensor(&mut file, name, device)
+            .map_err(|e| EngineError::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                problem: format!("unreadable: {e}"),
+            })
+    }
+
+    /// Maps the file and views every tensor whose name `rename` accepts under the name it
+    /// returns. Tensors stay in the file (see [`mapped`]); on devices other than the CPU
+    /// they are copied there instead.
+    pub fn weights(
+        &self,
+        rename: impl Fn(&str) -> Option<String>,
+        device: &Device,
+    ) -> Result<QWeights> {
+        let file = std::fs::File::open(&self.path).map_err(|e| EngineError::file(&self.path, e))?;
+        // SAFETY: read-only private mapping; like every mmap-based loader we rely on the
+        // file not being truncated by another process while it is mapped.
+        let map =
+            Arc::new(unsafe { Mmap::map(&file) }.map_err(|e| EngineError::file(&self.path, e))?);
+        let mut tensors = HashMap::new();
+        let mut ranges = HashMap::new();
+        for (name, info) in &self.content.tensor_infos {
+            let Some(canonical) = rename(name) else {
+                continue;
+            };
+            let bytes = tensor_bytes(info.ggml_dtype, info.shape.elem_count());
+            let offset = usize::try_from(self.content.tensor_data_offset + info.offset)
+                .map_err(|e| EngineError::file(&self.path, e))?;
+            let bad = |e: candle_core::Error| EngineError::Tensor {
+                path: self.path.clone(),
+                tensor: name.clone(),
+                problem: e.to_string(),
+            };
+            let storage = match mapped::boxed(info.ggml_dtype, &map, offset, bytes) {
+                Some(blocks) if device.is_cpu() => QStorage::Cpu(blocks),
+                _ => {
+                    let q = self.read(name, device)?;
+                    tensors.insert(canonical, Arc::new(q));
+                    continue;
+                }
+            };
+            let q = QTensor::new(storage, info.shape.clone()).map_err(bad)?;
+            ranges.insert(canonical.clone(), (offset, bytes));
+            tensors.insert(canonical, Arc::new(q));
+        }
+        Ok(QWeights {
+            tensors,
+            ranges,
+            map: Some(map),
+            origin: self.path.clone(),
+            device: device.clone(),
+        })
+    }
+}
+
+/// Quantized (or plain) tensors by canonical name, as a GGUF file or a conversion holds
+/// them.
+pub struct QWeights {
+    tensors: HashMap<String, Arc<QTensor>>,
+    ranges: HashMap<String, (usize, usize)>,
+    map: Option<Arc<Mmap>>,
+    origin: PathBuf,
+    device: Device,
+}
+
+impl QWeights {
+    /// Tensors already in memory (converted on the fly), by canonical name.
+    pub fn from_tensors(
+        tensors: HashMap<String, Arc<QTensor>>,
+        origin: PathBuf,
+        device: &Device,
+    ) -> Self {
+        Self {
+            tensors,
+            ranges: HashMap::new(),
+            map: None,
+            origin,
+            device: device.clone(),
+        }
+    }
+
+    /// The file they come from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// The device tensors are computed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether canonical `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Canonical names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    /// A tensor's shape.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        Some(self.tensors.get(name)?.shape().dims().to_vec())
+    }
+
+    /// Canonical `name`, checked to have shape `want`.
+    pub fn get(&self, name: &str, want: &[usize]) -> Result<Arc<QTensor>> {
+        let bad = |problem: String| EngineError::Tensor {
+            path: self.origin.clone(),
+            tensor: name.to_string(),
+            problem,
+        };
+        let tensor = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad("missing".into()))?;
+        if tensor.shape().dims() != want {
+            return Err(bad(format!(
+                "has shape {:?}, expected {want:?}",
+                tensor.shape().dims()
+            )));
+        }
+        Ok(tensor.clone())
+    }
+
+    /// Hands the file pages of `name` back to the page cache: for a weight that has been
+    /// copied or repacked, the mapped original is no longer read.
+    pub fn release(&self, name: &str) {
+        if let (Some(map), Some(&(offset, len))) = (&self.map, self.ranges.get(name)) {
+            super::release(&map[offset..offset + len]);
+        }
+    }
+
+    /// Bytes of every tensor as stored.
+    pub fn stored_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|t| t.storage_size_in_bytes() as u64)
+            .sum()
     }
 }

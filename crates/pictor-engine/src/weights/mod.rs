@@ -9,6 +9,7 @@
 
 mod diffusers;
 mod gguf;
+mod mapped;
 
 use std::{
     collections::HashMap,
@@ -19,7 +20,7 @@ use std::{
 use candle_core::{DType, Device, Shape, Tensor, safetensors::MmapedSafetensors};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 
-pub use gguf::GgufFile;
+pub use gguf::{GgufFile, QWeights, tensor_bytes};
 
 use crate::error::{EngineError, Result};
 

@@ -1,0 +1,488 @@
+//! The flux transformer network (Black Forest Labs' `src/flux/model.py`), written once over
+//! [`Linear`] layers that are either plain tensors or quantized blocks, so the same code
+//! runs a bf16 safetensors file and a Q4_K GGUF.
+//!
+//! The arithmetic follows candle-transformers' `flux::model` (which matches diffusers), and
+//! the parity tests hold it to diffusers' output.
+
+use candle_core::{D, DType, IndexOp, Module, Tensor, quantized::QMatMul};
+use candle_nn::{LayerNorm, RmsNorm};
+use candle_transformers::models::flux::model::Config;
+
+use crate::{
+    error::{EngineError, Result},
+    weights::{MappedWeights, QWeights},
+};
+
+/// A linear layer: `x·Wᵀ + b`, with `W` dense or quantized.
+pub(crate) struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let ys = match &self.weight {
+            QMatMul::QTensor(_) => xs.contiguous()?.apply(&self.weight)?,
+            _ => xs.apply(&self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// Where layers come from: dense safetensors or quantized GGUF weights, by BFL name.
+pub(crate) enum Source<'a> {
+    /// Safetensors (any layout), converted to the compute dtype.
+    Dense(&'a MappedWeights, DType, &'a candle_core::Device),
+    /// GGUF or converted blocks; computed in f32.
+    Quantized(&'a QWeights),
+}
+
+impl Source<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(_, dtype, _) => *dtype,
+            Self::Quantized(_) => DType::F32,
+        }
+    }
+
+    fn device(&self) -> &candle_core::Device {
+        match self {
+            Self::Dense(_, _, device) => device,
+            Self::Quantized(q) => q.device(),
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        match self {
+            Self::Dense(w, ..) => w.contains(name),
+            Self::Quantized(q) => q.contains(name),
+        }
+    }
+
+    /// A plain tensor of shape `shape` in the compute dtype.
+    pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Self::Dense(w, dtype, device) => {
+                let t = w.load(name, *dtype, device)?;
+                if t.dims() != shape {
+                    return Err(EngineError::Tensor {
+                        path: w.files().path_of(""),
+                        tensor: name.to_string(),
+                        problem: format!("has shape {:?}, expected {shape:?}", t.dims()),
+                    });
+                }
+                Ok(t)
+            }
+            Self::Quantized(q) => {
+                let t = q.get(name, shape)?.dequantize(q.device())?;
+                q.release(name);
+                Ok(t)
+            }
+        }
+    }
+
+    /// The linear layer `prefix.weight` `(out, inp)` with `prefix.bias` when present.
+    pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match self {
+            Self::Dense(..) => QMatMul::Tensor(self.tensor(&name, &[out, inp])?),
+            Self::Quantized(q) => {
+                let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
+                if matches!(weight, QMatMul::QTensor(_)) {
+                    // Two rows are enough for every kernel to build its repacked copy now,
+                    // after which the mapped original can go back to the page cache.
+                    let probe = Tensor::zeros((2, inp), DType::F32, q.device())?;
+                    probe.apply(&weight)?;
+                }
+                q.release(&name);
+                weight
+            }
+        };
+        let bias_name = format!("{prefix}.bias");
+        let bias = if self.has(&bias_name) {
+            Some(self.tensor(&bias_name, &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(self.tensor(name, &[dim])?, 1e-6))
+    }
+
+    fn layer_norm(&self, dim: usize) -> Result<LayerNorm> {
+        let ones = Tensor::ones(dim, self.dtype(), self.device())?;
+        Ok(LayerNorm::new_no_bias(ones, 1e-6))
+    }
+}
+
+fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Result<Tensor> {
+    let dev = pos.device();
+    let inv_freq: Vec<f32> = (0..dim)
+        .step_by(2)
+        .map(|i| 1f32 / (theta as f64).powf(i as f64 / dim as f64) as f32)
+        .collect();
+    let n = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, n), dev)?.to_dtype(pos.dtype())?;
+    let freqs = pos.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
+    let (cos, sin) = (freqs.cos()?, freqs.sin()?);
+    let out = Tensor::stack(&[&cos, &sin.neg()?, &sin, &cos], 3)?;
+    let (b, n, d, _) = out.dims4()?;
+    out.reshape((b, n, d, 2, 2))
+}
+
+fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (b, h, l, d) = x.dims4()?;
+    let x = x.reshape((b, h, l, d / 2, 2))?;
+    let x0 = x.narrow(D::Minus1, 0, 1)?;
+    let x1 = x.narrow(D::Minus1, 1, 1)?;
+    let fr0 = freq_cis.get_on_dim(D::Minus1, 0)?;
+    let fr1 = freq_cis.get_on_dim(D::Minus1, 1)?;
+    (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?.reshape(dims.to_vec())
+}
+
+/// Rotary embedding, then softmax attention over all heads; returns `(b, l, h·d)`.
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
+    let q = apply_rope(q, pe)?.contiguous()?;
+    let k = apply_rope(k, pe)?.contiguous()?;
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let (b, h, l, d) = q.dims4()?;
+    let q = q.reshape((b * h, l, d))?;
+    let k = k.reshape((b * h, l, d))?;
+    let v = v.contiguous()?.reshape((b * h, l, d))?;
+    let weights = (q.matmul(&k.t()?)? * scale)?;
+    let out = candle_nn::ops::softmax_last_dim(&weights)?.matmul(&v)?;
+    out.reshape((b, h, l, d))?.transpose(1, 2)?.flatten_from(2)
+}
+
+fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Result<Tensor> {
+    const TIME_FACTOR: f64 = 1000.;
+    const MAX_PERIOD: f64 = 10000.;
+    let half = dim / 2;
+    let t = (t * TIME_FACTOR)?;
+    let arange = Tensor::arange(0, half as u32, t.device())?.to_dtype(DType::F32)?;
+    let freqs = (arange * (-MAX_PERIOD.ln() / half as f64))?.exp()?;
+    let args = t
+        .unsqueeze(1)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&freqs.unsqueeze(0)?)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?.to_dtype(dtype)
+}
+
+struct Mlp2 {
+    first: Linear,
+    second: Linear,
+}
+
+impl Mlp2 {
+    fn load(
+        src: &Source,
+        prefix: &str,
+        names: (&str, &str),
+        dims: (usize, usize, usize),
+    ) -> Result<Self> {
+        Ok(Self {
+            first: src.linear(&format!("{prefix}.{}", names.0), dims.0, dims.1)?,
+            second: src.linear(&format!("{prefix}.{}", names.1), dims.1, dims.2)?,
+        })
+    }
+
+    fn silu_between(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.apply(&self.first)?.silu()?.apply(&self.second)
+    }
+
+    fn gelu_between(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.apply(&self.first)?.gelu()?.apply(&self.second)
+    }
+}
+
+/// Shift, scale and gate from a modulation layer.
+struct Modulation {
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+}
+
+impl Modulation {
+    /// `n` triples from `silu(vec)·W`.
+    fn split(lin: &Linear, vec_: &Tensor, n: usize) -> candle_core::Result<Vec<Self>> {
+        let ys = vec_
+            .silu()?
+            .apply(lin)?
+            .unsqueeze(1)?
+            .chunk(3 * n, D::Minus1)?;
+        Ok(ys
+            .chunks_exact(3)
+            .map(|c| Self {
+                shift: c[0].clone(),
+                scale: c[1].clone(),
+                gate: c[2].clone(),
+            })
+            .collect())
+    }
+
+    fn scale_shift(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.broadcast_mul(&(&self.scale + 1.)?)?
+            .broadcast_add(&self.shift)
+    }
+
+    fn gate(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.gate.broadcast_mul(xs)
+    }
+}
+
+struct Attention {
+    qkv: Linear,
+    query_norm: RmsNorm,
+    key_norm: RmsNorm,
+    proj: Linear,
+    heads: usize,
+}
+
+/// q, k, v `(b, heads, l, head_dim)` from a fused projection's first `3·hidden` columns.
+fn split_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    q_norm: &RmsNorm,
+    k_norm: &RmsNorm,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, _) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, l, 3, heads, ()))?;
+    let q = qkv.i((.., .., 0))?.transpose(1, 2)?.apply(q_norm)?;
+    let k = qkv.i((.., .., 1))?.transpose(1, 2)?.apply(k_norm)?;
+    let v = qkv.i((.., .., 2))?.transpose(1, 2)?;
+    Ok((q, k, v))
+}
+
+impl Attention {
+    fn load(src: &Source, prefix: &str, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let head = h / cfg.num_heads;
+        Ok(Self {
+            qkv: src.linear(&format!("{prefix}.qkv"), h, 3 * h)?,
+            query_norm: src.rms_norm(&format!("{prefix}.norm.query_norm.scale"), head)?,
+            key_norm: src.rms_norm(&format!("{prefix}.norm.key_norm.scale"), head)?,
+            proj: src.linear(&format!("{prefix}.proj"), h, h)?,
+            heads: cfg.num_heads,
+        })
+    }
+
+    fn qkv(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        split_qkv(
+            &xs.apply(&self.qkv)?,
+            self.heads,
+            &self.query_norm,
+            &self.key_norm,
+        )
+    }
+}
+
+/// One stream (image or text) of a double block.
+struct Stream {
+    modulation: Linear,
+    attn: Attention,
+    mlp: Mlp2,
+}
+
+struct DoubleBlock {
+    img: Stream,
+    txt: Stream,
+    norm: LayerNorm,
+}
+
+impl DoubleBlock {
+    fn load(src: &Source, i: usize, cfg: &Config, mlp: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let stream = |s: &str| -> Result<Stream> {
+            let p = format!("double_blocks.{i}.{s}");
+            Ok(Stream {
+                modulation: src.linear(&format!("{p}_mod.lin"), h, 6 * h)?,
+                attn: Attention::load(src, &format!("{p}_attn"), cfg)?,
+                mlp: Mlp2::load(src, &format!("{p}_mlp"), ("0", "2"), (h, mlp, h))?,
+            })
+        };
+        Ok(Self {
+            img: stream("img")?,
+            txt: stream("txt")?,
+            norm: src.layer_norm(h)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec_: &Tensor,
+        pe: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let img_mod = Modulation::split(&self.img.modulation, vec_, 2)?;
+        let txt_mod = Modulation::split(&self.txt.modulation, vec_, 2)?;
+        let (img_q, img_k, img_v) = self
+            .img
+            .attn
+            .qkv(&img_mod[0].scale_shift(&img.apply(&self.norm)?)?)?;
+        let (txt_q, txt_k, txt_v) = self
+            .txt
+            .attn
+            .qkv(&txt_mod[0].scale_shift(&txt.apply(&self.norm)?)?)?;
+        let q = Tensor::cat(&[txt_q, img_q], 2)?;
+        let k = Tensor::cat(&[txt_k, img_k], 2)?;
+        let v = Tensor::cat(&[txt_v, img_v], 2)?;
+        let attn = attention(&q, &k, &v, pe)?;
+        let n_txt = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, n_txt)?;
+        let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
+        let finish =
+            |x: &Tensor, a: &Tensor, s: &Stream, m: &[Modulation]| -> candle_core::Result<Tensor> {
+                let x = (x + m[0].gate(&a.apply(&s.attn.proj)?)?)?;
+                let y = s
+                    .mlp
+                    .gelu_between(&m[1].scale_shift(&x.apply(&self.norm)?)?)?;
+                &x + m[1].gate(&y)?
+            };
+        Ok((
+            finish(img, &img_attn, &self.img, &img_mod)?,
+            finish(txt, &txt_attn, &self.txt, &txt_mod)?,
+        ))
+    }
+}
+
+struct SingleBlock {
+    linear1: Linear,
+    linear2: Linear,
+    query_norm: RmsNorm,
+    key_norm: RmsNorm,
+    modulation: Linear,
+    norm: LayerNorm,
+    hidden: usize,
+    mlp: usize,
+    heads: usize,
+}
+
+impl SingleBlock {
+    fn load(src: &Source, i: usize, cfg: &Config, mlp: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let head = h / cfg.num_heads;
+        let p = format!("single_blocks.{i}");
+        Ok(Self {
+            linear1: src.linear(&format!("{p}.linear1"), h, 3 * h + mlp)?,
+            linear2: src.linear(&format!("{p}.linear2"), h + mlp, h)?,
+            query_norm: src.rms_norm(&format!("{p}.norm.query_norm.scale"), head)?,
+            key_norm: src.rms_norm(&format!("{p}.norm.key_norm.scale"), head)?,
+            modulation: src.linear(&format!("{p}.modulation.lin"), h, 3 * h)?,
+            norm: src.layer_norm(h)?,
+            hidden: h,
+            mlp,
+            heads: cfg.num_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, vec_: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
+        let m = Modulation::split(&self.modulation, vec_, 1)?;
+        let x = m[0]
+            .scale_shift(&xs.apply(&self.norm)?)?
+            .apply(&self.linear1)?;
+        let qkv = x.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let (q, k, v) = split_qkv(&qkv, self.heads, &self.query_norm, &self.key_norm)?;
+        let mlp = x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?;
+        let attn = attention(&q, &k, &v, pe)?;
+        let out = Tensor::cat(&[attn, mlp.gelu()?], 2)?.apply(&self.linear2)?;
+        xs + m[0].gate(&out)?
+    }
+}
+
+/// The flux transformer.
+pub(crate) struct FluxModel {
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: Mlp2,
+    vector_in: Mlp2,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    final_norm: LayerNorm,
+    final_linear: Linear,
+    final_modulation: Linear,
+    cfg: Config,
+}
+
+impl FluxModel {
+    /// Builds the network from `src`, checking every tensor's shape against `cfg`.
+    pub(crate) fn load(src: &Source, cfg: &Config) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let mlp = (h as f64 * cfg.mlp_ratio) as usize;
+        Ok(Self {
+            img_in: src.linear("img_in", cfg.in_channels, h)?,
+            txt_in: src.linear("txt_in", cfg.context_in_dim, h)?,
+            time_in: Mlp2::load(src, "time_in", ("in_layer", "out_layer"), (256, h, h))?,
+            vector_in: Mlp2::load(
+                src,
+                "vector_in",
+                ("in_layer", "out_layer"),
+                (cfg.vec_in_dim, h, h),
+            )?,
+            double: (0..cfg.depth)
+                .map(|i| DoubleBlock::load(src, i, cfg, mlp))
+                .collect::<Result<_>>()?,
+            single: (0..cfg.depth_single_blocks)
+                .map(|i| SingleBlock::load(src, i, cfg, mlp))
+                .collect::<Result<_>>()?,
+            final_norm: src.layer_norm(h)?,
+            final_linear: src.linear("final_layer.linear", h, cfg.in_channels)?,
+            final_modulation: src.linear("final_layer.adaLN_modulation.1", h, 2 * h)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The velocity for packed latents `img` `(b, l, in_channels)` given text states `txt`
+    /// `(b, l_txt, context)`, positions, timesteps `t` `(b)` and pooled vectors `y`.
+    pub(crate) fn forward(
+        &self,
+        img: &Tensor,
+        img_ids: &Tensor,
+        txt: &Tensor,
+        txt_ids: &Tensor,
+        t: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = img.dtype();
+        let ids = Tensor::cat(&[txt_ids, img_ids], 1)?;
+        let pe = {
+            let mut parts = Vec::with_capacity(self.cfg.axes_dim.len());
+            for (axis, &dim) in self.cfg.axes_dim.iter().enumerate() {
+                parts.push(rope(
+                    &ids.get_on_dim(D::Minus1, axis)?,
+                    dim,
+                    self.cfg.theta,
+                )?);
+            }
+            Tensor::cat(&parts, 2)?.unsqueeze(1)?
+        };
+        let mut txt = txt.apply(&self.txt_in)?;
+        let mut img = img.apply(&self.img_in)?;
+        let vec_ = self
+            .time_in
+            .silu_between(&timestep_embedding(t, 256, dtype)?)?;
+        let vec_ = (vec_ + self.vector_in.silu_between(y)?)?;
+        for block in &self.double {
+            (img, txt) = block.forward(&img, &txt, &vec_, &pe)?;
+        }
+        let n_txt = txt.dim(1)?;
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single {
+            x = block.forward(&x, &vec_, &pe)?;
+        }
+        let img = x.i((.., n_txt..))?;
+        let chunks = vec_.silu()?.apply(&self.final_modulation)?.chunk(2, 1)?;
+        let (shift, scale) = (&chunks[0], &chunks[1]);
+        img.apply(&self.final_norm)?
+            .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+            .broadcast_add(&shift.unsqueeze(1)?)?
+            .apply(&self.final_linear)
+    }
+}
