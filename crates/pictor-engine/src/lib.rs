@@ -30,6 +30,7 @@ mod layout;
 mod noise;
 pub mod ops;
 mod pipeline;
+pub mod quantize;
 pub mod text;
 pub mod weights;
 

@@ -18,7 +18,15 @@ use crate::{
 pub(crate) trait Shapes {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
     fn origin(&self) -> PathBuf;
+    /// RoPE axes the file itself records (Pictor's GGUF files do), if any.
+    fn rope_axes(&self) -> Option<Vec<usize>> {
+        None
+    }
 }
+
+/// The GGUF metadata key under which converted transformers keep their RoPE axes, which
+/// tensor shapes cannot tell (a diffusers `config.json` can).
+pub const ROPE_AXES_KEY: &str = "pictor.flux.axes_dims_rope";
 
 impl Shapes for MappedWeights {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
@@ -35,6 +43,12 @@ impl Shapes for QWeights {
     }
     fn origin(&self) -> PathBuf {
         self.origin().to_path_buf()
+    }
+    fn rope_axes(&self) -> Option<Vec<usize>> {
+        self.meta(ROPE_AXES_KEY)?
+            .split(',')
+            .map(|a| a.trim().parse().ok())
+            .collect()
     }
 }
 
@@ -101,7 +115,8 @@ pub(crate) fn transformer(w: &dyn Shapes, config: Option<&Path>) -> Result<model
             format!("hidden size {hidden} is not a multiple of the head size {head_dim}"),
         ));
     }
-    let axes_dim = match read_config::<DiffusersTransformerConfig>(config)?.axes_dims_rope {
+    let from_file = read_config::<DiffusersTransformerConfig>(config)?.axes_dims_rope;
+    let axes_dim = match from_file.or_else(|| w.rope_axes()) {
         Some(axes) => axes,
         // FLUX's (16, 56, 56) for 128-wide heads, scaled: the proportion BFL uses.
         None => vec![head_dim / 8, head_dim * 7 / 16, head_dim * 7 / 16],

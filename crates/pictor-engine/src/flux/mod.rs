@@ -11,7 +11,7 @@
 
 pub mod config;
 pub mod decoder;
-mod model;
+pub(crate) mod model;
 pub mod sampling;
 pub mod transformer;
 pub mod vae;

@@ -397,6 +397,61 @@ impl SingleBlock {
     }
 }
 
+/// Every tensor the network reads, by BFL name, with its shape: what a converter must
+/// write for [`FluxModel::load`] to find.
+pub(crate) fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let h = cfg.hidden_size;
+    let mlp = (h as f64 * cfg.mlp_ratio) as usize;
+    let head = h / cfg.num_heads;
+    let mut names = Vec::new();
+    let mut linear = |prefix: String, inp: usize, out: usize, bias: bool| {
+        names.push((format!("{prefix}.weight"), vec![out, inp]));
+        if bias {
+            names.push((format!("{prefix}.bias"), vec![out]));
+        }
+    };
+    linear("img_in".into(), cfg.in_channels, h, true);
+    linear("txt_in".into(), cfg.context_in_dim, h, true);
+    linear("time_in.in_layer".into(), 256, h, true);
+    linear("time_in.out_layer".into(), h, h, true);
+    linear("vector_in.in_layer".into(), cfg.vec_in_dim, h, true);
+    linear("vector_in.out_layer".into(), h, h, true);
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            let p = format!("double_blocks.{i}.{s}");
+            linear(format!("{p}_mod.lin"), h, 6 * h, true);
+            linear(format!("{p}_attn.qkv"), h, 3 * h, cfg.qkv_bias);
+            linear(format!("{p}_attn.proj"), h, h, true);
+            linear(format!("{p}_mlp.0"), h, mlp, true);
+            linear(format!("{p}_mlp.2"), mlp, h, true);
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        let p = format!("single_blocks.{i}");
+        linear(format!("{p}.linear1"), h, 3 * h + mlp, true);
+        linear(format!("{p}.linear2"), h + mlp, h, true);
+        linear(format!("{p}.modulation.lin"), h, 3 * h, true);
+    }
+    linear("final_layer.linear".into(), h, cfg.in_channels, true);
+    linear("final_layer.adaLN_modulation.1".into(), h, 2 * h, true);
+    for i in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                names.push((
+                    format!("double_blocks.{i}.{s}_attn.norm.{n}.scale"),
+                    vec![head],
+                ));
+            }
+        }
+    }
+    for i in 0..cfg.depth_single_blocks {
+        for n in ["query_norm", "key_norm"] {
+            names.push((format!("single_blocks.{i}.norm.{n}.scale"), vec![head]));
+        }
+    }
+    names
+}
+
 /// The flux transformer.
 pub(crate) struct FluxModel {
     img_in: Linear,

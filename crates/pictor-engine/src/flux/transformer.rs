@@ -15,12 +15,55 @@ use crate::{
     error::{EngineError, Result},
     layout::Part,
     text::Embeddings,
-    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
+    weights::{GgufFile, MappedWeights, QWeights, SafetensorFiles, Scheme},
 };
 
 /// The prefix ComfyUI and stable-diffusion.cpp put before the transformer's names in
 /// bundled files.
 const BUNDLE_PREFIX: &str = "model.diffusion_model.";
+
+/// A transformer's weights, opened but not yet read.
+pub(crate) enum Weights {
+    /// Safetensors in BFL or diffusers names, any prefix.
+    Dense(MappedWeights),
+    /// GGUF, mapped, by BFL name.
+    Quantized(QWeights),
+}
+
+/// Opens a transformer part in whichever layout it is.
+pub(crate) fn open(part: &Part, device: &Device) -> Result<Weights> {
+    if part.is_gguf() {
+        let gguf = GgufFile::open(&part.files[0])?;
+        let prefixed = gguf.contains(&format!("{BUNDLE_PREFIX}img_in.weight"));
+        let weights = gguf.weights(
+            |name| match name.strip_prefix(BUNDLE_PREFIX) {
+                Some(bare) => Some(bare.to_string()),
+                None => (!prefixed).then(|| name.to_string()),
+            },
+            device,
+        )?;
+        return Ok(Weights::Quantized(weights));
+    }
+    let files = Arc::new(SafetensorFiles::open(&part.files)?);
+    if let Some(prefix) = files.prefix_of("double_blocks.0.img_attn.qkv.weight") {
+        Ok(Weights::Dense(MappedWeights::new(
+            files,
+            Scheme::Identity,
+            prefix,
+        )))
+    } else if let Some(prefix) = files.prefix_of("transformer_blocks.0.attn.to_q.weight") {
+        Ok(Weights::Dense(MappedWeights::new(
+            files,
+            Scheme::DiffusersFluxTransformer,
+            prefix,
+        )))
+    } else {
+        Err(EngineError::UnknownLayout {
+            path: files.path_of(""),
+            message: "neither Black Forest Labs (double_blocks.N...) nor diffusers (transformer_blocks.N...) transformer names".into(),
+        })
+    }
+}
 
 /// A loaded flux transformer.
 pub struct Transformer {
@@ -34,38 +77,18 @@ impl Transformer {
     /// Loads the transformer part in `dtype` (GGUF files keep their quantization and compute
     /// in f32).
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
-        if part.is_gguf() {
-            let gguf = GgufFile::open(&part.files[0])?;
-            let prefixed = gguf.contains(&format!("{BUNDLE_PREFIX}img_in.weight"));
-            let weights = gguf.weights(
-                |name| match name.strip_prefix(BUNDLE_PREFIX) {
-                    Some(bare) => Some(bare.to_string()),
-                    None => (!prefixed).then(|| name.to_string()),
-                },
-                device,
-            )?;
-            let config = config::transformer(&weights, part.config.as_deref())?;
-            let model = FluxModel::load(&Source::Quantized(&weights), &config)?;
-            return Ok(Self {
-                model,
-                config,
-                device: device.clone(),
-                dtype: DType::F32,
-            });
-        }
-        let files = Arc::new(SafetensorFiles::open(&part.files)?);
-        let weights = if let Some(prefix) = files.prefix_of("double_blocks.0.img_attn.qkv.weight") {
-            MappedWeights::new(files, Scheme::Identity, prefix)
-        } else if let Some(prefix) = files.prefix_of("transformer_blocks.0.attn.to_q.weight") {
-            MappedWeights::new(files, Scheme::DiffusersFluxTransformer, prefix)
-        } else {
-            return Err(EngineError::UnknownLayout {
-                path: files.path_of(""),
-                message: "neither Black Forest Labs (double_blocks.N...) nor diffusers (transformer_blocks.N...) transformer names".into(),
-            });
+        let (model, config, dtype) = match open(part, device)? {
+            Weights::Quantized(weights) => {
+                let config = config::transformer(&weights, part.config.as_deref())?;
+                let model = FluxModel::load(&Source::Quantized(&weights), &config)?;
+                (model, config, DType::F32)
+            }
+            Weights::Dense(weights) => {
+                let config = config::transformer(&weights, part.config.as_deref())?;
+                let model = FluxModel::load(&Source::Dense(&weights, dtype, device), &config)?;
+                (model, config, dtype)
+            }
         };
-        let config = config::transformer(&weights, part.config.as_deref())?;
-        let model = FluxModel::load(&Source::Dense(&weights, dtype, device), &config)?;
         Ok(Self {
             model,
             config,

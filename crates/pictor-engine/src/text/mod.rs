@@ -1,12 +1,13 @@
 //! Text encoders: CLIP-L (pooled vector) and T5 (token sequence), with their tokenizers.
 
 mod clip_bpe;
+pub mod t5;
 mod tokenize;
 
 use std::{path::Path, sync::Arc};
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{clip::text_model as clip, t5};
+use candle_transformers::models::{clip::text_model as clip, t5 as candle_t5};
 use serde::Deserialize;
 
 pub use tokenize::{FixedLengthTokenizer, Tokens};
@@ -15,7 +16,7 @@ use crate::{
     error::{EngineError, Result},
     layout::Part,
     pipeline::PromptInfo,
-    weights::{MappedWeights, SafetensorFiles, Scheme},
+    weights::{GgufFile, MappedWeights, QWeights, SafetensorFiles, Scheme},
 };
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -133,28 +134,90 @@ impl ClipEncoder {
     }
 }
 
+enum T5Model {
+    Dense(Box<candle_t5::T5EncoderModel>),
+    Quantized(Box<t5::QuantizedT5>),
+}
+
 /// The T5 encoder (v1.1, gated GELU).
 pub struct T5Encoder {
-    model: t5::T5EncoderModel,
+    model: T5Model,
     device: Device,
 }
 
+/// The name of T5's first query weight, by which its prefix in a bundle is found.
+const T5_ANCHOR: &str = "encoder.block.0.layer.0.SelfAttention.q.weight";
+const T5_LLAMA_ANCHOR: &str = "enc.blk.0.attn_q.weight";
+
+/// The encoder's config: `config.json` when the part has one, else read from shapes.
+fn t5_config(
+    part: &Part,
+    shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+) -> Result<candle_t5::Config> {
+    match &part.config {
+        Some(path) => read_json(path),
+        None => t5::infer_config(shape_of, &part.files[0]),
+    }
+}
+
+/// A T5 encoder's weights, opened but not yet read.
+pub(crate) enum T5Weights {
+    /// Safetensors, transformers names, any prefix.
+    Dense(MappedWeights),
+    /// GGUF (llama.cpp or transformers names), mapped, by transformers name.
+    Quantized(QWeights),
+}
+
+/// Opens a T5 part in whichever layout it is.
+pub(crate) fn open_t5(part: &Part, device: &Device) -> Result<T5Weights> {
+    if !part.is_gguf() {
+        return Ok(T5Weights::Dense(open(part, T5_ANCHOR, "T5 encoder")?));
+    }
+    let gguf = GgufFile::open(&part.files[0])?;
+    let prefix_of = |anchor: &str| {
+        gguf.names()
+            .filter_map(|n| n.strip_suffix(anchor))
+            .min_by_key(|p| p.len())
+            .map(str::to_string)
+    };
+    let weights = if let Some(prefix) = prefix_of(T5_LLAMA_ANCHOR) {
+        gguf.weights(
+            |n| t5::llama_to_hf(n.strip_prefix(prefix.as_str())?),
+            device,
+        )?
+    } else if let Some(prefix) = prefix_of(T5_ANCHOR) {
+        gguf.weights(
+            |n| n.strip_prefix(prefix.as_str()).map(str::to_string),
+            device,
+        )?
+    } else {
+        return Err(EngineError::UnknownLayout {
+            path: gguf.path().to_path_buf(),
+            message: format!(
+                "no `{T5_LLAMA_ANCHOR}` or `{T5_ANCHOR}` tensor: this is not a T5 encoder"
+            ),
+        });
+    };
+    Ok(T5Weights::Quantized(weights))
+}
+
 impl T5Encoder {
-    /// Loads the encoder; `part.config` must be transformers' config.json.
+    /// Loads the encoder from safetensors (transformers names, any prefix, with or without
+    /// `config.json`) or GGUF (llama.cpp or transformers names).
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = part
-            .config
-            .as_ref()
-            .ok_or_else(|| EngineError::load("t5", "no config.json beside the T5 weights"))?;
-        let config: t5::Config = read_json(config_path)?;
-        let weights = open(
-            part,
-            "encoder.block.0.layer.0.SelfAttention.q.weight",
-            "T5 encoder",
-        )?;
-        let vb = weights.var_builder(dtype, device);
-        let model =
-            t5::T5EncoderModel::load(vb, &config).map_err(|e| EngineError::load("t5", e))?;
+        let model = match open_t5(part, device)? {
+            T5Weights::Dense(weights) => {
+                let config = t5_config(part, &|n| weights.shape(n))?;
+                let vb = weights.var_builder(dtype, device);
+                let model = candle_t5::T5EncoderModel::load(vb, &config)
+                    .map_err(|e| EngineError::load("t5", e))?;
+                T5Model::Dense(Box::new(model))
+            }
+            T5Weights::Quantized(weights) => {
+                let config = t5_config(part, &|n| weights.shape(n))?;
+                T5Model::Quantized(Box::new(t5::QuantizedT5::load(&weights, &config)?))
+            }
+        };
         Ok(Self {
             model,
             device: device.clone(),
@@ -164,8 +227,13 @@ impl T5Encoder {
     /// The last hidden states `(1, ids.len(), d_model)`, with no attention mask, as
     /// FluxPipeline calls it.
     pub fn hidden(&mut self, ids: &[u32]) -> Result<Tensor> {
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(self.model.forward(&input)?)
+        match &mut self.model {
+            T5Model::Dense(model) => {
+                let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+                Ok(model.forward(&input)?)
+            }
+            T5Model::Quantized(model) => model.forward(ids),
+        }
     }
 }
 

@@ -158,9 +158,16 @@ impl GgufFile {
             ranges.insert(canonical.clone(), (offset, bytes));
             tensors.insert(canonical, Arc::new(q));
         }
+        let meta = self
+            .content
+            .metadata
+            .keys()
+            .filter_map(|k| Some((k.clone(), self.meta(k)?)))
+            .collect();
         Ok(QWeights {
             tensors,
             ranges,
+            meta,
             map: Some(map),
             origin: self.path.clone(),
             device: device.clone(),
@@ -173,6 +180,7 @@ impl GgufFile {
 pub struct QWeights {
     tensors: HashMap<String, Arc<QTensor>>,
     ranges: HashMap<String, (usize, usize)>,
+    meta: HashMap<String, String>,
     map: Option<Arc<Mmap>>,
     origin: PathBuf,
     device: Device,
@@ -188,6 +196,7 @@ impl QWeights {
         Self {
             tensors,
             ranges: HashMap::new(),
+            meta: HashMap::new(),
             map: None,
             origin,
             device: device.clone(),
@@ -202,6 +211,11 @@ impl QWeights {
     /// The device tensors are computed on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A metadata value of the file, as text.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta.get(key).map(String::as_str)
     }
 
     /// Whether canonical `name` exists.

@@ -9,6 +9,7 @@
 
 mod diffusers;
 mod gguf;
+pub mod gguf_write;
 mod mapped;
 
 use std::{

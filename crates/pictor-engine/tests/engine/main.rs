@@ -6,3 +6,4 @@ mod gguf;
 mod loaders;
 mod malformed;
 mod parity;
+mod quantized;

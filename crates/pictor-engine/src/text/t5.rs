@@ -1,0 +1,310 @@
+//! T5 v1.1 encoder pieces that do not depend on how weights are stored: the tensor names
+//! (transformers' and llama.cpp's), the config read from tensor shapes, and the encoder
+//! network over quantized layers for GGUF files.
+//!
+//! Dense safetensors weights run through candle-transformers' `t5` model; quantized ones
+//! through [`QuantizedT5`] here, which follows the same arithmetic (transformers'
+//! `T5EncoderModel`: RMS norms, unscaled attention with a relative position bias from the
+//! first block, gated-GELU feed-forward) and is held to it by a test.
+
+use std::{path::Path, sync::Arc};
+
+use candle_core::{D, DType, Module, Tensor, quantized::QMatMul, quantized::QTensor};
+use candle_nn::Activation;
+use candle_transformers::models::t5::{ActivationWithOptionalGating, Config};
+
+use crate::{
+    error::{EngineError, Result},
+    weights::QWeights,
+};
+
+/// The canonical (transformers) names of an encoder with `cfg`'s sizes, with shapes.
+pub fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
+    let mut names = vec![("shared.weight".to_string(), vec![cfg.vocab_size, d])];
+    for i in 0..cfg.num_layers {
+        let a = format!("encoder.block.{i}.layer.0");
+        let f = format!("encoder.block.{i}.layer.1");
+        names.push((format!("{a}.layer_norm.weight"), vec![d]));
+        for p in ["q", "k", "v"] {
+            names.push((format!("{a}.SelfAttention.{p}.weight"), vec![inner, d]));
+        }
+        names.push((format!("{a}.SelfAttention.o.weight"), vec![d, inner]));
+        if i == 0 {
+            names.push((
+                format!("{a}.SelfAttention.relative_attention_bias.weight"),
+                vec![cfg.relative_attention_num_buckets, cfg.num_heads],
+            ));
+        }
+        names.push((format!("{f}.layer_norm.weight"), vec![d]));
+        names.push((format!("{f}.DenseReluDense.wi_0.weight"), vec![ff, d]));
+        names.push((format!("{f}.DenseReluDense.wi_1.weight"), vec![ff, d]));
+        names.push((format!("{f}.DenseReluDense.wo.weight"), vec![d, ff]));
+    }
+    names.push(("encoder.final_layer_norm.weight".to_string(), vec![d]));
+    names
+}
+
+/// llama.cpp's component names and transformers' (ggml-org/llama.cpp
+/// `gguf-py/gguf/tensor_mapping.py`, the T5 encoder entries).
+const COMPONENTS: [(&str, &str); 10] = [
+    ("attn_norm", "layer.0.layer_norm"),
+    ("attn_q", "layer.0.SelfAttention.q"),
+    ("attn_k", "layer.0.SelfAttention.k"),
+    ("attn_v", "layer.0.SelfAttention.v"),
+    ("attn_o", "layer.0.SelfAttention.o"),
+    (
+        "attn_rel_b",
+        "layer.0.SelfAttention.relative_attention_bias",
+    ),
+    ("ffn_norm", "layer.1.layer_norm"),
+    ("ffn_gate", "layer.1.DenseReluDense.wi_0"),
+    ("ffn_up", "layer.1.DenseReluDense.wi_1"),
+    ("ffn_down", "layer.1.DenseReluDense.wo"),
+];
+
+/// A llama.cpp T5 encoder name (`enc.blk.3.attn_q.weight`) as transformers spells it.
+pub fn llama_to_hf(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("shared.weight".into()),
+        "enc.output_norm.weight" => return Some("encoder.final_layer_norm.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("enc.blk.")?;
+    let (block, rest) = rest.split_once('.')?;
+    let block: usize = block.parse().ok()?;
+    let (component, suffix) = rest.split_once('.')?;
+    let (_, hf) = COMPONENTS.iter().find(|(l, _)| *l == component)?;
+    Some(format!("encoder.block.{block}.{hf}.{suffix}"))
+}
+
+/// A transformers T5 encoder name as llama.cpp spells it.
+pub fn hf_to_llama(name: &str) -> Option<String> {
+    match name {
+        "shared.weight" | "encoder.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "encoder.final_layer_norm.weight" => return Some("enc.output_norm.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("encoder.block.")?;
+    let (block, rest) = rest.split_once('.')?;
+    let block: usize = block.parse().ok()?;
+    let (stem, suffix) = rest.rsplit_once('.')?;
+    let (llama, _) = COMPONENTS.iter().find(|(_, h)| *h == stem)?;
+    Some(format!("enc.blk.{block}.{llama}.{suffix}"))
+}
+
+/// The encoder's config from its tensor shapes (transformers names), for files that come
+/// without a `config.json` (ComfyUI's `t5xxl_fp16.safetensors`, GGUF).
+pub fn infer_config(
+    shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+    origin: &Path,
+) -> Result<Config> {
+    let get = |name: &str, axis: usize| -> Result<usize> {
+        shape_of(name)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(|| EngineError::Tensor {
+                path: origin.to_path_buf(),
+                tensor: name.to_string(),
+                problem: "missing, so the T5 encoder's sizes cannot be read".into(),
+            })
+    };
+    let a = "encoder.block.0.layer.0.SelfAttention";
+    let (buckets, heads) = (
+        get(&format!("{a}.relative_attention_bias.weight"), 0)?,
+        get(&format!("{a}.relative_attention_bias.weight"), 1)?,
+    );
+    let inner = get(&format!("{a}.q.weight"), 0)?;
+    if heads == 0 || inner % heads != 0 {
+        return Err(EngineError::UnknownLayout {
+            path: origin.to_path_buf(),
+            message: format!("T5 attention width {inner} is not a multiple of {heads} heads"),
+        });
+    }
+    let gated = shape_of("encoder.block.0.layer.1.DenseReluDense.wi_0.weight").is_some();
+    let num_layers = (0..)
+        .take_while(|i| {
+            shape_of(&format!("encoder.block.{i}.layer.0.SelfAttention.q.weight")).is_some()
+        })
+        .count();
+    Ok(Config {
+        vocab_size: get("shared.weight", 0)?,
+        d_model: get(&format!("{a}.q.weight"), 1)?,
+        d_kv: inner / heads,
+        d_ff: get(
+            if gated {
+                "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
+            } else {
+                "encoder.block.0.layer.1.DenseReluDense.wi.weight"
+            },
+            0,
+        )?,
+        num_layers,
+        num_decoder_layers: None,
+        num_heads: heads,
+        relative_attention_num_buckets: buckets,
+        relative_attention_max_distance: 128,
+        dropout_rate: 0.0,
+        layer_norm_epsilon: 1e-6,
+        initializer_factor: 1.0,
+        // T5 v1.1 (and so FLUX's T5-XXL) is gated GELU (tanh form); v1.0 is plain ReLU.
+        feed_forward_proj: ActivationWithOptionalGating {
+            gated,
+            activation: if gated {
+                Activation::NewGelu
+            } else {
+                Activation::Relu
+            },
+        },
+        tie_word_embeddings: false,
+        is_decoder: false,
+        is_encoder_decoder: false,
+        use_cache: false,
+        pad_token_id: 0,
+        eos_token_id: 1,
+        decoder_start_token_id: None,
+    })
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(variance + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+struct Block {
+    attn_norm: Tensor,
+    q: QMatMul,
+    k: QMatMul,
+    v: QMatMul,
+    o: QMatMul,
+    ffn_norm: Tensor,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+}
+
+/// The T5 encoder over quantized layers (canonical transformers names).
+pub struct QuantizedT5 {
+    embedding: Arc<QTensor>,
+    relative_bias: Tensor,
+    blocks: Vec<Block>,
+    final_norm: Tensor,
+    cfg: Config,
+}
+
+fn linear(w: &QWeights, name: &str, shape: [usize; 2]) -> Result<QMatMul> {
+    let weight = QMatMul::from_arc(w.get(name, &shape)?)?;
+    if matches!(weight, QMatMul::QTensor(_)) {
+        // Let the kernels build their repacked copy now; then the mapped original can go.
+        Tensor::zeros((2, shape[1]), DType::F32, w.device())?.apply(&weight)?;
+    }
+    w.release(name);
+    Ok(weight)
+}
+
+fn dense(w: &QWeights, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = w.get(name, shape)?.dequantize(w.device())?;
+    w.release(name);
+    Ok(t)
+}
+
+impl QuantizedT5 {
+    /// Builds the encoder from `w` (transformers names), checking every shape.
+    pub fn load(w: &QWeights, cfg: &Config) -> Result<Self> {
+        if !cfg.feed_forward_proj.gated {
+            return Err(EngineError::load(
+                "t5",
+                "only gated (T5 v1.1) encoders are supported from GGUF",
+            ));
+        }
+        let (d, inner, ff) = (cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff);
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let a = format!("encoder.block.{i}.layer.0");
+                let f = format!("encoder.block.{i}.layer.1");
+                Ok(Block {
+                    attn_norm: dense(w, &format!("{a}.layer_norm.weight"), &[d])?,
+                    q: linear(w, &format!("{a}.SelfAttention.q.weight"), [inner, d])?,
+                    k: linear(w, &format!("{a}.SelfAttention.k.weight"), [inner, d])?,
+                    v: linear(w, &format!("{a}.SelfAttention.v.weight"), [inner, d])?,
+                    o: linear(w, &format!("{a}.SelfAttention.o.weight"), [d, inner])?,
+                    ffn_norm: dense(w, &format!("{f}.layer_norm.weight"), &[d])?,
+                    gate: linear(w, &format!("{f}.DenseReluDense.wi_0.weight"), [ff, d])?,
+                    up: linear(w, &format!("{f}.DenseReluDense.wi_1.weight"), [ff, d])?,
+                    down: linear(w, &format!("{f}.DenseReluDense.wo.weight"), [d, ff])?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embedding: w.get("shared.weight", &[cfg.vocab_size, d])?,
+            relative_bias: dense(
+                w,
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                &[cfg.relative_attention_num_buckets, cfg.num_heads],
+            )?,
+            blocks,
+            final_norm: dense(w, "encoder.final_layer_norm.weight", &[d])?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// transformers' `_relative_position_bucket`, bidirectional, computed in f32 as
+    /// candle's dense T5 does (so both paths pick the same bucket at the boundaries).
+    fn bucket(&self, relative: i64) -> u32 {
+        let buckets = (self.cfg.relative_attention_num_buckets / 2) as u32;
+        let max_exact = buckets / 2;
+        let base = if relative > 0 { buckets } else { 0 };
+        let n = relative.unsigned_abs() as u32;
+        if n < max_exact {
+            return base + n;
+        }
+        let max_distance = self.cfg.relative_attention_max_distance as f32;
+        let large = (n as f32 / max_exact as f32).log(max_distance / max_exact as f32)
+            * (buckets - max_exact) as f32;
+        base + (max_exact + large as u32).min(buckets - 1)
+    }
+
+    /// The position bias `(1, heads, l, l)` shared by every block.
+    fn position_bias(&self, len: usize) -> candle_core::Result<Tensor> {
+        let ids: Vec<u32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| (i, j)))
+            .map(|(i, j)| self.bucket(j as i64 - i as i64))
+            .collect();
+        let ids = Tensor::from_vec(ids, len * len, self.relative_bias.device())?;
+        self.relative_bias
+            .embedding(&ids)?
+            .reshape((len, len, self.cfg.num_heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)
+    }
+
+    /// The last hidden states `(1, len, d_model)` for token `ids`.
+    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
+        let device = self.relative_bias.device();
+        let input = Tensor::new(ids, device)?;
+        let mut x = self.embedding.embedding(&input)?.unsqueeze(0)?;
+        let (b, l) = (1, ids.len());
+        let (h, dk) = (self.cfg.num_heads, self.cfg.d_kv);
+        let bias = self.position_bias(l)?;
+        let eps = self.cfg.layer_norm_epsilon;
+        for block in &self.blocks {
+            let n = rms_norm(&x, &block.attn_norm, eps)?;
+            let heads = |m: &QMatMul| -> candle_core::Result<Tensor> {
+                n.apply(m)?
+                    .reshape((b, l, h, dk))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let (q, k, v) = (heads(&block.q)?, heads(&block.k)?, heads(&block.v)?);
+            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
+            let attn = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let attn = attn.transpose(1, 2)?.reshape((b, l, h * dk))?;
+            x = (x + attn.apply(&block.o)?)?;
+            let n = rms_norm(&x, &block.ffn_norm, eps)?;
+            let gated = Activation::NewGelu.forward(&n.apply(&block.gate)?)?;
+            let ff = (gated * n.apply(&block.up)?)?.apply(&block.down)?;
+            x = (x + ff)?;
+        }
+        Ok(rms_norm(&x, &self.final_norm, eps)?)
+    }
+}
