@@ -75,10 +75,11 @@ pub struct ModelFiles {
     /// The T5 encoder.
     pub t5: Part,
     /// CLIP's tokenizer: a folder (`vocab.json` + `merges.txt`, or `tokenizer.json`) or a
-    /// `tokenizer.json` file.
-    pub clip_tokenizer: PathBuf,
-    /// T5's tokenizer: a folder with `tokenizer.json`, or the file.
-    pub t5_tokenizer: PathBuf,
+    /// `tokenizer.json` file; `None` for FLUX.1's own, built into the engine (split files,
+    /// bundles and GGUF files come without one).
+    pub clip_tokenizer: Option<PathBuf>,
+    /// T5's tokenizer: a folder with `tokenizer.json`, or the file; `None` for FLUX.1's own.
+    pub t5_tokenizer: Option<PathBuf>,
 }
 
 /// What a weight file holds, judged from its tensor names.
@@ -101,38 +102,88 @@ impl Kind {
     }
 }
 
-/// Classifies a checkpoint from its tensor names.
-pub(crate) fn classify<'a>(names: impl IntoIterator<Item = &'a str>) -> Option<Kind> {
-    const SIGNS: [(&str, Kind); 6] = [
-        ("double_blocks.0.img_attn.qkv.weight", Kind::Transformer),
-        ("transformer_blocks.0.attn.to_q.weight", Kind::Transformer),
-        ("decoder.conv_in.weight", Kind::Vae),
-        ("text_model.embeddings.token_embedding.weight", Kind::Clip),
-        ("encoder.block.0.layer.0.SelfAttention.q.weight", Kind::T5),
-        ("enc.blk.0.attn_q.weight", Kind::T5),
-    ];
-    let mut found = None;
+/// A part found inside one file: what it is, the prefix before its names (`""` for bare
+/// names, `vae.` in a bundle) and how its names are spelled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Found {
+    pub kind: Kind,
+    pub prefix: String,
+    pub naming: &'static str,
+}
+
+/// One tensor name per part and naming scheme that only that part has.
+const SIGNS: [(&str, Kind, &str); 7] = [
+    (
+        "double_blocks.0.img_attn.qkv.weight",
+        Kind::Transformer,
+        "Black Forest Labs",
+    ),
+    (
+        "transformer_blocks.0.attn.to_q.weight",
+        Kind::Transformer,
+        "diffusers",
+    ),
+    (
+        "decoder.up_blocks.0.resnets.0.conv1.weight",
+        Kind::Vae,
+        "diffusers",
+    ),
+    (
+        "decoder.up.0.block.0.conv1.weight",
+        Kind::Vae,
+        "Black Forest Labs",
+    ),
+    (
+        "text_model.embeddings.token_embedding.weight",
+        Kind::Clip,
+        "transformers",
+    ),
+    (
+        "encoder.block.0.layer.0.SelfAttention.q.weight",
+        Kind::T5,
+        "transformers",
+    ),
+    ("enc.blk.0.attn_q.weight", Kind::T5, "llama.cpp"),
+];
+
+/// Every part whose sign appears among `names`, with its prefix, in `SIGNS` order.
+pub(crate) fn parts_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Found> {
+    let mut prefixes: [Option<&str>; SIGNS.len()] = [None; SIGNS.len()];
     for name in names {
-        for (sign, kind) in SIGNS {
-            if name.ends_with(sign) {
-                // A transformer outranks anything else it happens to contain.
-                if found.is_none() || kind == Kind::Transformer {
-                    found = Some(kind);
-                }
+        for (slot, (sign, ..)) in prefixes.iter_mut().zip(SIGNS) {
+            if let Some(p) = name.strip_suffix(sign)
+                && slot.is_none_or(|q| p.len() < q.len())
+            {
+                *slot = Some(p);
             }
         }
     }
-    found
+    prefixes
+        .iter()
+        .zip(SIGNS)
+        .filter_map(|(p, (_, kind, naming))| {
+            Some(Found {
+                kind,
+                prefix: (*p)?.to_string(),
+                naming,
+            })
+        })
+        .collect()
+}
+
+/// The parts one weight file holds, from its header.
+pub(crate) fn parts_in_file(path: &Path) -> Result<Vec<Found>> {
+    if has_ext(path, "gguf") {
+        let gguf = GgufFile::open(path)?;
+        return Ok(parts_in(gguf.names()));
+    }
+    let files = SafetensorFiles::open(&[path.to_path_buf()])?;
+    Ok(parts_in(files.names()))
 }
 
 /// Classifies one weight file by reading its header.
 pub(crate) fn classify_file(path: &Path) -> Result<Option<Kind>> {
-    if has_ext(path, "gguf") {
-        let gguf = GgufFile::open(path)?;
-        return Ok(classify(gguf.names()));
-    }
-    let files = SafetensorFiles::open(&[path.to_path_buf()])?;
-    Ok(classify(files.names()))
+    Ok(parts_in_file(path)?.first().map(|f| f.kind))
 }
 
 fn has_ext(path: &Path, ext: &str) -> bool {
@@ -202,40 +253,41 @@ impl ModelFiles {
             None => return Err(unknown_layout(file)),
         }
         let dir = file.parent().unwrap_or(Path::new("."));
-        Self::assemble(dir, Some(Part::file(file)))
+        let bundled: Vec<Kind> = parts_in_file(file)?.iter().map(|f| f.kind).collect();
+        Self::assemble(dir, Some((Part::file(file), bundled)))
     }
 
-    fn assemble(dir: &Path, transformer: Option<Part>) -> Result<Self> {
+    /// `transformer`: a file the user named, and the other parts it bundles (ComfyUI's
+    /// single-file checkpoints hold all four), which are taken from it.
+    fn assemble(dir: &Path, transformer: Option<(Part, Vec<Kind>)>) -> Result<Self> {
         let top = TopLevel::scan(dir)?;
         let part = |folder: &str, kind: Kind| -> Result<Part> {
+            if let Some((file, bundled)) = &transformer
+                && bundled.contains(&kind)
+            {
+                return Ok(file.clone());
+            }
             let sub = dir.join(folder);
             if sub.is_dir() {
                 return Part::folder(&sub);
             }
             top.only(kind, dir, folder)
         };
-        let transformer = match transformer {
-            Some(t) => t,
+        let transformer = match &transformer {
+            Some((t, _)) => t.clone(),
             None => part("transformer", Kind::Transformer)?,
         };
-        let tokenizer = |folder: &str| -> Result<PathBuf> {
+        let tokenizer = |folder: &str| {
             let sub = dir.join(folder);
-            if sub.is_dir() {
-                Ok(sub)
-            } else {
-                Err(EngineError::NotFound(format!(
-                    "{}: no `{folder}/` folder with the tokenizer files",
-                    dir.display()
-                )))
-            }
+            sub.is_dir().then_some(sub)
         };
         Ok(Self {
             transformer,
             vae: part("vae", Kind::Vae)?,
             clip: part("text_encoder", Kind::Clip)?,
             t5: part("text_encoder_2", Kind::T5)?,
-            clip_tokenizer: tokenizer("tokenizer")?,
-            t5_tokenizer: tokenizer("tokenizer_2")?,
+            clip_tokenizer: tokenizer("tokenizer"),
+            t5_tokenizer: tokenizer("tokenizer_2"),
         })
     }
 }
@@ -248,7 +300,8 @@ fn unknown_layout(path: &Path) -> EngineError {
 }
 
 /// The weight files at the top of a folder, classified.
-struct TopLevel(Vec<(PathBuf, Kind)>);
+/// Each weight file at the top of a folder with the parts it holds (its main part first).
+struct TopLevel(Vec<(PathBuf, Vec<Kind>)>);
 
 impl TopLevel {
     fn scan(dir: &Path) -> Result<Self> {
@@ -257,20 +310,33 @@ impl TopLevel {
             if !(has_ext(&path, "safetensors") || has_ext(&path, "gguf")) {
                 continue;
             }
-            if let Some(kind) = classify_file(&path)? {
-                found.push((path, kind));
+            let kinds: Vec<Kind> = parts_in_file(&path)?.iter().map(|f| f.kind).collect();
+            if !kinds.is_empty() {
+                found.push((path, kinds));
             }
         }
         Ok(Self(found))
     }
 
+    /// The one file holding `kind`: a file whose main part it is, else a bundle holding it.
     fn only(&self, kind: Kind, dir: &Path, folder: &str) -> Result<Part> {
-        let matches: Vec<&PathBuf> = self
-            .0
-            .iter()
-            .filter(|(_, k)| *k == kind)
-            .map(|(p, _)| p)
-            .collect();
+        let holding = |main: bool| -> Vec<&PathBuf> {
+            self.0
+                .iter()
+                .filter(|(_, kinds)| {
+                    if main {
+                        kinds.first() == Some(&kind)
+                    } else {
+                        kinds.contains(&kind)
+                    }
+                })
+                .map(|(p, _)| p)
+                .collect()
+        };
+        let mut matches = holding(true);
+        if matches.is_empty() {
+            matches = holding(false);
+        }
         match matches.as_slice() {
             [one] => Ok(Part::file(*one)),
             [] => Err(EngineError::NotFound(format!(

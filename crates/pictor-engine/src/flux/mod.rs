@@ -99,14 +99,14 @@ impl FluxPipeline {
         tracing::info!(?dtype, ?device, "loading FLUX.1-schnell");
         let clip = ClipEncoder::load(&files.clip, dtype, &device)?;
         let text = TextEncoders {
-            clip_tokenizer: FixedLengthTokenizer::clip(
-                &files.clip_tokenizer,
-                clip.max_positions(),
-            )?,
-            t5_tokenizer: FixedLengthTokenizer::t5(
-                &files.t5_tokenizer,
-                options.max_sequence_length,
-            )?,
+            clip_tokenizer: match &files.clip_tokenizer {
+                Some(path) => FixedLengthTokenizer::clip(path, clip.max_positions())?,
+                None => FixedLengthTokenizer::builtin_clip(clip.max_positions())?,
+            },
+            t5_tokenizer: match &files.t5_tokenizer {
+                Some(path) => FixedLengthTokenizer::t5(path, options.max_sequence_length)?,
+                None => FixedLengthTokenizer::builtin_t5(options.max_sequence_length)?,
+            },
             clip,
             t5: T5Encoder::load(&files.t5, dtype, &device)?,
         };

@@ -541,3 +541,17 @@ impl FluxModel {
             .apply(&self.final_linear)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schnell_has_the_776_tensors_of_the_bfl_file() {
+        let names = tensor_names(&Config::schnell());
+        assert_eq!(names.len(), 776, "780 in FLUX.1-dev less guidance_in's 4");
+        let params: usize = names.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        // FLUX.1-dev's 11,901,408,320 less guidance_in's 10,229,760.
+        assert_eq!(params, 11_891_178_560);
+    }
+}

@@ -19,10 +19,16 @@ pub(super) fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer> {
     let merges_path = dir.join("merges.txt");
     let vocab_text =
         std::fs::read_to_string(&vocab_path).map_err(|e| EngineError::file(&vocab_path, e))?;
-    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
-        .map_err(|e| EngineError::file(&vocab_path, format!("not a JSON vocabulary: {e}")))?;
     let merges_text =
         std::fs::read_to_string(&merges_path).map_err(|e| EngineError::file(&merges_path, e))?;
+    from_texts(&vocab_text, &merges_text, dir)
+}
+
+/// The same from the two files' contents; `origin` names them in errors.
+pub(super) fn from_texts(vocab_text: &str, merges_text: &str, origin: &Path) -> Result<Tokenizer> {
+    let vocab_path = origin.join("vocab.json");
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(vocab_text)
+        .map_err(|e| EngineError::file(&vocab_path, format!("not a JSON vocabulary: {e}")))?;
     let merges: Vec<&str> = merges_text
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -63,7 +69,7 @@ pub(super) fn from_vocab_and_merges(dir: &Path) -> Result<Tokenizer> {
     });
     spec.to_string().parse::<Tokenizer>().map_err(|e| {
         EngineError::file(
-            dir,
+            origin,
             format!("cannot build CLIP tokenizer from vocab.json and merges.txt: {e}"),
         )
     })

@@ -53,6 +53,58 @@ struct ClipFileConfig {
     layer_norm_eps: Option<f64>,
 }
 
+fn clip_config(config_path: &Path) -> Result<ClipFileConfig> {
+    let raw: serde_json::Value = read_json(config_path)?;
+    let raw = raw.get("text_config").cloned().unwrap_or(raw);
+    let cfg: ClipFileConfig = serde_json::from_value(raw)
+        .map_err(|e| EngineError::file(config_path, format!("bad CLIP config: {e}")))?;
+    if let Some(act) = cfg.hidden_act.as_deref().filter(|a| *a != "quick_gelu") {
+        return Err(EngineError::file(
+            config_path,
+            format!("hidden_act `{act}` is not supported (CLIP-L uses quick_gelu)"),
+        ));
+    }
+    if let Some(eps) = cfg.layer_norm_eps.filter(|e| (e - 1e-5).abs() > 1e-12) {
+        return Err(EngineError::file(
+            config_path,
+            format!("layer_norm_eps {eps} is not supported (CLIP-L uses 1e-5)"),
+        ));
+    }
+    Ok(cfg)
+}
+
+/// CLIP's sizes from tensor shapes (transformers names without `text_model.`). Shapes
+/// cannot tell the head count; CLIP text models use 64-wide heads (CLIP-L: 768 wide, 12
+/// heads).
+fn infer_clip_config(
+    shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+    origin: &Path,
+) -> Result<ClipFileConfig> {
+    let dim = |name: &str, axis: usize| -> Result<usize> {
+        shape_of(name)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(|| EngineError::Tensor {
+                path: origin.to_path_buf(),
+                tensor: format!("text_model.{name}"),
+                problem: "missing, so the CLIP encoder's sizes cannot be read".into(),
+            })
+    };
+    let hidden = dim("embeddings.token_embedding.weight", 1)?;
+    Ok(ClipFileConfig {
+        vocab_size: dim("embeddings.token_embedding.weight", 0)?,
+        hidden_size: hidden,
+        intermediate_size: dim("encoder.layers.0.mlp.fc1.weight", 0)?,
+        num_hidden_layers: (0..)
+            .take_while(|i| shape_of(&format!("encoder.layers.{i}.mlp.fc1.weight")).is_some())
+            .count(),
+        num_attention_heads: (hidden / 64).max(1),
+        max_position_embeddings: dim("embeddings.position_embedding.weight", 0)?,
+        hidden_act: None,
+        eos_token_id: None,
+        layer_norm_eps: None,
+    })
+}
+
 /// The CLIP text encoder; FLUX uses its pooled output only.
 pub struct ClipEncoder {
     model: clip::ClipTextTransformer,
@@ -62,33 +114,21 @@ pub struct ClipEncoder {
 }
 
 impl ClipEncoder {
-    /// Loads the encoder; `part.config` must be transformers' config.json.
+    /// Loads the encoder, with transformers' `config.json` when the part has one; without
+    /// (ComfyUI's `clip_l.safetensors`, bundles) the sizes are read from tensor shapes.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = part
-            .config
-            .as_ref()
-            .ok_or_else(|| EngineError::load("clip", "no config.json beside the CLIP weights"))?;
-        let raw: serde_json::Value = read_json(config_path)?;
-        let raw = raw.get("text_config").cloned().unwrap_or(raw);
-        let cfg: ClipFileConfig = serde_json::from_value(raw)
-            .map_err(|e| EngineError::file(config_path, format!("bad CLIP config: {e}")))?;
-        if let Some(act) = cfg.hidden_act.as_deref().filter(|a| *a != "quick_gelu") {
-            return Err(EngineError::file(
-                config_path,
-                format!("hidden_act `{act}` is not supported (CLIP-L uses quick_gelu)"),
-            ));
-        }
-        if let Some(eps) = cfg.layer_norm_eps.filter(|e| (e - 1e-5).abs() > 1e-12) {
-            return Err(EngineError::file(
-                config_path,
-                format!("layer_norm_eps {eps} is not supported (CLIP-L uses 1e-5)"),
-            ));
-        }
         let weights = open(
             part,
             "text_model.embeddings.token_embedding.weight",
             "CLIP text encoder",
         )?;
+        let cfg = match &part.config {
+            Some(path) => clip_config(path)?,
+            None => infer_clip_config(
+                &|n| weights.shape(&format!("text_model.{n}")),
+                &part.files[0],
+            )?,
+        };
         let config = clip::ClipTextConfig {
             vocab_size: cfg.vocab_size,
             embed_dim: cfg.hidden_size,
@@ -276,5 +316,80 @@ impl TextEncoders {
                 tokens: t5_tokens.used,
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_l_sizes_are_read_from_its_shapes() {
+        // The shapes of `clip_l.safetensors` (openai/clip-vit-large-patch14's text model).
+        let shape_of = |name: &str| -> Option<Vec<usize>> {
+            let layer = name
+                .strip_prefix("encoder.layers.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, _)| i.parse::<usize>().ok());
+            match name {
+                "embeddings.token_embedding.weight" => Some(vec![49408, 768]),
+                "embeddings.position_embedding.weight" => Some(vec![77, 768]),
+                _ if layer.is_some_and(|i| i < 12) && name.ends_with("mlp.fc1.weight") => {
+                    Some(vec![3072, 768])
+                }
+                _ => None,
+            }
+        };
+        let c = infer_clip_config(&shape_of, Path::new("clip_l.safetensors")).unwrap();
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.intermediate_size),
+            (49408, 768, 3072)
+        );
+        assert_eq!(
+            (
+                c.num_hidden_layers,
+                c.num_attention_heads,
+                c.max_position_embeddings
+            ),
+            (12, 12, 77)
+        );
+    }
+
+    #[test]
+    fn t5_xxl_sizes_and_llama_cpp_names_round_trip() {
+        let shape_of = |name: &str| -> Option<Vec<usize>> {
+            let block = name
+                .strip_prefix("encoder.block.")
+                .and_then(|r| r.split_once('.'))
+                .and_then(|(i, _)| i.parse::<usize>().ok());
+            match name {
+                "shared.weight" => Some(vec![32128, 4096]),
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" => {
+                    Some(vec![32, 64])
+                }
+                _ if block.is_some_and(|b| b < 24) && name.ends_with("SelfAttention.q.weight") => {
+                    Some(vec![4096, 4096])
+                }
+                "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" => Some(vec![10240, 4096]),
+                _ => None,
+            }
+        };
+        let c = t5::infer_config(&shape_of, Path::new("t5xxl_fp16.safetensors")).unwrap();
+        assert_eq!(
+            (c.d_model, c.d_ff, c.d_kv, c.num_heads),
+            (4096, 10240, 64, 64)
+        );
+        assert_eq!((c.num_layers, c.vocab_size), (24, 32128));
+        assert!(c.feed_forward_proj.gated);
+        let names = t5::tensor_names(&c);
+        assert_eq!(names.len(), 219, "as city96's T5-XXL GGUF: 24 x 9 + 3");
+        for (hf, _) in &names {
+            let llama = t5::hf_to_llama(hf).unwrap();
+            assert_eq!(t5::llama_to_hf(&llama).as_deref(), Some(hf.as_str()));
+        }
+        assert_eq!(
+            t5::hf_to_llama("encoder.block.3.layer.1.DenseReluDense.wi_0.weight").as_deref(),
+            Some("enc.blk.3.ffn_gate.weight")
+        );
     }
 }

@@ -66,11 +66,44 @@ impl FixedLengthTokenizer {
         Self::configure(inner, length, &pad, path)
     }
 
+    /// FLUX.1's own CLIP-L tokenizer, built in (see `assets/flux-tokenizers/`), for
+    /// models that come without tokenizer files.
+    pub fn builtin_clip(length: usize) -> Result<Self> {
+        let origin = Path::new("<built-in FLUX.1 CLIP tokenizer>");
+        let inner = super::clip_bpe::from_texts(
+            include_str!("../../assets/flux-tokenizers/tokenizer/vocab.json"),
+            include_str!("../../assets/flux-tokenizers/tokenizer/merges.txt"),
+            origin,
+        )?;
+        // FLUX's tokenizer_config.json: model_max_length 77, pad `<|endoftext|>`.
+        Self::configure_exact(inner, length.min(77), "<|endoftext|>", origin)
+    }
+
+    /// FLUX.1's own T5 v1.1 tokenizer, built in (see `assets/flux-tokenizers/`).
+    pub fn builtin_t5(length: usize) -> Result<Self> {
+        let origin = Path::new("<built-in FLUX.1 T5 tokenizer>");
+        let inner = Tokenizer::from_bytes(include_bytes!(
+            "../../assets/flux-tokenizers/tokenizer_2/tokenizer.json"
+        ))
+        .map_err(|e| EngineError::file(origin, format!("bad tokenizer.json: {e}")))?;
+        // FLUX's tokenizer_config.json: model_max_length 512, pad `<pad>`.
+        Self::configure_exact(inner, length.min(512), "<pad>", origin)
+    }
+
     /// `length` is a cap: a tokenizer whose `tokenizer_config.json` declares a smaller
     /// `model_max_length` (a small model trained on short prompts) gets that length, as
     /// diffusers pads to `min(max_sequence_length, tokenizer.model_max_length)`.
-    fn configure(mut inner: Tokenizer, length: usize, pad: &str, source: &Path) -> Result<Self> {
+    fn configure(inner: Tokenizer, length: usize, pad: &str, source: &Path) -> Result<Self> {
         let length = declared_max_length(source).map_or(length, |declared| declared.min(length));
+        Self::configure_exact(inner, length, pad, source)
+    }
+
+    fn configure_exact(
+        mut inner: Tokenizer,
+        length: usize,
+        pad: &str,
+        source: &Path,
+    ) -> Result<Self> {
         let pad_id = inner.token_to_id(pad).ok_or_else(|| {
             EngineError::file(
                 source,
@@ -168,4 +201,22 @@ fn declared_max_length(path: &Path) -> Option<usize> {
     let value: serde_json::Value = serde_json::from_str(&text).ok()?;
     let max = value.get("model_max_length")?.as_f64()?;
     (1.0..1e6).contains(&max).then_some(max as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_tokenizers_give_the_known_ids() {
+        // The ids transformers gives for FLUX.1's tokenizers (see assets/flux-tokenizers).
+        let clip = FixedLengthTokenizer::builtin_clip(77).unwrap();
+        let t = clip.encode("a photo of a cat").unwrap();
+        assert_eq!(t.ids[..7], [49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!((t.ids.len(), t.used, t.ids[76]), (77, 7, 49407));
+        let t5 = FixedLengthTokenizer::builtin_t5(256).unwrap();
+        let t = t5.encode("Hello world").unwrap();
+        assert_eq!(t.ids[..4], [8774, 296, 1, 0]);
+        assert_eq!((t.ids.len(), t.used), (256, 3));
+    }
 }

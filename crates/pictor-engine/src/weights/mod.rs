@@ -73,12 +73,12 @@ impl SafetensorFiles {
             .map(str::to_string)
     }
 
-    /// The shape and dtype of a tensor, from the header alone.
-    pub fn info(&self, name: &str) -> Option<(Vec<usize>, DType)> {
+    /// The shape and stored dtype name (`BF16`, `F8_E4M3`, ...) of a tensor, as the header
+    /// spells it, including dtypes candle cannot load.
+    pub fn stored(&self, name: &str) -> Option<(Vec<usize>, String)> {
         let (_, st) = &self.files[*self.routing.get(name)?];
         let view = st.get(name).ok()?;
-        let dtype = DType::try_from(view.dtype()).ok()?;
-        Some((view.shape().to_vec(), dtype))
+        Some((view.shape().to_vec(), format!("{:?}", view.dtype())))
     }
 
     /// Where a tensor lives, or a description of all files for error messages.
@@ -115,16 +115,60 @@ impl SafetensorFiles {
             tensor: name.to_string(),
             problem,
         };
-        let tensor = st
-            .load(name, device)
+        let view = st.get(name).map_err(|e| bad(format!("unreadable: {e}")))?;
+        let stored = if view.dtype() == safetensors::Dtype::F8_E5M2 {
+            e5m2_to_f16(view.data(), view.shape(), device)
+        } else {
+            st.load(name, device)
+        };
+        let tensor = stored
             .map_err(|e| bad(format!("unreadable: {e}")))?
             .to_dtype(dtype)
             .map_err(|e| bad(format!("cannot convert to {dtype:?}: {e}")))?;
-        if let Ok(view) = st.get(name) {
-            release(view.data());
-        }
+        release(view.data());
         Ok(tensor)
     }
+
+    /// The scale of a "scaled fp8" weight (ComfyUI's `<layer>.scale_weight`, or the newer
+    /// `<layer>.weight_scale`): the stored weight times this is the real one.
+    fn fp8_scale(&self, weight: &str) -> Result<Option<f32>> {
+        let Some(layer) = weight.strip_suffix(".weight") else {
+            return Ok(None);
+        };
+        for key in [
+            format!("{layer}.scale_weight"),
+            format!("{layer}.weight_scale"),
+        ] {
+            if self.contains(&key) {
+                let scale = self.load(&key, DType::F32, &Device::Cpu)?;
+                let value = scale
+                    .flatten_all()
+                    .and_then(|s| s.to_vec1::<f32>())
+                    .ok()
+                    .filter(|v| v.len() == 1)
+                    .ok_or_else(|| EngineError::Tensor {
+                        path: self.path_of(&key),
+                        tensor: key.clone(),
+                        problem: format!(
+                            "a weight scale must be one number, not {:?}",
+                            scale.dims()
+                        ),
+                    })?;
+                return Ok(Some(value[0]));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// fp8 E5M2 values are the top byte of an IEEE half, so widening is exact; candle reads
+/// E4M3 itself but not E5M2.
+fn e5m2_to_f16(bytes: &[u8], shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let halves: Vec<half::f16> = bytes
+        .iter()
+        .map(|&b| half::f16::from_bits(u16::from(b) << 8))
+        .collect();
+    Tensor::from_vec(halves, shape, device)
 }
 
 /// Drops the pages of `bytes`, a range of a read-only file mapping that has just been
@@ -240,7 +284,7 @@ impl MappedWeights {
         let mut shapes = recipe
             .sources()
             .iter()
-            .map(|s| self.files.info(s).map(|(shape, _)| shape));
+            .map(|s| self.files.stored(s).map(|(shape, _)| shape));
         let mut shape = shapes.next()??;
         for other in shapes {
             let other = other?;
@@ -260,7 +304,13 @@ impl MappedWeights {
             })
         };
         match &recipe {
-            Recipe::Tensor(src) => self.files.load(src, dtype, device),
+            Recipe::Tensor(src) => {
+                let t = self.files.load(src, dtype, device)?;
+                match self.files.fp8_scale(src)? {
+                    Some(scale) => compute(t * f64::from(scale), src),
+                    None => Ok(t),
+                }
+            }
             Recipe::Concat(srcs) => {
                 let parts = srcs
                     .iter()

@@ -1,6 +1,7 @@
 //! Engine integration tests: parity with diffusers on the tiny fixture, and every loader
 //! path (layouts, shards, cache snapshots, GGUF, malformed files).
 
+mod comfy;
 mod common;
 mod gguf;
 mod loaders;
