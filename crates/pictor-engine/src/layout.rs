@@ -92,7 +92,7 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Transformer => "FLUX transformer",
             Self::Vae => "autoencoder",
@@ -252,7 +252,10 @@ impl ModelFiles {
             }
             None => return Err(unknown_layout(file)),
         }
-        let dir = file.parent().unwrap_or(Path::new("."));
+        let dir = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         let bundled: Vec<Kind> = parts_in_file(file)?.iter().map(|f| f.kind).collect();
         Self::assemble(dir, Some((Part::file(file), bundled)))
     }

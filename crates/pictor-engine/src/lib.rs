@@ -25,6 +25,7 @@ mod device;
 mod error;
 pub mod flux;
 mod image;
+pub mod inspect;
 
 mod layout;
 mod noise;

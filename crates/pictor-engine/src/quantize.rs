@@ -69,6 +69,11 @@ impl FromStr for Target {
 }
 
 impl Target {
+    /// The name files and users use: `Q8_0`, `Q4_K`, ...
+    pub fn label(self) -> &'static str {
+        crate::inspect::ggml_name(self.ggml())
+    }
+
     fn ggml(self) -> GgmlDType {
         match self {
             Self::Q8_0 => GgmlDType::Q8_0,
@@ -367,7 +372,10 @@ pub fn quantize(
         summary.tensors += 1;
         summary.parameters += t.elem_count() as u64;
         summary.bytes += bytes.len() as u64;
-        let slot = summary.by_type.entry(format!("{:?}", p.dtype)).or_default();
+        let slot = summary
+            .by_type
+            .entry(crate::inspect::ggml_name(p.dtype).to_string())
+            .or_default();
         slot.0 += 1;
         slot.1 += bytes.len() as u64;
     }

@@ -1,10 +1,11 @@
 //! The `pictor` command: serve the OpenAI Images API, generate from the command line,
-//! manage keys.
+//! manage keys, inspect and quantize model files.
 
 mod config;
 mod generate;
 mod hash;
 mod keys;
+mod models;
 mod serve;
 mod shipped;
 
@@ -32,6 +33,12 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Look inside model files.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
+    /// Write a quantized GGUF copy of a transformer or T5 encoder (streams tensor by
+    /// tensor: memory stays at one tensor).
+    Quantize(models::QuantizeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +59,8 @@ fn main() -> std::process::ExitCode {
         }
         Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),
         Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
+        Command::Models(m) => models::run(m),
+        Command::Quantize(q) => models::quantize_command(q),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -315,3 +315,79 @@ fn keys_carry_rate_limits_from_create_and_limit() {
     let (set, _) = keys(&["limit", &id, "--rpm", "0"]);
     assert!(set.contains("-/8"), "0 removes a limit: {set}");
 }
+
+#[test]
+fn quantize_then_inspect_then_generate_from_the_gguf_pair() {
+    // A user with the BFL files makes small copies once, then points Pictor at them.
+    let dir = tempfile::tempdir().unwrap();
+    for (input, part, name) in [
+        (
+            fixture().join("flux1-schnell.safetensors"),
+            None,
+            "flux1-schnell-Q8_0.gguf",
+        ),
+        (fixture(), Some("t5"), "t5-Q8_0.gguf"),
+    ] {
+        let mut cmd = pictor();
+        cmd.arg("quantize")
+            .arg(&input)
+            .args(["--to", "q8_0", "-o"])
+            .arg(dir.path().join(name));
+        if let Some(part) = part {
+            cmd.args(["--part", part]);
+        }
+        let run = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success(),
+            "quantize: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(stdout.contains("Q8_0:"), "{stdout}");
+    }
+    // Refuses to overwrite.
+    let again = pictor()
+        .arg("quantize")
+        .arg(fixture().join("flux1-schnell.safetensors"))
+        .args(["--to", "q4_k", "-o"])
+        .arg(dir.path().join("t5-Q8_0.gguf"))
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+
+    let inspect = pictor()
+        .args(["models", "inspect"])
+        .arg(dir.path().join("flux1-schnell-Q8_0.gguf"))
+        .arg(dir.path().join("t5-Q8_0.gguf"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert!(
+        text.contains("FLUX transformer (Black Forest Labs names): 80 tensors"),
+        "{text}"
+    );
+    assert!(text.contains("T5 encoder (llama.cpp names)"), "{text}");
+    assert!(text.contains("Q8_0"), "{text}");
+    // Beside the two GGUF files, the rest of the model as split files and its tokenizers.
+    for e in ["ae.safetensors", "text_encoder", "tokenizer", "tokenizer_2"] {
+        std::os::unix::fs::symlink(
+            fixture().join(e).canonicalize().unwrap(),
+            dir.path().join(e),
+        )
+        .unwrap();
+    }
+    let out = dir.path().join("q.png");
+    let run = generate(dir.path().to_str().unwrap(), &out, &[]);
+    assert!(
+        run.status.success(),
+        "generate: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(image::open(&out).is_ok());
+}

@@ -1,0 +1,191 @@
+//! `pictor models inspect` and `pictor quantize`: what model files hold, and making a
+//! small GGUF copy of a transformer or T5 encoder once.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use pictor_engine::{
+    ModelFiles, Part,
+    inspect::{human_bytes, human_count, inspect_file},
+    quantize::{Component, Target, quantize},
+};
+
+/// `pictor models ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ModelsCommand {
+    /// Print what Pictor sees in weight files or a model: parts, tensor naming, storage
+    /// types, parameters, bytes on disk and in memory, and what is missing.
+    Inspect {
+        /// Weight files (.safetensors, .gguf), model folders or Hugging Face repo ids.
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+/// Arguments of `pictor quantize`.
+#[derive(Debug, clap::Args)]
+pub struct QuantizeArgs {
+    /// A transformer or T5 file (safetensors in any layout, fp8, bf16, or GGUF), a bundled
+    /// checkpoint, or a model folder.
+    input: String,
+    /// q8_0 (near lossless), q6_k, q5_k, q4_k (smallest that keeps quality), q5_0, q4_0, f16.
+    #[arg(long, value_parser = |s: &str| s.parse::<Target>())]
+    to: Target,
+    /// Which network: transformer or t5 (default: the file's main part; the transformer
+    /// for a model folder or bundle).
+    #[arg(long, value_parser = parse_component)]
+    part: Option<Component>,
+    /// Output file (default: `<input name>-<TYPE>.gguf` in the current folder).
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+}
+
+fn parse_component(s: &str) -> Result<Component, String> {
+    match s {
+        "transformer" => Ok(Component::Transformer),
+        "t5" => Ok(Component::T5),
+        other => Err(format!("unknown part `{other}`: use transformer or t5")),
+    }
+}
+
+/// Runs `pictor models ...`.
+pub fn run(command: ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::Inspect { paths } => {
+            for path in paths {
+                inspect(&path)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn inspect(spec: &str) -> anyhow::Result<()> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        print!("{}", inspect_file(path)?);
+    }
+    match ModelFiles::resolve(spec) {
+        Ok(files) => {
+            println!("{spec}: a complete FLUX model");
+            for (label, part) in [
+                ("transformer", &files.transformer),
+                ("autoencoder", &files.vae),
+                ("CLIP", &files.clip),
+                ("T5", &files.t5),
+            ] {
+                let names: Vec<String> =
+                    part.files.iter().map(|f| f.display().to_string()).collect();
+                println!("  {label}: {}", names.join(", "));
+            }
+            let tokenizer = |t: &Option<PathBuf>| {
+                t.as_ref()
+                    .map_or("FLUX.1's own, built in".to_string(), |p| {
+                        p.display().to_string()
+                    })
+            };
+            println!(
+                "  tokenizers: {} / {}",
+                tokenizer(&files.clip_tokenizer),
+                tokenizer(&files.t5_tokenizer)
+            );
+            if !path.is_file() {
+                let mut seen = Vec::new();
+                for part in [&files.transformer, &files.vae, &files.clip, &files.t5] {
+                    for f in &part.files {
+                        if !seen.contains(f) {
+                            print!("{}", inspect_file(f)?);
+                            seen.push(f.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Err(e) if path.is_file() => println!("  as a model: {e}"),
+        Err(e) => bail!("{spec}: {e}"),
+    }
+    Ok(())
+}
+
+/// Runs `pictor quantize`.
+pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
+    let path = Path::new(&args.input);
+    let (part, component) = if path.is_file() {
+        let info = inspect_file(path)?;
+        let main = info.parts.first().map(|p| p.kind);
+        let component = match (args.part, main) {
+            (Some(c), _) => c,
+            (None, Some("T5 encoder")) => Component::T5,
+            (None, Some("FLUX transformer")) => Component::Transformer,
+            (None, other) => bail!(
+                "{}: holds {}, which cannot be quantized; pass a transformer or T5 file",
+                path.display(),
+                other.unwrap_or("no known part")
+            ),
+        };
+        (Part::file(path), component)
+    } else {
+        let files = ModelFiles::resolve(&args.input)?;
+        match args.part.unwrap_or(Component::Transformer) {
+            Component::Transformer => (files.transformer, Component::Transformer),
+            Component::T5 => (files.t5, Component::T5),
+        }
+    };
+    let output = args.output.unwrap_or_else(|| {
+        let stem = path
+            .file_stem()
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+        let suffix = match component {
+            Component::Transformer => "",
+            Component::T5 => "-t5",
+        };
+        PathBuf::from(format!("{stem}{suffix}-{}.gguf", args.to.label()))
+    });
+    if output.exists() {
+        bail!(
+            "{} exists; remove it or name another with -o",
+            output.display()
+        );
+    }
+    let started = Instant::now();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} tensors {wide_msg}")
+            .context("progress style")?,
+    );
+    let partial = output.with_extension("gguf.partial");
+    let summary = quantize(&part, component, args.to, &partial, |i, n, name| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+        bar.set_message(name.to_string());
+    });
+    bar.finish_and_clear();
+    let summary = match summary {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.into());
+        }
+    };
+    std::fs::rename(&partial, &output)
+        .with_context(|| format!("moving {} into place", partial.display()))?;
+    let types: Vec<String> = summary
+        .by_type
+        .iter()
+        .map(|(t, (n, bytes))| format!("{t}: {n} tensors, {}", human_bytes(*bytes)))
+        .collect();
+    println!(
+        "wrote {}: {} tensors, {} parameters, {} in {:.1} s ({})",
+        output.display(),
+        summary.tensors,
+        human_count(summary.parameters),
+        human_bytes(summary.bytes),
+        started.elapsed().as_secs_f64(),
+        types.join("; ")
+    );
+    Ok(())
+}
