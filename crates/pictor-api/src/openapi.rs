@@ -206,6 +206,24 @@ pub struct Model {
     /// A short hash of its weight files, once computed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// Memory per part once loaded (a Pictor extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Vec<ModelPart>>,
+}
+
+/// One part of a loaded model and the memory it takes.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelPart {
+    /// `transformer`, `t5`, `clip` or `vae`.
+    pub part: String,
+    /// Bytes in memory (estimated from the files at load).
+    pub bytes: u64,
+    /// How the weights are held: GGUF types by share of parameters (`Q4_K 95.1%, F16 4.4%`)
+    /// or the compute dtype (`f32 (stored BF16 100.0%)`).
+    pub storage: String,
+    /// Whether it stays loaded between requests (false: loaded per request, because the
+    /// whole model exceeds the memory budget).
+    pub resident: bool,
 }
 
 /// `GET /v1/models`.

@@ -51,6 +51,7 @@ pub struct ModelSlot {
     queue: OnceLock<ModelQueue>,
     failed: OnceLock<String>,
     hash: OnceLock<String>,
+    memory: OnceLock<Vec<crate::openapi::ModelPart>>,
 }
 
 impl ModelSlot {
@@ -62,6 +63,11 @@ impl ModelSlot {
     /// A short hash of its weight files, once computed.
     pub fn hash(&self) -> Option<&str> {
         self.hash.get().map(String::as_str)
+    }
+
+    /// Its parts' memory, once loaded.
+    pub fn memory(&self) -> Option<&[crate::openapi::ModelPart]> {
+        self.memory.get().map(Vec::as_slice)
     }
 
     /// Why it failed to load, if it did.
@@ -133,6 +139,7 @@ impl AppState {
                 spec,
                 queue: OnceLock::new(),
                 failed: OnceLock::new(),
+                memory: OnceLock::new(),
                 hash: OnceLock::new(),
             })
             .collect();
@@ -163,6 +170,19 @@ impl AppState {
     pub fn set_hash(&self, name: &str, hash: String) {
         if let Some(&i) = self.0.names.get(name) {
             let _ = self.0.models[i].hash.set(hash);
+        }
+    }
+
+    /// Records model `name`'s parts' memory, shown in `/v1/models` and `/metrics`.
+    pub fn set_memory(&self, name: &str, parts: Vec<crate::openapi::ModelPart>) {
+        for p in &parts {
+            metrics::gauge!("pictor_model_memory_bytes", "model" => name.to_string(),
+                "part" => p.part.clone(), "storage" => p.storage.clone(),
+                "resident" => p.resident.to_string())
+            .set(p.bytes as f64);
+        }
+        if let Some(&i) = self.0.names.get(name) {
+            let _ = self.0.models[i].memory.set(parts);
         }
     }
 

@@ -50,6 +50,12 @@ pub enum EngineError {
         /// Why, with the bound.
         message: String,
     },
+    /// The model does not fit in the memory budget, even staged.
+    #[error("not enough memory: {message}")]
+    OutOfMemory {
+        /// Which part, its size, the budget, and what to do.
+        message: String,
+    },
     /// The caller cancelled the generation.
     #[error("generation cancelled")]
     Cancelled,

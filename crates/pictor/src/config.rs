@@ -30,6 +30,10 @@ pub struct Config {
     pub idempotency_ttl_secs: u64,
     /// Time given to in-flight work on SIGTERM, seconds.
     pub shutdown_grace_secs: u64,
+    /// Memory each model may take: `auto` (the machine's memory less 10%, at least 1 GiB
+    /// kept back), `none`, or a size such as `20 GiB`. A model over it is staged (T5 and
+    /// the transformer take turns) or refused at startup with the part that does not fit.
+    pub memory_budget: String,
     /// Request limits.
     pub limits: Limits,
     /// Models by name. Empty: the model shipped with Pictor.
@@ -78,6 +82,10 @@ pub struct ModelConfig {
     pub default_steps: usize,
     /// Most steps a request may ask for.
     pub max_steps: usize,
+    /// Run from a quantized copy (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) of the transformer
+    /// and T5 when they are not GGUF already: made once with `pictor quantize`'s code into
+    /// `<data_dir>/cache/quantized/` and reused while the source files are unchanged.
+    pub quantize: Option<String>,
 }
 
 impl Default for ModelConfig {
@@ -95,6 +103,7 @@ impl Default for ModelConfig {
             max_pixels: rules.max_pixels,
             default_steps: rules.default_steps,
             max_steps: rules.max_steps,
+            quantize: None,
         }
     }
 }
@@ -132,6 +141,7 @@ impl Default for Config {
             sweep_interval_secs: 60,
             idempotency_ttl_secs: 24 * 3600,
             shutdown_grace_secs: 30,
+            memory_budget: "auto".into(),
             limits: Limits::default(),
             models: BTreeMap::new(),
         }
@@ -166,11 +176,29 @@ const FIELDS: &[&str] = &[
     "sweep_interval_secs",
     "idempotency_ttl_secs",
     "shutdown_grace_secs",
+    "memory_budget",
     "limits",
     "models",
 ];
 
 impl Config {
+    /// The memory budget in bytes (`None`: unlimited).
+    pub fn memory_budget(&self) -> anyhow::Result<Option<u64>> {
+        match self.memory_budget.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(pictor_engine::flux::memory::default_budget()),
+            "none" | "off" | "unlimited" => Ok(None),
+            size => size
+                .parse::<bytesize::ByteSize>()
+                .map(|b| Some(b.as_u64()))
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "memory_budget `{}`: {e} (use auto, none, or a size such as 20 GiB)",
+                        self.memory_budget
+                    )
+                }),
+        }
+    }
+
     /// Defaults, then the TOML file (if given or if `./pictor.toml` exists), then
     /// `PICTOR_*` variables (`PICTOR_LISTEN`, `PICTOR_LIMITS__MAX_N`, ...).
     pub fn load(file: Option<&std::path::Path>) -> anyhow::Result<Self> {

@@ -54,6 +54,10 @@ pub struct Args {
     /// Most images denoised together.
     #[arg(long, default_value_t = 4)]
     max_batch: usize,
+    /// Run from a quantized copy (q8_0, q6_k, q5_k, q4_k, ...) of the transformer and T5,
+    /// made once into the data folder's cache when they are not GGUF already.
+    #[arg(long, value_name = "TYPE")]
+    quantize: Option<String>,
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
@@ -128,17 +132,22 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
 }
 
 /// Runs `pictor generate`.
-pub fn run(args: Args, data_dir: &Path) -> anyhow::Result<()> {
+pub fn run(args: Args, config: &crate::config::Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.as_path();
     if args.n == 0 {
         bail!("-n must be at least 1");
     }
     let n = if args.from_image.is_some() { 1 } else { args.n };
     let started = Instant::now();
-    let files = ModelFiles::resolve(&crate::shipped::locate(&args.model, data_dir)?)?;
+    let mut files = ModelFiles::resolve(&crate::shipped::locate(&args.model, data_dir)?)?;
+    if let Some(target) = &args.quantize {
+        crate::quantized::apply(&mut files, target, data_dir)?;
+    }
     let options = FluxOptions {
         device: args.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
         dtype: args.dtype,
         max_batch: args.max_batch,
+        memory_budget: config.memory_budget()?,
         ..FluxOptions::default()
     };
     let mut pipeline = FluxPipeline::load(&files, options)?;

@@ -6,6 +6,7 @@ mod generate;
 mod hash;
 mod keys;
 mod models;
+mod quantized;
 mod serve;
 mod shipped;
 
@@ -51,8 +52,9 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => config::Config::load(cli.config.as_deref())
-            .and_then(|c| generate::run(args, &c.data_dir)),
+        Command::Generate(args) => {
+            config::Config::load(cli.config.as_deref()).and_then(|c| generate::run(args, &c))
+        }
         Command::Openapi => {
             println!("{}", pictor_api::openapi::json());
             Ok(())

@@ -57,15 +57,20 @@ fn load_model(
     name: &str,
     m: &ModelConfig,
     data_dir: &Path,
+    memory_budget: Option<u64>,
 ) -> anyhow::Result<(FluxPipeline, ModelFiles)> {
     let path = crate::shipped::locate(&m.path, data_dir)?;
-    let files = ModelFiles::resolve(&path)
+    let mut files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
+    if let Some(target) = &m.quantize {
+        crate::quantized::apply(&mut files, target, data_dir)?;
+    }
     let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
     let options = FluxOptions {
         device: m.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
         dtype,
         max_batch: m.max_batch,
+        memory_budget,
         ..FluxOptions::default()
     };
     Ok((FluxPipeline::load(&files, options)?, files))
@@ -168,6 +173,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         timeout: Duration::from_secs(config.limits.request_timeout_secs),
         batch_images: 1,
     };
+    let memory_budget = config.memory_budget()?;
     for (name, m) in config.models.clone() {
         let state = state.clone();
         let hash_cache = config.data_dir.join("weight-hashes.json");
@@ -176,20 +182,35 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             batch_images: m.max_batch,
             ..queue.clone()
         };
-        tokio::task::spawn_blocking(move || match load_model(&name, &m, &data_dir) {
-            Ok((pipeline, files)) => {
-                tracing::info!(model = %name, "model loaded");
-                eprintln!("model {name} loaded from {}", m.path);
-                state.install(&name, ModelQueue::start(&name, Box::new(pipeline), queue));
-                // Receipts name the weights by hash; large models take a while to hash.
-                match crate::hash::weights_hash(&weight_files(&files), &hash_cache) {
-                    Ok(hash) => state.set_hash(&name, hash),
-                    Err(e) => tracing::warn!(model = %name, "hashing the weights failed: {e:#}"),
+        tokio::task::spawn_blocking(move || {
+            match load_model(&name, &m, &data_dir, memory_budget) {
+                Ok((pipeline, files)) => {
+                    tracing::info!(model = %name, "model loaded");
+                    eprintln!("model {name} loaded from {}", m.path);
+                    let parts = pipeline
+                        .memory()
+                        .iter()
+                        .map(|p| pictor_api::openapi::ModelPart {
+                            part: p.part.to_string(),
+                            bytes: p.bytes,
+                            storage: p.storage.clone(),
+                            resident: p.resident,
+                        })
+                        .collect();
+                    state.set_memory(&name, parts);
+                    state.install(&name, ModelQueue::start(&name, Box::new(pipeline), queue));
+                    // Receipts name the weights by hash; large models take a while to hash.
+                    match crate::hash::weights_hash(&weight_files(&files), &hash_cache) {
+                        Ok(hash) => state.set_hash(&name, hash),
+                        Err(e) => {
+                            tracing::warn!(model = %name, "hashing the weights failed: {e:#}")
+                        }
+                    }
                 }
-            }
-            Err(e) => {
-                eprintln!("model {name} failed to load: {e:#}");
-                state.mark_failed(&name, format!("{e:#}"));
+                Err(e) => {
+                    eprintln!("model {name} failed to load: {e:#}");
+                    state.mark_failed(&name, format!("{e:#}"));
+                }
             }
         });
     }

@@ -191,7 +191,18 @@ fn serve_answers_and_exits_0_on_sigterm() {
                 let body = serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "size": "64x64",
                                               "response_format": "b64_json"});
                 let r = client.post(format!("{url}/v1/images/generations")).json(&body).send().await.unwrap();
-                return r.status().as_u16();
+                let status = r.status().as_u16();
+                // Each part's memory, in /v1/models and /metrics.
+                let models: serde_json::Value =
+                    client.get(format!("{url}/v1/models")).send().await.unwrap().json().await.unwrap();
+                let parts = models["data"][0]["memory"].as_array().cloned().unwrap_or_default();
+                let names: Vec<&str> = parts.iter().filter_map(|p| p["part"].as_str()).collect();
+                assert_eq!(names, ["clip", "t5", "transformer", "vae"], "{models}");
+                assert!(parts.iter().all(|p| p["bytes"].as_u64().unwrap_or(0) > 0 && p["resident"] == true));
+                let metrics = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+                assert!(metrics.contains("pictor_model_memory_bytes{"), "{metrics}");
+                assert!(metrics.contains("pictor_process_resident_bytes"), "{metrics}");
+                return status;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -390,4 +401,62 @@ fn quantize_then_inspect_then_generate_from_the_gguf_pair() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(image::open(&out).is_ok());
+}
+
+#[test]
+fn quantize_at_load_converts_once_and_a_small_budget_is_refused_by_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], config: Option<&str>| {
+        let mut cmd = pictor();
+        cmd.env("XDG_DATA_HOME", dir.path());
+        if let Some(text) = config {
+            let path = dir.path().join("pictor.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(["generate", "--model"])
+            .arg(fixture())
+            .args([
+                "--prompt",
+                "a red circle",
+                "--size",
+                "64x48",
+                "--steps",
+                "2",
+                "-o",
+            ])
+            .arg(dir.path().join("q.png"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--quantize", "q8_0"], None);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("quantizing the transformer to Q8_0"),
+        "{stderr}"
+    );
+    let cache = dir.path().join("pictor/cache/quantized");
+    let made: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(made.len(), 2, "transformer and T5: {made:?}");
+    let second = run(&["--quantize", "q8_0"], None);
+    assert!(second.status.success());
+    assert!(
+        !String::from_utf8_lossy(&second.stderr).contains("quantizing"),
+        "reused"
+    );
+
+    let refused = run(&[], Some("memory_budget = \"64 MiB\"\n"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("not enough memory")
+            && stderr.contains("FLUX transformer")
+            && stderr.contains("memory budget of"),
+        "{stderr}"
+    );
 }

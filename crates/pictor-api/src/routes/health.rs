@@ -29,8 +29,30 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 .set((q.waiting() + q.running()) as f64);
         }
     }
+    if let Some((rss, peak)) = process_memory() {
+        ::metrics::gauge!("pictor_process_resident_bytes").set(rss as f64);
+        ::metrics::gauge!("pictor_process_peak_resident_bytes").set(peak as f64);
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(),
     )
+}
+
+/// This process's resident and peak resident memory in bytes (`VmRSS`, `VmHWM`), where
+/// `/proc` has them.
+fn process_memory() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |key: &str| -> Option<u64> {
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -26,6 +26,7 @@ fn entries(state: &AppState) -> Vec<Model> {
             alias_of,
             ready,
             hash: slot.hash().map(str::to_string),
+            memory: slot.memory().map(<[_]>::to_vec),
         };
         out.push(entry(&spec.name, None));
         for alias in &spec.aliases {

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod memory;
 pub(crate) mod model;
 pub mod sampling;
 pub mod transformer;
@@ -46,6 +47,8 @@ pub struct FluxOptions {
     pub max_sequence_length: usize,
     /// Most images denoised together through the transformer.
     pub max_batch: usize,
+    /// Bytes the model may take (`None`: no limit); see [`memory::plan`].
+    pub memory_budget: Option<u64>,
 }
 
 impl Default for FluxOptions {
@@ -55,6 +58,7 @@ impl Default for FluxOptions {
             dtype: DTypeChoice::Auto,
             max_sequence_length: 256,
             max_batch: 4,
+            memory_budget: None,
         }
     }
 }
@@ -84,19 +88,31 @@ impl StepState<'_> {
 /// A loaded FLUX.1-schnell pipeline.
 pub struct FluxPipeline {
     text: TextEncoders,
-    transformer: Transformer,
+    /// `None` while staged out (see [`memory::plan`]).
+    transformer: Option<Transformer>,
+    config: candle_transformers::models::flux::model::Config,
     vae: Vae,
+    files: ModelFiles,
+    plan: memory::MemoryPlan,
     device: Device,
     dtype: DType,
     options: FluxOptions,
 }
 
 impl FluxPipeline {
-    /// Loads every part. Errors name the part, the file and the tensor at fault.
+    /// Loads every part, after checking they fit the memory budget (resident, or staged:
+    /// then the transformer stays loaded and T5 is loaded for each request's prompts).
+    /// Errors name the part, the file and the tensor at fault.
     pub fn load(files: &ModelFiles, options: FluxOptions) -> Result<Self> {
         let device = options.device.open()?;
         let dtype = options.dtype.resolve(&device);
-        tracing::info!(?dtype, ?device, "loading FLUX.1-schnell");
+        let plan = memory::plan(files, dtype, options.memory_budget)?;
+        tracing::info!(
+            ?dtype,
+            ?device,
+            staged = plan.staged,
+            "loading FLUX.1-schnell"
+        );
         let clip = ClipEncoder::load(&files.clip, dtype, &device)?;
         let text = TextEncoders {
             clip_tokenizer: match &files.clip_tokenizer {
@@ -108,17 +124,58 @@ impl FluxPipeline {
                 None => FixedLengthTokenizer::builtin_t5(options.max_sequence_length)?,
             },
             clip,
-            t5: T5Encoder::load(&files.t5, dtype, &device)?,
+            t5: Some(T5Encoder::load(&files.t5, dtype, &device)?),
         };
+        let mut text = text;
+        if plan.staged {
+            // Loaded once to check it, then freed until a request needs it.
+            text.t5 = None;
+        }
         let transformer = Transformer::load(&files.transformer, dtype, &device)?;
         let vae = Vae::load(&files.vae, dtype, &device)?;
         Ok(Self {
             text,
-            transformer,
+            config: transformer.config().clone(),
+            transformer: Some(transformer),
             vae,
+            files: files.clone(),
+            plan,
             device,
             dtype,
             options,
+        })
+    }
+
+    /// Each part's memory and whether it stays loaded.
+    pub fn memory(&self) -> &[memory::PartMemory] {
+        &self.plan.parts
+    }
+
+    /// Staged: frees the transformer and loads T5 (for encoding prompts).
+    fn stage_t5(&mut self) -> Result<()> {
+        if self.text.t5.is_none() {
+            self.transformer = None;
+            self.text.t5 = Some(T5Encoder::load(&self.files.t5, self.dtype, &self.device)?);
+        }
+        Ok(())
+    }
+
+    /// Staged: frees T5 and loads the transformer (for denoising).
+    fn stage_transformer(&mut self) -> Result<()> {
+        if self.transformer.is_none() {
+            self.text.t5 = None;
+            self.transformer = Some(Transformer::load(
+                &self.files.transformer,
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn loaded_transformer(&self) -> Result<&Transformer> {
+        self.transformer.as_ref().ok_or_else(|| {
+            EngineError::load("transformer", "staged out: call generate, which loads it")
         })
     }
 
@@ -129,7 +186,7 @@ impl FluxPipeline {
 
     /// The transformer's hyper-parameters, as read from the weights.
     pub fn transformer_config(&self) -> &candle_transformers::models::flux::model::Config {
-        self.transformer.config()
+        &self.config
     }
 
     /// One transformer evaluation; see [`Transformer::velocity`].
@@ -140,7 +197,8 @@ impl FluxPipeline {
         sigma: f64,
         latent_hw: (usize, usize),
     ) -> Result<Tensor> {
-        self.transformer.velocity(img, emb, sigma, latent_hw)
+        self.loaded_transformer()?
+            .velocity(img, emb, sigma, latent_hw)
     }
 
     /// Decodes packed latents to pixels in `[0, 1]`; see [`Vae::decode`].
@@ -148,8 +206,9 @@ impl FluxPipeline {
         self.vae.decode(packed, height, width)
     }
 
-    /// Encodes a prompt with both text encoders.
+    /// Encodes a prompt with both text encoders (staged: loading T5 first).
     pub fn encode_prompt(&mut self, prompt: &str) -> Result<Embeddings> {
+        self.stage_t5()?;
         self.text.encode(prompt)
     }
 
@@ -185,7 +244,9 @@ impl FluxPipeline {
             return Err(EngineError::Cancelled);
         }
         for (i, pair) in sigmas.windows(2).enumerate() {
-            let v = self.transformer.velocity(&x, emb, pair[0], (h, w))?;
+            let v = self
+                .loaded_transformer()?
+                .velocity(&x, emb, pair[0], (h, w))?;
             x = (x + (&v * (pair[1] - pair[0]))?)?;
             let state = StepState {
                 step: i + 1,
@@ -308,6 +369,7 @@ impl Pipeline for FluxPipeline {
             .iter()
             .map(|r| self.encode_prompt(&r.prompt))
             .collect::<Result<Vec<_>>>()?;
+        self.stage_transformer()?;
         phases.encode = started.elapsed();
         // Every image of every request, as (request, image index, seed), in order.
         let items: Vec<(usize, usize, u64)> = reqs

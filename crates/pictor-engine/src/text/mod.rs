@@ -285,8 +285,8 @@ pub struct TextEncoders {
     pub t5_tokenizer: FixedLengthTokenizer,
     /// CLIP-L.
     pub clip: ClipEncoder,
-    /// T5.
-    pub t5: T5Encoder,
+    /// T5; `None` while staged out.
+    pub t5: Option<T5Encoder>,
 }
 
 /// A prompt's embeddings.
@@ -305,7 +305,11 @@ impl TextEncoders {
         let clip_tokens = self.clip_tokenizer.encode(prompt)?;
         let t5_tokens = self.t5_tokenizer.encode(prompt)?;
         let pooled = self.clip.pooled(&clip_tokens.ids)?;
-        let sequence = self.t5.hidden(&t5_tokens.ids)?;
+        let t5 = self
+            .t5
+            .as_mut()
+            .ok_or_else(|| EngineError::load("t5", "staged out while encoding"))?;
+        let sequence = t5.hidden(&t5_tokens.ids)?;
         Ok(Embeddings {
             sequence,
             pooled,

@@ -6,5 +6,6 @@ mod common;
 mod gguf;
 mod loaders;
 mod malformed;
+mod memory;
 mod parity;
 mod quantized;

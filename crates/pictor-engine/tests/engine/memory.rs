@@ -1,0 +1,104 @@
+//! The memory budget: everything resident when it fits, T5 and the transformer taking
+//! turns when only one of them fits beside the small parts (same images), and a refusal
+//! naming the part, its size and the budget when even that cannot fit.
+
+use candle_core::DType;
+use pictor_engine::{
+    Control, EngineError, GenerationRequest, ModelFiles, Pipeline,
+    flux::{
+        FluxOptions, FluxPipeline,
+        memory::{WORKING_BYTES, plan},
+    },
+};
+
+use crate::common::*;
+
+fn images(files: &ModelFiles, budget: Option<u64>) -> Result<Vec<Vec<u8>>, EngineError> {
+    let mut p = FluxPipeline::load(
+        files,
+        FluxOptions {
+            memory_budget: budget,
+            ..FluxOptions::default()
+        },
+    )?;
+    let mut out = Vec::new();
+    // Two requests in a row: the second must find T5 again after the transformer ran.
+    for prompt in ["a red circle", "a blue square"] {
+        let req = GenerationRequest {
+            prompt: prompt.into(),
+            width: 64,
+            height: 48,
+            steps: 2,
+            seed: 3,
+            n: 1,
+            ..Default::default()
+        };
+        let g = p.generate(&req, &mut |_| Control::Continue)?;
+        out.push(g.images[0].pixels.clone());
+    }
+    Ok(out)
+}
+
+#[test]
+fn budget_decides_resident_staged_or_refused() {
+    let files = ModelFiles::from_dir(&fixture()).unwrap();
+    let estimate = plan(&files, DType::F32, None).unwrap();
+    let b = |p: &str| estimate.bytes(p);
+    assert!(b("transformer") > 0 && b("t5") > 0 && b("clip") > 0 && b("vae") > 0);
+    // The estimate is the f32 size of the weights: the fixture's BF16 transformer widened.
+    let info = pictor_engine::inspect::inspect_file(&files.transformer.files[0]).unwrap();
+    let params: u64 = info.parts.iter().map(|p| p.parameters).sum();
+    let shards: u64 = files.transformer.files[1..]
+        .iter()
+        .map(|f| {
+            pictor_engine::inspect::inspect_file(f)
+                .unwrap()
+                .parts
+                .iter()
+                .map(|p| p.parameters)
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(b("transformer"), (params + shards) * 4);
+
+    let small = WORKING_BYTES + b("clip") + b("vae");
+    let everything = small + b("t5") + b("transformer");
+    let resident = plan(&files, DType::F32, Some(everything)).unwrap();
+    assert!(!resident.staged && resident.parts.iter().all(|p| p.resident));
+    let reference = images(&files, None).unwrap();
+    assert_eq!(images(&files, Some(everything)).unwrap(), reference);
+
+    let turns = small + b("t5").max(b("transformer"));
+    let staged = plan(&files, DType::F32, Some(turns)).unwrap();
+    assert!(staged.staged);
+    let resident_parts: Vec<&str> = staged
+        .parts
+        .iter()
+        .filter(|p| p.resident)
+        .map(|p| p.part)
+        .collect();
+    assert_eq!(resident_parts, ["clip", "vae"]);
+    assert_eq!(
+        images(&files, Some(turns)).unwrap(),
+        reference,
+        "staging changes no pixel"
+    );
+
+    let (big, label) = if b("transformer") >= b("t5") {
+        (b("transformer"), "FLUX transformer")
+    } else {
+        (b("t5"), "T5 encoder")
+    };
+    let too_small = small + big - 1;
+    let err = images(&files, Some(too_small)).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, EngineError::OutOfMemory { .. }), "{text}");
+    assert!(
+        text.contains(label) && text.contains("pictor quantize"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&pictor_engine::inspect::human_bytes(too_small)),
+        "names the budget: {text}"
+    );
+}
