@@ -147,17 +147,43 @@ fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
     (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?.reshape(dims.to_vec())
 }
 
+/// Most attention scores held at once, in elements (256 MB of f32). A 1024² image has
+/// 4608 tokens: its 24 heads would need 2 GB of scores at once; queries are taken in
+/// blocks so that a block's scores stay under this, which changes no result (each query
+/// row's softmax is independent of the others).
+const SCORE_ELEMENTS: usize = 1 << 26;
+
 /// Rotary embedding, then softmax attention over all heads; returns `(b, l, h·d)`.
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
+    attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS)
+}
+
+fn attention_in_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pe: &Tensor,
+    score_elements: usize,
+) -> candle_core::Result<Tensor> {
     let q = apply_rope(q, pe)?.contiguous()?;
     let k = apply_rope(k, pe)?.contiguous()?;
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let (b, h, l, d) = q.dims4()?;
     let q = q.reshape((b * h, l, d))?;
-    let k = k.reshape((b * h, l, d))?;
+    let kt = k.reshape((b * h, l, d))?.t()?;
     let v = v.contiguous()?.reshape((b * h, l, d))?;
-    let weights = (q.matmul(&k.t()?)? * scale)?;
-    let out = candle_nn::ops::softmax_last_dim(&weights)?.matmul(&v)?;
+    let rows = (score_elements / (b * h * l).max(1)).clamp(1, l);
+    let mut blocks = Vec::with_capacity(l.div_ceil(rows));
+    for start in (0..l).step_by(rows) {
+        let q = q.narrow(1, start, rows.min(l - start))?;
+        let weights = (q.matmul(&kt)? * scale)?;
+        blocks.push(candle_nn::ops::softmax_last_dim(&weights)?.matmul(&v)?);
+    }
+    let out = if blocks.len() == 1 {
+        blocks.remove(0)
+    } else {
+        Tensor::cat(&blocks, 1)?
+    };
     out.reshape((b, h, l, d))?.transpose(1, 2)?.flatten_from(2)
 }
 
@@ -399,7 +425,7 @@ impl SingleBlock {
 
 /// Every tensor the network reads, by BFL name, with its shape: what a converter must
 /// write for [`FluxModel::load`] to find.
-pub(crate) fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+pub fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
     let mlp = (h as f64 * cfg.mlp_ratio) as usize;
     let head = h / cfg.num_heads;
@@ -545,6 +571,32 @@ impl FluxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_in_query_blocks_equals_all_at_once() {
+        let dev = candle_core::Device::Cpu;
+        let (b, h, l, d) = (2, 3, 37, 8);
+        let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
+        let ids = Tensor::arange(0f32, (l * 3) as f32, &dev)
+            .unwrap()
+            .reshape((1, l, 3))
+            .unwrap();
+        let pe = {
+            let parts: Vec<Tensor> = [2usize, 2, 4]
+                .iter()
+                .enumerate()
+                .map(|(i, &dim)| rope(&ids.get_on_dim(D::Minus1, i).unwrap(), dim, 10_000).unwrap())
+                .collect();
+            Tensor::cat(&parts, 2).unwrap().unsqueeze(1).unwrap()
+        };
+        let whole = attention_in_blocks(&q, &k, &v, &pe, usize::MAX).unwrap();
+        // 6 heads × 37 keys per row: 5 rows per block, so 8 blocks, the last one short.
+        let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
+        let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
 
     #[test]
     fn schnell_has_the_776_tensors_of_the_bfl_file() {
