@@ -82,7 +82,7 @@ fn write(
         serde_json::json!({"format": "pt", "pictor": "random weights for benchmarks"}),
     );
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let partial = path.with_extension("safetensors.partial");
