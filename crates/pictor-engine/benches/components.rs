@@ -3,7 +3,9 @@
 //!
 //! ```sh
 //! cargo bench -p pictor-engine --bench components -- \
-//!     --model DIR --part transformer|t5|clip|vae|matmul --size 512 --reps 3 --dtype f32|bf16
+//!     --model DIR --part transformer|t5|clip|vae|matmul --size 512 --reps 3 --dtype f32|bf16 \
+//!     [--attention blocks|whole|flash]   (transformer: scores in 256 MB query blocks, the
+//!                                         default; all at once; candle-nn's flash kernel)
 //! ```
 //!
 //! Prints one JSON line: the part, the settings, every timed run (after one warm-up), the
@@ -55,6 +57,12 @@ fn main() -> anyhow::Result<()> {
         "f16" => DType::F16,
         _ => DType::F32,
     };
+    let attention = get("attention", "blocks");
+    pictor_engine::flux::set_attention_scores(match attention.as_str() {
+        "whole" => Some(usize::MAX),
+        "flash" => None,
+        _ => Some(1 << 26),
+    });
     let dev = Device::Cpu;
     let started = Instant::now();
     // Each arm loads its part, then returns the closure to time.
@@ -130,6 +138,7 @@ fn main() -> anyhow::Result<()> {
     let out = serde_json::json!({
         "engine": "pictor",
         "part": part,
+        "attention": attention,
         "size": size,
         "dtype": format!("{dtype:?}").to_lowercase(),
         "threads": rayon::current_num_threads(),

@@ -153,9 +153,38 @@ fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
 /// row's softmax is independent of the others).
 const SCORE_ELEMENTS: usize = 1 << 26;
 
+static SCORE_BUDGET: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(SCORE_ELEMENTS);
+
+/// How attention is computed, for benchmarks: `Some(n)` holds at most `n` scores at once
+/// (the default is 2²⁶); `None` uses candle-nn's CPU flash-attention kernel instead.
+pub fn set_attention_scores(elements: Option<usize>) {
+    SCORE_BUDGET.store(elements.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Rotary embedding, then softmax attention over all heads; returns `(b, l, h·d)`.
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
-    attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS)
+    match SCORE_BUDGET.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if q.device().is_cpu() && q.dtype() == DType::F32 => {
+            let (q, k) = (apply_rope(q, pe)?, apply_rope(k, pe)?);
+            let bshd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+            let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
+            candle_nn::attention::flash_attn::<f32>(
+                &bshd(&q)?,
+                &bshd(&k)?,
+                &bshd(v)?,
+                scale,
+                candle_nn::attention::AttnMask::None,
+                None,
+                None,
+            )?
+            // The kernel answers (b, h, l, d).
+            .transpose(1, 2)?
+            .flatten_from(2)
+        }
+        0 => attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS),
+        n => attention_in_blocks(q, k, v, pe, n),
+    }
 }
 
 fn attention_in_blocks(
@@ -592,6 +621,14 @@ mod tests {
             Tensor::cat(&parts, 2).unwrap().unsqueeze(1).unwrap()
         };
         let whole = attention_in_blocks(&q, &k, &v, &pe, usize::MAX).unwrap();
+        set_attention_scores(None);
+        let flash = attention(&q, &k, &v, &pe).unwrap();
+        set_attention_scores(Some(SCORE_ELEMENTS));
+        let diff = (&whole - flash).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(
+            diff.to_scalar::<f32>().unwrap() < 1e-5,
+            "candle's flash kernel agrees"
+        );
         // 6 heads × 37 keys per row: 5 rows per block, so 8 blocks, the last one short.
         let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
         let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
