@@ -52,11 +52,12 @@ fi
 
 log() { echo "$*" | tee -a "$RESULTS"; }
 
-run() { # label model-dir
+run() { # label model-dir [extra generate flags]
   local label=$1 dir=$2 out
+  shift 2
   out=$(mktemp)
   if /usr/bin/time -v "$PICTOR" generate --model "$dir" --prompt "a white siamese cat on a red sofa" \
-      --size 512x512 --steps 4 --seed 1 -o "$CACHE/fullsize-$label.png" >"$out" 2>&1; then
+      --size 512x512 --steps 4 --seed 1 -o "$CACHE/fullsize-$label.png" "$@" >"$out" 2>&1; then
     local line rss
     line=$(grep -E "^1 image" "$out" || true)
     rss=$(awk '/Maximum resident set size/ {printf "%.2f GiB", $6/1048576}' "$out")
@@ -68,7 +69,7 @@ run() { # label model-dir
 }
 
 if have_sources && [ ! -f "$CACHE/flux-full-bf16.done" ]; then
-  run bf16 "$SRC" && touch "$CACHE/flux-full-bf16.done"
+  run bf16 "$SRC" --dtype bf16 && touch "$CACHE/flux-full-bf16.done"
 fi
 
 for t in "${TYPES[@]}"; do

@@ -41,11 +41,11 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def load_trained(d: Path, seed: int):
+def load_trained(d: Path, seed: int, stage: str = "tune"):
     tok, tok2 = T.load_tokenizers(d / "tokenizers")
     clip, t5, tr = T.make_models(tok, tok2, seed)
     fl = torch.load(d / "ckpt" / "flux.pt", map_location="cpu", weights_only=False)
-    tuned = d / "ckpt" / "tune.pt"
+    tuned = d / "ckpt" / f"{stage}.pt"
     tn = torch.load(tuned, map_location="cpu", weights_only=False) if tuned.exists() else None
     for k, m in (("transformer", tr), ("clip", clip), ("t5", t5)):
         m.load_state_dict((tn or fl)["ema"][k])
@@ -169,12 +169,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--stage", choices=["tune", "polish"], default="tune",
+                    help="which fine-tuning checkpoint to export (falls back to the flux stage)")
     args = ap.parse_args()
     T.setup_torch(args.threads)
     T._quiet()
     d = T.train_dir()
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
-    tok, tok2, clip, t5, tr, vae, info = load_trained(d, args.seed)
+    tok, tok2, clip, t5, tr, vae, info = load_trained(d, args.seed, args.stage)
     save(args.out, tok, tok2, clip, t5, tr, vae, dtype)
     files = sorted(p for p in args.out.rglob("*") if p.is_file())
     weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")

@@ -76,6 +76,51 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        "qmatmul" => {
+            // One 1280×3072 by 3072×3072 product with quantized weights, through candle's
+            // QMatMul (repacked tiles on VNNI CPUs) or its plain row kernel.
+            use candle_core::quantized::{GgmlDType, QMatMul, QTensor, k_quants};
+            let (m, k, n) = (1280, 3072, 3072);
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let quant = get("quant", "q4_k");
+            let kernel = get("kernel", "tiles");
+            let ggml = match quant.as_str() {
+                "q8_0" => GgmlDType::Q8_0,
+                "q4_0" => GgmlDType::Q4_0,
+                "q5_0" => GgmlDType::Q5_0,
+                _ => GgmlDType::Q4K,
+            };
+            if kernel == "tiles" {
+                let mm = QMatMul::from_qtensor(QTensor::quantize(&w, ggml)?)?;
+                Box::new(move || {
+                    x.apply(&mm)?;
+                    Ok(())
+                })
+            } else {
+                fn direct<T: k_quants::GgmlType + 'static>(
+                    w: &Tensor,
+                    x: &Tensor,
+                    (m, k, n): (usize, usize, usize),
+                ) -> anyhow::Result<Box<dyn FnMut() -> anyhow::Result<()>>> {
+                    let wv: Vec<f32> = w.flatten_all()?.to_vec1()?;
+                    let mut blocks = vec![T::zeros(); n * k / T::BLCK_SIZE];
+                    T::from_float(&wv, &mut blocks);
+                    let lhs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                    Ok(Box::new(move || {
+                        let mut dst = vec![0f32; m * n];
+                        k_quants::matmul((m, k, n), &lhs, &blocks, &mut dst)?;
+                        Ok(())
+                    }))
+                }
+                match ggml {
+                    GgmlDType::Q8_0 => direct::<k_quants::BlockQ8_0>(&w, &x, (m, k, n))?,
+                    GgmlDType::Q4_0 => direct::<k_quants::BlockQ4_0>(&w, &x, (m, k, n))?,
+                    GgmlDType::Q5_0 => direct::<k_quants::BlockQ5_0>(&w, &x, (m, k, n))?,
+                    _ => direct::<k_quants::BlockQ4K>(&w, &x, (m, k, n))?,
+                }
+            }
+        }
         _ => {
             let model = get("model", "");
             anyhow::ensure!(!model.is_empty(), "--model DIR is needed for --part {part}");

@@ -42,8 +42,9 @@ pub struct PartInfo {
 
 impl PartInfo {
     /// Bytes this part takes in memory once loaded for `dtype` compute: quantized GGUF
-    /// tensors stay as stored, plain GGUF tensors are widened to f32 (candle's kernels run
-    /// them in f32), safetensors tensors are converted to `dtype`.
+    /// tensors as the matmul kernels hold them (see `resident_gguf_bytes`), plain GGUF
+    /// tensors widened to f32 (candle's kernels run them in f32), safetensors tensors
+    /// converted to `dtype`.
     pub fn resident_bytes(&self, dtype: DType) -> u64 {
         match dtype {
             DType::F32 => self.resident_f32,
@@ -106,8 +107,7 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
                 let dtype = file.dtype(name)?;
                 let elems = shape.iter().product::<usize>() as u64;
                 let stored = tensor_bytes(dtype, elems as usize) as u64;
-                let plain = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-                let resident = if plain { elems * 4 } else { stored };
+                let resident = resident_gguf_bytes(dtype, elems, stored);
                 Some(Tensor {
                     name: name.to_string(),
                     elems,
@@ -179,6 +179,20 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
         parts,
         other_tensors,
     })
+}
+
+/// Bytes a GGUF tensor takes once loaded: plain tensors are widened to f32; on x86-64,
+/// candle's matmul repacks Q4_K and Q6_K weights into tiles of 6.0 and 10.0 bits per
+/// weight (the files hold 4.5 and 6.56) with unpacked scales, which is what makes them fast
+/// (Q4_K: 4.4× its row kernel in `benches/components --part qmatmul`), and Q8_0 into tiles
+/// of its own size. Pictor keeps only the tiles (the file pages go back to the page cache).
+fn resident_gguf_bytes(dtype: GgmlDType, elems: u64, stored: u64) -> u64 {
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => elems * 4,
+        GgmlDType::Q4K if cfg!(target_arch = "x86_64") => elems * 3 / 4,
+        GgmlDType::Q6K if cfg!(target_arch = "x86_64") => elems * 5 / 4,
+        _ => stored,
+    }
 }
 
 /// The part a tensor belongs to: the one with the longest prefix it starts with. A file
@@ -272,7 +286,7 @@ impl fmt::Display for FileInfo {
                 let resident = human_bytes(p.resident_bytes(DType::F32));
                 writeln!(
                     f,
-                    "    in memory: {resident} (kept as stored; plain tensors in f32)"
+                    "    in memory: {resident} (blocks as the matmul kernels hold them; plain tensors in f32)"
                 )?;
             } else {
                 writeln!(
