@@ -38,6 +38,9 @@ pub struct PartInfo {
     resident_f32: u64,
     /// The same with 16-bit compute.
     resident_16: u64,
+    /// Of those, what K-quant tiles add over the file's blocks (zero where K-quants run
+    /// compact, as T5's do: see `text/t5.rs`).
+    tile_extra: u64,
 }
 
 impl PartInfo {
@@ -50,6 +53,11 @@ impl PartInfo {
             DType::F32 => self.resident_f32,
             _ => self.resident_16,
         }
+    }
+
+    /// Bytes in memory when K-quant weights run compact from the file instead of tiled.
+    pub fn resident_bytes_compact(&self, dtype: DType) -> u64 {
+        self.resident_bytes(dtype) - self.tile_extra
     }
 
     /// The storage types by share of parameters, largest first: `Q4_K 95.3%, F32 0.5%`.
@@ -91,6 +99,8 @@ struct Tensor {
     dtype: String,
     /// Bytes once loaded for f32 and 16-bit compute.
     resident: (u64, u64),
+    /// Bytes the kernels' tiles add over the stored blocks.
+    tile_extra: u64,
 }
 
 /// Reads `path`'s header and describes it.
@@ -108,12 +118,17 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
                 let elems = shape.iter().product::<usize>() as u64;
                 let stored = tensor_bytes(dtype, elems as usize) as u64;
                 let resident = resident_gguf_bytes(dtype, elems, stored);
+                let tile_extra = match dtype {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => 0,
+                    _ => resident.saturating_sub(stored),
+                };
                 Some(Tensor {
                     name: name.to_string(),
                     elems,
                     stored,
                     dtype: ggml_name(dtype).to_string(),
                     resident: (resident, resident),
+                    tile_extra,
                 })
             })
             .collect::<Vec<_>>();
@@ -137,6 +152,7 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
                     stored: elems * width,
                     dtype,
                     resident: (elems * 4, elems * 2),
+                    tile_extra: 0,
                 })
             })
             .collect::<Vec<_>>();
@@ -155,6 +171,7 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
             types: BTreeMap::new(),
             resident_f32: 0,
             resident_16: 0,
+            tile_extra: 0,
         })
         .collect();
     let mut other_tensors = 0;
@@ -167,6 +184,7 @@ pub fn inspect_file(path: &Path) -> Result<FileInfo> {
                 p.bytes += t.stored;
                 p.resident_f32 += t.resident.0;
                 p.resident_16 += t.resident.1;
+                p.tile_extra += t.tile_extra;
                 *p.types.entry(t.dtype.clone()).or_default() += t.elems;
             }
             None => other_tensors += 1,

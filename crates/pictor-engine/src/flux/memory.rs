@@ -58,7 +58,18 @@ fn estimate(part: &Part, kind: &str, name: &'static str, dtype: DType) -> Result
         gguf |= info.format == "GGUF";
         infos.extend(info.parts.into_iter().filter(|p| p.kind == kind));
     }
-    let bytes = infos.iter().map(|p| p.resident_bytes(dtype)).sum();
+    // T5 runs its K-quant weights compact from the file (text/t5.rs), one block at a time;
+    // counting their blocks whole keeps the estimate on the safe side.
+    let bytes = infos
+        .iter()
+        .map(|p| {
+            if name == "t5" {
+                p.resident_bytes_compact(dtype)
+            } else {
+                p.resident_bytes(dtype)
+            }
+        })
+        .sum();
     let mut merged = infos.first().cloned();
     if let Some(m) = merged.as_mut() {
         for other in infos.iter().skip(1) {

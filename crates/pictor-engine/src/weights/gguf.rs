@@ -175,6 +175,36 @@ impl GgufFile {
     }
 }
 
+/// A quantized weight `(n, k)` left in its file and multiplied by candle's row kernel.
+pub struct CompactWeight {
+    blocks: Box<dyn candle_core::quantized::QuantizedType>,
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+    n: usize,
+    k: usize,
+}
+
+impl CompactWeight {
+    /// `x·Wᵀ` for `x` `(…, k)` in f32.
+    pub fn forward(&self, x: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        let mut dims = x.dims().to_vec();
+        let m = x.elem_count() / self.k;
+        let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut dst = vec![0f32; m * self.n];
+        self.blocks.matmul_t((m, self.k, self.n), &lhs, &mut dst)?;
+        if let Some(last) = dims.last_mut() {
+            *last = self.n;
+        }
+        Ok(candle_core::Tensor::from_vec(dst, dims, x.device())?)
+    }
+
+    /// Hands the weight's file pages back to the page cache until the next use.
+    pub fn release(&self) {
+        super::release(&self.map[self.offset..self.offset + self.len]);
+    }
+}
+
 /// Quantized (or plain) tensors by canonical name, as a GGUF file or a conversion holds
 /// them.
 pub struct QWeights {
@@ -251,6 +281,28 @@ impl QWeights {
             )));
         }
         Ok(tensor.clone())
+    }
+
+    /// Canonical `name` as compact blocks in the file, multiplied by candle's row kernel
+    /// with no repacked copy: for weights used rarely (T5 runs once per request), whose
+    /// pages can be handed back after each use. `None` for tensors not mapped from a file.
+    pub fn compact(&self, name: &str, want: &[usize]) -> Result<Option<CompactWeight>> {
+        let tensor = self.get(name, want)?;
+        let (Some(map), Some(&(offset, len))) = (&self.map, self.ranges.get(name)) else {
+            return Ok(None);
+        };
+        let Some(blocks) = mapped::boxed(tensor.dtype(), map, offset, len) else {
+            return Ok(None);
+        };
+        let (n, k) = tensor.shape().dims2()?;
+        Ok(Some(CompactWeight {
+            blocks,
+            map: map.clone(),
+            offset,
+            len,
+            n,
+            k,
+        }))
     }
 
     /// Hands the file pages of `name` back to the page cache: for a weight that has been

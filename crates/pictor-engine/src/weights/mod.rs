@@ -21,7 +21,7 @@ use std::{
 use candle_core::{DType, Device, Shape, Tensor, safetensors::MmapedSafetensors};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 
-pub use gguf::{GgufFile, QWeights, tensor_bytes};
+pub use gguf::{CompactWeight, GgufFile, QWeights, tensor_bytes};
 
 use crate::error::{EngineError, Result};
 

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::Path};
 
 use candle_core::{DType, Device, Tensor};
-use pictor_engine::{ModelFiles, flux::sampling};
+use pictor_engine::ModelFiles;
 
 use crate::common::*;
 
@@ -15,22 +15,6 @@ fn read_all(files: &[std::path::PathBuf]) -> HashMap<String, Tensor> {
         all.extend(candle_core::safetensors::load(f, &Device::Cpu).unwrap());
     }
     all
-}
-
-fn step0_error(files: &ModelFiles) -> f32 {
-    let p = load(files);
-    let r = reference();
-    let noise = tensor(&r, "noise");
-    let (_, _, h, w) = noise.dims4().unwrap();
-    let v = p
-        .velocity(
-            &sampling::pack(&noise).unwrap(),
-            &reference_embeddings(&r),
-            1.0,
-            (h, w),
-        )
-        .expect("velocity");
-    max_abs_diff(&v, &tensor(&r, "transformer_out_step0"))
 }
 
 /// Split files as ComfyUI users hold them: no `config.json` anywhere, tokenizers beside.

@@ -78,6 +78,24 @@ pub fn reference_embeddings(reference: &HashMap<String, Tensor>) -> Embeddings {
     }
 }
 
+/// How far the first transformer step of `files` lands from diffusers' (max |Δ|), on the
+/// reference noise and embeddings.
+pub fn step0_error(files: &ModelFiles) -> f32 {
+    let p = load(files);
+    let r = reference();
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let v = p
+        .velocity(
+            &pictor_engine::flux::sampling::pack(&noise).unwrap(),
+            &reference_embeddings(&r),
+            1.0,
+            (h, w),
+        )
+        .expect("velocity");
+    max_abs_diff(&v, &tensor(&r, "transformer_out_step0"))
+}
+
 /// The fixture's prompt and size, from reference.json.
 pub struct Setup {
     pub prompt: String,

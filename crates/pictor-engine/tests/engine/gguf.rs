@@ -36,22 +36,6 @@ fn write_gguf(path: &std::path::Path, quant: GgmlDType) {
     gguf_file::write(&mut file, &[], &refs).unwrap();
 }
 
-fn step0(files: &ModelFiles) -> (Tensor, Tensor) {
-    let p = load(files);
-    let r = reference();
-    let noise = tensor(&r, "noise");
-    let (_, _, h, w) = noise.dims4().unwrap();
-    let v = p
-        .velocity(
-            &sampling::pack(&noise).unwrap(),
-            &reference_embeddings(&r),
-            1.0,
-            (h, w),
-        )
-        .expect("velocity");
-    (v, tensor(&r, "transformer_out_step0"))
-}
-
 fn with_gguf(path: &std::path::Path) -> ModelFiles {
     let mut files = ModelFiles::from_dir(&fixture()).unwrap();
     files.transformer = Part::file(path);
@@ -63,8 +47,7 @@ fn f32_gguf_transformer_matches_within_1e4() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flux1-schnell-F32.gguf");
     write_gguf(&path, GgmlDType::F32);
-    let (v, want) = step0(&with_gguf(&path));
-    let d = max_abs_diff(&v, &want);
+    let d = step0_error(&with_gguf(&path));
     eprintln!("GGUF F32 step 0 max |Δ| {d:.2e}");
     assert!(d <= 1e-4, "GGUF F32 differs by {d}");
 }
@@ -87,8 +70,8 @@ fn q8_0_gguf_transformer_stays_close_to_f32() {
     );
     let files = ModelFiles::from_dir(dir.path()).expect("folder with a GGUF resolves");
     assert_eq!(files.transformer, Part::file(&path));
-    let (v, want) = step0(&files);
-    let d = max_abs_diff(&v, &want);
+    let d = step0_error(&files);
+    let want = tensor(&reference(), "transformer_out_step0");
     // The yardstick: how far the f32 model's output moves for another initial noise.
     let p = load(&ModelFiles::from_dir(&fixture()).unwrap());
     let r = reference();

@@ -4,25 +4,13 @@
 
 use std::path::Path;
 
-use pictor_engine::{ModelFiles, flux::sampling};
+use pictor_engine::ModelFiles;
 
 use crate::common::*;
 
 /// Loads `files` and checks one transformer step against the reference (1e-4).
 fn assert_runs_like_reference(files: &ModelFiles) {
-    let p = load(files);
-    let r = reference();
-    let noise = tensor(&r, "noise");
-    let (_, _, h, w) = noise.dims4().unwrap();
-    let v = p
-        .velocity(
-            &sampling::pack(&noise).unwrap(),
-            &reference_embeddings(&r),
-            1.0,
-            (h, w),
-        )
-        .expect("velocity");
-    let d = max_abs_diff(&v, &tensor(&r, "transformer_out_step0"));
+    let d = step0_error(files);
     assert!(d <= 1e-4, "step 0 differs by {d}");
 }
 

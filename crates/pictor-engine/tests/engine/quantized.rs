@@ -317,3 +317,45 @@ fn pictor_tiny_quantized_images_are_closer_to_f32_than_another_seed() {
         report.join(", ")
     );
 }
+
+#[test]
+fn compact_k_quant_weights_multiply_like_the_tiled_kernels() {
+    // T5 runs K-quants on candle's row kernel straight from the file (no repacked copy);
+    // it must compute what the tiled kernel computes.
+    use candle_core::quantized::{QMatMul, QTensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.gguf");
+    let w = Tensor::randn(0f32, 0.05, (48, 512), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+    let entries = vec![TensorEntry {
+        name: "w".into(),
+        shape: vec![48, 512],
+        dtype: GgmlDType::Q4K,
+    }];
+    let mut writer = GgufWriter::create(&path, &[], entries).unwrap();
+    writer.write("w", &q.data().unwrap()).unwrap();
+    writer.finish().unwrap();
+    let weights = GgufFile::open(&path)
+        .unwrap()
+        .weights(|n| Some(n.to_string()), &Device::Cpu)
+        .unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 7, 512), &Device::Cpu).unwrap();
+    let compact = weights
+        .compact("w", &[48, 512])
+        .unwrap()
+        .expect("mapped")
+        .forward(&x)
+        .unwrap();
+    let tiled = x
+        .apply(&QMatMul::from_arc(weights.get("w", &[48, 512]).unwrap()).unwrap())
+        .unwrap();
+    let exact = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+    let d = max_abs_diff(&compact, &tiled);
+    let q_err = max_abs_diff(&tiled, &exact);
+    eprintln!("compact vs tiled {d:.2e}; tiled vs f32 {q_err:.2e}");
+    assert_eq!(compact.dims(), &[1, 7, 48]);
+    assert!(
+        d <= 1e-4 + q_err * 0.1,
+        "compact {d} vs quantization error {q_err}"
+    );
+}
