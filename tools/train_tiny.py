@@ -17,8 +17,10 @@ Stages (run in this order by --stage all; each one resumes where it stopped):
 5. tune   continue the transformer and text encoders with a foreground-weighted loss, half
           the timesteps at the 4 sigmas inference uses, one-shape scenes and a T5 probe
           that must name each shape's cell and kind (see flux_phase).
-6. polish (only with --stage polish; experimental) the tune recipe again from the tune
-          phase's weights, longer (--polish-steps), for shape identity.
+6. polish (only with --stage polish) the tune recipe again from the tune phase's weights,
+          with a fresh cosine (--polish-steps, --polish-lr), for shape identity.  With
+          --from-model models/pictor-tiny it starts from the shipped weights instead, on a
+          machine without this directory (see adopt()).
 
 All state lives in ${PICTOR_TRAIN_DIR:-$HOME/.cache/pictor/train-tiny}: checkpoints are
 written atomically every --ckpt-minutes and when the time box (--minutes) ends; running the
@@ -288,7 +290,10 @@ def stage_data(d: Path, a, log) -> None:
     data.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     tok_dir = d / "tokenizers"
-    build_tokenizers(tok_dir, a.seed, log)
+    if (tok_dir / "tokenizer_2" / "spiece.model").exists():
+        log(f"data: keeping the tokenizers in {tok_dir}")
+    else:
+        build_tokenizers(tok_dir, a.seed, log)
     n = a.n_train
     imgs = np.lib.format.open_memmap(data / "images.npy", "w+", np.uint8, (n, scenes.SIZE, scenes.SIZE, 3))
     masks = np.lib.format.open_memmap(data / "masks.npy", "w+", np.uint8, (n, scenes.SIZE, scenes.SIZE))
@@ -576,6 +581,8 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
     params = [p for m in mods.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = load_ckpt(ck)
+    if state is not None and state["step"] >= stop:
+        return True
     if state is not None:
         for k, m in mods.items():
             m.load_state_dict(state["model"][k])
@@ -688,6 +695,57 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
 
 
 # ----------------------------------------------------------------------------
+# Adopting an exported model
+# ----------------------------------------------------------------------------
+
+# What the run that produced the shipped models/pictor-tiny recorded (its model card):
+# (stage, steps, minutes).  Only used to label adopted checkpoints for export_tiny.py.
+SHIPPED_RUN = {"ae": (3600, 29.1), "flux": (6022, 60.1), "tune": (8000, 76.2)}
+
+
+def adopt(d: Path, folder: Path, log) -> None:
+    """Rebuild the state the later stages start from out of an exported FluxPipeline folder,
+    so that `--stage polish --from-model models/pictor-tiny` continues the shipped weights on
+    a machine that no longer has the training directory.
+
+    Writes, where missing: tokenizers/ (copied, so token ids are the shipped ones),
+    ckpt/ae.pt (the shipped autoencoder as EMA weights), ckpt/flux.pt and ckpt/tune.pt (the
+    shipped transformer and text encoders as both weights and EMA).  The data and encode
+    stages then render and encode the scenes with these, exactly as in the original run.
+    """
+    import shutil
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    ck = d / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    tok_dir = d / "tokenizers"
+    for sub in ("tokenizer", "tokenizer_2"):
+        if not (tok_dir / sub).exists():
+            shutil.copytree(folder / sub, tok_dir / sub)
+    if not (ck / "ae.pt").exists():
+        vae = AutoencoderKL.from_pretrained(folder / "vae").float()
+        steps, minutes = SHIPPED_RUN["ae"]
+        sd = vae.state_dict()
+        atomic_save({"model": sd, "opt": None, "ema": sd, "step": steps, "seconds": minutes * 60,
+                     "adopted_from": str(folder)}, ck / "ae.pt")
+    parts = None
+    for stage in ("flux", "tune"):
+        if (ck / f"{stage}.pt").exists():
+            continue
+        if parts is None:
+            parts = {
+                "transformer": FluxTransformer2DModel.from_pretrained(folder / "transformer").float().state_dict(),
+                "clip": CLIPTextModel.from_pretrained(folder / "text_encoder").float().state_dict(),
+                "t5": T5EncoderModel.from_pretrained(folder / "text_encoder_2").float().state_dict(),
+            }
+        steps, minutes = SHIPPED_RUN[stage]
+        atomic_save({"model": parts, "opt": None, "ema": parts, "step": steps, "seconds": minutes * 60,
+                     "adopted_from": str(folder)}, ck / f"{stage}.pt")
+    log(f"adopted {folder}: tokenizers, ckpt/ae.pt, ckpt/flux.pt, ckpt/tune.pt")
+
+
+# ----------------------------------------------------------------------------
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -698,6 +756,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--from-model", type=Path, default=None,
+                    help="start from an exported folder (models/pictor-tiny) instead of this "
+                         "directory's earlier stages; see adopt()")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     a = ap.parse_args()
@@ -708,13 +769,15 @@ def main() -> None:
     log = Log(d / "train.log")
     deadline = time.time() + a.minutes * 60
     log(f"start: stage {a.stage}, dir {d}, threads {a.threads}, minutes {a.minutes}, seed {a.seed}")
+    if a.from_model is not None:
+        adopt(d, a.from_model, log)
     run_all = a.stage == "all"
     if run_all or a.stage == "data" or not (d / "data" / "done.json").exists():
         stage_data(d, a, log)
     if run_all or a.stage == "ae":
         if not stage_ae(d, a, log, deadline):
             return
-    if run_all or a.stage in ("encode", "flux", "tune"):
+    if run_all or a.stage in ("encode", "flux", "tune", "polish"):
         if not stage_encode(d, a, log, deadline):
             return
     if run_all or a.stage in ("flux", "tune"):
