@@ -348,6 +348,10 @@ def stage_ae(d: Path, a, log, deadline: float) -> bool:
     vae = make_vae(a.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.ae_lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = load_ckpt(ck)
+    # A finished stage (also one adopted from an exported model, which has no optimizer
+    # state) returns before loading anything.
+    if state is not None and state["step"] >= a.ae_steps:
+        return True
     if state is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
@@ -356,8 +360,6 @@ def stage_ae(d: Path, a, log, deadline: float) -> bool:
     else:
         ema = {k: v.detach().clone() for k, v in vae.state_dict().items()}
         step, spent = 0, 0.0
-    if step >= a.ae_steps:
-        return True
     log(f"ae: {nparams(vae):,} params; resuming at step {step}/{a.ae_steps} ({spent / 60:.1f} min so far)")
     imgs = np.load(d / "data" / "images.npy", mmap_mode="r")
     masks = np.load(d / "data" / "masks.npy", mmap_mode="r")
@@ -581,7 +583,7 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
     params = [p for m in mods.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=base_lr, betas=(0.9, 0.99), weight_decay=0.01)
     state = load_ckpt(ck)
-    if state is not None and state["step"] >= stop:
+    if state is not None and state["step"] >= stop:  # finished, or adopted (see stage_ae)
         return True
     if state is not None:
         for k, m in mods.items():
@@ -600,8 +602,6 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
     else:
         ema = {k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in mods.items()}
         step, spent = 0, 0.0
-    if step >= stop:
-        return True
     log(f"{phase}: transformer {nparams(tr):,} + CLIP {nparams(clip):,} + T5 {nparams(t5):,} params; "
         f"resuming at step {step}/{stop} ({spent / 60:.1f} min so far)")
     st = json.loads((d / "latent_stats.json").read_text())
