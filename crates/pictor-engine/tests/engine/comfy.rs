@@ -178,14 +178,20 @@ fn an_fp8_t5_encoder_loads_like_t5xxl_fp8_e4m3fn() {
     let fp16 = dir.path().join("t5xxl_fp16.safetensors");
     let original = read_all(std::slice::from_ref(&fp16));
     std::fs::remove_file(&fp16).unwrap();
-    let narrow = |t: &Tensor, dtype| {
-        if t.rank() == 2 {
-            t.to_dtype(DType::F8E4M3).unwrap().to_dtype(dtype).unwrap()
-        } else {
-            t.to_dtype(DType::F16).unwrap()
-        }
-    };
-    let encode = |tensors: HashMap<String, Tensor>, name: &str| {
+    // Writes the T5 with its matrices rounded to E4M3 and stored as `matrices`, norms in f16,
+    // and encodes the fixture's prompt with it.
+    let encode = |matrices: DType, name: &str| {
+        let tensors: HashMap<String, Tensor> = original
+            .iter()
+            .map(|(n, t)| {
+                let t = if t.rank() == 2 {
+                    t.to_dtype(DType::F8E4M3).unwrap().to_dtype(matrices)
+                } else {
+                    t.to_dtype(DType::F16)
+                };
+                (n.clone(), t.unwrap())
+            })
+            .collect();
         let path = dir.path().join(name);
         candle_core::safetensors::save(&tensors, &path).unwrap();
         let files = ModelFiles::from_dir(dir.path()).expect("resolves");
@@ -197,21 +203,9 @@ fn an_fp8_t5_encoder_loads_like_t5xxl_fp8_e4m3fn() {
         std::fs::remove_file(path).unwrap();
         hidden
     };
-    let fp8 = encode(
-        original
-            .iter()
-            .map(|(n, t)| (n.clone(), narrow(t, DType::F8E4M3)))
-            .collect(),
-        "t5xxl_fp8_e4m3fn.safetensors",
-    );
+    let fp8 = encode(DType::F8E4M3, "t5xxl_fp8_e4m3fn.safetensors");
     // The same values, rounded to E4M3 but stored in f32: loading fp8 must read exactly these.
-    let rounded = encode(
-        original
-            .iter()
-            .map(|(n, t)| (n.clone(), narrow(t, DType::F32)))
-            .collect(),
-        "t5xxl_rounded_f32.safetensors",
-    );
+    let rounded = encode(DType::F32, "t5xxl_rounded_f32.safetensors");
 
     let r = reference();
     let want = tensor(&r, "t5_hidden");
