@@ -231,6 +231,9 @@ def main() -> None:
     ap.add_argument("--source", choices=["model", "gt", "ae"], default="model")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="score the prompt sets of seeds seed..seed+N-1 together (each seed draws "
+                         "its own backgrounds and noise), for a less noisy estimate")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="results JSON + sample grids go here")
     ap.add_argument("--pictor", type=Path, default=None, metavar="BIN",
@@ -240,24 +243,29 @@ def main() -> None:
     T._quiet()
     out = args.out or (T.train_dir() / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    sets = prompt_sets(args.seed)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    per_seed = {sd: prompt_sets(sd) for sd in seeds}
+    sets = {name: [it for sd in seeds for it in per_seed[sd][name]] for name in per_seed[seeds[0]]}
     pipe = None
     if args.source == "ae" or (args.source == "model" and args.pictor is None):
         from diffusers import FluxPipeline
         pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
     engine = "pictor" if args.pictor is not None else "diffusers"
-    report = {"source": args.source, "engine": engine, "steps": args.steps, "model": str(args.model), "sets": {}}
+    report = {"source": args.source, "engine": engine, "steps": args.steps, "model": str(args.model),
+              "seeds": seeds, "sets": {}}
     t0 = time.time()
-    for name, items in sets.items():
+
+    def images(items: list[dict], seed: int) -> np.ndarray:
         if args.source == "model" and args.pictor is not None:
-            imgs = generate_pictor(args.pictor, args.model, items, args.steps, args.seed)
-        elif args.source == "model":
-            imgs = generate(pipe, items, args.steps, args.seed)
-        else:
-            imgs = ground_truth(items, args.seed)
-            if args.source == "ae":
-                imgs = ae_roundtrip(pipe.vae, imgs)
+            return generate_pictor(args.pictor, args.model, items, args.steps, seed)
+        if args.source == "model":
+            return generate(pipe, items, args.steps, seed)
+        imgs = ground_truth(items, seed)
+        return ae_roundtrip(pipe.vae, imgs) if args.source == "ae" else imgs
+
+    for name, items in sets.items():
+        imgs = np.concatenate([images(per_seed[sd][name], sd) for sd in seeds])
         res = [analyse(im, it) for im, it in zip(imgs, items)]
         report["sets"][name] = score(items, res)
         save_grid(imgs[:32], out / f"{args.source}-{name}-{args.steps}steps.png")
@@ -274,7 +282,8 @@ def main() -> None:
         "shape_large": ch["shape"],
     }
     (out / f"{args.source}-{args.steps}steps.json").write_text(json.dumps(report, indent=2))
-    print(f"source {args.source}, engine {engine}, {args.steps} steps, model {args.model} ({report['seconds']} s)")
+    print(f"source {args.source}, engine {engine}, {args.steps} steps, seeds {seeds}, model {args.model} "
+          f"({report['seconds']} s)")
     print(f"{'set':12s} {'n':>4s} {'fg':>6s} {'bg':>6s} {'pos':>6s} {'shape':>6s}")
     for name, r in report["sets"].items():
         print(f"{name:12s} {r['n']:4d} {r['fg']:6.1f} {r['bg']:6.1f} {r['pos']:6.1f} {r['shape']:6.1f}")

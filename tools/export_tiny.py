@@ -52,7 +52,7 @@ def load_trained(d: Path, seed: int, stage: str = "tune"):
     vae = T.load_ema_vae(d, seed)
     st = json.loads((d / "latent_stats.json").read_text())
     vae.register_to_config(scaling_factor=round(st["scaling_factor"], 4), shift_factor=round(st["shift_factor"], 4))
-    info = {"flux_steps": fl["step"], "flux_minutes": fl["seconds"] / 60}
+    info = {"stage": stage if tn is not None else "flux", "flux_steps": fl["step"], "flux_minutes": fl["seconds"] / 60}
     if tn is not None:
         info.update({"tune_steps": tn["step"], "tune_minutes": tn["seconds"] / 60})
     ae = torch.load(d / "ckpt" / "ae.pt", map_location="cpu", weights_only=False)
@@ -169,8 +169,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-verify", action="store_true")
-    ap.add_argument("--stage", choices=["tune", "polish"], default="tune",
-                    help="which fine-tuning checkpoint to export (falls back to the flux stage)")
+    ap.add_argument("--stage", default="tune",
+                    help="which fine-tuning checkpoint to export: tune, polish, polish2, ... "
+                         "(falls back to the flux stage)")
     args = ap.parse_args()
     T.setup_torch(args.threads)
     T._quiet()

@@ -19,6 +19,8 @@ Stages (run in this order by --stage all; each one resumes where it stopped):
           that must name each shape's cell and kind (see flux_phase).
 6. polish (only with --stage polish) the tune recipe again from the tune phase's weights,
           with a fresh cosine (--polish-steps, --polish-lr), for shape identity.  With
+          --polish-round N it runs N rounds, each from the previous round's weights with a
+          fresh optimiser and cosine; --polish-steps/--polish-lr take one value per round.  With
           --from-model models/pictor-tiny it starts from the shipped weights instead, on a
           machine without this directory (see adopt()).
 
@@ -88,9 +90,16 @@ DEFAULTS = dict(
     ae_kl=1e-4, ae_fg_weight=4.0, ae_ema=0.999,
     flux_steps=10000, flux_stop=6022, flux_lr=1e-3, flux_bs=32, flux_ema=0.999, flux_min_lr_frac=0.05,
     tune_steps=8000, tune_lr=5e-4, tune_fg_weight=24.0, tune_discrete_frac=0.5, tune_single=1, tune_aux=0.1,
-    polish_steps=16000, polish_lr=3e-4,
+    # per polish round, comma-separated (the last value repeats)
+    polish_steps="4400", polish_lr="2e-4",
     warmup=100,
 )
+
+
+def per_round(values: str, rnd: int) -> float:
+    """The value for polish round `rnd` (1-based) from a comma-separated list."""
+    vals = [float(v) for v in values.split(",")]
+    return vals[min(rnd, len(vals)) - 1]
 
 
 def train_dir() -> Path:
@@ -564,12 +573,17 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
     words), so the transformer had nothing to learn position from.  With the probe, 1,000
     steps lifted held-out position to 57 % (24 % with two-shape and striped scenes kept).
     """
-    tune = phase in ("tune", "polish")
+    # "polish" is round 1 of the polish phase, "polishN" round N: each round starts from the
+    # previous one's checkpoint (round 1 from the tune phase's) with a fresh optimiser and
+    # cosine, and draws its own random numbers.
+    polish = phase.startswith("polish")
+    rnd = int(phase[len("polish"):] or 1) if polish else 0
+    tune = phase == "tune" or polish
     ck = d / "ckpt" / f"{phase}.pt"
-    stage_id = {"flux": 3, "tune": 4, "polish": 5}[phase]
-    total = {"flux": a.flux_steps, "tune": a.tune_steps, "polish": a.polish_steps}[phase]
+    stage_id = 5 if rnd == 1 else 50 + rnd if polish else {"flux": 3, "tune": 4}[phase]
+    total = int(per_round(a.polish_steps, rnd)) if polish else {"flux": a.flux_steps, "tune": a.tune_steps}[phase]
     stop = total if tune else min(a.flux_stop, a.flux_steps)
-    base_lr = {"flux": a.flux_lr, "tune": a.tune_lr, "polish": a.polish_lr}[phase]
+    base_lr = per_round(a.polish_lr, rnd) if polish else {"flux": a.flux_lr, "tune": a.tune_lr}[phase]
     tok, tok2 = load_tokenizers(d / "tokenizers")
     clip, t5, tr = make_models(tok, tok2, a.seed)
     mods = {"transformer": tr, "clip": clip, "t5": t5}
@@ -591,7 +605,10 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
         opt.load_state_dict(state["opt"])
         ema, step, spent = state["ema"], state["step"], state["seconds"]
     elif tune:
-        init = load_ckpt(d / "ckpt" / ("tune.pt" if phase == "polish" else "flux.pt"))
+        src = "flux" if phase == "tune" else "tune" if rnd == 1 else f"polish{rnd - 1 if rnd > 2 else ''}"
+        init = load_ckpt(d / "ckpt" / f"{src}.pt")
+        if init is None:
+            raise SystemExit(f"{phase}: needs ckpt/{src}.pt first")
         for k, m in mods.items():
             if k in init["model"]:
                 m.load_state_dict(init["model"][k])
@@ -756,6 +773,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false")
+    ap.add_argument("--polish-round", type=int, default=1,
+                    help="with --stage polish: round N starts from round N-1's checkpoint")
     ap.add_argument("--from-model", type=Path, default=None,
                     help="start from an exported folder (models/pictor-tiny) instead of this "
                          "directory's earlier stages; see adopt()")
@@ -788,8 +807,9 @@ def main() -> None:
             return
     # Not part of "all" yet: the shipped weights come from the tune phase.
     if a.stage == "polish":
-        if not flux_phase(d, a, log, deadline, "polish"):
-            return
+        for r in range(1, a.polish_round + 1):
+            if not flux_phase(d, a, log, deadline, "polish" if r == 1 else f"polish{r}"):
+                return
     log("finished: all requested stages complete")
 
 
