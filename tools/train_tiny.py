@@ -102,6 +102,11 @@ def per_round(values: str, rnd: int) -> float:
     return vals[min(rnd, len(vals)) - 1]
 
 
+def polish_phase(rnd: int) -> str:
+    """The phase (and checkpoint) name of polish round `rnd`: "polish", "polish2", ..."""
+    return "polish" if rnd == 1 else f"polish{rnd}"
+
+
 def train_dir() -> Path:
     return Path(os.environ.get("PICTOR_TRAIN_DIR", Path.home() / ".cache" / "pictor" / "train-tiny"))
 
@@ -605,7 +610,7 @@ def flux_phase(d: Path, a, log, deadline: float, phase: str) -> bool:
         opt.load_state_dict(state["opt"])
         ema, step, spent = state["ema"], state["step"], state["seconds"]
     elif tune:
-        src = "flux" if phase == "tune" else "tune" if rnd == 1 else f"polish{rnd - 1 if rnd > 2 else ''}"
+        src = "flux" if phase == "tune" else "tune" if rnd == 1 else polish_phase(rnd - 1)
         init = load_ckpt(d / "ckpt" / f"{src}.pt")
         if init is None:
             raise SystemExit(f"{phase}: needs ckpt/{src}.pt first")
@@ -805,10 +810,11 @@ def main() -> None:
     if run_all or a.stage in ("tune", "polish"):
         if not flux_phase(d, a, log, deadline, "tune"):
             return
-    # Not part of "all" yet: the shipped weights come from the tune phase.
+    # Not part of "all": polish rounds run only when asked for (the shipped weights are
+    # polish round 2's; see the model card for the commands).
     if a.stage == "polish":
         for r in range(1, a.polish_round + 1):
-            if not flux_phase(d, a, log, deadline, "polish" if r == 1 else f"polish{r}"):
+            if not flux_phase(d, a, log, deadline, polish_phase(r)):
                 return
     log("finished: all requested stages complete")
 
