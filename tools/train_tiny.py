@@ -811,7 +811,7 @@ def main() -> None:
         if not flux_phase(d, a, log, deadline, "tune"):
             return
     # Not part of "all": polish rounds run only when asked for (the shipped weights are
-    # polish round 2's; see the model card for the commands).
+    # polish round 3's; see the model card for the commands).
     if a.stage == "polish":
         for r in range(1, a.polish_round + 1):
             if not flux_phase(d, a, log, deadline, polish_phase(r)):
