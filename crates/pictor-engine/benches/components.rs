@@ -6,6 +6,9 @@
 //!     --model DIR --part transformer|t5|clip|vae|matmul --size 512 --reps 3 --dtype f32|bf16 \
 //!     [--attention blocks|whole|flash]   (transformer: scores in 256 MB query blocks, the
 //!                                         default; all at once; candle-nn's flash kernel)
+//! cargo bench -p pictor-engine --bench components -- --part gelu --kernel pictor|candle \
+//!     --size 512                         (the MLP activation of one full-width block:
+//!                                         (size/16)² + 256 tokens × 12288, f32)
 //! ```
 //!
 //! Prints one JSON line: the part, the settings, every timed run (after one warm-up), the
@@ -73,6 +76,18 @@ fn main() -> anyhow::Result<()> {
             let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
             Box::new(move || {
                 a.matmul(&b)?;
+                Ok(())
+            })
+        }
+        "gelu" => {
+            let x = Tensor::randn(0f32, 1.0, ((size / 16).pow(2) + 256, 12_288), &dev)?;
+            let candle = get("kernel", "pictor") == "candle";
+            Box::new(move || {
+                if candle {
+                    x.gelu()?;
+                } else {
+                    pictor_engine::ops::gelu(&x)?;
+                }
                 Ok(())
             })
         }

@@ -1,4 +1,5 @@
-//! Convolution and group normalisation for the autoencoder, with fast CPU kernels.
+//! Convolution and group normalisation for the autoencoder, and the transformer's GELU,
+//! with fast CPU kernels.
 //!
 //! candle 0.11.1's CPU `conv2d` transposes the whole input to NHWC on one thread, scatters
 //! an im2col tile element by element and writes the output back element by element; its
@@ -13,9 +14,14 @@
 //! - group norm (optionally fused with SiLU) makes one pass for the statistics and one for
 //!   the output per (image, group), groups in parallel.
 //!
+//! The GELU is in [`gelu`](gelu()).
+//!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
+mod gelu;
 mod winograd;
+
+pub use gelu::gelu;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
