@@ -6,8 +6,10 @@
 //! and `exp` is a Cephes-style polynomial written so that the compiler vectorises the loop.
 //! Its relative error is about 2e-7, well under the 1e-4 the parity tests hold.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::{f32_inputs, fast_path};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -15,7 +17,7 @@ const CHUNK: usize = 1 << 14;
 /// `gelu` (tanh approximation) of `x`: the fast kernel for f32 on the CPU, candle's own op
 /// otherwise.
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if fast_path(x) {
         if x.is_contiguous() || x.stride().last() == Some(&1) {
             x.apply_op1_no_bwd(&GeluOp)
         } else {
@@ -68,14 +70,13 @@ impl CustomOp1 for GeluOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = s else {
-            candle_core::bail!("pictor-gelu takes f32");
-        };
+        // `x` starts at the layout's offset.
+        let [x] = f32_inputs(self.name(), [(s, l)])?;
         let n = l.shape().elem_count();
         let mut out = vec![0f32; n];
-        if let Some((start, end)) = l.contiguous_offsets() {
+        if l.is_contiguous() {
             out.par_chunks_mut(CHUNK)
-                .zip(x[start..end].par_chunks(CHUNK))
+                .zip(x[..n].par_chunks(CHUNK))
                 .for_each(|(d, s)| gelu_slice(s, d));
         } else {
             // A narrowed last dimension (the single blocks' MLP half): whole rows in
@@ -86,7 +87,7 @@ impl CustomOp1 for GeluOp {
             out.par_chunks_mut(row.max(1))
                 .enumerate()
                 .for_each(|(i, d)| {
-                    let (mut rest, mut at) = (i, l.start_offset());
+                    let (mut rest, mut at) = (i, 0);
                     for (&dim, &st) in lead.iter().zip(stride).rev() {
                         at += (rest % dim) * st;
                         rest /= dim;
