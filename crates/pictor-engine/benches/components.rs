@@ -22,7 +22,7 @@ use std::{collections::HashMap, time::Instant};
 use candle_core::{DType, Device, Tensor};
 use pictor_engine::{
     ModelFiles,
-    flux::{sampling, transformer::Transformer, vae::Vae},
+    flux::{AttentionKernel, sampling, transformer::Transformer, vae::Vae},
     text::{ClipEncoder, Embeddings, T5Encoder},
 };
 
@@ -52,6 +52,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let get = |k: &str, d: &str| args.get(k).cloned().unwrap_or_else(|| d.to_string());
+    // As `pictor` does, unless `--heap default` asks for glibc's own settings.
+    let heap = get("heap", "keep");
+    if heap == "keep" {
+        pictor_engine::heap::keep_freed_memory();
+    }
     let part = get("part", "matmul");
     let size: usize = get("size", "512").parse()?;
     let reps: usize = get("reps", "3").parse()?;
@@ -60,11 +65,12 @@ fn main() -> anyhow::Result<()> {
         "f16" => DType::F16,
         _ => DType::F32,
     };
-    let attention = get("attention", "blocks");
-    pictor_engine::flux::set_attention_scores(match attention.as_str() {
-        "whole" => Some(usize::MAX),
-        "flash" => None,
-        _ => Some(1 << 26),
+    let attention = get("attention", "fused");
+    pictor_engine::flux::set_attention_kernel(match attention.as_str() {
+        "whole" => AttentionKernel::Blocks(usize::MAX),
+        "blocks" => AttentionKernel::Blocks(1 << 26),
+        "flash" => AttentionKernel::CandleFlash,
+        _ => AttentionKernel::Fused,
     });
     let dev = Device::Cpu;
     let started = Instant::now();
@@ -76,6 +82,42 @@ fn main() -> anyhow::Result<()> {
             let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?.to_dtype(dtype)?;
             Box::new(move || {
                 a.matmul(&b)?;
+                Ok(())
+            })
+        }
+        "linear" => {
+            // x·Wᵀ as the transformer's layers run it: `--shape m,k,n`, W stored (n, k).
+            let dims: Vec<usize> = get("shape", "1280,3072,3072")
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()?;
+            anyhow::ensure!(dims.len() == 3, "--shape wants m,k,n");
+            let x = Tensor::randn(0f32, 1.0, (1, dims[0], dims[1]), &dev)?.to_dtype(dtype)?;
+            let w = Tensor::randn(0f32, 0.02, (dims[2], dims[1]), &dev)?.to_dtype(dtype)?;
+            let mm = candle_core::quantized::QMatMul::Tensor(w);
+            Box::new(move || {
+                x.apply(&mm)?;
+                Ok(())
+            })
+        }
+        "attention" => {
+            // One single block's attention at `--size`: q/k/v of 24 heads of 128 from a
+            // (1, tokens, 3·3072) projection, with FLUX's rotary table.
+            use pictor_engine::ops::{QkvPart, flux_attention};
+            let tokens = (size / 16).pow(2) + 256;
+            let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * 3072), &dev)?;
+            let angles = Tensor::randn(0f32, 1.0, (1, 1, tokens, 64, 1, 1), &dev)?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let pe = Tensor::cat(&[&cos, &sin.neg()?, &sin, &cos], 4)?
+                .reshape((1, 1, tokens, 64, 2, 2))?;
+            let scale = Tensor::ones(128, DType::F32, &dev)?;
+            Box::new(move || {
+                let part = QkvPart {
+                    qkv: &qkv,
+                    q_scale: &scale,
+                    k_scale: &scale,
+                };
+                flux_attention(&[part], 24, 1e-6, &pe)?;
                 Ok(())
             })
         }
@@ -199,6 +241,7 @@ fn main() -> anyhow::Result<()> {
         "engine": "pictor",
         "part": part,
         "attention": attention,
+        "heap": heap,
         "size": size,
         "dtype": format!("{dtype:?}").to_lowercase(),
         "threads": rayon::current_num_threads(),

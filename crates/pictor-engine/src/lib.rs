@@ -24,6 +24,7 @@
 mod device;
 mod error;
 pub mod flux;
+pub mod heap;
 mod image;
 pub mod inspect;
 

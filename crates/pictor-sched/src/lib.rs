@@ -380,6 +380,10 @@ impl Worker {
             };
             let batch = self.gather(first);
             self.run_batch(batch);
+            if self.pending.is_empty() && self.rx.is_empty() {
+                // Idle: the pages the batch freed go back to the system.
+                pictor_engine::heap::release_freed_memory();
+            }
         }
     }
 

@@ -43,6 +43,9 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: large tensors reuse freed pages instead of faulting in
+    // fresh ones (see `pictor_engine::heap`).
+    pictor_engine::heap::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PICTOR_LOG")

@@ -13,7 +13,7 @@ pub mod config;
 pub mod decoder;
 pub mod memory;
 pub(crate) mod model;
-pub use model::{set_attention_scores, tensor_names};
+pub use model::{AttentionKernel, set_attention_kernel, tensor_names};
 pub mod sampling;
 pub mod transformer;
 pub mod vae;

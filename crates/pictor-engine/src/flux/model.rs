@@ -6,7 +6,7 @@
 //! the parity tests hold it to diffusers' output.
 
 use candle_core::{D, DType, IndexOp, Module, Tensor, quantized::QMatMul};
-use candle_nn::{LayerNorm, RmsNorm};
+use candle_nn::RmsNorm;
 use candle_transformers::models::flux::model::Config;
 
 use crate::{
@@ -20,8 +20,26 @@ pub(crate) struct Linear {
     bias: Option<Tensor>,
 }
 
+impl Linear {
+    /// `[xs₁ xs₂ …]·Wᵀ + b` for inputs that are the column blocks of one input, without
+    /// concatenating them where the weights are dense f32 on the CPU.
+    fn forward_parts(&self, xs: &[&Tensor]) -> candle_core::Result<Tensor> {
+        if let QMatMul::Tensor(w) = &self.weight
+            && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
+        {
+            return crate::ops::linear(xs, w, self.bias.as_ref());
+        }
+        Tensor::cat(xs, D::Minus1)?.apply(self)
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let QMatMul::Tensor(w) = &self.weight
+            && crate::ops::linear_is_fast(xs, w)
+        {
+            return crate::ops::linear(&[xs], w, self.bias.as_ref());
+        }
         let ys = match &self.weight {
             QMatMul::QTensor(_) => xs.contiguous()?.apply(&self.weight)?,
             _ => xs.apply(&self.weight)?,
@@ -42,20 +60,6 @@ pub(crate) enum Source<'a> {
 }
 
 impl Source<'_> {
-    fn dtype(&self) -> DType {
-        match self {
-            Self::Dense(_, dtype, _) => *dtype,
-            Self::Quantized(_) => DType::F32,
-        }
-    }
-
-    fn device(&self) -> &candle_core::Device {
-        match self {
-            Self::Dense(_, _, device) => device,
-            Self::Quantized(q) => q.device(),
-        }
-    }
-
     fn has(&self, name: &str) -> bool {
         match self {
             Self::Dense(w, ..) => w.contains(name),
@@ -112,14 +116,15 @@ impl Source<'_> {
     }
 
     fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.tensor(name, &[dim])?, 1e-6))
-    }
-
-    fn layer_norm(&self, dim: usize) -> Result<LayerNorm> {
-        let ones = Tensor::ones(dim, self.dtype(), self.device())?;
-        Ok(LayerNorm::new_no_bias(ones, 1e-6))
+        Ok(RmsNorm::new(self.tensor(name, &[dim])?, QK_NORM_EPS))
     }
 }
+
+/// The epsilon of FLUX's query and key RMS norms.
+const QK_NORM_EPS: f64 = 1e-6;
+
+/// The epsilon of FLUX's LayerNorms (no affine weights) before each modulation.
+const LAYER_NORM_EPS: f64 = 1e-6;
 
 fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Result<Tensor> {
     let dev = pos.device();
@@ -147,25 +152,92 @@ fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
     (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?.reshape(dims.to_vec())
 }
 
-/// Most attention scores held at once, in elements (256 MB of f32). A 1024² image has
-/// 4608 tokens: its 24 heads would need 2 GB of scores at once; queries are taken in
-/// blocks so that a block's scores stay under this, which changes no result (each query
-/// row's softmax is independent of the others).
+/// Most attention scores held at once by [`AttentionKernel::Blocks`] by default, in
+/// elements (256 MB of f32). A 1024² image has 4352 tokens: its 24 heads would need 1.8 GB
+/// of scores at once; queries are taken in blocks so that a block's scores stay under
+/// this, which changes no result (each query row's softmax is independent of the others).
 const SCORE_ELEMENTS: usize = 1 << 26;
 
-static SCORE_BUDGET: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(SCORE_ELEMENTS);
-
-/// How attention is computed, for benchmarks: `Some(n)` holds at most `n` scores at once
-/// (the default is 2²⁶); `None` uses candle-nn's CPU flash-attention kernel instead.
-pub fn set_attention_scores(elements: Option<usize>) {
-    SCORE_BUDGET.store(elements.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+/// How attention is computed on the CPU in f32. Other devices and dtypes always use
+/// candle's ops in query blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `ops::flux_attention`: norms, rotary embedding and attention in two passes, scores
+    /// in cache-sized blocks (the default).
+    Fused,
+    /// candle's ops, with at most this many scores held at once.
+    Blocks(usize),
+    /// candle-nn's CPU flash-attention kernel.
+    CandleFlash,
 }
 
-/// Rotary embedding, then softmax attention over all heads; returns `(b, l, h·d)`.
+/// 0: fused, 1: candle's flash kernel, n ≥ 2: blocks of n scores.
+static KERNEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Chooses the attention kernel for the whole process (for benchmarks and tests).
+pub fn set_attention_kernel(kernel: AttentionKernel) {
+    let code = match kernel {
+        AttentionKernel::Fused => 0,
+        AttentionKernel::CandleFlash => 1,
+        AttentionKernel::Blocks(n) => n.max(2),
+    };
+    KERNEL.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn attention_kernel() -> AttentionKernel {
+    match KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => AttentionKernel::Fused,
+        1 => AttentionKernel::CandleFlash,
+        n => AttentionKernel::Blocks(n),
+    }
+}
+
+/// Attention over the tokens of `parts`, concatenated in order: each is a fused q/k/v
+/// projection `(b, l_i, ≥ 3·hidden)` with its stream's query and key norms. Returns
+/// `(b, Σl_i, hidden)`.
+fn attend(
+    parts: &[(&Tensor, &RmsNorm, &RmsNorm)],
+    heads: usize,
+    pe: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let fast = parts.iter().all(|(p, ..)| {
+        p.device().is_cpu() && p.dtype() == DType::F32 && p.stride().last() == Some(&1)
+    });
+    if fast && attention_kernel() == AttentionKernel::Fused {
+        let parts: Vec<_> = parts
+            .iter()
+            .map(|(p, q, k)| crate::ops::QkvPart {
+                qkv: p,
+                q_scale: q.weight(),
+                k_scale: k.weight(),
+            })
+            .collect();
+        return crate::ops::flux_attention(&parts, heads, QK_NORM_EPS as f32, pe);
+    }
+    let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+    for (p, q_norm, k_norm) in parts {
+        let hidden = heads * q_norm.weight().dim(0)?;
+        let qkv = p.narrow(D::Minus1, 0, 3 * hidden)?;
+        let (q, k, v) = split_qkv(&qkv, heads, q_norm, k_norm)?;
+        qs.push(q);
+        ks.push(k);
+        vs.push(v);
+    }
+    let cat = |xs: Vec<Tensor>| -> candle_core::Result<Tensor> {
+        if xs.len() == 1 {
+            Ok(xs.into_iter().next().expect("one part"))
+        } else {
+            Tensor::cat(&xs, 2)
+        }
+    };
+    attention(&cat(qs)?, &cat(ks)?, &cat(vs)?, pe)
+}
+
+/// Rotary embedding, then softmax attention over all heads with candle's ops; returns
+/// `(b, l, h·d)`.
 fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
-    match SCORE_BUDGET.load(std::sync::atomic::Ordering::Relaxed) {
-        0 if q.device().is_cpu() && q.dtype() == DType::F32 => {
+    match attention_kernel() {
+        AttentionKernel::CandleFlash if q.device().is_cpu() && q.dtype() == DType::F32 => {
             let (q, k) = (apply_rope(q, pe)?, apply_rope(k, pe)?);
             let bshd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
             let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
@@ -182,8 +254,8 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Re
             .transpose(1, 2)?
             .flatten_from(2)
         }
-        0 => attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS),
-        n => attention_in_blocks(q, k, v, pe, n),
+        AttentionKernel::Blocks(n) => attention_in_blocks(q, k, v, pe, n),
+        _ => attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS),
     }
 }
 
@@ -283,13 +355,14 @@ impl Modulation {
             .collect())
     }
 
-    fn scale_shift(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs.broadcast_mul(&(&self.scale + 1.)?)?
-            .broadcast_add(&self.shift)
+    /// `layer_norm(xs)·(1 + scale) + shift`.
+    fn norm_modulate(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        crate::ops::norm_modulate(xs, &self.scale, &self.shift, LAYER_NORM_EPS)
     }
 
-    fn gate(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.gate.broadcast_mul(xs)
+    /// `xs + gate·ys`.
+    fn gated_residual(&self, xs: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
+        crate::ops::gated_residual(xs, &self.gate, ys)
     }
 }
 
@@ -329,13 +402,8 @@ impl Attention {
         })
     }
 
-    fn qkv(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        split_qkv(
-            &xs.apply(&self.qkv)?,
-            self.heads,
-            &self.query_norm,
-            &self.key_norm,
-        )
+    fn norms(&self) -> (&RmsNorm, &RmsNorm) {
+        (&self.query_norm, &self.key_norm)
     }
 }
 
@@ -349,7 +417,6 @@ struct Stream {
 struct DoubleBlock {
     img: Stream,
     txt: Stream,
-    norm: LayerNorm,
 }
 
 impl DoubleBlock {
@@ -366,7 +433,6 @@ impl DoubleBlock {
         Ok(Self {
             img: stream("img")?,
             txt: stream("txt")?,
-            norm: src.layer_norm(h)?,
         })
     }
 
@@ -379,28 +445,26 @@ impl DoubleBlock {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let img_mod = Modulation::split(&self.img.modulation, vec_, 2)?;
         let txt_mod = Modulation::split(&self.txt.modulation, vec_, 2)?;
-        let (img_q, img_k, img_v) = self
-            .img
-            .attn
-            .qkv(&img_mod[0].scale_shift(&img.apply(&self.norm)?)?)?;
-        let (txt_q, txt_k, txt_v) = self
-            .txt
-            .attn
-            .qkv(&txt_mod[0].scale_shift(&txt.apply(&self.norm)?)?)?;
-        let q = Tensor::cat(&[txt_q, img_q], 2)?;
-        let k = Tensor::cat(&[txt_k, img_k], 2)?;
-        let v = Tensor::cat(&[txt_v, img_v], 2)?;
-        let attn = attention(&q, &k, &v, pe)?;
+        let img_qkv = img_mod[0].norm_modulate(img)?.apply(&self.img.attn.qkv)?;
+        let txt_qkv = txt_mod[0].norm_modulate(txt)?.apply(&self.txt.attn.qkv)?;
+        // Text tokens first, then image tokens, each stream with its own q/k norms.
+        let (txt_norms, img_norms) = (self.txt.attn.norms(), self.img.attn.norms());
+        let attn = attend(
+            &[
+                (&txt_qkv, txt_norms.0, txt_norms.1),
+                (&img_qkv, img_norms.0, img_norms.1),
+            ],
+            self.img.attn.heads,
+            pe,
+        )?;
         let n_txt = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, n_txt)?;
         let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
         let finish =
             |x: &Tensor, a: &Tensor, s: &Stream, m: &[Modulation]| -> candle_core::Result<Tensor> {
-                let x = (x + m[0].gate(&a.apply(&s.attn.proj)?)?)?;
-                let y = s
-                    .mlp
-                    .gelu_between(&m[1].scale_shift(&x.apply(&self.norm)?)?)?;
-                &x + m[1].gate(&y)?
+                let x = m[0].gated_residual(x, &a.apply(&s.attn.proj)?)?;
+                let y = s.mlp.gelu_between(&m[1].norm_modulate(&x)?)?;
+                m[1].gated_residual(&x, &y)
             };
         Ok((
             finish(img, &img_attn, &self.img, &img_mod)?,
@@ -415,7 +479,6 @@ struct SingleBlock {
     query_norm: RmsNorm,
     key_norm: RmsNorm,
     modulation: Linear,
-    norm: LayerNorm,
     hidden: usize,
     mlp: usize,
     heads: usize,
@@ -432,7 +495,6 @@ impl SingleBlock {
             query_norm: src.rms_norm(&format!("{p}.norm.query_norm.scale"), head)?,
             key_norm: src.rms_norm(&format!("{p}.norm.key_norm.scale"), head)?,
             modulation: src.linear(&format!("{p}.modulation.lin"), h, 3 * h)?,
-            norm: src.layer_norm(h)?,
             hidden: h,
             mlp,
             heads: cfg.num_heads,
@@ -441,15 +503,13 @@ impl SingleBlock {
 
     fn forward(&self, xs: &Tensor, vec_: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
         let m = Modulation::split(&self.modulation, vec_, 1)?;
-        let x = m[0]
-            .scale_shift(&xs.apply(&self.norm)?)?
-            .apply(&self.linear1)?;
-        let qkv = x.narrow(D::Minus1, 0, 3 * self.hidden)?;
-        let (q, k, v) = split_qkv(&qkv, self.heads, &self.query_norm, &self.key_norm)?;
-        let mlp = x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?;
-        let attn = attention(&q, &k, &v, pe)?;
-        let out = Tensor::cat(&[attn, crate::ops::gelu(&mlp)?], 2)?.apply(&self.linear2)?;
-        xs + m[0].gate(&out)?
+        let x = m[0].norm_modulate(xs)?.apply(&self.linear1)?;
+        let attn = attend(&[(&x, &self.query_norm, &self.key_norm)], self.heads, pe)?;
+        let mlp = crate::ops::gelu(&x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?)?;
+        // linear1's output is the largest activation; the rest of the block does not need it.
+        drop(x);
+        let out = self.linear2.forward_parts(&[&attn, &mlp])?;
+        m[0].gated_residual(xs, &out)
     }
 }
 
@@ -516,7 +576,6 @@ pub(crate) struct FluxModel {
     vector_in: Mlp2,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
-    final_norm: LayerNorm,
     final_linear: Linear,
     final_modulation: Linear,
     cfg: Config,
@@ -543,7 +602,6 @@ impl FluxModel {
             single: (0..cfg.depth_single_blocks)
                 .map(|i| SingleBlock::load(src, i, cfg, mlp))
                 .collect::<Result<_>>()?,
-            final_norm: src.layer_norm(h)?,
             final_linear: src.linear("final_layer.linear", h, cfg.in_channels)?,
             final_modulation: src.linear("final_layer.adaLN_modulation.1", h, 2 * h)?,
             cfg: cfg.clone(),
@@ -591,10 +649,13 @@ impl FluxModel {
         let img = x.i((.., n_txt..))?;
         let chunks = vec_.silu()?.apply(&self.final_modulation)?.chunk(2, 1)?;
         let (shift, scale) = (&chunks[0], &chunks[1]);
-        img.apply(&self.final_norm)?
-            .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-            .broadcast_add(&shift.unsqueeze(1)?)?
-            .apply(&self.final_linear)
+        crate::ops::norm_modulate(
+            &img,
+            &scale.unsqueeze(1)?,
+            &shift.unsqueeze(1)?,
+            LAYER_NORM_EPS,
+        )?
+        .apply(&self.final_linear)
     }
 }
 
@@ -622,9 +683,9 @@ mod tests {
             Tensor::cat(&parts, 2).unwrap().unsqueeze(1).unwrap()
         };
         let whole = attention_in_blocks(&q, &k, &v, &pe, usize::MAX).unwrap();
-        set_attention_scores(None);
+        set_attention_kernel(AttentionKernel::CandleFlash);
         let flash = attention(&q, &k, &v, &pe).unwrap();
-        set_attention_scores(Some(SCORE_ELEMENTS));
+        set_attention_kernel(AttentionKernel::Fused);
         let diff = (&whole - flash).unwrap().abs().unwrap().max_all().unwrap();
         assert!(
             diff.to_scalar::<f32>().unwrap() < 1e-5,
@@ -634,6 +695,71 @@ mod tests {
         let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
         let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// The fused CPU kernel against candle's ops: two streams with their own norms (text
+    /// then image, as in a double block), a part wider than q/k/v (as in a single block),
+    /// two images, and more tokens than one block of queries.
+    #[test]
+    fn fused_attention_equals_candle_ops() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (b, h, d) = (2, 3, 8);
+        let hidden = h * d;
+        let (l_txt, l_img) = (37, 150);
+        let ids = Tensor::arange(0f32, ((l_txt + l_img) * 3) as f32, &dev)?
+            .affine(0.1, 0.0)?
+            .reshape((1, l_txt + l_img, 3))?;
+        let pe = {
+            let parts: Vec<Tensor> = [2usize, 2, 4]
+                .iter()
+                .enumerate()
+                .map(|(i, &dim)| rope(&ids.get_on_dim(D::Minus1, i)?, dim, 10_000))
+                .collect::<candle_core::Result<_>>()?;
+            Tensor::cat(&parts, 2)?.unsqueeze(1)?
+        };
+        let norm = || -> candle_core::Result<RmsNorm> {
+            Ok(RmsNorm::new(
+                (Tensor::randn(0f32, 0.3, d, &dev)? + 1.0)?,
+                QK_NORM_EPS,
+            ))
+        };
+        let (txt_q, txt_k, img_q, img_k) = (norm()?, norm()?, norm()?, norm()?);
+        let txt = Tensor::randn(0f32, 2.0, (b, l_txt, 3 * hidden), &dev)?;
+        // An image stream wider than its q/k/v, like a single block's linear1 output.
+        let img = Tensor::randn(0f32, 2.0, (b, l_img, 3 * hidden + 5), &dev)?;
+        let parts = [(&txt, &txt_q, &txt_k), (&img, &img_q, &img_k)];
+        let fused_parts: Vec<_> = parts
+            .iter()
+            .map(|(p, q, k)| crate::ops::QkvPart {
+                qkv: p,
+                q_scale: q.weight(),
+                k_scale: k.weight(),
+            })
+            .collect();
+        let fused = crate::ops::flux_attention(&fused_parts, h, QK_NORM_EPS as f32, &pe)?;
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (p, qn, kn) in parts {
+            let (q, k, v) = split_qkv(&p.narrow(D::Minus1, 0, 3 * hidden)?, h, qn, kn)?;
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        let (q, k, v) = (
+            Tensor::cat(&qs, 2)?,
+            Tensor::cat(&ks, 2)?,
+            Tensor::cat(&vs, 2)?,
+        );
+        let want = attention_in_blocks(&q, &k, &v, &pe, usize::MAX)?;
+        assert_eq!(fused.dims(), want.dims());
+        let diff = (&fused - &want)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(scale > 0.1, "a non-trivial output: {scale}");
+        assert!(diff < 2e-5, "max |diff| {diff} (outputs up to {scale})");
+        Ok(())
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{f32_inputs, fast_path};
+use super::{exp, f32_inputs, fast_path, wide};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -28,27 +28,6 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `e^x` for `x` in about [-87, 88] (clamped outside), with no libm call.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
 #[inline(always)]
 fn gelu_one(x: f32) -> f32 {
     // 2·√(2/π), so that exp(-TWO_C·(x + 0.044715x³)) = exp(-2u).
@@ -57,6 +36,14 @@ fn gelu_one(x: f32) -> f32 {
 }
 
 fn gelu_slice(src: &[f32], dst: &mut [f32]) {
+    wide(
+        #[inline(always)]
+        || gelu_loop(src, dst),
+    );
+}
+
+#[inline(always)]
+fn gelu_loop(src: &[f32], dst: &mut [f32]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = gelu_one(s);
     }

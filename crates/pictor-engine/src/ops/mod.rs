@@ -18,16 +18,66 @@
 //!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
+mod attention;
 mod gelu;
+mod linear;
+mod modulate;
 mod winograd;
 
+pub use attention::{QkvPart, flux_attention};
 pub use gelu::gelu;
+pub use linear::{is_fast as linear_is_fast, linear};
+pub use modulate::{gated_residual, norm_modulate};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Module, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::error::Result;
+
+/// `e^x` for `x` in about [-87, 88] (clamped outside), with no libm call.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // t's low mantissa bits hold n (|n| ≤ 127): 2ⁿ with integer ops only, which vectorise
+    // (an `as i32` cast saturates and stays scalar).
+    e * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23)
+}
+
+/// Calls `f`, compiled for AVX2 and FMA when this CPU has them (the crate is built for
+/// baseline x86-64, whose vectors are half as wide). `f` must be `#[inline(always)]`
+/// down to its loops for them to use the wider vectors.
+#[inline(always)]
+pub(crate) fn wide<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features `avx2` was compiled for.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
 
 fn fast_path(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
@@ -141,6 +191,20 @@ fn f32_inputs<'a, const N: usize>(
         *slot = &data[layout.start_offset()..];
     }
     Ok(out)
+}
+
+/// The f32 data of a CPU tensor's storage, from `layout`'s start (hold the storage guard
+/// of `Tensor::storage_and_layout` while the slice is used).
+pub(crate) fn f32_data<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(CpuStorage::F32(values)) = storage else {
+        candle_core::bail!("pictor's CPU kernels take f32 tensors on the CPU");
+    };
+    values
+        .get(layout.start_offset()..)
+        .ok_or_else(|| candle_core::Error::Msg("tensor offset past its data".into()))
 }
 
 /// A pointer that may cross threads: each task writes a disjoint part of the output.
