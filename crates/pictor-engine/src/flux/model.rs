@@ -192,28 +192,41 @@ fn attention_kernel() -> AttentionKernel {
     }
 }
 
+/// One stream's fused q/k/v projection with its query and key norms.
+type StreamQkv<'a> = (&'a Tensor, &'a RmsNorm, &'a RmsNorm);
+
 /// Attention over the tokens of `parts`, concatenated in order: each is a fused q/k/v
 /// projection `(b, l_i, ≥ 3·hidden)` with its stream's query and key norms. Returns
 /// `(b, Σl_i, hidden)`.
-fn attend(
-    parts: &[(&Tensor, &RmsNorm, &RmsNorm)],
-    heads: usize,
-    pe: &Tensor,
-) -> candle_core::Result<Tensor> {
+fn attend(parts: &[StreamQkv], heads: usize, pe: &Tensor) -> candle_core::Result<Tensor> {
     let fast = parts.iter().all(|(p, ..)| {
         p.device().is_cpu() && p.dtype() == DType::F32 && p.stride().last() == Some(&1)
     });
     if fast && attention_kernel() == AttentionKernel::Fused {
-        let parts: Vec<_> = parts
-            .iter()
-            .map(|(p, q, k)| crate::ops::QkvPart {
-                qkv: p,
-                q_scale: q.weight(),
-                k_scale: k.weight(),
-            })
-            .collect();
-        return crate::ops::flux_attention(&parts, heads, QK_NORM_EPS as f32, pe);
+        return fused_attention(parts, heads, pe);
     }
+    let (q, k, v) = split_streams(parts, heads)?;
+    attention(&q, &k, &v, pe)
+}
+
+/// [`attend`] on the CPU kernel (f32 CPU tensors with contiguous rows).
+fn fused_attention(parts: &[StreamQkv], heads: usize, pe: &Tensor) -> candle_core::Result<Tensor> {
+    let parts: Vec<_> = parts
+        .iter()
+        .map(|(p, q, k)| crate::ops::QkvPart {
+            qkv: p,
+            q_scale: q.weight(),
+            k_scale: k.weight(),
+        })
+        .collect();
+    crate::ops::flux_attention(&parts, heads, QK_NORM_EPS as f32, pe)
+}
+
+/// Normalised q, k and v `(b, heads, Σl_i, d)` of the streams, text first, with candle's ops.
+fn split_streams(
+    parts: &[StreamQkv],
+    heads: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
     for (p, q_norm, k_norm) in parts {
         let hidden = heads * q_norm.weight().dim(0)?;
@@ -230,7 +243,7 @@ fn attend(
             Tensor::cat(&xs, 2)
         }
     };
-    attention(&cat(qs)?, &cat(ks)?, &cat(vs)?, pe)
+    Ok((cat(qs)?, cat(ks)?, cat(vs)?))
 }
 
 /// Rotary embedding, then softmax attention over all heads with candle's ops; returns
@@ -728,27 +741,8 @@ mod tests {
         // An image stream wider than its q/k/v, like a single block's linear1 output.
         let img = Tensor::randn(0f32, 2.0, (b, l_img, 3 * hidden + 5), &dev)?;
         let parts = [(&txt, &txt_q, &txt_k), (&img, &img_q, &img_k)];
-        let fused_parts: Vec<_> = parts
-            .iter()
-            .map(|(p, q, k)| crate::ops::QkvPart {
-                qkv: p,
-                q_scale: q.weight(),
-                k_scale: k.weight(),
-            })
-            .collect();
-        let fused = crate::ops::flux_attention(&fused_parts, h, QK_NORM_EPS as f32, &pe)?;
-        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
-        for (p, qn, kn) in parts {
-            let (q, k, v) = split_qkv(&p.narrow(D::Minus1, 0, 3 * hidden)?, h, qn, kn)?;
-            qs.push(q);
-            ks.push(k);
-            vs.push(v);
-        }
-        let (q, k, v) = (
-            Tensor::cat(&qs, 2)?,
-            Tensor::cat(&ks, 2)?,
-            Tensor::cat(&vs, 2)?,
-        );
+        let fused = fused_attention(&parts, h, &pe)?;
+        let (q, k, v) = split_streams(&parts, h)?;
         let want = attention_in_blocks(&q, &k, &v, &pe, usize::MAX)?;
         assert_eq!(fused.dims(), want.dims());
         let diff = (&fused - &want)?

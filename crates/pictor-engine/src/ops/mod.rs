@@ -1,5 +1,5 @@
-//! Convolution and group normalisation for the autoencoder, and the transformer's GELU,
-//! with fast CPU kernels.
+//! Fast CPU kernels: convolution and group normalisation for the autoencoder; attention,
+//! GELU, LayerNorm with modulation, gated residuals and linear layers for the transformer.
 //!
 //! candle 0.11.1's CPU `conv2d` transposes the whole input to NHWC on one thread, scatters
 //! an im2col tile element by element and writes the output back element by element; its
@@ -14,7 +14,8 @@
 //! - group norm (optionally fused with SiLU) makes one pass for the statistics and one for
 //!   the output per (image, group), groups in parallel.
 //!
-//! The GELU is in [`gelu`](gelu()).
+//! The transformer's kernels are in [`flux_attention`], [`gelu`](gelu()), [`norm_modulate`],
+//! [`gated_residual`] and [`linear`](linear()); each module's header says what it replaces.
 //!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
