@@ -102,31 +102,57 @@ impl SafetensorFiles {
         }
     }
 
-    /// Reads one tensor into memory as `dtype` on `device`.
-    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+    /// The file and parsed header entry of a tensor.
+    fn view<'a>(&'a self, name: &'a str) -> Result<View<'a>> {
         let &index = self.routing.get(name).ok_or_else(|| EngineError::Tensor {
             path: self.describe(),
             tensor: name.to_string(),
             problem: "missing".into(),
         })?;
         let (path, st) = &self.files[index];
-        let bad = |problem: String| EngineError::Tensor {
+        let view = st.get(name).map_err(|e| EngineError::Tensor {
             path: path.clone(),
             tensor: name.to_string(),
-            problem,
-        };
-        let view = st.get(name).map_err(|e| bad(format!("unreadable: {e}")))?;
-        let stored = if view.dtype() == safetensors::Dtype::F8_E5M2 {
-            e5m2_to_f16(view.data(), view.shape(), device)
-        } else {
-            st.load(name, device)
-        };
-        let tensor = stored
-            .map_err(|e| bad(format!("unreadable: {e}")))?
-            .to_dtype(dtype)
-            .map_err(|e| bad(format!("cannot convert to {dtype:?}: {e}")))?;
-        release(view.data());
-        Ok(tensor)
+            problem: format!("unreadable: {e}"),
+        })?;
+        Ok(View {
+            name,
+            path,
+            st,
+            view,
+        })
+    }
+
+    /// Reads one tensor into memory as `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.load_rows(&[name], dtype, device)
+    }
+
+    /// Reads tensors that agree past their first dimension and joins them along it, as
+    /// `dtype` on `device`. For f32 on the CPU from f32, bf16 or f16 files, each is
+    /// widened straight from the mapped file into its rows of the one output buffer: no
+    /// stored-dtype copy and no parts to concatenate, whose freed buffers would otherwise
+    /// be left as holes between the weights on the heap (263 MB after loading the
+    /// full-width transformer test file).
+    pub fn load_rows(&self, names: &[&str], dtype: DType, device: &Device) -> Result<Tensor> {
+        let views = names
+            .iter()
+            .map(|n| self.view(n))
+            .collect::<Result<Vec<_>>>()?;
+        if device.is_cpu()
+            && dtype == DType::F32
+            && let Some(tensor) = widen_rows(&views)?
+        {
+            return Ok(tensor);
+        }
+        let mut parts = views
+            .iter()
+            .map(|v| v.convert(dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Tensor::cat(&parts, 0).map_err(|e| views[0].error(format!("cannot join: {e}")))
     }
 
     /// The scale of a "scaled fp8" weight (ComfyUI's `<layer>.scale_weight`, or the newer
@@ -159,6 +185,102 @@ impl SafetensorFiles {
         }
         Ok(None)
     }
+}
+
+/// A tensor's header entry, with its file.
+struct View<'a> {
+    name: &'a str,
+    path: &'a PathBuf,
+    st: &'a MmapedSafetensors,
+    view: safetensors::tensor::TensorView<'a>,
+}
+
+impl View<'_> {
+    fn error(&self, problem: String) -> EngineError {
+        EngineError::Tensor {
+            path: self.path.clone(),
+            tensor: self.name.to_string(),
+            problem,
+        }
+    }
+
+    /// The tensor through candle's loader and `to_dtype`.
+    fn convert(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let stored = if self.view.dtype() == safetensors::Dtype::F8_E5M2 {
+            e5m2_to_f16(self.view.data(), self.view.shape(), device)
+        } else {
+            self.st.load(self.name, device)
+        };
+        let tensor = stored
+            .map_err(|e| self.error(format!("unreadable: {e}")))?
+            .to_dtype(dtype)
+            .map_err(|e| self.error(format!("cannot convert to {dtype:?}: {e}")))?;
+        release(self.view.data());
+        Ok(tensor)
+    }
+}
+
+/// `views` (all f32, bf16 or f16, agreeing past their first dimension) widened to f32
+/// and joined along the first dimension into one CPU tensor, straight from the mapped
+/// bytes; `None` when a view has another dtype or the shapes do not join.
+fn widen_rows(views: &[View<'_>]) -> Result<Option<Tensor>> {
+    use safetensors::Dtype;
+    let Some(first) = views.first() else {
+        return Ok(None);
+    };
+    let tail = first.view.shape().get(1..).unwrap_or_default();
+    let joins = views.iter().all(|v| {
+        matches!(v.view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            && v.view.shape().get(1..) == Some(tail)
+    });
+    if !joins {
+        return Ok(None);
+    }
+    let rows: usize = views.iter().map(|v| v.view.shape()[0]).sum();
+    let mut out = vec![0f32; rows * tail.iter().product::<usize>()];
+    let mut at = 0;
+    for v in views {
+        let n = v.view.shape().iter().product::<usize>();
+        if v.view.data().len() * 8 != n * v.view.dtype().bitsize() {
+            return Err(v.error("data does not match its shape".into()));
+        }
+        widen(v.view.dtype(), v.view.data(), &mut out[at..at + n]);
+        release(v.view.data());
+        at += n;
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(tail);
+    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+}
+
+/// Little-endian f32, bf16 or f16 `bytes` as f32 into `dst`, in parallel.
+fn widen(dtype: safetensors::Dtype, bytes: &[u8], dst: &mut [f32]) {
+    use rayon::prelude::*;
+    use safetensors::Dtype;
+    const CHUNK: usize = 1 << 16;
+    let width = match dtype {
+        Dtype::F32 => 4,
+        _ => 2,
+    };
+    dst.par_chunks_mut(CHUNK)
+        .zip(bytes.par_chunks(CHUNK * width))
+        .for_each(|(dst, src)| match dtype {
+            Dtype::F32 => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f32::from_bits(u32::from(u16::from_le_bytes([s[0], s[1]])) << 16);
+                }
+            }
+            _ => {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = half::f16::from_le_bytes([s[0], s[1]]).to_f32();
+                }
+            }
+        });
 }
 
 /// fp8 E5M2 values are the top byte of an IEEE half, so widening is exact; candle reads
@@ -312,11 +434,8 @@ impl MappedWeights {
                 }
             }
             Recipe::Concat(srcs) => {
-                let parts = srcs
-                    .iter()
-                    .map(|s| self.files.load(s, dtype, device))
-                    .collect::<Result<Vec<_>>>()?;
-                compute(Tensor::cat(&parts, 0), &srcs[0])
+                let srcs: Vec<&str> = srcs.iter().map(String::as_str).collect();
+                self.files.load_rows(&srcs, dtype, device)
             }
             Recipe::SwapHalves(src) => {
                 let t = self.files.load(src, dtype, device)?;
@@ -440,6 +559,49 @@ mod tests {
         assert!(same_but_trailing_ones(&[8, 8, 1, 1], &[8, 8]));
         assert!(!same_but_trailing_ones(&[8, 8], &[64]));
         assert!(!same_but_trailing_ones(&[4, 16], &[8, 8, 1, 1]));
+    }
+
+    /// The direct f32 path reads the same values as candle's loader and `to_dtype`, for
+    /// each stored dtype and for parts joined along rows; other targets and dtypes that do
+    /// not join take candle's path.
+    #[test]
+    fn rows_are_widened_as_candle_converts_them() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("w.safetensors");
+        let base = Tensor::randn(0f32, 3.0, (5, 7), &dev)?;
+        let tensors = std::collections::HashMap::from([
+            ("f32".to_string(), base.clone()),
+            ("bf16".to_string(), base.to_dtype(DType::BF16)?),
+            (
+                "f16".to_string(),
+                base.narrow(0, 0, 2)?.to_dtype(DType::F16)?,
+            ),
+            ("odd".to_string(), Tensor::zeros((2, 3), DType::F16, &dev)?),
+        ]);
+        candle_core::safetensors::save(&tensors, &path)?;
+        let files = SafetensorFiles::open(&[path])?;
+        let st = &files.files[0].1;
+        let want = |n: &str| -> anyhow::Result<Vec<Vec<f32>>> {
+            Ok(st.load(n, &dev)?.to_dtype(DType::F32)?.to_vec2()?)
+        };
+        for n in ["f32", "bf16", "f16"] {
+            assert_eq!(
+                files.load(n, DType::F32, &dev)?.to_vec2::<f32>()?,
+                want(n)?,
+                "{n}"
+            );
+        }
+        let joined = files.load_rows(&["bf16", "f16", "f32"], DType::F32, &dev)?;
+        let expect: Vec<Vec<f32>> = [want("bf16")?, want("f16")?, want("f32")?].concat();
+        assert_eq!(joined.dims(), [12, 7]);
+        assert_eq!(joined.to_vec2::<f32>()?, expect);
+        // Through candle: another target dtype, and parts that cannot join.
+        let bf16 = files.load_rows(&["bf16", "f16"], DType::BF16, &dev)?;
+        assert_eq!(bf16.dtype(), DType::BF16);
+        assert_eq!(bf16.dims(), [7, 7]);
+        assert!(files.load_rows(&["f32", "odd"], DType::F32, &dev).is_err());
+        Ok(())
     }
 
     #[test]
