@@ -12,8 +12,25 @@ import argparse
 import json
 import resource
 import time
+from pathlib import Path
 
 import torch
+
+
+def status_bytes(key: str) -> int:
+    """A /proc/self/status memory line (VmRSS, VmHWM) in bytes, as the Rust bench reads it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Starts VmHWM again from the current resident size (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def main() -> None:
@@ -69,6 +86,8 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown part {a.part}")
     load = time.time() - t0
+    loaded, load_peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+    reset_peak_rss()
     times = []
     with torch.inference_mode():
         run()  # warm-up
@@ -79,7 +98,10 @@ def main() -> None:
     print(json.dumps({
         "engine": "diffusers", "part": a.part, "size": a.size, "dtype": a.dtype,
         "threads": torch.get_num_threads(), "times": times, "median": sorted(times)[len(times) // 2],
-        "load_seconds": load, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "load_seconds": load, "loaded_rss_bytes": loaded, "load_peak_rss_bytes": load_peak,
+        "run_peak_rss_bytes": status_bytes("VmHWM"),
+        "peak_rss_bytes": max(load_peak, status_bytes("VmHWM"),
+                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
     }))
 
 

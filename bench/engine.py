@@ -122,24 +122,30 @@ def main() -> None:
                 raw.append(got)
                 med = {e: statistics.median(r["median"] for r in got[e]) for e in got}
                 rss = {e: max(r["peak_rss_bytes"] for r in got[e]) for e in got}
+                run_rss = {e: max(r.get("run_peak_rss_bytes", 0) for r in got[e]) for e in got}
                 f = flops(model, part, size or 512)
                 sub = {"transformer": "transformer", "vae": "vae", "t5": "text_encoder_2",
                        "clip": "text_encoder"}[part]
                 row = {"part": part, "size": size or "-", "dtype": dtype, "pictor_s": med["pictor"],
                        "diffusers_s": med["diffusers"], "ratio": med["pictor"] / med["diffusers"],
                        "pictor_rss_gb": rss["pictor"] / 2**30, "diffusers_rss_gb": rss["diffusers"] / 2**30,
+                       "pictor_run_rss_gb": run_rss["pictor"] / 2**30,
+                       "diffusers_run_rss_gb": run_rss["diffusers"] / 2**30,
                        "weights_gb": weights_bytes(model, sub, dtype) / 2**30, "gflop": f / 1e9,
                        "pictor_roof": f / med["pictor"] / peak["pictor"],
                        "diffusers_roof": f / med["diffusers"] / peak["diffusers"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print()
+    print("RSS: each process's peak, and in brackets its peak while running (after loading).")
     print("| part | size | dtype | Pictor s | diffusers s | Pictor/diffusers | Pictor RSS GiB | diffusers RSS GiB "
-          "| weights GiB | GFLOP | Pictor % roofline | diffusers % roofline |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| weights GiB | Pictor RSS / weights | GFLOP | Pictor % roofline | diffusers % roofline |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['part']} | {r['size']} | {r['dtype']} | {r['pictor_s']:.3f} | {r['diffusers_s']:.3f} | "
-              f"{r['ratio']:.2f}× | {r['pictor_rss_gb']:.2f} | {r['diffusers_rss_gb']:.2f} | {r['weights_gb']:.2f} | "
+              f"{r['ratio']:.2f}× | {r['pictor_rss_gb']:.2f} ({r['pictor_run_rss_gb']:.2f}) | "
+              f"{r['diffusers_rss_gb']:.2f} ({r['diffusers_run_rss_gb']:.2f}) | {r['weights_gb']:.2f} | "
+              f"{r['pictor_rss_gb'] / r['weights_gb']:.2f}× | "
               f"{r['gflop']:.0f} | {100 * r['pictor_roof']:.0f} % | {100 * r['diffusers_roof']:.0f} % |")
     tr = json.loads((model / "transformer" / "config.json").read_text())
     blocks = tr["num_layers"] + tr["num_single_layers"]

@@ -12,12 +12,20 @@
 //! ```
 //!
 //! Prints one JSON line: the part, the settings, every timed run (after one warm-up), the
-//! median, the load time and the process's peak resident memory (`VmHWM`).
+//! median, the load time and memory: resident once loaded (`VmRSS`), the peak while loading
+//! and the peak while running (`VmHWM`, reset in between), and the process's peak; and the
+//! bytes allocated once loaded and at their peak while running, which RSS exceeds by the
+//! heap's fragmentation.
 //! The inputs are fixed-size, as in the pipeline: T5 sees 256 tokens, CLIP 77, the
 //! transformer `(size/16)²` image tokens plus 256 text tokens at sigma 1, and the decoder
 //! the latents of one `size`² image.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Instant,
+};
 
 use candle_core::{DType, Device, Tensor};
 use pictor_engine::{
@@ -26,16 +34,59 @@ use pictor_engine::{
     text::{ClipEncoder, Embeddings, T5Encoder},
 };
 
-fn peak_rss_bytes() -> u64 {
+/// The system allocator, counting the bytes live and their peak, so that a run's peak of
+/// live tensors can be told apart from the heap's fragmentation in its peak RSS.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed on to `System` unchanged; only the counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+            PEAK.fetch_max(live, Ordering::Relaxed);
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// A `/proc/self/status` memory line (`VmHWM`, `VmRSS`) in bytes.
+fn status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.strip_prefix(key).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Starts `VmHWM` again from the current resident size (Linux ≥ 4.0; ignored elsewhere).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -102,7 +153,9 @@ fn main() -> anyhow::Result<()> {
         }
         "attention" => {
             // One single block's attention at `--size`: q/k/v of 24 heads of 128 from a
-            // (1, tokens, 3·3072) projection, with FLUX's rotary table.
+            // (1, tokens, 3·3072) projection, with FLUX's rotary table. The kernel normalises
+            // q and k in place, so each run after the first normalises normalised values:
+            // the same work.
             use pictor_engine::ops::{QkvPart, flux_attention};
             let tokens = (size / 16).pow(2) + 256;
             let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * 3072), &dev)?;
@@ -230,6 +283,11 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let load = started.elapsed().as_secs_f64();
+    let loaded_rss = status_bytes("VmRSS");
+    let load_peak = status_bytes("VmHWM");
+    reset_peak_rss();
+    let loaded_heap = LIVE.load(Ordering::Relaxed);
+    PEAK.store(loaded_heap, Ordering::Relaxed);
     run()?; // warm-up
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
@@ -248,7 +306,12 @@ fn main() -> anyhow::Result<()> {
         "times": times,
         "median": median(times.clone()),
         "load_seconds": load,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "loaded_rss_bytes": loaded_rss,
+        "load_peak_rss_bytes": load_peak,
+        "run_peak_rss_bytes": status_bytes("VmHWM"),
+        "loaded_heap_bytes": loaded_heap,
+        "run_peak_heap_bytes": PEAK.load(Ordering::Relaxed),
+        "peak_rss_bytes": load_peak.max(status_bytes("VmHWM")),
     });
     println!("{out}");
     Ok(())

@@ -13,7 +13,7 @@ pub mod config;
 pub mod decoder;
 pub mod memory;
 pub(crate) mod model;
-pub use model::{AttentionKernel, set_attention_kernel, tensor_names};
+pub use model::{AttentionKernel, set_attention_kernel, set_mlp_block_elements, tensor_names};
 pub mod sampling;
 pub mod transformer;
 pub mod vae;
@@ -134,6 +134,7 @@ impl FluxPipeline {
         }
         let transformer = Transformer::load(&files.transformer, dtype, &device)?;
         let vae = Vae::load(&files.vae, dtype, &device)?;
+        crate::heap::release_freed_memory();
         Ok(Self {
             text,
             config: transformer.config().clone(),
@@ -157,6 +158,7 @@ impl FluxPipeline {
         if self.text.t5.is_none() {
             self.transformer = None;
             self.text.t5 = Some(T5Encoder::load(&self.files.t5, self.dtype, &self.device)?);
+            crate::heap::release_freed_memory();
         }
         Ok(())
     }

@@ -21,6 +21,21 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
+    /// The layer restricted to outputs `start..start + len`, sharing this one's weight
+    /// (a view, no copy); `None` for quantized weights, whose blocks do not split by row.
+    fn rows(&self, start: usize, len: usize) -> candle_core::Result<Option<Self>> {
+        let QMatMul::Tensor(w) = &self.weight else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            weight: QMatMul::Tensor(w.narrow(0, start, len)?),
+            bias: match &self.bias {
+                Some(b) => Some(b.narrow(0, start, len)?),
+                None => None,
+            },
+        }))
+    }
+
     /// `[xs₁ xs₂ …]·Wᵀ + b` for inputs that are the column blocks of one input, without
     /// concatenating them where the weights are dense f32 on the CPU.
     fn forward_parts(&self, xs: &[&Tensor]) -> candle_core::Result<Tensor> {
@@ -197,7 +212,8 @@ type StreamQkv<'a> = (&'a Tensor, &'a RmsNorm, &'a RmsNorm);
 
 /// Attention over the tokens of `parts`, concatenated in order: each is a fused q/k/v
 /// projection `(b, l_i, ≥ 3·hidden)` with its stream's query and key norms. Returns
-/// `(b, Σl_i, hidden)`.
+/// `(b, Σl_i, hidden)`. The CPU kernel normalises q and k in place, so the projections'
+/// first `2·hidden` columns are not to be read afterwards.
 fn attend(parts: &[StreamQkv], heads: usize, pe: &Tensor) -> candle_core::Result<Tensor> {
     let fast = parts.iter().all(|(p, ..)| {
         p.device().is_cpu() && p.dtype() == DType::F32 && p.stride().last() == Some(&1)
@@ -319,6 +335,8 @@ fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Resu
 struct Mlp2 {
     first: Linear,
     second: Linear,
+    /// The hidden activation's width.
+    width: usize,
 }
 
 impl Mlp2 {
@@ -331,6 +349,7 @@ impl Mlp2 {
         Ok(Self {
             first: src.linear(&format!("{prefix}.{}", names.0), dims.0, dims.1)?,
             second: src.linear(&format!("{prefix}.{}", names.1), dims.1, dims.2)?,
+            width: dims.1,
         })
     }
 
@@ -338,8 +357,12 @@ impl Mlp2 {
         xs.apply(&self.first)?.silu()?.apply(&self.second)
     }
 
-    fn gelu_between(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::gelu(&xs.apply(&self.first)?)?.apply(&self.second)
+    /// Takes `xs` so that it is freed once the first layer has read it; the activation runs
+    /// in place on the first layer's output.
+    fn gelu_between(&self, xs: Tensor) -> candle_core::Result<Tensor> {
+        let hidden = xs.apply(&self.first)?;
+        drop(xs);
+        crate::ops::gelu_in_place(hidden)?.apply(&self.second)
     }
 }
 
@@ -376,6 +399,65 @@ impl Modulation {
     /// `xs + gate·ys`.
     fn gated_residual(&self, xs: &Tensor, ys: &Tensor) -> candle_core::Result<Tensor> {
         crate::ops::gated_residual(xs, &self.gate, ys)
+    }
+
+    /// Image `i`'s modulation, for its rows alone (a batch shares one row of `(1, 1, h)`).
+    fn image(&self, i: usize) -> candle_core::Result<Self> {
+        let pick = |t: &Tensor| t.narrow(0, if t.dim(0)? == 1 { 0 } else { i }, 1);
+        Ok(Self {
+            shift: pick(&self.shift)?,
+            scale: pick(&self.scale)?,
+            gate: pick(&self.gate)?,
+        })
+    }
+}
+
+/// Most floats of an MLP's hidden activation that exist at once, by default: 2²⁴ (64 MiB
+/// of f32). At full width a 1024² image's 4352 tokens make 4 blocks of 1088 rows (53 MB
+/// each, the size of the block's other activations, instead of one of 214 MB); 512² and
+/// below take one. The gemms lose about 2 % to repacking the weight per block.
+const MLP_ELEMENTS: usize = 1 << 24;
+
+thread_local! {
+    static MLP_LIMIT: std::cell::Cell<usize> = const { std::cell::Cell::new(MLP_ELEMENTS) };
+}
+
+/// Sets the most floats of an MLP's hidden activation held at once, for forwards run on
+/// the calling thread (for tests and benchmarks; at least one row is always taken); `None`
+/// restores the default.
+pub fn set_mlp_block_elements(elements: Option<usize>) {
+    MLP_LIMIT.set(elements.unwrap_or(MLP_ELEMENTS).max(1));
+}
+
+/// The rows `start..start + len` of image `image` of `t` `(b, l, ·)`: a view.
+fn rows(t: &Tensor, (image, start, len): (usize, usize, usize)) -> candle_core::Result<Tensor> {
+    t.narrow(0, image, 1)?.narrow(1, start, len)
+}
+
+/// Row-wise work over `(b, l, ·)` tensors whose hidden activation is `width` wide, a block
+/// of rows at a time so that at most [`MLP_ELEMENTS`] of it exist at once (or the limit
+/// [`set_mlp_block_elements`] set):
+/// `f((image, start, len))` returns those rows' `(1, len, c)` output, and the blocks are
+/// joined into `(b, l, c)`. The hidden activations of big images are the largest tensors
+/// of a step besides the weights; in blocks, they and the other activations are a few
+/// sizes that the heap reuses instead of fragmenting.
+fn by_rows(
+    (b, l): (usize, usize),
+    width: usize,
+    mut f: impl FnMut((usize, usize, usize)) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let limit = MLP_LIMIT.get();
+    let blocks = (l * width).div_ceil(limit).clamp(1, l.max(1));
+    let per = l.div_ceil(blocks).max(1);
+    let mut pieces = Vec::with_capacity(b * blocks);
+    for image in 0..b {
+        for start in (0..l).step_by(per) {
+            pieces.push(f((image, start, per.min(l - start)))?);
+        }
+    }
+    match pieces.len() {
+        1 => Ok(pieces.remove(0)),
+        _ => Tensor::cat(&pieces, 1)?.reshape((b, l, ())),
     }
 }
 
@@ -458,26 +540,33 @@ impl DoubleBlock {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let img_mod = Modulation::split(&self.img.modulation, vec_, 2)?;
         let txt_mod = Modulation::split(&self.txt.modulation, vec_, 2)?;
-        let img_qkv = img_mod[0].norm_modulate(img)?.apply(&self.img.attn.qkv)?;
-        let txt_qkv = txt_mod[0].norm_modulate(txt)?.apply(&self.txt.attn.qkv)?;
-        // Text tokens first, then image tokens, each stream with its own q/k norms.
-        let (txt_norms, img_norms) = (self.txt.attn.norms(), self.img.attn.norms());
-        let attn = attend(
-            &[
-                (&txt_qkv, txt_norms.0, txt_norms.1),
-                (&img_qkv, img_norms.0, img_norms.1),
-            ],
-            self.img.attn.heads,
-            pe,
-        )?;
+        // The projections are freed as soon as attention has read them.
+        let attn = {
+            let img_qkv = img_mod[0].norm_modulate(img)?.apply(&self.img.attn.qkv)?;
+            let txt_qkv = txt_mod[0].norm_modulate(txt)?.apply(&self.txt.attn.qkv)?;
+            // Text tokens first, then image tokens, each stream with its own q/k norms.
+            let (txt_norms, img_norms) = (self.txt.attn.norms(), self.img.attn.norms());
+            attend(
+                &[
+                    (&txt_qkv, txt_norms.0, txt_norms.1),
+                    (&img_qkv, img_norms.0, img_norms.1),
+                ],
+                self.img.attn.heads,
+                pe,
+            )?
+        };
         let n_txt = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, n_txt)?;
         let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
         let finish =
             |x: &Tensor, a: &Tensor, s: &Stream, m: &[Modulation]| -> candle_core::Result<Tensor> {
                 let x = m[0].gated_residual(x, &a.apply(&s.attn.proj)?)?;
-                let y = s.mlp.gelu_between(&m[1].norm_modulate(&x)?)?;
-                m[1].gated_residual(&x, &y)
+                let (b, l, _) = x.dims3()?;
+                by_rows((b, l), s.mlp.width, |at| {
+                    let (x, m) = (rows(&x, at)?, m[1].image(at.0)?);
+                    let y = s.mlp.gelu_between(m.norm_modulate(&x)?)?;
+                    m.gated_residual(&x, &y)
+                })
             };
         Ok((
             finish(img, &img_attn, &self.img, &img_mod)?,
@@ -486,8 +575,18 @@ impl DoubleBlock {
     }
 }
 
+/// A single block's first layer: q/k/v and the MLP's input in one weight.
+enum Linear1 {
+    /// Quantized: computed whole, then narrowed.
+    Whole(Linear),
+    /// Dense: the two halves as views of the one weight, computed one after the other so
+    /// that the full output (`l × 21504` at full width: 374 MB of f32 at 1024²) never
+    /// exists; q/k/v are freed once attention has read them.
+    Split { qkv: Linear, mlp: Linear },
+}
+
 struct SingleBlock {
-    linear1: Linear,
+    linear1: Linear1,
     linear2: Linear,
     query_norm: RmsNorm,
     key_norm: RmsNorm,
@@ -502,8 +601,13 @@ impl SingleBlock {
         let h = cfg.hidden_size;
         let head = h / cfg.num_heads;
         let p = format!("single_blocks.{i}");
+        let linear1 = src.linear(&format!("{p}.linear1"), h, 3 * h + mlp)?;
+        let linear1 = match (linear1.rows(0, 3 * h)?, linear1.rows(3 * h, mlp)?) {
+            (Some(qkv), Some(mlp)) => Linear1::Split { qkv, mlp },
+            _ => Linear1::Whole(linear1),
+        };
         Ok(Self {
-            linear1: src.linear(&format!("{p}.linear1"), h, 3 * h + mlp)?,
+            linear1,
             linear2: src.linear(&format!("{p}.linear2"), h + mlp, h)?,
             query_norm: src.rms_norm(&format!("{p}.norm.query_norm.scale"), head)?,
             key_norm: src.rms_norm(&format!("{p}.norm.key_norm.scale"), head)?,
@@ -516,13 +620,34 @@ impl SingleBlock {
 
     fn forward(&self, xs: &Tensor, vec_: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
         let m = Modulation::split(&self.modulation, vec_, 1)?;
-        let x = m[0].norm_modulate(xs)?.apply(&self.linear1)?;
-        let attn = attend(&[(&x, &self.query_norm, &self.key_norm)], self.heads, pe)?;
-        let mlp = crate::ops::gelu(&x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?)?;
-        // linear1's output is the largest activation; the rest of the block does not need it.
-        drop(x);
-        let out = self.linear2.forward_parts(&[&attn, &mlp])?;
-        m[0].gated_residual(xs, &out)
+        let h = m[0].norm_modulate(xs)?;
+        let (q_norm, k_norm) = (&self.query_norm, &self.key_norm);
+        // Attention, then the MLP's input: `h` and its half of linear1, or that half of
+        // linear1's whole output.
+        let (attn, mlp_input) = match &self.linear1 {
+            Linear1::Split { qkv, mlp } => {
+                let attn = attend(&[(&h.apply(qkv)?, q_norm, k_norm)], self.heads, pe)?;
+                (attn, (h, Some(mlp)))
+            }
+            Linear1::Whole(linear1) => {
+                let x = h.apply(linear1)?;
+                drop(h);
+                let attn = attend(&[(&x, q_norm, k_norm)], self.heads, pe)?;
+                (
+                    attn,
+                    (x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?, None),
+                )
+            }
+        };
+        let (b, l, _) = xs.dims3()?;
+        by_rows((b, l), self.mlp, |at| {
+            let hidden = match mlp_input {
+                (ref h, Some(mlp)) => crate::ops::gelu_in_place(rows(h, at)?.apply(mlp)?)?,
+                (ref x, None) => crate::ops::gelu(&rows(x, at)?)?,
+            };
+            let out = self.linear2.forward_parts(&[&rows(&attn, at)?, &hidden])?;
+            m[0].image(at.0)?.gated_residual(&rows(xs, at)?, &out)
+        })
     }
 }
 
@@ -741,9 +866,20 @@ mod tests {
         // An image stream wider than its q/k/v, like a single block's linear1 output.
         let img = Tensor::randn(0f32, 2.0, (b, l_img, 3 * hidden + 5), &dev)?;
         let parts = [(&txt, &txt_q, &txt_k), (&img, &img_q, &img_k)];
-        let fused = fused_attention(&parts, h, &pe)?;
         let (q, k, v) = split_streams(&parts, h)?;
         let want = attention_in_blocks(&q, &k, &v, &pe, usize::MAX)?;
+        // After candle's ops have read the inputs: the kernel overwrites q and k.
+        let img_v = img.narrow(D::Minus1, 2 * hidden, hidden + 5)?.copy()?;
+        let fused = fused_attention(&parts, h, &pe)?;
+        let v_diff = (img.narrow(D::Minus1, 2 * hidden, hidden + 5)? - img_v)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert_eq!(
+            v_diff, 0.0,
+            "v and the columns after it are left as they were"
+        );
         assert_eq!(fused.dims(), want.dims());
         let diff = (&fused - &want)?
             .abs()?

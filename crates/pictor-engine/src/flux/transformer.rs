@@ -89,6 +89,8 @@ impl Transformer {
                 (model, config, dtype)
             }
         };
+        // Loading converted and concatenated tensors; their scratch is free now.
+        crate::heap::release_freed_memory();
         Ok(Self {
             model,
             config,

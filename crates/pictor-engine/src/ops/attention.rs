@@ -6,17 +6,20 @@
 //! broadcasts, the 1/√d scale, contiguous copies, and the transposes back), each one a
 //! fresh tensor, plus the `(heads, l, l)` score matrix in 256 MB blocks at 1024².
 //! Here:
-//! 1. one pass reads each token's q, k and v once, RMS-normalises q and k, rotates them,
-//!    scales q by 1/√d and writes the three as `(b, heads, l, d)`;
-//! 2. per (image, head, block of [`ROWS`] queries), one gemm makes the block's scores in a
-//!    per-thread buffer that stays in cache, the softmax runs in place (with a vectorised
-//!    `exp`), and a second gemm writes the block's output straight into its columns of
-//!    the `(b, l, heads·d)` result, normalised by each row's sum afterwards.
+//! 1. one pass over each token's q and k RMS-normalises them, rotates them and scales q by
+//!    1/√d, in place in the projection: no copy of q, k or v is made (at 1024² a copy was
+//!    160 MB, most of a single block's peak memory besides its weights);
+//! 2. per (image, head), the head's keys and values are gathered from every part into
+//!    contiguous rows (2 × 2.2 MB at 1024², per head in flight), then per block of [`ROWS`]
+//!    queries, read where they lie, one gemm makes the block's scores in a per-thread
+//!    buffer that stays in cache, the softmax runs in place (with a vectorised `exp`), and
+//!    a second gemm writes the block's output straight into its columns of the
+//!    `(b, l, heads·d)` result, normalised by each row's sum afterwards.
 //!
 //! Blocks run in parallel; each gemm runs on its own thread. Every query row's softmax is
 //! independent of the other rows, so blocking changes no result.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, InplaceOp1, Layout, Tensor};
 use rayon::prelude::*;
 
 use super::{Out, exp, f32_data, wide};
@@ -27,7 +30,8 @@ const ROWS: usize = 256;
 /// One stream's fused q/k/v projection and its q and k RMS-norm scales (`d` each).
 pub struct QkvPart<'a> {
     /// `(b, l, ≥ 3·heads·d)` with contiguous rows: q, k and v in the first `3·heads·d`
-    /// columns, head-major (a narrowed view of a wider projection is fine).
+    /// columns, head-major (a narrowed view of a wider projection is fine). Its q and k
+    /// columns are overwritten (see [`flux_attention`]); v and any further columns are not.
     pub qkv: &'a Tensor,
     /// The query norm's scale.
     pub q_scale: &'a Tensor,
@@ -40,6 +44,8 @@ pub struct QkvPart<'a> {
 /// scales and `eps`. `pe` is the rotary table `(b or 1, 1, Σl_i, d/2, 2, 2)`. Returns
 /// `(b, Σl_i, heads·d)`.
 ///
+/// Each part's q and k columns are normalised, rotated and scaled **in place**: pass fresh
+/// projections that nothing reads afterwards (a part whose rows overlap is copied first).
 /// Only for f32 tensors on the CPU whose rows are contiguous; the caller keeps candle's
 /// ops for the rest.
 pub fn flux_attention(
@@ -57,16 +63,20 @@ pub fn flux_attention(
     let mut sources = Vec::with_capacity(parts.len());
     let mut tokens = 0;
     for part in parts {
-        let p = part.qkv;
-        let (pb, l, width) = p.dims3()?;
-        let stride = p.stride();
-        if pb != b || width < 3 * hidden || stride[2] != 1 {
+        let (pb, l, width) = part.qkv.dims3()?;
+        if pb != b || width < 3 * hidden || part.qkv.stride()[2] != 1 {
             candle_core::bail!(
-                "pictor-attention: part {:?} (strides {stride:?}) for {b} images of {heads} \
-                 heads of {d}",
-                p.dims()
+                "pictor-attention: part {:?} (strides {:?}) for {b} images of {heads} heads \
+                 of {d}",
+                part.qkv.dims(),
+                part.qkv.stride()
             );
         }
+        let qkv = if disjoint_rows(part.qkv.layout(), 3 * hidden) {
+            part.qkv.clone()
+        } else {
+            part.qkv.contiguous()?
+        };
         let scales = (
             part.q_scale.to_vec1::<f32>()?,
             part.k_scale.to_vec1::<f32>()?,
@@ -74,7 +84,7 @@ pub fn flux_attention(
         if scales.0.len() != d || scales.1.len() != d {
             candle_core::bail!("pictor-attention: norm scales of {d} expected");
         }
-        sources.push((p, tokens, l, (stride[0], stride[1]), scales));
+        sources.push((qkv, tokens, l, scales));
         tokens += l;
     }
     let pe = pe.contiguous()?;
@@ -85,136 +95,229 @@ pub fn flux_attention(
             pe.dims()
         );
     }
-    let pe_held = pe.storage_and_layout();
-    let rope = f32_data(&pe_held.0, pe_held.1)?;
 
-    // Pass 1: q, k, v as (b, heads, tokens, d).
-    let size = b * heads * tokens * d;
-    let (mut q, mut k, mut v) = (vec![0f32; size], vec![0f32; size], vec![0f32; size]);
-    let (qo, ko, vo) = (
-        Out(q.as_mut_ptr()),
-        Out(k.as_mut_ptr()),
-        Out(v.as_mut_ptr()),
-    );
-    for (part, first, l, (sb, sl), (q_scale, k_scale)) in &sources {
-        let (first, l, sb, sl) = (*first, *l, *sb, *sl);
-        let prep = Prep {
-            heads,
-            d,
-            tokens,
-            q_scale,
-            k_scale,
-            eps,
-            softmax_scale: 1.0 / (d as f32).sqrt(),
-        };
-        let held = part.storage_and_layout();
-        let data = f32_data(&held.0, held.1)?;
-        (0..b * l).into_par_iter().for_each(|i| {
-            let (bi, r) = (i / l, i % l);
-            let row = &data[bi * sb + r * sl..][..3 * hidden];
-            let t = first + r;
-            let cis = &rope[((bi % pe_b) * tokens + t) * d * 2..][..d * 2];
-            // SAFETY: token `t` of image `bi` owns rows (bi, ·, t) of q, k and v, and no
-            // other task writes them.
-            unsafe { prep.token(row, cis, (bi * heads * tokens + t) * d, (qo, ko, vo)) };
-        });
+    // Pass 1: q and k normalised, rotated and scaled where they lie.
+    {
+        let pe_held = pe.storage_and_layout();
+        let rope = f32_data(&pe_held.0, pe_held.1)?;
+        for (qkv, first, _, (q_scale, k_scale)) in &sources {
+            qkv.inplace_op1(&Prep {
+                heads,
+                d,
+                first: *first,
+                tokens,
+                q_scale,
+                k_scale,
+                eps,
+                softmax_scale: 1.0 / (d as f32).sqrt(),
+                rope,
+                pe_b,
+            })?;
+        }
     }
 
     // Pass 2: softmax(q·kᵀ)·v per block of queries, into (b, tokens, heads·d).
+    let held: Vec<_> = sources.iter().map(|s| s.0.storage_and_layout()).collect();
+    let mut reads = Vec::with_capacity(sources.len());
+    for ((_, first, l, _), (storage, layout)) in sources.iter().zip(&held) {
+        let (data, stride) = (f32_data(storage, layout)?, layout.stride());
+        if data.len() < extent(layout, 3 * hidden) {
+            candle_core::bail!("pictor-attention: a part runs past its data");
+        }
+        reads.push(Read {
+            data,
+            first: *first,
+            l: *l,
+            image_stride: stride[0],
+            row_stride: stride[1],
+        });
+    }
+    // Every part's query rows, in blocks of at most ROWS.
+    let blocks: Vec<(usize, usize, usize)> = reads
+        .iter()
+        .enumerate()
+        .flat_map(|(p, r)| {
+            (0..r.l)
+                .step_by(ROWS)
+                .map(move |s| (p, s, ROWS.min(r.l - s)))
+        })
+        .collect();
     let mut out = vec![0f32; b * tokens * hidden];
     let dst = Out(out.as_mut_ptr());
-    let blocks = tokens.div_ceil(ROWS);
-    (0..b * heads * blocks).into_par_iter().for_each_init(
-        || vec![0f32; ROWS * tokens],
-        |scores, task| {
-            let (bh, start) = (task / blocks, (task % blocks) * ROWS);
-            let rows = ROWS.min(tokens - start);
-            let head = bh * tokens * d;
-            let at = (bh / heads * tokens + start) * hidden + (bh % heads) * d;
-            // SAFETY: this task alone writes rows start..start+rows of head `bh % heads`
-            // of image `bh / heads`; q, k, v are read only.
-            unsafe {
-                block(
-                    &q[head + start * d..],
-                    &k[head..],
-                    &v[head..],
-                    scores,
-                    dst.get().add(at),
-                    (rows, tokens, d, hidden),
-                );
+    let geometry = Geometry { tokens, d, hidden };
+    (0..b * heads).into_par_iter().for_each(|task| {
+        let (image, col) = (task / heads, task % heads * d);
+        // This head's keys and values from every part, gathered once into contiguous
+        // (tokens, d) rows: each block's gemms pack them again, and packing them from rows
+        // a projection's width apart touches a page per row.
+        let (mut k, mut v) = (vec![0f32; tokens * d], vec![0f32; tokens * d]);
+        for part in &reads {
+            for (r, (k, v)) in k[part.first * d..(part.first + part.l) * d]
+                .chunks_exact_mut(d)
+                .zip(v[part.first * d..].chunks_exact_mut(d))
+                .enumerate()
+            {
+                let row = &part.at(image, r * part.row_stride)[..3 * hidden];
+                k.copy_from_slice(&row[hidden + col..][..d]);
+                v.copy_from_slice(&row[2 * hidden + col..][..d]);
             }
-        },
-    );
+        }
+        blocks.par_iter().for_each_init(
+            || vec![0f32; ROWS * tokens],
+            |scores, &(p, start, rows)| {
+                let part = &reads[p];
+                let q = part.at(image, start * part.row_stride + col);
+                let at = (image * tokens + part.first + start) * hidden + col;
+                // SAFETY: this task alone writes rows start..start+rows of part p's tokens
+                // in this head of this image; q, k and v are read only.
+                unsafe {
+                    block(
+                        (q, part.row_stride),
+                        (&k, &v),
+                        rows,
+                        scores,
+                        dst.get().add(at),
+                        geometry,
+                    );
+                }
+            },
+        );
+    });
+    drop(held);
     Tensor::from_vec(out, (b, tokens, hidden), first.qkv.device())
 }
 
+/// Whether `layout`'s `(b, l, ≥ width)` rows of `width` floats never overlap, so that each
+/// can be written by its own task.
+fn disjoint_rows(layout: &Layout, width: usize) -> bool {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    dims.len() == 3
+        && (dims[1] <= 1 || stride[1] >= width)
+        && (dims[0] <= 1 || stride[0] >= dims[1] * stride[1].max(width))
+}
+
+/// The floats from `layout`'s start that its `(b, l)` rows of `width` span.
+fn extent(layout: &Layout, width: usize) -> usize {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    match dims {
+        [b, l, _] if b * l > 0 => (b - 1) * stride[0] + (l - 1) * stride[1] + width,
+        _ => 0,
+    }
+}
+
+/// One part's projection, read in pass 2.
+struct Read<'a> {
+    data: &'a [f32],
+    /// The index of its first token among all parts'.
+    first: usize,
+    l: usize,
+    image_stride: usize,
+    row_stride: usize,
+}
+
+impl Read<'_> {
+    /// The data from `offset` floats into `image`'s rows (row r, column c is at
+    /// `r·row_stride + c`).
+    fn at(&self, image: usize, offset: usize) -> &[f32] {
+        &self.data[image * self.image_stride + offset..]
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    tokens: usize,
+    d: usize,
+    hidden: usize,
+}
+
+/// Pass 1 over one part, as an in-place op on its projection.
 struct Prep<'a> {
     heads: usize,
     d: usize,
+    /// The part's first token among all parts' (its row in the rotary table).
+    first: usize,
     tokens: usize,
     q_scale: &'a [f32],
     k_scale: &'a [f32],
     eps: f32,
     softmax_scale: f32,
+    rope: &'a [f32],
+    pe_b: usize,
+}
+
+impl InplaceOp1 for Prep<'_> {
+    fn name(&self) -> &'static str {
+        "pictor-attention-prep"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{} takes f32", self.name());
+        };
+        let hidden = self.heads * self.d;
+        let (b, l, _) = layout.shape().dims3()?;
+        let (sb, sl) = (layout.stride()[0], layout.stride()[1]);
+        let data = &mut data[layout.start_offset()..];
+        if !disjoint_rows(layout, 3 * hidden) || data.len() < extent(layout, 3 * hidden) {
+            candle_core::bail!("{}: rows overlap or run past the data", self.name());
+        }
+        let base = Out(data.as_mut_ptr());
+        (0..b * l).into_par_iter().for_each(|i| {
+            let (image, r) = (i / l, i % l);
+            let t = self.first + r;
+            let cis =
+                &self.rope[((image % self.pe_b) * self.tokens + t) * self.d * 2..][..self.d * 2];
+            // SAFETY: row (image, r)'s first 2·hidden floats are in bounds (checked above)
+            // and no other task's (the rows are disjoint).
+            let row = unsafe {
+                std::slice::from_raw_parts_mut(base.get().add(image * sb + r * sl), 2 * hidden)
+            };
+            let (q, k) = row.split_at_mut(hidden);
+            for (q, k) in q.chunks_exact_mut(self.d).zip(k.chunks_exact_mut(self.d)) {
+                self.norm_rope(q, self.q_scale, cis, self.softmax_scale);
+                self.norm_rope(k, self.k_scale, cis, 1.0);
+            }
+        });
+        Ok(())
+    }
 }
 
 impl Prep<'_> {
-    /// Writes one token's q, k and v for every head, at `at + head·tokens·d` of each.
-    ///
-    /// # Safety
-    /// The `d` floats at each of those places must be this call's alone to write.
-    unsafe fn token(&self, row: &[f32], cis: &[f32], at: usize, (q, k, v): (Out, Out, Out)) {
-        let (d, hidden) = (self.d, self.heads * self.d);
-        for h in 0..self.heads {
-            let to = at + h * self.tokens * d;
-            // SAFETY: the caller's contract.
-            let (qd, kd, vd) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(q.get().add(to), d),
-                    std::slice::from_raw_parts_mut(k.get().add(to), d),
-                    std::slice::from_raw_parts_mut(v.get().add(to), d),
-                )
-            };
-            let src = |i: usize| &row[i * hidden + h * d..][..d];
-            self.norm_rope(src(0), self.q_scale, cis, self.softmax_scale, qd);
-            self.norm_rope(src(1), self.k_scale, cis, 1.0, kd);
-            vd.copy_from_slice(src(2));
-        }
-    }
-
-    /// `dst = rope(rms_norm(x)·scale)·factor`, rotating pairs (2i, 2i+1) by `cis`.
-    fn norm_rope(&self, x: &[f32], scale: &[f32], cis: &[f32], factor: f32, dst: &mut [f32]) {
+    /// `x ← rope(rms_norm(x)·scale)·factor`, rotating pairs (2i, 2i+1) by `cis`.
+    fn norm_rope(&self, x: &mut [f32], scale: &[f32], cis: &[f32], factor: f32) {
         let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         let inv = factor / (mean_sq + self.eps).sqrt();
-        for ((pair, s), (c, out)) in x
-            .chunks_exact(2)
+        for ((pair, s), c) in x
+            .chunks_exact_mut(2)
             .zip(scale.chunks_exact(2))
-            .zip(cis.chunks_exact(4).zip(dst.chunks_exact_mut(2)))
+            .zip(cis.chunks_exact(4))
         {
             let (x0, x1) = (pair[0] * s[0] * inv, pair[1] * s[1] * inv);
-            out[0] = c[0] * x0 + c[1] * x1;
-            out[1] = c[2] * x0 + c[3] * x1;
+            pair[0] = c[0] * x0 + c[1] * x1;
+            pair[1] = c[2] * x0 + c[3] * x1;
         }
     }
 }
 
-/// One block of `rows` queries against all `tokens` keys of one head, written at `dst`
-/// (rows `hidden` apart).
+/// One block of `rows` queries (`q`, rows `q_stride` apart) against all `tokens` keys and
+/// values of one head (`(tokens, d)` each, contiguous), written at `dst` (rows `hidden`
+/// apart).
 ///
 /// # Safety
 /// `dst` must point at `rows` rows of `d` writable floats, `hidden` apart, that no one else
-/// reads or writes meanwhile; `q` holds `rows·d` floats, `k` and `v` `tokens·d`.
+/// reads or writes meanwhile; `q` holds `rows` rows of `d`.
 unsafe fn block(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, q_stride): (&[f32], usize),
+    (k, v): (&[f32], &[f32]),
+    rows: usize,
     scores: &mut [f32],
     dst: *mut f32,
-    (rows, tokens, d, hidden): (usize, usize, usize, usize),
+    Geometry { tokens, d, hidden }: Geometry,
 ) {
     let scores = &mut scores[..rows * tokens];
-    // SAFETY: q is (rows, d), k is (tokens, d) read as kᵀ (d, tokens), scores is
-    // (rows, tokens); all row-major and in bounds.
+    assert!(q.len() >= (rows - 1) * q_stride + d && k.len() >= tokens * d && v.len() >= tokens * d);
+    // SAFETY: q is (rows, d) with rows `q_stride` apart, k is (tokens, d) read as kᵀ
+    // (d, tokens), scores is (rows, tokens); all in bounds (asserted above).
     unsafe {
         gemm::gemm(
             rows,
@@ -226,7 +329,7 @@ unsafe fn block(
             false,
             q.as_ptr(),
             1,
-            d as isize,
+            q_stride as isize,
             k.as_ptr(),
             d as isize,
             1,
@@ -267,11 +370,12 @@ unsafe fn block(
             false,
             gemm::Parallelism::None,
         );
-        for (r, &sum) in sums.iter().enumerate().take(rows) {
-            let out = std::slice::from_raw_parts_mut(dst.add(r * hidden), d);
-            let inv = 1.0 / sum;
-            out.iter_mut().for_each(|o| *o *= inv);
-        }
+    }
+    for (r, &sum) in sums.iter().enumerate().take(rows) {
+        // SAFETY: row r of the caller's rows.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(r * hidden), d) };
+        let inv = 1.0 / sum;
+        out.iter_mut().for_each(|o| *o *= inv);
     }
 }
 

@@ -6,7 +6,7 @@
 //! and `exp` is a Cephes-style polynomial written so that the compiler vectorises the loop.
 //! Its relative error is about 2e-7, well under the 1e-4 the parity tests hold.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{exp, f32_inputs, fast_path, wide};
@@ -25,6 +25,18 @@ pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
         }
     } else {
         x.gelu()
+    }
+}
+
+/// [`gelu`] written over `x`'s own storage where the fast kernel takes it (f32 on the CPU,
+/// contiguous), so that no second tensor of `x`'s size is allocated: for a layer's fresh
+/// output that nothing else views (a view of the same storage would change too).
+pub(crate) fn gelu_in_place(x: Tensor) -> candle_core::Result<Tensor> {
+    if fast_path(&x) && x.is_contiguous() {
+        x.inplace_op1(&GeluOp)?;
+        Ok(x)
+    } else {
+        gelu(&x)
     }
 }
 
@@ -49,7 +61,37 @@ fn gelu_loop(src: &[f32], dst: &mut [f32]) {
     }
 }
 
+fn gelu_slice_in_place(x: &mut [f32]) {
+    wide(
+        #[inline(always)]
+        || {
+            for v in x.iter_mut() {
+                *v = gelu_one(*v);
+            }
+        },
+    );
+}
+
 struct GeluOp;
+
+impl InplaceOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        "pictor-gelu-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("{} takes f32", InplaceOp1::name(self));
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("{} takes a contiguous tensor", InplaceOp1::name(self));
+        };
+        data[start..end]
+            .par_chunks_mut(CHUNK)
+            .for_each(gelu_slice_in_place);
+        Ok(())
+    }
+}
 
 impl CustomOp1 for GeluOp {
     fn name(&self) -> &'static str {
@@ -58,7 +100,7 @@ impl CustomOp1 for GeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         // `x` starts at the layout's offset.
-        let [x] = f32_inputs(self.name(), [(s, l)])?;
+        let [x] = f32_inputs(CustomOp1::name(self), [(s, l)])?;
         let n = l.shape().elem_count();
         let mut out = vec![0f32; n];
         if l.is_contiguous() {
@@ -123,6 +165,12 @@ mod tests {
                 .to_vec1::<f32>()?
                 .iter()
                 .all(|v| v.is_finite())
+        );
+        let in_place = gelu_in_place(x.copy()?)?;
+        assert_eq!(
+            in_place.to_vec3::<f32>()?,
+            got.to_vec3::<f32>()?,
+            "in place: the same"
         );
         let narrow = x.narrow(D::Minus1, 7, 1_000)?;
         let diff = (gelu(&narrow)? - narrow.gelu()?)?

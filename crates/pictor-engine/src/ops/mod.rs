@@ -27,6 +27,7 @@ mod winograd;
 
 pub use attention::{QkvPart, flux_attention};
 pub use gelu::gelu;
+pub(crate) use gelu::gelu_in_place;
 pub use linear::{is_fast as linear_is_fast, linear};
 pub use modulate::{gated_residual, norm_modulate};
 
