@@ -32,7 +32,8 @@ pub enum DTypeChoice {
     Auto,
     /// 32-bit float.
     F32,
-    /// bfloat16.
+    /// bfloat16. On the CPU the transformer keeps its weight matrices in bf16 (half the
+    /// memory of f32) and computes in f32.
     Bf16,
     /// IEEE half.
     F16,
@@ -43,8 +44,10 @@ impl DTypeChoice {
     ///
     /// `Auto` is f32 on CPU: candle 0.11.1 has no bf16 gemm on CPU and widens both bf16
     /// operands to f32 on every matmul, which measured slower than plain f32 on this
-    /// project's machines (see BENCHMARKS.md); on CUDA it is bf16, the dtype FLUX was
-    /// trained and published in.
+    /// project's machines (see BENCHMARKS.md). An explicit bf16 on the CPU still computes
+    /// the transformer in f32, from bf16 weights widened block by block: for when f32
+    /// weights do not fit. On CUDA `Auto` is bf16, the dtype FLUX was trained and
+    /// published in.
     pub fn resolve(self, device: &Device) -> DType {
         match self {
             Self::Auto if device.is_cpu() => DType::F32,

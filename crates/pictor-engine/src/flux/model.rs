@@ -37,7 +37,7 @@ impl Linear {
     }
 
     /// `[xs₁ xs₂ …]·Wᵀ + b` for inputs that are the column blocks of one input, without
-    /// concatenating them where the weights are dense f32 on the CPU.
+    /// concatenating them where the weights are dense and the inputs f32 on the CPU.
     fn forward_parts(&self, xs: &[&Tensor]) -> candle_core::Result<Tensor> {
         if let QMatMul::Tensor(w) = &self.weight
             && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
@@ -50,10 +50,29 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if let QMatMul::Tensor(w) = &self.weight
-            && crate::ops::linear_is_fast(xs, w)
-        {
-            return crate::ops::linear(&[xs], w, self.bias.as_ref());
+        if let QMatMul::Tensor(w) = &self.weight {
+            // The modulations and embedders take `(b, features)`: one row per image.
+            let rows = match xs.rank() {
+                2 => xs.unsqueeze(0)?,
+                _ => xs.clone(),
+            };
+            if crate::ops::linear_is_fast(&rows, w) {
+                let ys = crate::ops::linear(&[&rows], w, self.bias.as_ref())?;
+                return if xs.rank() == 2 {
+                    ys.squeeze(0)
+                } else {
+                    Ok(ys)
+                };
+            }
+            if w.dtype() != xs.dtype() {
+                // Half-precision weights with f32 arithmetic off the CPU kernels: widened
+                // for this call (a fallback; the CPU kernels widen block by block).
+                let ys = xs.broadcast_matmul(&w.to_dtype(xs.dtype())?.t()?)?;
+                return match &self.bias {
+                    Some(b) => ys.broadcast_add(&b.to_dtype(xs.dtype())?),
+                    None => Ok(ys),
+                };
+            }
         }
         let ys = match &self.weight {
             QMatMul::QTensor(_) => xs.contiguous()?.apply(&self.weight)?,
@@ -68,8 +87,14 @@ impl Module for Linear {
 
 /// Where layers come from: dense safetensors or quantized GGUF weights, by BFL name.
 pub(crate) enum Source<'a> {
-    /// Safetensors (any layout), converted to the compute dtype.
-    Dense(&'a MappedWeights, DType, &'a candle_core::Device),
+    /// Safetensors (any layout): the linear layers' weight matrices converted to `matrices`,
+    /// everything else (biases, norm scales) to the compute dtype.
+    Dense {
+        weights: &'a MappedWeights,
+        matrices: DType,
+        compute: DType,
+        device: &'a candle_core::Device,
+    },
     /// GGUF or converted blocks; computed in f32.
     Quantized(&'a QWeights),
 }
@@ -77,7 +102,7 @@ pub(crate) enum Source<'a> {
 impl Source<'_> {
     fn has(&self, name: &str) -> bool {
         match self {
-            Self::Dense(w, ..) => w.contains(name),
+            Self::Dense { weights, .. } => weights.contains(name),
             Self::Quantized(q) => q.contains(name),
         }
     }
@@ -85,8 +110,22 @@ impl Source<'_> {
     /// A plain tensor of shape `shape` in the compute dtype.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Dense(w, dtype, device) => {
-                let t = w.load(name, *dtype, device)?;
+            Self::Dense { compute, .. } => self.dense(name, shape, *compute),
+            Self::Quantized(q) => {
+                let t = q.get(name, shape)?.dequantize(q.device())?;
+                q.release(name);
+                Ok(t)
+            }
+        }
+    }
+
+    /// A dense tensor of shape `shape` in `dtype`.
+    fn dense(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense {
+                weights: w, device, ..
+            } => {
+                let t = w.load(name, dtype, device)?;
                 if t.dims() != shape {
                     return Err(EngineError::Tensor {
                         path: w.files().path_of(""),
@@ -96,11 +135,7 @@ impl Source<'_> {
                 }
                 Ok(t)
             }
-            Self::Quantized(q) => {
-                let t = q.get(name, shape)?.dequantize(q.device())?;
-                q.release(name);
-                Ok(t)
-            }
+            Self::Quantized(_) => self.tensor(name, shape),
         }
     }
 
@@ -108,7 +143,9 @@ impl Source<'_> {
     pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let weight = match self {
-            Self::Dense(..) => QMatMul::Tensor(self.tensor(&name, &[out, inp])?),
+            Self::Dense { matrices, .. } => {
+                QMatMul::Tensor(self.dense(&name, &[out, inp], *matrices)?)
+            }
             Self::Quantized(q) => {
                 let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
                 if matches!(weight, QMatMul::QTensor(_)) {

@@ -70,12 +70,14 @@ pub struct Transformer {
     model: FluxModel,
     config: Config,
     device: Device,
+    /// The arithmetic's dtype.
     dtype: DType,
 }
 
 impl Transformer {
-    /// Loads the transformer part in `dtype` (GGUF files keep their quantization and compute
-    /// in f32).
+    /// Loads the transformer part in `dtype`. On the CPU a half dtype keeps the weight
+    /// matrices at half the size and computes in f32; GGUF files keep their quantization
+    /// and compute in f32.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let (model, config, dtype) = match open(part, device)? {
             Weights::Quantized(weights) => {
@@ -85,8 +87,18 @@ impl Transformer {
             }
             Weights::Dense(weights) => {
                 let config = config::transformer(&weights, part.config.as_deref())?;
-                let model = FluxModel::load(&Source::Dense(&weights, dtype, device), &config)?;
-                (model, config, dtype)
+                // On the CPU, half precision is a storage format: the weight matrices stay
+                // half the size and the arithmetic runs in f32 on the CPU kernels, which
+                // widen each matrix block by block (candle's CPU matmul has no bf16 gemm
+                // and widens both operands in full on every call).
+                let compute = if device.is_cpu() { DType::F32 } else { dtype };
+                let src = Source::Dense {
+                    weights: &weights,
+                    matrices: dtype,
+                    compute,
+                    device,
+                };
+                (FluxModel::load(&src, &config)?, config, compute)
             }
         };
         // Loading converted and concatenated tensors; their scratch is free now.
