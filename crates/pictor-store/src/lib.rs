@@ -19,7 +19,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub use blobs::Blobs;
 pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
@@ -65,6 +65,12 @@ impl Db {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // With the write-ahead log, NORMAL syncs at checkpoints instead of on every
+            // commit: a commit survives the process crashing, and the database cannot be
+            // corrupted; only a power cut can lose the last commits, as it can the image
+            // files beside them, which are not synced either. FULL made each `url`
+            // response wait for an fsync (p99 overhead 25 ms at 1 client, 183 ms at 8).
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
