@@ -486,15 +486,29 @@ fn by_rows(
     let limit = MLP_LIMIT.get();
     let blocks = (l * width).div_ceil(limit).clamp(1, l.max(1));
     let per = l.div_ceil(blocks).max(1);
-    let mut pieces = Vec::with_capacity(b * blocks);
+    if b <= 1 && per >= l {
+        return f((0, 0, l));
+    }
+    // Each block is copied into its rows of the output as soon as it is made, so the
+    // blocks never all exist beside the joined result.
+    let mut out: Option<Tensor> = None;
     for image in 0..b {
         for start in (0..l).step_by(per) {
-            pieces.push(f((image, start, per.min(l - start)))?);
+            let piece = f((image, start, per.min(l - start)))?;
+            let out = match &mut out {
+                Some(out) => out,
+                None => out.insert(Tensor::zeros(
+                    (1, b * l, piece.dim(2)?),
+                    piece.dtype(),
+                    piece.device(),
+                )?),
+            };
+            out.slice_set(&piece.contiguous()?, 1, image * l + start)?;
         }
     }
-    match pieces.len() {
-        1 => Ok(pieces.remove(0)),
-        _ => Tensor::cat(&pieces, 1)?.reshape((b, l, ())),
+    match out {
+        Some(out) => out.reshape((b, l, ())),
+        None => candle_core::bail!("by_rows: no rows"),
     }
 }
 
@@ -568,19 +582,22 @@ impl DoubleBlock {
         })
     }
 
+    /// Takes the streams so that they are freed once their residuals are made, before
+    /// the MLPs run.
     fn forward(
         &self,
-        img: &Tensor,
-        txt: &Tensor,
+        img: Tensor,
+        txt: Tensor,
         vec_: &Tensor,
         pe: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let img_mod = Modulation::split(&self.img.modulation, vec_, 2)?;
         let txt_mod = Modulation::split(&self.txt.modulation, vec_, 2)?;
-        // The projections are freed as soon as attention has read them.
+        // The projections are freed as soon as attention has read them, the attention
+        // output once both output projections have.
         let attn = {
-            let img_qkv = img_mod[0].norm_modulate(img)?.apply(&self.img.attn.qkv)?;
-            let txt_qkv = txt_mod[0].norm_modulate(txt)?.apply(&self.txt.attn.qkv)?;
+            let img_qkv = img_mod[0].norm_modulate(&img)?.apply(&self.img.attn.qkv)?;
+            let txt_qkv = txt_mod[0].norm_modulate(&txt)?.apply(&self.txt.attn.qkv)?;
             // Text tokens first, then image tokens, each stream with its own q/k norms.
             let (txt_norms, img_norms) = (self.txt.attn.norms(), self.img.attn.norms());
             attend(
@@ -593,21 +610,24 @@ impl DoubleBlock {
             )?
         };
         let n_txt = txt.dim(1)?;
-        let txt_attn = attn.narrow(1, 0, n_txt)?;
+        let residual = |x: Tensor, a: Tensor, s: &Stream, m: &Modulation| {
+            m.gated_residual(&x, &a.apply(&s.attn.proj)?)
+        };
         let img_attn = attn.narrow(1, n_txt, attn.dim(1)? - n_txt)?;
-        let finish =
-            |x: &Tensor, a: &Tensor, s: &Stream, m: &[Modulation]| -> candle_core::Result<Tensor> {
-                let x = m[0].gated_residual(x, &a.apply(&s.attn.proj)?)?;
-                let (b, l, _) = x.dims3()?;
-                by_rows((b, l), s.mlp.width, |at| {
-                    let (x, m) = (rows(&x, at)?, m[1].image(at.0)?);
-                    let y = s.mlp.gelu_between(m.norm_modulate(&x)?)?;
-                    m.gated_residual(&x, &y)
-                })
-            };
+        let img = residual(img, img_attn, &self.img, &img_mod[0])?;
+        let txt = residual(txt, attn.narrow(1, 0, n_txt)?, &self.txt, &txt_mod[0])?;
+        drop(attn);
+        let mlp = |x: Tensor, s: &Stream, m: &Modulation| -> candle_core::Result<Tensor> {
+            let (b, l, _) = x.dims3()?;
+            by_rows((b, l), s.mlp.width, |at| {
+                let (x, m) = (rows(&x, at)?, m.image(at.0)?);
+                let y = s.mlp.gelu_between(m.norm_modulate(&x)?)?;
+                m.gated_residual(&x, &y)
+            })
+        };
         Ok((
-            finish(img, &img_attn, &self.img, &img_mod)?,
-            finish(txt, &txt_attn, &self.txt, &txt_mod)?,
+            mlp(img, &self.img, &img_mod[1])?,
+            mlp(txt, &self.txt, &txt_mod[1])?,
         ))
     }
 }
@@ -620,6 +640,14 @@ enum Linear1 {
     /// that the full output (`l × 21504` at full width: 374 MB of f32 at 1024²) never
     /// exists; q/k/v are freed once attention has read them.
     Split { qkv: Linear, mlp: Linear },
+}
+
+/// Where a single block's MLP input comes from.
+enum MlpInput<'a> {
+    /// linear1's MLP rows, applied to the modulated input block by block.
+    Project(&'a Linear),
+    /// The MLP half of linear1's whole output.
+    Projected(Tensor),
 }
 
 struct SingleBlock {
@@ -657,33 +685,35 @@ impl SingleBlock {
 
     fn forward(&self, xs: &Tensor, vec_: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
         let m = Modulation::split(&self.modulation, vec_, 1)?;
-        let h = m[0].norm_modulate(xs)?;
         let (q_norm, k_norm) = (&self.query_norm, &self.key_norm);
-        // Attention, then the MLP's input: `h` and its half of linear1, or that half of
-        // linear1's whole output.
+        // Attention, then the MLP's input: its half of linear1 applied to the modulated
+        // input again, one block of rows at a time (a pass over `xs` costs far less than
+        // holding the whole modulated input through attention), or that half of linear1's
+        // whole output.
         let (attn, mlp_input) = match &self.linear1 {
             Linear1::Split { qkv, mlp } => {
-                let attn = attend(&[(&h.apply(qkv)?, q_norm, k_norm)], self.heads, pe)?;
-                (attn, (h, Some(mlp)))
+                let qkv = m[0].norm_modulate(xs)?.apply(qkv)?;
+                let attn = attend(&[(&qkv, q_norm, k_norm)], self.heads, pe)?;
+                (attn, MlpInput::Project(mlp))
             }
             Linear1::Whole(linear1) => {
-                let x = h.apply(linear1)?;
-                drop(h);
+                let x = m[0].norm_modulate(xs)?.apply(linear1)?;
                 let attn = attend(&[(&x, q_norm, k_norm)], self.heads, pe)?;
-                (
-                    attn,
-                    (x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?, None),
-                )
+                let half = x.narrow(D::Minus1, 3 * self.hidden, self.mlp)?;
+                (attn, MlpInput::Projected(half))
             }
         };
         let (b, l, _) = xs.dims3()?;
         by_rows((b, l), self.mlp, |at| {
+            let (xs, m) = (rows(xs, at)?, m[0].image(at.0)?);
             let hidden = match mlp_input {
-                (ref h, Some(mlp)) => crate::ops::gelu_in_place(rows(h, at)?.apply(mlp)?)?,
-                (ref x, None) => crate::ops::gelu(&rows(x, at)?)?,
+                MlpInput::Project(mlp) => {
+                    crate::ops::gelu_in_place(m.norm_modulate(&xs)?.apply(mlp)?)?
+                }
+                MlpInput::Projected(ref x) => crate::ops::gelu(&rows(x, at)?)?,
             };
             let out = self.linear2.forward_parts(&[&rows(&attn, at)?, &hidden])?;
-            m[0].image(at.0)?.gated_residual(&rows(xs, at)?, &out)
+            m.gated_residual(&xs, &out)
         })
     }
 }
@@ -814,10 +844,11 @@ impl FluxModel {
             .silu_between(&timestep_embedding(t, 256, dtype)?)?;
         let vec_ = (vec_ + self.vector_in.silu_between(y)?)?;
         for block in &self.double {
-            (img, txt) = block.forward(&img, &txt, &vec_, &pe)?;
+            (img, txt) = block.forward(img, txt, &vec_, &pe)?;
         }
         let n_txt = txt.dim(1)?;
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        drop((txt, img));
         for block in &self.single {
             x = block.forward(&x, &vec_, &pe)?;
         }
