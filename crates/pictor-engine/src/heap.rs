@@ -10,7 +10,8 @@
 //! so the next block's tensors reuse pages that are already mapped. [`release_freed_memory`]
 //! hands the free pages back to the system: the engine calls it after loading a part (whose
 //! dtype conversions and concatenations leave scratch behind), and the server when its
-//! queue is empty, so an idle server holds only the model. On other platforms and allocators both do nothing.
+//! queue is empty, so an idle server holds only the model. On other platforms and
+//! allocators both do nothing.
 
 /// Makes freed memory stay mapped for reuse: no `mmap` per large allocation, no trimming of
 /// the heap's top, and one arena for all threads (so a tensor freed on the model's thread

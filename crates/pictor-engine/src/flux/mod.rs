@@ -9,11 +9,13 @@
 //! component of its own ([`transformer::Transformer`], [`vae::Vae`]) for benches and staged
 //! loading.
 
+mod attention;
 pub mod config;
 pub mod decoder;
 pub mod memory;
 pub(crate) mod model;
-pub use model::{AttentionKernel, set_attention_kernel, set_mlp_block_elements, tensor_names};
+pub use attention::{AttentionKernel, set_attention_kernel};
+pub use model::{set_mlp_block_elements, tensor_names};
 pub mod sampling;
 pub mod transformer;
 pub mod vae;

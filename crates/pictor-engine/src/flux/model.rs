@@ -9,6 +9,7 @@ use candle_core::{D, DType, IndexOp, Module, Tensor, quantized::QMatMul};
 use candle_nn::RmsNorm;
 use candle_transformers::models::flux::model::Config;
 
+use super::attention::{QK_NORM_EPS, attend, rope};
 use crate::{
     error::{EngineError, Result},
     weights::{MappedWeights, QWeights},
@@ -99,6 +100,25 @@ pub(crate) enum Source<'a> {
     Quantized(&'a QWeights),
 }
 
+/// A tensor of shape `shape` from dense weights, in `dtype`.
+fn load_dense(
+    weights: &MappedWeights,
+    device: &candle_core::Device,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    let t = weights.load(name, dtype, device)?;
+    if t.dims() != shape {
+        return Err(EngineError::Tensor {
+            path: weights.files().path_of(""),
+            tensor: name.to_string(),
+            problem: format!("has shape {:?}, expected {shape:?}", t.dims()),
+        });
+    }
+    Ok(t)
+}
+
 impl Source<'_> {
     fn has(&self, name: &str) -> bool {
         match self {
@@ -110,7 +130,12 @@ impl Source<'_> {
     /// A plain tensor of shape `shape` in the compute dtype.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         match self {
-            Self::Dense { compute, .. } => self.dense(name, shape, *compute),
+            Self::Dense {
+                weights,
+                compute,
+                device,
+                ..
+            } => load_dense(weights, device, name, shape, *compute),
             Self::Quantized(q) => {
                 let t = q.get(name, shape)?.dequantize(q.device())?;
                 q.release(name);
@@ -119,33 +144,16 @@ impl Source<'_> {
         }
     }
 
-    /// A dense tensor of shape `shape` in `dtype`.
-    fn dense(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        match self {
-            Self::Dense {
-                weights: w, device, ..
-            } => {
-                let t = w.load(name, dtype, device)?;
-                if t.dims() != shape {
-                    return Err(EngineError::Tensor {
-                        path: w.files().path_of(""),
-                        tensor: name.to_string(),
-                        problem: format!("has shape {:?}, expected {shape:?}", t.dims()),
-                    });
-                }
-                Ok(t)
-            }
-            Self::Quantized(_) => self.tensor(name, shape),
-        }
-    }
-
     /// The linear layer `prefix.weight` `(out, inp)` with `prefix.bias` when present.
     pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let weight = match self {
-            Self::Dense { matrices, .. } => {
-                QMatMul::Tensor(self.dense(&name, &[out, inp], *matrices)?)
-            }
+            Self::Dense {
+                weights,
+                matrices,
+                device,
+                ..
+            } => QMatMul::Tensor(load_dense(weights, device, &name, &[out, inp], *matrices)?),
             Self::Quantized(q) => {
                 let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
                 if matches!(weight, QMatMul::QTensor(_)) {
@@ -172,188 +180,8 @@ impl Source<'_> {
     }
 }
 
-/// The epsilon of FLUX's query and key RMS norms.
-const QK_NORM_EPS: f64 = 1e-6;
-
 /// The epsilon of FLUX's LayerNorms (no affine weights) before each modulation.
 const LAYER_NORM_EPS: f64 = 1e-6;
-
-fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Result<Tensor> {
-    let dev = pos.device();
-    let inv_freq: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1f32 / (theta as f64).powf(i as f64 / dim as f64) as f32)
-        .collect();
-    let n = inv_freq.len();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, n), dev)?.to_dtype(pos.dtype())?;
-    let freqs = pos.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
-    let (cos, sin) = (freqs.cos()?, freqs.sin()?);
-    let out = Tensor::stack(&[&cos, &sin.neg()?, &sin, &cos], 3)?;
-    let (b, n, d, _) = out.dims4()?;
-    out.reshape((b, n, d, 2, 2))
-}
-
-fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let (b, h, l, d) = x.dims4()?;
-    let x = x.reshape((b, h, l, d / 2, 2))?;
-    let x0 = x.narrow(D::Minus1, 0, 1)?;
-    let x1 = x.narrow(D::Minus1, 1, 1)?;
-    let fr0 = freq_cis.get_on_dim(D::Minus1, 0)?;
-    let fr1 = freq_cis.get_on_dim(D::Minus1, 1)?;
-    (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?.reshape(dims.to_vec())
-}
-
-/// Most attention scores held at once by [`AttentionKernel::Blocks`] by default, in
-/// elements (256 MB of f32). A 1024² image has 4352 tokens: its 24 heads would need 1.8 GB
-/// of scores at once; queries are taken in blocks so that a block's scores stay under
-/// this, which changes no result (each query row's softmax is independent of the others).
-const SCORE_ELEMENTS: usize = 1 << 26;
-
-/// How attention is computed on the CPU in f32. Other devices and dtypes always use
-/// candle's ops in query blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionKernel {
-    /// `ops::flux_attention`: norms, rotary embedding and attention in two passes, scores
-    /// in cache-sized blocks (the default).
-    Fused,
-    /// candle's ops, with at most this many scores held at once.
-    Blocks(usize),
-    /// candle-nn's CPU flash-attention kernel.
-    CandleFlash,
-}
-
-/// 0: fused, 1: candle's flash kernel, n ≥ 2: blocks of n scores.
-static KERNEL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Chooses the attention kernel for the whole process (for benchmarks and tests).
-pub fn set_attention_kernel(kernel: AttentionKernel) {
-    let code = match kernel {
-        AttentionKernel::Fused => 0,
-        AttentionKernel::CandleFlash => 1,
-        AttentionKernel::Blocks(n) => n.max(2),
-    };
-    KERNEL.store(code, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn attention_kernel() -> AttentionKernel {
-    match KERNEL.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => AttentionKernel::Fused,
-        1 => AttentionKernel::CandleFlash,
-        n => AttentionKernel::Blocks(n),
-    }
-}
-
-/// One stream's fused q/k/v projection with its query and key norms.
-type StreamQkv<'a> = (&'a Tensor, &'a RmsNorm, &'a RmsNorm);
-
-/// Attention over the tokens of `parts`, concatenated in order: each is a fused q/k/v
-/// projection `(b, l_i, ≥ 3·hidden)` with its stream's query and key norms. Returns
-/// `(b, Σl_i, hidden)`. The CPU kernel normalises q and k in place, so the projections'
-/// first `2·hidden` columns are not to be read afterwards.
-fn attend(parts: &[StreamQkv], heads: usize, pe: &Tensor) -> candle_core::Result<Tensor> {
-    let fast = parts.iter().all(|(p, ..)| {
-        p.device().is_cpu() && p.dtype() == DType::F32 && p.stride().last() == Some(&1)
-    });
-    if fast && attention_kernel() == AttentionKernel::Fused {
-        return fused_attention(parts, heads, pe);
-    }
-    let (q, k, v) = split_streams(parts, heads)?;
-    attention(&q, &k, &v, pe)
-}
-
-/// [`attend`] on the CPU kernel (f32 CPU tensors with contiguous rows).
-fn fused_attention(parts: &[StreamQkv], heads: usize, pe: &Tensor) -> candle_core::Result<Tensor> {
-    let parts: Vec<_> = parts
-        .iter()
-        .map(|(p, q, k)| crate::ops::QkvPart {
-            qkv: p,
-            q_scale: q.weight(),
-            k_scale: k.weight(),
-        })
-        .collect();
-    crate::ops::flux_attention(&parts, heads, QK_NORM_EPS as f32, pe)
-}
-
-/// Normalised q, k and v `(b, heads, Σl_i, d)` of the streams, text first, with candle's ops.
-fn split_streams(
-    parts: &[StreamQkv],
-    heads: usize,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-    for (p, q_norm, k_norm) in parts {
-        let hidden = heads * q_norm.weight().dim(0)?;
-        let qkv = p.narrow(D::Minus1, 0, 3 * hidden)?;
-        let (q, k, v) = split_qkv(&qkv, heads, q_norm, k_norm)?;
-        qs.push(q);
-        ks.push(k);
-        vs.push(v);
-    }
-    let cat = |xs: Vec<Tensor>| -> candle_core::Result<Tensor> {
-        if xs.len() == 1 {
-            Ok(xs.into_iter().next().expect("one part"))
-        } else {
-            Tensor::cat(&xs, 2)
-        }
-    };
-    Ok((cat(qs)?, cat(ks)?, cat(vs)?))
-}
-
-/// Rotary embedding, then softmax attention over all heads with candle's ops; returns
-/// `(b, l, h·d)`.
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, pe: &Tensor) -> candle_core::Result<Tensor> {
-    match attention_kernel() {
-        AttentionKernel::CandleFlash if q.device().is_cpu() && q.dtype() == DType::F32 => {
-            let (q, k) = (apply_rope(q, pe)?, apply_rope(k, pe)?);
-            let bshd = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-            let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
-            candle_nn::attention::flash_attn::<f32>(
-                &bshd(&q)?,
-                &bshd(&k)?,
-                &bshd(v)?,
-                scale,
-                candle_nn::attention::AttnMask::None,
-                None,
-                None,
-            )?
-            // The kernel answers (b, h, l, d).
-            .transpose(1, 2)?
-            .flatten_from(2)
-        }
-        AttentionKernel::Blocks(n) => attention_in_blocks(q, k, v, pe, n),
-        _ => attention_in_blocks(q, k, v, pe, SCORE_ELEMENTS),
-    }
-}
-
-fn attention_in_blocks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    pe: &Tensor,
-    score_elements: usize,
-) -> candle_core::Result<Tensor> {
-    // The 1/√d scale goes on the queries, not on the scores: l·d elements instead of l²
-    // (35× fewer at 1024²), and candle's scalar multiply runs on one thread.
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let q = (apply_rope(q, pe)? * scale)?.contiguous()?;
-    let k = apply_rope(k, pe)?.contiguous()?;
-    let (b, h, l, d) = q.dims4()?;
-    let q = q.reshape((b * h, l, d))?;
-    let kt = k.reshape((b * h, l, d))?.t()?;
-    let v = v.contiguous()?.reshape((b * h, l, d))?;
-    let rows = (score_elements / (b * h * l).max(1)).clamp(1, l);
-    let mut blocks = Vec::with_capacity(l.div_ceil(rows));
-    for start in (0..l).step_by(rows) {
-        let q = q.narrow(1, start, rows.min(l - start))?;
-        blocks.push(candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?.matmul(&v)?);
-    }
-    let out = if blocks.len() == 1 {
-        blocks.remove(0)
-    } else {
-        Tensor::cat(&blocks, 1)?
-    };
-    out.reshape((b, h, l, d))?.transpose(1, 2)?.flatten_from(2)
-}
 
 fn timestep_embedding(t: &Tensor, dim: usize, dtype: DType) -> candle_core::Result<Tensor> {
     const TIME_FACTOR: f64 = 1000.;
@@ -518,21 +346,6 @@ struct Attention {
     key_norm: RmsNorm,
     proj: Linear,
     heads: usize,
-}
-
-/// q, k, v `(b, heads, l, head_dim)` from a fused projection's first `3·hidden` columns.
-fn split_qkv(
-    qkv: &Tensor,
-    heads: usize,
-    q_norm: &RmsNorm,
-    k_norm: &RmsNorm,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (b, l, _) = qkv.dims3()?;
-    let qkv = qkv.reshape((b, l, 3, heads, ()))?;
-    let q = qkv.i((.., .., 0))?.transpose(1, 2)?.apply(q_norm)?;
-    let k = qkv.i((.., .., 1))?.transpose(1, 2)?.apply(k_norm)?;
-    let v = qkv.i((.., .., 2))?.transpose(1, 2)?;
-    Ok((q, k, v))
 }
 
 impl Attention {
@@ -868,98 +681,6 @@ impl FluxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn attention_in_query_blocks_equals_all_at_once() {
-        let dev = candle_core::Device::Cpu;
-        let (b, h, l, d) = (2, 3, 37, 8);
-        let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap();
-        let ids = Tensor::arange(0f32, (l * 3) as f32, &dev)
-            .unwrap()
-            .reshape((1, l, 3))
-            .unwrap();
-        let pe = {
-            let parts: Vec<Tensor> = [2usize, 2, 4]
-                .iter()
-                .enumerate()
-                .map(|(i, &dim)| rope(&ids.get_on_dim(D::Minus1, i).unwrap(), dim, 10_000).unwrap())
-                .collect();
-            Tensor::cat(&parts, 2).unwrap().unsqueeze(1).unwrap()
-        };
-        let whole = attention_in_blocks(&q, &k, &v, &pe, usize::MAX).unwrap();
-        set_attention_kernel(AttentionKernel::CandleFlash);
-        let flash = attention(&q, &k, &v, &pe).unwrap();
-        set_attention_kernel(AttentionKernel::Fused);
-        let diff = (&whole - flash).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(
-            diff.to_scalar::<f32>().unwrap() < 1e-5,
-            "candle's flash kernel agrees"
-        );
-        // 6 heads × 37 keys per row: 5 rows per block, so 8 blocks, the last one short.
-        let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
-        let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
-    }
-
-    /// The fused CPU kernel against candle's ops: two streams with their own norms (text
-    /// then image, as in a double block), a part wider than q/k/v (as in a single block),
-    /// two images, and more tokens than one block of queries.
-    #[test]
-    fn fused_attention_equals_candle_ops() -> candle_core::Result<()> {
-        let dev = candle_core::Device::Cpu;
-        let (b, h, d) = (2, 3, 8);
-        let hidden = h * d;
-        let (l_txt, l_img) = (37, 150);
-        let ids = Tensor::arange(0f32, ((l_txt + l_img) * 3) as f32, &dev)?
-            .affine(0.1, 0.0)?
-            .reshape((1, l_txt + l_img, 3))?;
-        let pe = {
-            let parts: Vec<Tensor> = [2usize, 2, 4]
-                .iter()
-                .enumerate()
-                .map(|(i, &dim)| rope(&ids.get_on_dim(D::Minus1, i)?, dim, 10_000))
-                .collect::<candle_core::Result<_>>()?;
-            Tensor::cat(&parts, 2)?.unsqueeze(1)?
-        };
-        let norm = || -> candle_core::Result<RmsNorm> {
-            Ok(RmsNorm::new(
-                (Tensor::randn(0f32, 0.3, d, &dev)? + 1.0)?,
-                QK_NORM_EPS,
-            ))
-        };
-        let (txt_q, txt_k, img_q, img_k) = (norm()?, norm()?, norm()?, norm()?);
-        let txt = Tensor::randn(0f32, 2.0, (b, l_txt, 3 * hidden), &dev)?;
-        // An image stream wider than its q/k/v, like a single block's linear1 output.
-        let img = Tensor::randn(0f32, 2.0, (b, l_img, 3 * hidden + 5), &dev)?;
-        let parts = [(&txt, &txt_q, &txt_k), (&img, &img_q, &img_k)];
-        let (q, k, v) = split_streams(&parts, h)?;
-        let want = attention_in_blocks(&q, &k, &v, &pe, usize::MAX)?;
-        // After candle's ops have read the inputs: the kernel overwrites q and k.
-        let img_v = img.narrow(D::Minus1, 2 * hidden, hidden + 5)?.copy()?;
-        let fused = fused_attention(&parts, h, &pe)?;
-        let v_diff = (img.narrow(D::Minus1, 2 * hidden, hidden + 5)? - img_v)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        assert_eq!(
-            v_diff, 0.0,
-            "v and the columns after it are left as they were"
-        );
-        assert_eq!(fused.dims(), want.dims());
-        let diff = (&fused - &want)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(scale > 0.1, "a non-trivial output: {scale}");
-        assert!(diff < 2e-5, "max |diff| {diff} (outputs up to {scale})");
-        Ok(())
-    }
-
     #[test]
     fn schnell_has_the_776_tensors_of_the_bfl_file() {
         let names = tensor_names(&Config::schnell());

@@ -50,13 +50,23 @@ pub fn linear(xs: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> candle_core:
     let w = w.contiguous()?;
     let w_held = w.storage_and_layout();
     let start = w_held.1.start_offset();
-    let weight = match &*w_held.0 {
-        Storage::Cpu(CpuStorage::F32(v)) => Weight::F32(v.get(start..)),
-        Storage::Cpu(CpuStorage::BF16(v)) => Weight::Bf16(v.get(start..)),
-        Storage::Cpu(CpuStorage::F16(v)) => Weight::F16(v.get(start..)),
+    // From the layout's start; an offset past the data leaves an empty slice.
+    let (weight, len) = match &*w_held.0 {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            let v = v.get(start..).unwrap_or_default();
+            (Weight::F32(v), v.len())
+        }
+        Storage::Cpu(CpuStorage::BF16(v)) => {
+            let v = v.get(start..).unwrap_or_default();
+            (Weight::Bf16(v), v.len())
+        }
+        Storage::Cpu(CpuStorage::F16(v)) => {
+            let v = v.get(start..).unwrap_or_default();
+            (Weight::F16(v), v.len())
+        }
         _ => candle_core::bail!("pictor-linear: an f32, bf16 or f16 weight on the CPU"),
     };
-    if weight.len() < n * k_total {
+    if len < n * k_total {
         candle_core::bail!("pictor-linear: weight shorter than its layout");
     }
     let mut scratch = Vec::new();
@@ -95,13 +105,17 @@ pub fn linear(xs: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> candle_core:
         };
         for at in (0..k).step_by(per) {
             let width = per.min(k - at);
+            let cols = (n, k_total, col + at, width);
             let (rhs, rhs_stride) = match weight {
-                Weight::F32(Some(w)) => (&w[col + at..], k_total),
-                _ => {
-                    scratch.resize(n * width, 0f32);
-                    weight.widen(k_total, col + at, &mut scratch[..n * width], width);
-                    (&scratch[..], width)
-                }
+                Weight::F32(w) => (&w[col + at..], k_total),
+                // bf16 is the top half of an f32: widening is a shift.
+                Weight::Bf16(w) => (
+                    widen(w, cols, &mut scratch, |v| {
+                        f32::from_bits(u32::from(v.to_bits()) << 16)
+                    }),
+                    width,
+                ),
+                Weight::F16(w) => (widen(w, cols, &mut scratch, f16::to_f32), width),
             };
             // SAFETY: dst is (m, n) row-major; lhs is columns at..at+width of (m, k) rows
             // `row_stride` apart with unit columns, in bounds (checked above); rhs is
@@ -141,50 +155,32 @@ pub fn linear(xs: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> candle_core:
     Tensor::from_vec(out, (b, l, n), first.device())
 }
 
-/// A weight's data from its layout's start (`None`: the offset is past the data).
+/// A weight's data from its layout's start.
 #[derive(Clone, Copy)]
 enum Weight<'a> {
-    F32(Option<&'a [f32]>),
-    Bf16(Option<&'a [bf16]>),
-    F16(Option<&'a [f16]>),
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
 }
 
-impl Weight<'_> {
-    fn len(self) -> usize {
-        match self {
-            Self::F32(w) => w.map_or(0, <[f32]>::len),
-            Self::Bf16(w) => w.map_or(0, <[bf16]>::len),
-            Self::F16(w) => w.map_or(0, <[f16]>::len),
-        }
-    }
-
-    /// Columns `from..from + width` of the `(n, k_total)` weight as f32 rows of `width` in
-    /// `dst` (`n·width` floats), in parallel.
-    fn widen(self, k_total: usize, from: usize, dst: &mut [f32], width: usize) {
-        fn rows<T: Copy + Sync>(
-            w: &[T],
-            (k_total, from, width): (usize, usize, usize),
-            dst: &mut [f32],
-            f: impl Fn(T) -> f32 + Sync,
-        ) {
-            dst.par_chunks_mut(width.max(1))
-                .enumerate()
-                .for_each(|(j, row)| {
-                    for (d, &s) in row.iter_mut().zip(&w[j * k_total + from..][..width]) {
-                        *d = f(s);
-                    }
-                });
-        }
-        let at = (k_total, from, width);
-        match self {
-            Self::F32(w) => rows(w.unwrap_or_default(), at, dst, |v| v),
-            // bf16 is the top half of an f32: widening is a shift.
-            Self::Bf16(w) => rows(w.unwrap_or_default(), at, dst, |v| {
-                f32::from_bits(u32::from(v.to_bits()) << 16)
-            }),
-            Self::F16(w) => rows(w.unwrap_or_default(), at, dst, f16::to_f32),
-        }
-    }
+/// Columns `from..from + width` of the `(n, k_total)` weight `w` as f32 rows of `width`
+/// in `scratch` (resized to `n·width`), in parallel; returns them.
+fn widen<'s, T: Copy + Sync>(
+    w: &[T],
+    (n, k_total, from, width): (usize, usize, usize, usize),
+    scratch: &'s mut Vec<f32>,
+    f: impl Fn(T) -> f32 + Sync,
+) -> &'s [f32] {
+    scratch.resize(n * width, 0f32);
+    scratch
+        .par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(j, row)| {
+            for (d, &s) in row.iter_mut().zip(&w[j * k_total + from..][..width]) {
+                *d = f(s);
+            }
+        });
+    &scratch[..]
 }
 
 /// Whether [`linear`] can take `x` and `w`: an f32 CPU input of rank 3 with unit column
