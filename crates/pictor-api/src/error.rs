@@ -206,6 +206,43 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+impl From<crate::ratelimit::Refused> for ApiError {
+    fn from(r: crate::ratelimit::Refused) -> Self {
+        use crate::ratelimit::Refused;
+        match r {
+            Refused::TooManyImages { images, limit } => Self::invalid(
+                "n",
+                format!(
+                    "Invalid 'n': {images} images is more than this API key may generate in a minute ({limit})."
+                ),
+            ),
+            Refused::Limited {
+                kind,
+                limit,
+                retry_after,
+                headers,
+            } => Self::RateLimited {
+                kind,
+                limit,
+                retry_after,
+                headers,
+            },
+        }
+    }
+}
+
+impl From<pictor_core::Invalid> for ApiError {
+    fn from(e: pictor_core::Invalid) -> Self {
+        Self::invalid(e.param, e.message)
+    }
+}
+
+impl From<pictor_image::Error> for ApiError {
+    fn from(e: pictor_image::Error) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
 impl From<pictor_store::StoreError> for ApiError {
     fn from(e: pictor_store::StoreError) -> Self {
         Self::Internal(e.into())

@@ -1,28 +1,34 @@
 //! Pictor's HTTP surface: the OpenAI Images API over axum.
 //!
 //! This is the only crate that knows HTTP, JSON wire types and OpenAI's error shape. It
-//! parses and validates requests ([`wire`], [`validate`]), authenticates bearer keys
-//! ([`auth`]), admits work to the scheduler's per-model queues, encodes images and stores
-//! them behind signed links ([`links`]), and maps every failure to
-//! `{"error": {"message", "type", "param", "code"}}` with OpenAI's status ([`error`]).
-//! It never touches tensors: images arrive from `pictor-sched` as plain RGB bytes.
+//! parses requests (`wire`), authenticates bearer keys (`auth`), holds each request to its
+//! model's rules and runs it through the one generation flow (`generation`: plain,
+//! detached for idempotency and SDK retries, or streamed), stores images behind signed
+//! links (`files`, `links`), and maps every failure to
+//! `{"error": {"message", "type", "param", "code"}}` with OpenAI's status (`error`).
 //!
-//! Entry points: [`router`] builds the routes over an [`AppState`]; [`serve`] runs them on a
-//! listener until a shutdown signal, then drains the model queues.
+//! What it is not: it never touches tensors and never compiles the engine. Models arrive as
+//! `pictor-sched` queues over the `pictor-core` seam, images as plain RGB bytes, encoded by
+//! `pictor-image`.
+//!
+//! The boundary is what this file exports: [`router`] builds the routes over an
+//! [`AppState`]; [`serve`] runs them on a listener until a shutdown signal, then drains the
+//! model queues; [`spawn_sweeper`] deletes expired images; [`openapi_json`] is the document.
 
-pub mod auth;
-pub mod encode;
-pub mod error;
-pub mod idempotency;
-pub mod links;
-pub mod metrics;
-pub mod openapi;
-pub mod ratelimit;
-pub mod receipt;
-pub mod routes;
-pub mod state;
-pub mod validate;
-pub mod wire;
+#![deny(missing_docs)]
+
+mod auth;
+mod error;
+mod files;
+mod generation;
+mod idempotency;
+mod links;
+mod metrics;
+mod openapi;
+mod ratelimit;
+mod routes;
+mod state;
+mod wire;
 
 use std::{
     future::{Future, IntoFuture},
@@ -41,8 +47,12 @@ use tower_http::request_id::{
 };
 
 pub use state::{ApiConfig, AppState, ModelSpec};
-pub use validate::ModelRules;
 pub use wire::BodyLimits;
+
+/// The OpenAPI document of every route, as pretty JSON (`docs/openapi.json`).
+pub fn openapi_json() -> String {
+    openapi::json()
+}
 
 use crate::error::ApiError;
 
@@ -58,7 +68,7 @@ impl MakeRequestId for RandomId {
     }
 }
 
-async fn openapi_json() -> impl axum::response::IntoResponse {
+async fn openapi_document() -> impl axum::response::IntoResponse {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         openapi::json(),
@@ -81,7 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(routes::health::healthz))
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
-        .route("/openapi.json", get(openapi_json))
+        .route("/openapi.json", get(openapi_document))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(metrics::track))
@@ -96,7 +106,7 @@ pub fn spawn_sweeper(state: AppState, every: Duration) -> tokio::task::JoinHandl
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            match routes::images::sweep(&state).await {
+            match files::sweep(&state).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "swept expired images"),
                 Err(e) => tracing::warn!("sweeping expired images failed: {e:#}"),
@@ -106,8 +116,8 @@ pub fn spawn_sweeper(state: AppState, every: Duration) -> tokio::task::JoinHandl
 }
 
 /// Deletes expired images now; returns how many.
-pub async fn sweep_now(state: &AppState) -> anyhow::Result<usize> {
-    routes::images::sweep(state).await
+pub async fn sweep_now(state: &AppState) -> Result<usize, pictor_store::StoreError> {
+    files::sweep(state).await
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves; then refuses new generations

@@ -226,6 +226,17 @@ pub struct ModelPart {
     pub resident: bool,
 }
 
+impl From<&pictor_core::PartMemory> for ModelPart {
+    fn from(p: &pictor_core::PartMemory) -> Self {
+        Self {
+            part: p.part.to_string(),
+            bytes: p.bytes,
+            storage: p.storage.clone(),
+            resident: p.resident,
+        }
+    }
+}
+
 /// `GET /v1/models`.
 /// `image_generation.partial_image`: a preview of one image while it denoises, sent as
 /// `event: image_generation.partial_image` with this object as `data`.

@@ -15,7 +15,28 @@ use std::{
 use axum::http::{HeaderName, HeaderValue};
 use pictor_store::ApiKey;
 
-use crate::error::ApiError;
+/// Why a request was refused; `ApiError` turns it into a 400 or a 429.
+#[derive(Debug)]
+pub enum Refused {
+    /// `images` alone is more than the key's per-minute image limit: no wait helps.
+    TooManyImages {
+        /// Images asked for.
+        images: usize,
+        /// The key's images per minute.
+        limit: u32,
+    },
+    /// The key's `kind` budget (`requests` or `images`) is spent until `retry_after`.
+    Limited {
+        /// `requests` or `images`.
+        kind: &'static str,
+        /// The per-minute limit.
+        limit: u32,
+        /// When enough is back.
+        retry_after: Duration,
+        /// The `x-ratelimit-*` headers.
+        headers: RateHeaders,
+    },
+}
 
 /// The `x-ratelimit-*` headers for one response.
 #[derive(Debug, Clone, Default)]
@@ -100,7 +121,7 @@ impl Limiter {
     /// Admits a request for `images` images from `key`, taking its tokens; or refuses it
     /// with 429 (`retry_after` is when enough tokens will be back) or, when `images` alone
     /// exceeds the per-minute limit, 400 on `n`.
-    pub fn admit(&self, key: &ApiKey, images: usize) -> Result<RateHeaders, ApiError> {
+    pub fn admit(&self, key: &ApiKey, images: usize) -> Result<RateHeaders, Refused> {
         let kinds = [
             Kind {
                 name: "requests",
@@ -119,12 +140,7 @@ impl Limiter {
         if let Some(limit) = key.limits.images_per_minute
             && images as f64 > f64::from(limit)
         {
-            return Err(ApiError::invalid(
-                "n",
-                format!(
-                    "Invalid 'n': {images} images is more than this API key may generate in a minute ({limit})."
-                ),
-            ));
+            return Err(Refused::TooManyImages { images, limit });
         }
         let now = Instant::now();
         let mut all = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
@@ -176,7 +192,7 @@ impl Limiter {
         let headers = RateHeaders(headers);
         match refused {
             None => Ok(headers),
-            Some((kind, limit, retry_after)) => Err(ApiError::RateLimited {
+            Some((kind, limit, retry_after)) => Err(Refused::Limited {
                 kind,
                 limit,
                 retry_after: retry_after.max(Duration::from_millis(1)),
@@ -222,7 +238,7 @@ mod tests {
         assert_eq!(value(&first, "x-ratelimit-remaining-requests"), "1");
         assert!(l.admit(&k, 1).is_ok());
         match l.admit(&k, 1) {
-            Err(ApiError::RateLimited {
+            Err(Refused::Limited {
                 kind,
                 retry_after,
                 headers,
@@ -251,13 +267,19 @@ mod tests {
         assert!(l.admit(&k, 3).is_ok());
         assert!(matches!(
             l.admit(&k, 2),
-            Err(ApiError::RateLimited { kind: "images", .. })
+            Err(Refused::Limited { kind: "images", .. })
         ));
         // The refused request did not spend a request token.
         let ok = l.admit(&k, 1).expect("one image fits");
         assert_eq!(value(&ok, "x-ratelimit-remaining-requests"), "8");
         assert_eq!(value(&ok, "x-ratelimit-remaining-images"), "0");
-        assert!(matches!(l.admit(&k, 5), Err(ApiError::Invalid { .. })));
+        assert!(matches!(
+            l.admit(&k, 5),
+            Err(Refused::TooManyImages {
+                images: 5,
+                limit: 4
+            })
+        ));
     }
 
     #[test]

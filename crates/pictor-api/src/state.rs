@@ -9,10 +9,11 @@ use std::{
     time::Duration,
 };
 
+use pictor_core::ModelRules;
 use pictor_sched::ModelQueue;
 use pictor_store::{Blobs, Db};
 
-use crate::{links::Signer, validate::ModelRules, wire::BodyLimits};
+use crate::{error::ApiError, links::Signer, openapi::ModelPart, wire::BodyLimits};
 
 /// Server settings the API needs.
 #[derive(Debug, Clone)]
@@ -31,33 +32,36 @@ pub struct ApiConfig {
     pub idempotency_ttl: Duration,
 }
 
-/// A configured model.
+/// A configured model, before it loads.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     /// Its name.
     pub name: String,
     /// Other names that reach it (`dall-e-3`, `gpt-image-1`, ...).
     pub aliases: Vec<String>,
-    /// What it accepts.
-    pub rules: ModelRules,
     /// Unix time shown as `created` in `/v1/models`.
     pub created: i64,
 }
 
-/// A model and, once loaded, its queue.
-pub struct ModelSlot {
-    /// What it is.
+/// A loaded model: its queue, the rules it is served by, its memory.
+pub(crate) struct Loaded {
+    pub queue: Arc<ModelQueue>,
+    pub rules: ModelRules,
+    pub memory: Vec<ModelPart>,
+}
+
+/// A model and, once loaded, what it needs to serve.
+pub(crate) struct ModelSlot {
     pub spec: ModelSpec,
-    queue: OnceLock<ModelQueue>,
+    loaded: OnceLock<Loaded>,
     failed: OnceLock<String>,
     hash: OnceLock<String>,
-    memory: OnceLock<Vec<crate::openapi::ModelPart>>,
 }
 
 impl ModelSlot {
-    /// Its queue, once loaded.
-    pub fn queue(&self) -> Option<&ModelQueue> {
-        self.queue.get()
+    /// Its queue, rules and memory, once loaded.
+    pub fn loaded(&self) -> Option<&Loaded> {
+        self.loaded.get()
     }
 
     /// A short hash of its weight files, once computed.
@@ -65,25 +69,15 @@ impl ModelSlot {
         self.hash.get().map(String::as_str)
     }
 
-    /// Its parts' memory, once loaded.
-    pub fn memory(&self) -> Option<&[crate::openapi::ModelPart]> {
-        self.memory.get().map(Vec::as_slice)
-    }
-
-    /// Why it failed to load, if it did.
-    pub fn failure(&self) -> Option<&str> {
-        self.failed.get().map(String::as_str)
-    }
-
-    /// Its queue, or the 503 that says it is still loading or failed to.
-    pub fn ready_queue(&self) -> Result<&ModelQueue, crate::error::ApiError> {
-        self.queue().ok_or_else(|| {
+    /// The loaded model, or the 503 that says it is still loading or failed to.
+    pub fn ready(&self) -> Result<&Loaded, ApiError> {
+        self.loaded().ok_or_else(|| {
             let name = &self.spec.name;
-            let (message, secs) = match self.failure() {
+            let (message, secs) = match self.failed.get() {
                 Some(why) => (format!("The model `{name}` failed to load: {why}"), 60),
                 None => (format!("The model `{name}` is still loading."), 10),
             };
-            crate::error::ApiError::Unavailable {
+            ApiError::Unavailable {
                 message,
                 retry_after: Duration::from_secs(secs),
             }
@@ -96,12 +90,12 @@ pub(crate) struct Inner {
     pub db: Db,
     pub blobs: Blobs,
     pub signer: Signer,
-    pub models: Vec<ModelSlot>,
+    pub models: Vec<Arc<ModelSlot>>,
     pub names: HashMap<String, usize>,
     pub shutting_down: AtomicBool,
     /// Responses by `Idempotency-Key`.
     pub replays: crate::idempotency::Replays,
-    /// Responses by request body, for SDK retries to attach to (see `routes::images`).
+    /// Responses by request body, for SDK retries to attach to (see `generation::detach`).
     pub retries: crate::idempotency::Replays,
     /// Per-key rate limits.
     pub limiter: crate::ratelimit::Limiter,
@@ -135,12 +129,13 @@ impl AppState {
         }
         let models = models
             .into_iter()
-            .map(|spec| ModelSlot {
-                spec,
-                queue: OnceLock::new(),
-                failed: OnceLock::new(),
-                memory: OnceLock::new(),
-                hash: OnceLock::new(),
+            .map(|spec| {
+                Arc::new(ModelSlot {
+                    spec,
+                    loaded: OnceLock::new(),
+                    failed: OnceLock::new(),
+                    hash: OnceLock::new(),
+                })
             })
             .collect();
         let replays = crate::idempotency::Replays::new(config.idempotency_ttl, 4096, REPLAY_BYTES);
@@ -159,30 +154,31 @@ impl AppState {
         }))
     }
 
-    /// Makes model `name` servable through `queue`.
-    pub fn install(&self, name: &str, queue: ModelQueue) {
-        if let Some(&i) = self.0.names.get(name) {
-            let _ = self.0.models[i].queue.set(queue);
+    /// Makes model `name` servable through `queue`, held to `rules` (the pipeline's own,
+    /// as the configuration adjusted them). Its parts' memory, as the queue's pipeline
+    /// reported it, shows in `/v1/models` and `/metrics`.
+    pub fn install(&self, name: &str, queue: Arc<ModelQueue>, rules: ModelRules) {
+        let Some(slot) = self.model(name) else {
+            return;
+        };
+        let memory: Vec<ModelPart> = queue.memory().iter().map(ModelPart::from).collect();
+        for p in &memory {
+            metrics::gauge!("pictor_model_memory_bytes", "model" => slot.spec.name.clone(),
+                "part" => p.part.clone(), "storage" => p.storage.clone(),
+                "resident" => p.resident.to_string())
+            .set(p.bytes as f64);
         }
+        let _ = slot.loaded.set(Loaded {
+            queue,
+            rules,
+            memory,
+        });
     }
 
     /// Records the short hash of model `name`'s weights (shown in receipts).
     pub fn set_hash(&self, name: &str, hash: String) {
         if let Some(&i) = self.0.names.get(name) {
             let _ = self.0.models[i].hash.set(hash);
-        }
-    }
-
-    /// Records model `name`'s parts' memory, shown in `/v1/models` and `/metrics`.
-    pub fn set_memory(&self, name: &str, parts: Vec<crate::openapi::ModelPart>) {
-        for p in &parts {
-            metrics::gauge!("pictor_model_memory_bytes", "model" => name.to_string(),
-                "part" => p.part.clone(), "storage" => p.storage.clone(),
-                "resident" => p.resident.to_string())
-            .set(p.bytes as f64);
-        }
-        if let Some(&i) = self.0.names.get(name) {
-            let _ = self.0.models[i].memory.set(parts);
         }
     }
 
@@ -194,22 +190,22 @@ impl AppState {
     }
 
     /// The slot a name or alias reaches.
-    pub fn model(&self, name: &str) -> Option<&ModelSlot> {
+    pub(crate) fn model(&self, name: &str) -> Option<&Arc<ModelSlot>> {
         self.0.names.get(name).map(|&i| &self.0.models[i])
     }
 
     /// All models.
-    pub fn models(&self) -> &[ModelSlot] {
+    pub(crate) fn models(&self) -> &[Arc<ModelSlot>] {
         &self.0.models
     }
 
     /// Whether every model is loaded.
     pub fn ready(&self) -> bool {
-        self.0.models.iter().all(|m| m.queue().is_some())
+        self.0.models.iter().all(|m| m.loaded().is_some())
     }
 
     /// The database.
-    pub fn db(&self) -> &Db {
+    pub(crate) fn db(&self) -> &Db {
         &self.0.db
     }
 
@@ -217,8 +213,8 @@ impl AppState {
     pub fn begin_shutdown(&self) {
         self.0.shutting_down.store(true, Ordering::Relaxed);
         for m in &self.0.models {
-            if let Some(q) = m.queue() {
-                q.close();
+            if let Some(loaded) = m.loaded() {
+                loaded.queue.close();
             }
         }
     }
@@ -231,8 +227,8 @@ impl AppState {
     pub async fn drain(&self, grace: Duration) -> bool {
         let mut all = true;
         for m in &self.0.models {
-            if let Some(q) = m.queue() {
-                all &= q.shutdown(grace).await;
+            if let Some(loaded) = m.loaded() {
+                all &= loaded.queue.shutdown(grace).await;
             }
         }
         all

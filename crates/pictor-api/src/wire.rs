@@ -2,9 +2,11 @@
 //! `param`. `null` for an optional field means its default; unknown fields are refused, as
 //! OpenAI does.
 
+use pictor_core::Dimensions;
+use pictor_image::Format;
 use serde_json::{Map, Value};
 
-use crate::{encode::Format, error::ApiError};
+use crate::error::ApiError;
 
 /// `quality`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +40,7 @@ pub enum Size {
     /// The model's default.
     Auto,
     /// Width and height in pixels.
-    Exact(usize, usize),
+    Exact(Dimensions),
 }
 
 /// A parsed request, before the model's own rules are applied.
@@ -208,27 +210,16 @@ impl Fields<'_> {
     }
 }
 
-/// `WIDTHxHEIGHT` (lower-case `x`, no spaces) as pixels; the one spelling of sizes in
-/// requests, receipts and the config file.
-pub fn dimensions(s: &str) -> Option<(usize, usize)> {
-    let (w, h) = s.split_once('x')?;
-    Some((w.parse().ok()?, h.parse().ok()?))
-}
-
 fn parse_size(s: &str) -> Result<Size, ApiError> {
     if s == "auto" {
         return Ok(Size::Auto);
     }
-    dimensions(s)
-        .map(|(w, h)| Size::Exact(w, h))
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "size",
-                format!(
-                    "Invalid size '{s}': expected 'auto' or WIDTHxHEIGHT, such as '1024x1024'."
-                ),
-            )
-        })
+    s.parse().map(Size::Exact).map_err(|_| {
+        ApiError::invalid(
+            "size",
+            format!("Invalid size '{s}': expected 'auto' or WIDTHxHEIGHT, such as '1024x1024'."),
+        )
+    })
 }
 
 /// Parses a request body (already checked to be JSON).
@@ -444,7 +435,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (r.seed, r.steps, r.size),
-            (Some(42), Some(2), Size::Exact(512, 256))
+            (Some(42), Some(2), Size::Exact(Dimensions::new(512, 256)))
         );
         assert_eq!(
             (r.response_format, r.output_format, r.output_compression),

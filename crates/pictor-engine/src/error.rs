@@ -80,5 +80,28 @@ impl EngineError {
     }
 }
 
+impl From<EngineError> for pictor_core::PipelineError {
+    /// What callers of the seam must tell apart (a cancel, a refused request) stays
+    /// apart; every other failure travels whole as the source.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Cancelled => Self::Cancelled,
+            EngineError::InvalidInput { field, message } => {
+                Self::Invalid(pictor_core::Invalid::new(field, message))
+            }
+            other => Self::Failed(Box::new(other)),
+        }
+    }
+}
+
+impl From<pictor_core::Invalid> for EngineError {
+    fn from(e: pictor_core::Invalid) -> Self {
+        Self::InvalidInput {
+            field: e.param,
+            message: e.message,
+        }
+    }
+}
+
 /// The engine's result type.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -1,19 +1,9 @@
-//! 8-bit RGB images, the engine's output.
+//! Decoder output to the seam's 8-bit [`RgbImage`]s.
 
 use candle_core::{DType, Tensor};
+use pictor_core::RgbImage;
 
 use crate::error::Result;
-
-/// An 8-bit RGB image, row-major, 3 bytes per pixel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// `width * height * 3` bytes, RGB, rows from the top.
-    pub pixels: Vec<u8>,
-}
 
 /// Converts decoder output `(n, 3, h, w)` in `[-1, 1]` to pixel values in `[0, 1]`
 /// (still `(n, 3, h, w)`, f32), as diffusers' `postprocess` does: `(x / 2 + 0.5).clamp(0, 1)`.

@@ -5,9 +5,10 @@
 //! `Serialize` (serde is used only to read model configuration files).
 //!
 //! Principal types:
-//! - [`Pipeline`]: one loaded model; `generate` takes a [`GenerationRequest`] and returns
-//!   [`Generation`] (images plus the prompt text really encoded), reporting
-//!   [`Progress`] to a callback that can cancel between denoising steps.
+//! - [`Pipeline`] (the seam, from `pictor-core`, re-exported here): one loaded model;
+//!   `generate` takes a [`GenerationRequest`] and returns [`Generation`] (images plus the
+//!   prompt text really encoded), reporting [`Progress`] to a callback that can cancel
+//!   between denoising steps.
 //! - [`ModelFiles`]: where each part of a model lives on disk, found from a folder, a single
 //!   file or a Hugging Face cache snapshot by [`ModelFiles::resolve`].
 //! - [`flux::FluxPipeline`]: FLUX.1-schnell (CLIP-L + T5-XXL text encoders, the flux
@@ -31,16 +32,16 @@ pub mod inspect;
 mod layout;
 mod noise;
 pub mod ops;
-mod pipeline;
 pub mod quantize;
 pub mod text;
 pub mod weights;
 
 pub use device::{DTypeChoice, DeviceChoice};
 pub use error::{EngineError, Result};
-pub use image::{RgbImage, to_rgb8, to_unit_range};
+pub use image::{to_rgb8, to_unit_range};
 pub use layout::{ModelFiles, Part, hf_hub_cache_dir};
 pub use noise::gaussian_noise;
-pub use pipeline::{
-    Control, Generation, GenerationRequest, Phases, Pipeline, Progress, PromptInfo, preview_steps,
+pub use pictor_core::{
+    Control, Dimensions, Generation, GenerationRequest, Invalid, ModelRules, PartMemory, Phases,
+    Pipeline, PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };

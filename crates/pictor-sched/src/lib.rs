@@ -10,8 +10,9 @@
 //! Compatible waiting jobs (same size and steps) are run together through
 //! [`Pipeline::generate_batch`], up to [`QueueConfig::batch_images`] images.
 //!
-//! It is not an HTTP layer and not a store: it takes engine requests and gives back engine
-//! results. Distributed queues come later.
+//! It is not an HTTP layer, not a store and not an engine: it takes the seam's requests
+//! (`pictor-core`) and gives back its results, and never compiles the engine that
+//! implements them. Distributed queues come later.
 
 use std::{
     collections::VecDeque,
@@ -22,9 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use pictor_engine::{
-    Control, EngineError, Generation, GenerationRequest, Phases, Pipeline, Progress, PromptInfo,
-    RgbImage,
+use pictor_core::{
+    Control, Generation, GenerationRequest, PartMemory, Pipeline, PipelineError, Progress, RgbImage,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,9 +57,9 @@ pub enum SubmitError {
 /// Why an admitted job produced no images.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// The engine failed (shared by every job of the batch).
+    /// The pipeline failed (shared by every job of the batch).
     #[error(transparent)]
-    Engine(Arc<EngineError>),
+    Engine(Arc<PipelineError>),
     /// The job ran past its deadline.
     #[error("the generation took longer than the {0:?} limit")]
     TimedOut(Duration),
@@ -115,6 +115,8 @@ struct Stats {
 /// A model's queue and its worker thread.
 pub struct ModelQueue {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// What the pipeline said it holds, before it moved to its thread.
+    memory: Vec<PartMemory>,
     stats: Arc<Stats>,
     config: QueueConfig,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -177,16 +179,23 @@ impl ModelQueue {
         let stats = Arc::new(Stats::default());
         let worker_stats = Arc::clone(&stats);
         let worker_config = config.clone();
+        let memory = pipeline.memory();
         let worker = std::thread::Builder::new()
             .name(format!("model-{name}"))
             .spawn(move || Worker::new(pipeline, rx, worker_stats, worker_config).run())
             .expect("spawning a thread only fails when the OS is out of resources");
         Self {
             tx: Mutex::new(Some(tx)),
+            memory,
             stats,
             config,
             worker: Mutex::new(Some(worker)),
         }
+    }
+
+    /// Each part of the model and its memory, as the pipeline reported it at start.
+    pub fn memory(&self) -> &[PartMemory] {
+        &self.memory
     }
 
     /// Jobs waiting (not counting the one running).
@@ -388,7 +397,7 @@ impl Worker {
                 && self.pending.is_empty()
                 && self.rx.is_empty()
             {
-                pictor_engine::heap::release_freed_memory();
+                self.pipeline.idle();
             }
         }
     }
@@ -452,7 +461,7 @@ impl Worker {
                     let _ = job.reply.send(reply);
                 }
             }
-            Err(EngineError::Cancelled) => {
+            Err(PipelineError::Cancelled) => {
                 for job in batch {
                     let reply = outcome_of(&job).and(Err(JobError::Cancelled));
                     let _ = job.reply.send(reply);

@@ -4,23 +4,36 @@
 
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 
+use pictor_core::{Dimensions, ModelRules, Phases, PromptInfo, preview_steps};
+
 use super::*;
 
 struct Gated {
     gate: Arc<Mutex<std_mpsc::Receiver<()>>>,
     steps_run: Arc<AtomicUsize>,
     batches: Arc<Mutex<Vec<Vec<String>>>>,
+    idles: Arc<AtomicUsize>,
 }
 
 impl Pipeline for Gated {
-    fn check(&self, _: &GenerationRequest) -> pictor_engine::Result<()> {
-        Ok(())
+    fn rules(&self) -> ModelRules {
+        ModelRules {
+            multiple: 1,
+            min_side: 1,
+            max_side: 64,
+            max_pixels: 64 * 64,
+            default_size: Dimensions::new(1, 1),
+            default_steps: 1,
+            max_steps: 100,
+            takes_guidance: false,
+            takes_negative_prompt: false,
+        }
     }
     fn generate_batch(
         &mut self,
         reqs: &[GenerationRequest],
         progress: &mut dyn FnMut(Progress) -> Control,
-    ) -> pictor_engine::Result<Vec<Generation>> {
+    ) -> pictor_core::Result<Vec<Generation>> {
         self.batches
             .lock()
             .unwrap()
@@ -36,10 +49,10 @@ impl Pipeline for Gated {
                 count: reqs.len(),
             }) == Control::Cancel
             {
-                return Err(EngineError::Cancelled);
+                return Err(PipelineError::Cancelled);
             }
             for (request, r) in reqs.iter().enumerate() {
-                let due = pictor_engine::preview_steps(steps, r.previews);
+                let due = preview_steps(steps, r.previews);
                 if let Some(index) = due.iter().position(|&s| s == step) {
                     let pixels = RgbImage {
                         width: 1,
@@ -70,6 +83,10 @@ impl Pipeline for Gated {
                 phases: Phases::default(),
             })
             .collect())
+    }
+
+    fn idle(&mut self) {
+        self.idles.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -103,6 +120,7 @@ fn queue_with(
         gate: Arc::new(Mutex::new(gate)),
         steps_run: Arc::clone(&steps_run),
         batches: Arc::clone(&batches),
+        idles: Arc::default(),
     };
     let config = QueueConfig {
         depth,
@@ -247,4 +265,35 @@ async fn compatible_waiting_jobs_run_in_one_batch_in_order() {
     // `b`, `d`, `e` share size and steps and fit the 3-image budget; `c` waits its turn.
     assert_eq!(got, vec![vec!["a"], vec!["b", "d", "e"], vec!["c"]]);
     assert_eq!(q.waiting(), 0);
+}
+
+/// After a long batch, with nothing waiting, the pipeline is told it is idle (the engine
+/// hands its scratch memory back then); short batches do not pay for that.
+#[tokio::test]
+async fn a_long_batch_then_an_empty_queue_tells_the_pipeline_it_is_idle() {
+    let (open, gate) = std_mpsc::channel();
+    let idles = Arc::new(AtomicUsize::new(0));
+    let p = Gated {
+        gate: Arc::new(Mutex::new(gate)),
+        steps_run: Arc::default(),
+        batches: Arc::default(),
+        idles: Arc::clone(&idles),
+    };
+    let config = QueueConfig {
+        depth: 2,
+        timeout: Duration::from_secs(60),
+        batch_images: 1,
+    };
+    let q = ModelQueue::start("idle", Box::new(p), config);
+    let short = q.submit(req(1)).unwrap();
+    open.send(()).unwrap();
+    open.send(()).unwrap();
+    assert!(short.wait().await.is_ok());
+    let long = q.submit(req(1)).unwrap();
+    open.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    open.send(()).unwrap();
+    assert!(long.wait().await.is_ok());
+    until(|| idles.load(Ordering::Relaxed) == 1).await;
+    assert_eq!(idles.load(Ordering::Relaxed), 1, "only the long batch");
 }

@@ -8,6 +8,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use pictor_core::Dimensions;
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration.
@@ -70,18 +71,20 @@ pub struct ModelConfig {
     pub cuda: Option<usize>,
     /// Most images denoised together, from one request or several compatible ones.
     pub max_batch: usize,
-    /// `size: auto`, `WxH`.
-    pub default_size: String,
+    /// `size: auto`, `WxH`. This and the five keys below change the model's own rules
+    /// (FLUX.1-schnell: 1024x1024, sides 256 to 2048, 2048² pixels, 4 steps, at most 50);
+    /// left out, the model's own apply. The size grid is the model's and cannot change.
+    pub default_size: Option<Dimensions>,
     /// Smallest side, pixels.
-    pub min_side: usize,
+    pub min_side: Option<usize>,
     /// Largest side, pixels.
-    pub max_side: usize,
+    pub max_side: Option<usize>,
     /// Most pixels per image.
-    pub max_pixels: usize,
+    pub max_pixels: Option<usize>,
     /// Steps for `quality: auto|high`.
-    pub default_steps: usize,
+    pub default_steps: Option<usize>,
     /// Most steps a request may ask for.
-    pub max_steps: usize,
+    pub max_steps: Option<usize>,
     /// Run from a quantized copy (`q8_0`, `q6_k`, `q5_k`, `q4_k`, ...) of the transformer
     /// and T5 when they are not GGUF already: made once with `pictor quantize`'s code into
     /// `<data_dir>/cache/quantized/` and reused while the source files are unchanged.
@@ -90,20 +93,34 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        let rules = pictor_api::ModelRules::flux_schnell();
         Self {
             path: String::new(),
             aliases: Vec::new(),
             dtype: "auto".into(),
             cuda: None,
             max_batch: 4,
-            default_size: format!("{}x{}", rules.default_size.0, rules.default_size.1),
-            min_side: rules.min_side,
-            max_side: rules.max_side,
-            max_pixels: rules.max_pixels,
-            default_steps: rules.default_steps,
-            max_steps: rules.max_steps,
+            default_size: None,
+            min_side: None,
+            max_side: None,
+            max_pixels: None,
+            default_steps: None,
+            max_steps: None,
             quantize: None,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The model's own `rules` with the ones this configuration changes.
+    pub fn rules(&self, own: pictor_core::ModelRules) -> pictor_core::ModelRules {
+        pictor_core::ModelRules {
+            default_size: self.default_size.unwrap_or(own.default_size),
+            min_side: self.min_side.unwrap_or(own.min_side),
+            max_side: self.max_side.unwrap_or(own.max_side),
+            max_pixels: self.max_pixels.unwrap_or(own.max_pixels),
+            default_steps: self.default_steps.unwrap_or(own.default_steps),
+            max_steps: self.max_steps.unwrap_or(own.max_steps),
+            ..own
         }
     }
 }
@@ -154,13 +171,9 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     let model = ModelConfig {
         path: crate::shipped::NAME.into(),
         aliases: vec!["gpt-image-1".into(), "dall-e-3".into(), "dall-e-2".into()],
-        default_size: format!(
-            "{}x{}",
-            crate::shipped::NATIVE_SIZE.0,
-            crate::shipped::NATIVE_SIZE.1
-        ),
-        min_side: 64,
-        max_side: 512,
+        default_size: Some(crate::shipped::NATIVE_SIZE),
+        min_side: Some(64),
+        max_side: Some(512),
         ..ModelConfig::default()
     };
     BTreeMap::from([(crate::shipped::NAME.to_string(), model)])
@@ -230,6 +243,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The model `name` names: a configured one, else the shipped one, else a model
+    /// folder, file or Hugging Face repo id at `name` with the model's own rules.
+    pub fn model(&self, name: &str) -> ModelConfig {
+        self.models
+            .get(name)
+            .cloned()
+            .or_else(|| shipped_models().remove(name))
+            .unwrap_or_else(|| ModelConfig {
+                path: name.to_string(),
+                ..ModelConfig::default()
+            })
+    }
+
     /// The database URL in use.
     pub fn database_url(&self) -> String {
         self.database_url
@@ -265,7 +291,10 @@ mod tests {
             assert_eq!((c.limits.max_n, c.limits.queue_depth), (3, 2));
             assert_eq!(c.limits.max_prompt_chars, 8192);
             assert_eq!(c.models["a"].aliases, vec!["dall-e-3".to_string()]);
-            assert_eq!(c.models["a"].default_steps, 4, "model defaults fill in");
+            assert_eq!(
+                c.models["a"].default_steps, None,
+                "the model's own steps apply"
+            );
             Ok(())
         });
     }

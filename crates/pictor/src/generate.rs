@@ -5,20 +5,24 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use pictor_api::{encode::Format, receipt::Receipt};
-use pictor_engine::{
-    Control, DTypeChoice, DeviceChoice, GenerationRequest, ModelFiles, Pipeline, Progress,
-    RgbImage,
-    flux::{FluxOptions, FluxPipeline},
+use pictor_core::{
+    Control, Dimensions, Generation, GenerationRequest, ModelRules, Pipeline, Progress, RgbImage,
+};
+use pictor_image::{Format, Receipt};
+
+use crate::{
+    config::{Config, ModelConfig},
+    load::{Loaded, load},
 };
 
 /// Arguments of `pictor generate`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model folder, a transformer file, a Hugging Face repo id in the local cache
-    /// (e.g. black-forest-labs/FLUX.1-schnell), or `pictor-tiny`, the model built in.
+    /// A model named in the configuration, a model folder, a transformer file, a Hugging
+    /// Face repo id in the local cache (e.g. black-forest-labs/FLUX.1-schnell), or
+    /// `pictor-tiny`, the model built in.
     #[arg(long, short = 'm', default_value = crate::shipped::NAME)]
     model: String,
     /// The prompt.
@@ -29,13 +33,13 @@ pub struct Args {
     /// `--model` must name the model that drew it.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n"])]
     from_image: Option<PathBuf>,
-    /// Image size, WIDTHxHEIGHT, multiples of 16 (default 512x512; 128x128 for pictor-tiny,
-    /// its native size).
-    #[arg(long, value_parser = parse_size)]
-    size: Option<(usize, usize)>,
-    /// Denoising steps (schnell is distilled for 4).
-    #[arg(long, default_value_t = 4)]
-    steps: usize,
+    /// Image size, WIDTHxHEIGHT, on the model's grid (multiples of 16 for FLUX); default the
+    /// model's (1024x1024 for FLUX.1-schnell, 128x128 for pictor-tiny).
+    #[arg(long)]
+    size: Option<Dimensions>,
+    /// Denoising steps; default the model's (schnell is distilled for 4).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Seed of the first image; image i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -45,31 +49,25 @@ pub struct Args {
     /// Output file; with -n > 1, `out-0.png`, `out-1.png`, ...
     #[arg(long, short = 'o', default_value = "out.png")]
     output: PathBuf,
-    /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16.
-    #[arg(long, default_value = "auto")]
-    dtype: DTypeChoice,
+    /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, bf16, f16; default the
+    /// configuration's for a configured model, else auto.
+    #[arg(long, value_parser = dtype)]
+    dtype: Option<String>,
     /// Run on CUDA GPU number N (needs a build with --features cuda).
     #[arg(long, value_name = "N")]
     cuda: Option<usize>,
-    /// Most images denoised together.
-    #[arg(long, default_value_t = 4)]
-    max_batch: usize,
+    /// Most images denoised together (default 4, or the configuration's).
+    #[arg(long)]
+    max_batch: Option<usize>,
     /// Run from a quantized copy (q8_0, q6_k, q5_k, q4_k, ...) of the transformer and T5,
     /// made once into the data folder's cache when they are not GGUF already.
     #[arg(long, value_name = "TYPE")]
     quantize: Option<String>,
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize), String> {
-    let (w, h) = s
-        .split_once(['x', 'X'])
-        .ok_or_else(|| format!("`{s}` is not WIDTHxHEIGHT"))?;
-    let parse = |v: &str| {
-        v.trim()
-            .parse::<usize>()
-            .map_err(|_| format!("`{s}` is not WIDTHxHEIGHT"))
-    };
-    Ok((parse(w)?, parse(h)?))
+fn dtype(s: &str) -> Result<String, String> {
+    s.parse::<pictor_engine::DTypeChoice>()
+        .map(|_| s.to_string())
 }
 
 /// Where image `i` of `n` goes.
@@ -94,12 +92,13 @@ fn save(image: &RgbImage, receipt: &Receipt, path: &Path) -> anyhow::Result<()> 
         Some("webp") => Format::Webp,
         _ => Format::Png,
     };
-    let bytes = pictor_api::encode::encode(image, format, 95, &receipt.to_parameters())?;
+    let bytes = pictor_image::encode(image, format, 95, &receipt.to_parameters())?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The request: from the flags, or from an image's own receipt.
-fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
+/// The request: from the flags (the model's defaults where a flag is left out), or from an
+/// image's own receipt.
+fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest> {
     if let Some(file) = &args.from_image {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let r = Receipt::from_image(&bytes)
@@ -114,54 +113,31 @@ fn request(args: &Args) -> anyhow::Result<GenerationRequest> {
             previews: 0,
         });
     }
-    let native = if args.model == crate::shipped::NAME {
-        crate::shipped::NATIVE_SIZE
-    } else {
-        (512, 512)
-    };
-    let size = args.size.unwrap_or(native);
+    let size = args.size.unwrap_or(rules.default_size);
     Ok(GenerationRequest {
         prompt: args.prompt.clone().unwrap_or_default(),
-        width: size.0,
-        height: size.1,
-        steps: args.steps,
+        width: size.width,
+        height: size.height,
+        steps: args.steps.unwrap_or(rules.default_steps),
         seed: args.seed,
         n: args.n,
         previews: 0,
     })
 }
 
-/// Runs `pictor generate`.
-pub fn run(args: Args, config: &crate::config::Config) -> anyhow::Result<()> {
-    let data_dir = config.data_dir.as_path();
-    if args.n == 0 {
-        bail!("-n must be at least 1");
-    }
-    let n = if args.from_image.is_some() { 1 } else { args.n };
-    let started = Instant::now();
-    let mut files = ModelFiles::resolve(&crate::shipped::locate(&args.model, data_dir)?)?;
-    if let Some(target) = &args.quantize {
-        crate::quantized::apply(&mut files, target, data_dir)?;
-    }
-    let options = FluxOptions {
-        device: args.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
-        dtype: args.dtype,
-        max_batch: args.max_batch,
-        memory_budget: config.memory_budget()?,
-        ..FluxOptions::default()
-    };
-    let mut pipeline = FluxPipeline::load(&files, options)?;
-    let loaded = started.elapsed();
-    eprintln!(
-        "loaded {} in {:.2}s ({:?})",
-        args.model,
-        loaded.as_secs_f64(),
-        pipeline.dtype()
-    );
+/// The model `args` names, with the flags given overriding its configured settings.
+fn model(args: &Args, config: &Config) -> ModelConfig {
+    let mut model = config.model(&args.model);
+    model.dtype = args.dtype.clone().unwrap_or(model.dtype);
+    model.max_batch = args.max_batch.unwrap_or(model.max_batch);
+    model.cuda = args.cuda.or(model.cuda);
+    model.quantize = args.quantize.clone().or(model.quantize);
+    model
+}
 
-    let req = request(&args)?;
-    pipeline.check(&req)?;
-    let bar = ProgressBar::new((req.steps * n) as u64);
+/// Generates `req` with a progress bar over its steps.
+fn render(pipeline: &mut impl Pipeline, req: &GenerationRequest) -> anyhow::Result<Generation> {
+    let bar = ProgressBar::new((req.steps * req.n) as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} {msg:10} [{bar:30}] {pos}/{len} steps, {elapsed} ({per_sec})",
@@ -169,47 +145,51 @@ pub fn run(args: Args, config: &crate::config::Config) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    // Seconds per phase: the time between two progress events belongs to the phase the
-    // earlier event opened (encode, denoise, decode).
-    let mut phases = [0f64; 3];
-    let mut phase = 0;
-    let mut last = Instant::now();
-    let generation = pipeline.generate(&req, &mut |p| {
-        phases[phase] += last.elapsed().as_secs_f64();
-        last = Instant::now();
+    let generation = pipeline.generate(req, &mut |p| {
         match p {
-            Progress::Encoding => {
-                phase = 0;
-                bar.set_message("encoding");
-            }
+            Progress::Encoding => bar.set_message("encoding"),
             Progress::Step { step, first, .. } => {
-                phase = 1;
                 bar.set_message("denoising");
                 bar.set_position((first * req.steps + step) as u64);
             }
-            Progress::Decoding => {
-                phase = 2;
-                bar.set_message("decoding");
-            }
+            Progress::Decoding => bar.set_message("decoding"),
             // None are asked for.
             Progress::Preview { .. } => {}
         }
         Control::Continue
-    })?;
-    phases[phase] += last.elapsed().as_secs_f64();
+    });
     bar.finish_and_clear();
+    Ok(generation?)
+}
 
+/// Runs `pictor generate`.
+pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let Loaded {
+        mut pipeline,
+        rules,
+        ..
+    } = load(
+        &args.model,
+        &model(&args, config),
+        &config.data_dir,
+        config.memory_budget()?,
+    )?;
+    let loaded = started.elapsed().as_secs_f64();
+    eprintln!(
+        "loaded {} in {loaded:.2}s ({:?})",
+        args.model,
+        pipeline.dtype()
+    );
+
+    let req = request(&args, &rules)?;
+    // On the command line any size and steps the network can run are allowed, not only
+    // the ranges a server offers.
+    rules.without_serving_limits().check(&req)?;
+    let generation = render(&mut pipeline, &req)?;
     for (i, image) in generation.images.iter().enumerate() {
-        let path = output_path(&args.output, i, n);
-        let receipt = Receipt {
-            prompt: generation.prompt.encoded.clone(),
-            steps: req.steps,
-            seed: req.seed.wrapping_add(i as u64),
-            width: image.width,
-            height: image.height,
-            model: args.model.clone(),
-            model_hash: None,
-        };
+        let path = output_path(&args.output, i, req.n);
+        let receipt = Receipt::new(&req, &generation.prompt, i, &args.model, None);
         save(image, &receipt, &path)?;
         println!(
             "wrote {} ({}x{}, seed {})",
@@ -219,23 +199,26 @@ pub fn run(args: Args, config: &crate::config::Config) -> anyhow::Result<()> {
             receipt.seed
         );
     }
-    if generation.prompt.truncated || generation.prompt.pooled_truncated {
+    let prompt = &generation.prompt;
+    if prompt.truncated || prompt.pooled_truncated {
         println!(
             "prompt truncated (T5: {}, CLIP: {}); encoded: {:?}",
-            generation.prompt.truncated,
-            generation.prompt.pooled_truncated,
-            generation.prompt.encoded
+            prompt.truncated, prompt.pooled_truncated, prompt.encoded
         );
     }
-    let [encode, denoise, decode] = phases;
+    let [encode, denoise, decode] = [
+        generation.phases.encode,
+        generation.phases.denoise,
+        generation.phases.decode,
+    ]
+    .map(|d| d.as_secs_f64());
     println!(
-        "{} image(s) of {}x{}, {} steps: encode {encode:.3}s, denoise {denoise:.3}s ({:.4}s per step per image), decode {decode:.3}s, load {:.2}s",
-        n,
+        "{} image(s) of {}x{}, {} steps: encode {encode:.3}s, denoise {denoise:.3}s ({:.4}s per step per image), decode {decode:.3}s, load {loaded:.2}s",
+        req.n,
         req.width,
         req.height,
         req.steps,
-        denoise / (req.steps * n) as f64,
-        loaded.as_secs_f64()
+        denoise / (req.steps * req.n) as f64,
     );
     Ok(())
 }
@@ -243,13 +226,6 @@ pub fn run(args: Args, config: &crate::config::Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse_and_reject() {
-        assert_eq!(parse_size("512x768"), Ok((512, 768)));
-        assert!(parse_size("512").is_err());
-        assert!(parse_size("ax5").is_err());
-    }
 
     #[test]
     fn outputs_are_numbered_only_for_several_images() {

@@ -26,6 +26,19 @@ pub fn identity(files: &[PathBuf]) -> anyhow::Result<String> {
     Ok(parts.join(";"))
 }
 
+/// Every weight file of a model, each once, in a fixed order.
+pub fn weight_files(files: &pictor_engine::ModelFiles) -> Vec<PathBuf> {
+    let mut all = Vec::new();
+    for part in [&files.transformer, &files.vae, &files.clip, &files.t5] {
+        for f in &part.files {
+            if !all.contains(f) {
+                all.push(f.clone());
+            }
+        }
+    }
+    all
+}
+
 /// The short hash of `files`, from `cache` when their paths, sizes and times are unchanged.
 pub fn weights_hash(files: &[PathBuf], cache: &Path) -> anyhow::Result<String> {
     let key = identity(files)?;

@@ -5,6 +5,7 @@ mod config;
 mod generate;
 mod hash;
 mod keys;
+mod load;
 mod models;
 mod quantized;
 mod serve;
@@ -59,7 +60,7 @@ fn main() -> std::process::ExitCode {
             config::Config::load(cli.config.as_deref()).and_then(|c| generate::run(args, &c))
         }
         Command::Openapi => {
-            println!("{}", pictor_api::openapi::json());
+            println!("{}", pictor_api::openapi_json());
             Ok(())
         }
         Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 pub const NAME: &str = "pictor-tiny";
 
 /// The size it was trained at, its default.
-pub const NATIVE_SIZE: (usize, usize) = (128, 128);
+pub const NATIVE_SIZE: pictor_core::Dimensions = pictor_core::Dimensions::new(128, 128);
 
 macro_rules! shipped_files {
     ($($path:literal),* $(,)?) => {

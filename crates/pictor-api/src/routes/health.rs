@@ -6,25 +6,26 @@ use serde_json::{Value, json};
 use crate::{error::ApiError, metrics, state::AppState};
 
 /// `GET /healthz`: the process is up.
-pub async fn healthz() -> Json<Value> {
+pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: every model is loaded and the server is not shutting down.
-pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     if state.shutting_down() {
         return Err(ApiError::shutting_down());
     }
     for slot in state.models() {
-        slot.ready_queue()?;
+        slot.ready()?;
     }
     Ok(Json(json!({"status": "ready"})))
 }
 
 /// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for slot in state.models() {
-        if let Some(q) = slot.queue() {
+        if let Some(loaded) = slot.loaded() {
+            let q = &loaded.queue;
             ::metrics::gauge!("pictor_queue_depth", "model" => slot.spec.name.clone())
                 .set((q.waiting() + q.running()) as f64);
         }

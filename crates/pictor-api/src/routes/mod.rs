@@ -1,6 +1,5 @@
-//! Route handlers, one module per endpoint family.
+//! Route handlers, one module per endpoint family: HTTP in and out, nothing else.
 
-pub mod health;
-pub mod images;
-pub mod models;
-mod stream;
+pub(crate) mod health;
+pub(crate) mod images;
+pub(crate) mod models;

@@ -17,16 +17,16 @@ fn entries(state: &AppState) -> Vec<Model> {
     let mut out = Vec::new();
     for slot in state.models() {
         let spec = &slot.spec;
-        let ready = slot.queue().is_some();
+        let loaded = slot.loaded();
         let entry = |id: &str, alias_of: Option<String>| Model {
             id: id.to_string(),
             object: "model",
             created: spec.created,
             owned_by: "pictor",
             alias_of,
-            ready,
+            ready: loaded.is_some(),
             hash: slot.hash().map(str::to_string),
-            memory: slot.memory().map(<[_]>::to_vec),
+            memory: loaded.map(|l| l.memory.clone()),
         };
         out.push(entry(&spec.name, None));
         for alias in &spec.aliases {
@@ -37,7 +37,7 @@ fn entries(state: &AppState) -> Vec<Model> {
 }
 
 /// `GET /v1/models`.
-pub async fn list(State(state): State<AppState>, _: Caller) -> Json<ModelList> {
+pub(crate) async fn list(State(state): State<AppState>, _: Caller) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
         data: entries(&state),
@@ -45,7 +45,7 @@ pub async fn list(State(state): State<AppState>, _: Caller) -> Json<ModelList> {
 }
 
 /// `GET /v1/models/{id}`.
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<AppState>,
     _: Caller,
     Path(id): Path<String>,

@@ -1,10 +1,10 @@
 //! A real server on 127.0.0.1:0 over a temp data dir, and a client.
 
-use std::{path::Path, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
-use pictor_api::{ApiConfig, AppState, BodyLimits, ModelRules, ModelSpec};
+use pictor_api::{ApiConfig, AppState, BodyLimits, ModelSpec};
 use pictor_engine::{
-    ModelFiles,
+    Dimensions, ModelFiles, ModelRules, Pipeline,
     flux::{FluxOptions, FluxPipeline},
 };
 use pictor_sched::{ModelQueue, QueueConfig};
@@ -33,6 +33,8 @@ impl Default for Options {
 
 pub struct Server {
     pub url: String,
+    /// The model's queue, when it was loaded (tests watch its waiting and running jobs).
+    pub queue: Option<Arc<ModelQueue>>,
     pub state: AppState,
     pub db: Db,
     pub key: String,
@@ -62,17 +64,9 @@ pub async fn start(opts: Options) -> Server {
 
 async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) -> Server {
     let blobs = Blobs::local(&dir.path().join("images")).unwrap();
-    let rules = ModelRules {
-        min_side: 32,
-        default_size: (64, 64),
-        // Long jobs let the lifecycle tests hold the worker busy.
-        max_steps: 500,
-        ..ModelRules::flux_schnell()
-    };
     let spec = ModelSpec {
         name: MODEL.into(),
         aliases: vec!["dall-e-3".into()],
-        rules,
         created: 1,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -89,15 +83,26 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         idempotency_ttl: Duration::from_secs(3600),
     };
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
+    let mut model_queue = None;
     if opts.load_model {
         let files = ModelFiles::from_dir(&fixture()).unwrap();
         let pipeline = FluxPipeline::load(&files, FluxOptions::default()).unwrap();
+        // The pipeline's own rules, adjusted as a configuration would.
+        let rules = ModelRules {
+            min_side: 32,
+            default_size: Dimensions::new(64, 64),
+            // Long jobs let the lifecycle tests hold the worker busy.
+            max_steps: 500,
+            ..pipeline.rules()
+        };
         let queue = QueueConfig {
             depth: opts.queue_depth,
             timeout: opts.timeout,
             batch_images: 4,
         };
-        state.install(MODEL, ModelQueue::start(MODEL, Box::new(pipeline), queue));
+        let queue = Arc::new(ModelQueue::start(MODEL, Box::new(pipeline), queue));
+        state.install(MODEL, Arc::clone(&queue), rules);
+        model_queue = Some(queue);
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(pictor_api::serve(
@@ -110,6 +115,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
     ));
     Server {
         url,
+        queue: model_queue,
         state,
         db,
         key,

@@ -80,7 +80,7 @@ async fn a_concurrent_duplicate_waits_for_the_first() {
 async fn a_retry_after_a_dropped_connection_attaches_to_the_running_job() {
     let s = start(Options::default()).await;
     let slow = json!({"model": MODEL, "prompt": "slow", "size": "256x256", "steps": 30, "response_format": "b64_json"});
-    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let queue = || s.queue.as_deref().expect("the model is loaded");
     let dropped = tokio::spawn({
         let req = s.post(&slow).header("Idempotency-Key", "retry-me");
         async move { req.send().await }
@@ -129,7 +129,7 @@ async fn sdk_attempt(
 async fn an_sdk_retry_without_a_key_attaches_to_the_dropped_attempt() {
     let s = start(Options::default()).await;
     let slow = json!({"model": MODEL, "prompt": "slow", "size": "256x256", "steps": 30, "response_format": "b64_json"});
-    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let queue = || s.queue.as_deref().expect("the model is loaded");
     let dropped = tokio::spawn({
         let req = s.post(&slow).header("x-stainless-retry-count", "0");
         async move { req.send().await }

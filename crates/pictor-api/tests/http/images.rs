@@ -125,7 +125,7 @@ async fn jpeg_and_webp_outputs_carry_the_receipt() {
         let bytes = r.bytes().await.unwrap();
         assert!(bytes.starts_with(magic));
         assert_eq!(decode(&bytes).dimensions(), (64, 48));
-        let receipt = pictor_api::receipt::Receipt::from_image(&bytes).expect("EXIF receipt");
+        let receipt = pictor_image::Receipt::from_image(&bytes).expect("EXIF receipt");
         assert_eq!(
             (
                 receipt.prompt.as_str(),
@@ -175,7 +175,7 @@ async fn an_open_loopback_server_needs_no_key_until_one_exists() {
     let url = format!("{}/v1/images/generations", s.url);
     let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    s.state.db().create_key("first").await.unwrap();
+    s.db.create_key("first").await.unwrap();
     let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
     assert_eq!(r.status(), 401);
 }

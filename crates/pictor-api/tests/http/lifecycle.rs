@@ -30,7 +30,7 @@ async fn full_queue_is_429_with_retry_after_and_disconnects_cancel_the_work() {
         ..Options::default()
     })
     .await;
-    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let queue = || s.queue.as_deref().expect("the model is loaded");
     let a = tokio::spawn(s.post(&slow()).send());
     until("the first job to run", || queue().running() == 1).await;
     let b = tokio::spawn(s.post(&slow()).send());
@@ -71,7 +71,7 @@ async fn full_queue_is_429_with_retry_after_and_disconnects_cancel_the_work() {
 #[tokio::test]
 async fn shutdown_finishes_in_flight_work_and_refuses_new() {
     let mut s = start(Options::default()).await;
-    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let queue = || s.queue.as_deref().expect("the model is loaded");
     let in_flight = tokio::spawn(
         s.post(
             &json!({"model": MODEL, "prompt": "last", "size": "256x256", "steps": 8, "seed": 2}),

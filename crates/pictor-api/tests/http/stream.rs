@@ -174,7 +174,7 @@ async fn a_failure_after_the_stream_began_is_an_error_event() {
 #[tokio::test]
 async fn closing_the_stream_cancels_the_job() {
     let s = start(Options::default()).await;
-    let queue = || s.state.model(MODEL).unwrap().queue().unwrap();
+    let queue = || s.queue.as_deref().expect("the model is loaded");
     let body = json!({"model": MODEL, "prompt": "slow", "size": "512x512", "steps": 200,
         "stream": true, "partial_images": 1});
     let response = s.post(&body).send().await.unwrap();

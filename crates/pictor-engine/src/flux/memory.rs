@@ -5,6 +5,7 @@
 //! never loaded into the arms of the OOM killer.
 
 use candle_core::DType;
+pub use pictor_core::PartMemory;
 
 use crate::{
     error::{EngineError, Result},
@@ -15,21 +16,6 @@ use crate::{
 /// Memory for activations and scratch on top of the weights (a 512² step of the full
 /// FLUX transformer peaks around 0.5 GB over its weights; 1 GiB leaves room for a batch).
 pub const WORKING_BYTES: u64 = 1 << 30;
-
-/// One part's memory once loaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartMemory {
-    /// `transformer`, `t5`, `clip` or `vae`.
-    pub part: &'static str,
-    /// Bytes in memory once loaded (estimated from the files before loading).
-    pub bytes: u64,
-    /// How the weights are held: `Q4_K 95.1%, F16 4.4%, F32 0.5%` for GGUF, or the compute
-    /// dtype for safetensors (`f32 (stored BF16)`).
-    pub storage: String,
-    /// Whether it stays loaded between requests (false: loaded for each request's phase
-    /// and freed after it, because everything together exceeds the budget).
-    pub resident: bool,
-}
 
 /// What [`plan`] decided.
 #[derive(Debug, Clone)]

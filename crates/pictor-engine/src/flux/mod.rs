@@ -23,20 +23,41 @@ pub mod vae;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use pictor_core::{
+    Control, Dimensions, Generation, GenerationRequest, ModelRules, PartMemory, Phases, Pipeline,
+    PipelineError, Progress, RgbImage, preview_steps,
+};
 
 use self::{transformer::Transformer, vae::Vae};
 use crate::{
     device::{DTypeChoice, DeviceChoice},
     error::{EngineError, Result},
-    image::{RgbImage, to_rgb8},
+    image::to_rgb8,
     layout::ModelFiles,
     noise::gaussian_noise,
-    pipeline::{Control, Generation, GenerationRequest, Phases, Pipeline, Progress, preview_steps},
     text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
 };
 
 /// Latent channels of the flux autoencoder (before 2×2 packing).
 const LATENT_CHANNELS: usize = 16;
+
+/// FLUX.1-schnell's rules: sides on a grid of 16 pixels (the autoencoder's 8× times the
+/// transformer's 2×2 patches), 256 to 2048 a side as Black Forest Labs serve it, at most
+/// 2048² pixels, 1024² by default; 4 steps (it is distilled for them), at most 50; no
+/// guidance and no negative prompt.
+pub fn schnell_rules() -> ModelRules {
+    ModelRules {
+        multiple: 16,
+        min_side: 256,
+        max_side: 2048,
+        max_pixels: 2048 * 2048,
+        default_size: Dimensions::new(1024, 1024),
+        default_steps: 4,
+        max_steps: 50,
+        takes_guidance: false,
+        takes_negative_prompt: false,
+    }
+}
 
 /// How to load and run the pipeline.
 #[derive(Debug, Clone)]
@@ -323,31 +344,31 @@ impl FluxPipeline {
 }
 
 impl Pipeline for FluxPipeline {
-    fn check(&self, req: &GenerationRequest) -> Result<()> {
-        for (field, value) in [("width", req.width), ("height", req.height)] {
-            if value == 0 || value % 16 != 0 {
-                return Err(EngineError::InvalidInput {
-                    field,
-                    message: format!("{value} is not a positive multiple of 16"),
-                });
-            }
-        }
-        if req.steps == 0 {
-            return Err(EngineError::InvalidInput {
-                field: "steps",
-                message: "must be at least 1".into(),
-            });
-        }
-        if req.n == 0 {
-            return Err(EngineError::InvalidInput {
-                field: "n",
-                message: "must be at least 1".into(),
-            });
-        }
-        Ok(())
+    fn rules(&self) -> ModelRules {
+        schnell_rules()
+    }
+
+    fn memory(&self) -> Vec<PartMemory> {
+        self.plan.parts.clone()
     }
 
     fn generate_batch(
+        &mut self,
+        reqs: &[GenerationRequest],
+        progress: &mut dyn FnMut(Progress) -> Control,
+    ) -> pictor_core::Result<Vec<Generation>> {
+        self.run_batch(reqs, progress).map_err(PipelineError::from)
+    }
+
+    fn idle(&mut self) {
+        crate::heap::release_freed_memory();
+    }
+}
+
+impl FluxPipeline {
+    /// [`Pipeline::generate_batch`] in the engine's own error type. A request off the grid
+    /// or a batch that breaks [`Pipeline::compatible`] is refused before anything runs.
+    fn run_batch(
         &mut self,
         reqs: &[GenerationRequest],
         progress: &mut dyn FnMut(Progress) -> Control,
@@ -355,8 +376,9 @@ impl Pipeline for FluxPipeline {
         let Some(first_req) = reqs.first() else {
             return Ok(Vec::new());
         };
+        let runnable = self.rules().without_serving_limits();
         for req in reqs {
-            self.check(req)?;
+            runnable.check(req)?;
             if !self.compatible(first_req, req) {
                 return Err(EngineError::InvalidInput {
                     field: "size",

@@ -8,6 +8,7 @@ use std::{path::Path, sync::Arc};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::{clip::text_model as clip, t5 as candle_t5};
+use pictor_core::PromptInfo;
 use serde::Deserialize;
 
 pub use tokenize::{FixedLengthTokenizer, Tokens};
@@ -15,7 +16,6 @@ pub use tokenize::{FixedLengthTokenizer, Tokens};
 use crate::{
     error::{EngineError, Result},
     layout::Part,
-    pipeline::PromptInfo,
     weights::{GgufFile, MappedWeights, QWeights, SafetensorFiles, Scheme},
 };
 

@@ -33,7 +33,10 @@ fn images(files: &ModelFiles, budget: Option<u64>) -> Result<Vec<Vec<u8>>, Engin
             n: 1,
             ..Default::default()
         };
-        let g = p.generate(&req, &mut |_| Control::Continue)?;
+        // A load that succeeded must generate; only loading may fail here.
+        let g = p
+            .generate(&req, &mut |_| Control::Continue)
+            .expect("a loaded model generates");
         out.push(g.images[0].pixels.clone());
     }
     Ok(out)

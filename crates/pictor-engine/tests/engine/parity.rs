@@ -459,7 +459,7 @@ fn cancel_stops_between_steps() {
         })
         .expect_err("cancelled");
     assert!(
-        matches!(err, pictor_engine::EngineError::Cancelled),
+        matches!(err, pictor_engine::PipelineError::Cancelled),
         "{err}"
     );
     assert_eq!(steps, 1, "the first step never started");
@@ -477,9 +477,18 @@ fn sizes_off_the_grid_are_rejected_with_the_field() {
         n: 1,
         previews: 0,
     };
-    match p.check(&req) {
-        Err(pictor_engine::EngineError::InvalidInput { field, .. }) => assert_eq!(field, "height"),
-        other => panic!("expected InvalidInput, got {other:?}"),
+    let e = p
+        .rules()
+        .without_serving_limits()
+        .check(&req)
+        .expect_err("40 is off the grid of 16");
+    assert_eq!(e.param, "size");
+    assert!(e.message.contains("height is 40"), "{e}");
+    // The pipeline itself refuses it too, with the same words, before running anything.
+    let mut p = p;
+    match p.generate(&req, &mut |_| Control::Continue) {
+        Err(pictor_engine::PipelineError::Invalid(again)) => assert_eq!(again, e),
+        other => panic!("expected Invalid, got {other:?}"),
     }
 }
 

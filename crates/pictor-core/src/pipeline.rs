@@ -1,11 +1,11 @@
-//! The seam between the engine and its callers: one trait, plain data in and out.
+//! The trait every model family implements, and the plain data it takes and gives.
 
 use std::time::Duration;
 
-use crate::{RgbImage, error::Result};
+use crate::{ModelRules, RgbImage, error::Result};
 
-/// What to generate. Plain values: the caller has already validated them against the
-/// model's limits (see [`Pipeline::check`]).
+/// What to generate. Plain values: the caller has already held them to the model's rules
+/// ([`ModelRules::check`] over [`Pipeline::rules`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerationRequest {
     /// The text prompt, as the user wrote it.
@@ -76,7 +76,7 @@ pub enum Progress<'a> {
 pub enum Control {
     /// Keep going.
     Continue,
-    /// Stop; `generate` returns [`crate::EngineError::Cancelled`].
+    /// Stop; `generate` returns [`crate::PipelineError::Cancelled`].
     Cancel,
 }
 
@@ -118,15 +118,36 @@ pub struct Generation {
     pub phases: Phases,
 }
 
+/// One part of a loaded model and the memory it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartMemory {
+    /// `transformer`, `t5`, `clip` or `vae`.
+    pub part: &'static str,
+    /// Bytes in memory once loaded (estimated from the files before loading).
+    pub bytes: u64,
+    /// How the weights are held: `Q4_K 95.1%, F16 4.4%, F32 0.5%` for GGUF, or the compute
+    /// dtype for safetensors (`f32 (stored BF16)`).
+    pub storage: String,
+    /// Whether it stays loaded between requests (false: loaded for each request's phase
+    /// and freed after it, because everything together exceeds the budget).
+    pub resident: bool,
+}
+
 /// A loaded model that turns prompts into images.
 ///
-/// Implementors provide [`Pipeline::check`] and [`Pipeline::generate_batch`];
+/// Implementors provide [`Pipeline::rules`] and [`Pipeline::generate_batch`];
 /// `generate` blocks the calling thread for the whole computation (seconds to minutes);
 /// async callers run it on a dedicated thread.
 pub trait Pipeline: Send {
-    /// Checks a request against the model's own rules (size grid, step range) without
-    /// running anything.
-    fn check(&self, req: &GenerationRequest) -> Result<()>;
+    /// The model's own rules: its size grid, the sizes and steps it serves by default,
+    /// and which inputs it takes. A server may narrow or widen the ranges by
+    /// configuration, never the grid.
+    fn rules(&self) -> ModelRules;
+
+    /// Each part's memory, once loaded (empty when the pipeline does not say).
+    fn memory(&self) -> Vec<PartMemory> {
+        Vec::new()
+    }
 
     /// Generates `req.n` images. `progress` is called after each phase and each denoising
     /// step; returning [`Control::Cancel`] stops before the next step.
@@ -136,7 +157,7 @@ pub trait Pipeline: Send {
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Generation> {
         let mut all = self.generate_batch(std::slice::from_ref(req), progress)?;
-        all.pop().ok_or(crate::EngineError::Cancelled)
+        all.pop().ok_or(crate::PipelineError::Cancelled)
     }
 
     /// Generates several requests together, one [`Generation`] per request in order.
@@ -149,8 +170,14 @@ pub trait Pipeline: Send {
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Vec<Generation>>;
 
-    /// Whether two requests can share a batch in [`Pipeline::generate_batch`].
+    /// Whether two requests can share a batch in [`Pipeline::generate_batch`]: the one
+    /// place this is decided (the scheduler groups by it, a pipeline refuses a batch that
+    /// breaks it).
     fn compatible(&self, a: &GenerationRequest, b: &GenerationRequest) -> bool {
         (a.width, a.height, a.steps) == (b.width, b.height, b.steps)
     }
+
+    /// The scheduler calls this when its queue has emptied after a long batch: a moment to
+    /// hand scratch memory back to the system. Does nothing by default.
+    fn idle(&mut self) {}
 }

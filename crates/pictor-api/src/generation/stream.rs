@@ -19,27 +19,23 @@ use pictor_store::now_unix;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::images::{Prepared, finish, quality_name, submit};
+use super::{job::Job, run};
 use crate::{
-    encode,
     error::ApiError,
     openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, Usage},
     state::AppState,
-    wire::ResponseFormat,
 };
 
 /// Admits the job (errors before the stream starts are ordinary HTTP errors) and answers
 /// with its event stream.
-pub(super) fn respond(state: AppState, mut prepared: Prepared) -> Result<Response, ApiError> {
-    // Stream events carry the image inline, as OpenAI's do.
-    prepared.valid.request.response_format = ResponseFormat::B64Json;
-    let ticket = submit(&state, &prepared)?;
+pub(super) fn respond(state: AppState, job: Job) -> Result<Response, ApiError> {
+    let ticket = run::admit(&state, &job)?;
     let (tx, rx) = mpsc::channel::<Event>(8);
     tokio::spawn(async move {
         tokio::select! {
             // The client left: returning drops the ticket, which cancels the job.
             () = tx.closed() => tracing::debug!("the client closed the image stream"),
-            () = produce(&state, &prepared, ticket, &tx) => {}
+            () = produce(&state, &job, ticket, &tx) => {}
         }
     });
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -65,18 +61,12 @@ fn event(name: &'static str, data: &impl Serialize) -> Option<Event> {
 }
 
 /// Sends the job's events until it ends or the client leaves (a failed send).
-async fn produce(state: &AppState, p: &Prepared, mut ticket: Ticket, tx: &mpsc::Sender<Event>) {
+async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sender<Event>) {
     let created_at = now_unix();
-    let (e, req) = (&p.valid.engine, &p.valid.request);
-    let size = format!("{}x{}", e.width, e.height);
-    let quality = quality_name(e.steps);
+    let format = job.output_format();
     while let Some(preview) = ticket.next_preview().await {
-        let bytes = match encode::encode(
-            &preview.pixels,
-            req.output_format,
-            req.output_compression.max(1),
-            "",
-        ) {
+        // A preview carries no receipt: it is not the image the receipt describes.
+        let bytes = match pictor_image::encode(&preview.pixels, format, job.compression(), "") {
             Ok(b) => b,
             Err(err) => {
                 tracing::error!(error = %err, "encoding a preview");
@@ -88,10 +78,10 @@ async fn produce(state: &AppState, p: &Prepared, mut ticket: Ticket, tx: &mpsc::
             b64_json: base64::engine::general_purpose::STANDARD.encode(bytes),
             background: "opaque",
             created_at,
-            output_format: req.output_format.name(),
+            output_format: format.name(),
             partial_image_index: preview.index,
-            quality,
-            size: size.clone(),
+            quality: job.quality(),
+            size: job.size(),
             image_index: preview.image,
             step: preview.step,
         };
@@ -102,7 +92,7 @@ async fn produce(state: &AppState, p: &Prepared, mut ticket: Ticket, tx: &mpsc::
             return;
         }
     }
-    let events = match finish(state, p, ticket).await {
+    let events = match run::finish(state, job, ticket).await {
         Ok(response) => completed(response, created_at),
         Err(err) => {
             let body = serde_json::json!({"type": "error", "error": err.body().error});

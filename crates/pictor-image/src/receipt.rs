@@ -2,6 +2,10 @@
 //! read (`prompt`, then a line `Steps: …, Seed: …, Size: WxH, Model: …`), and its parser,
 //! so an image can be reproduced from its own file (`pictor generate --from-image`).
 
+use pictor_core::{Dimensions, GenerationRequest, PromptInfo};
+
+use crate::{Error, Result};
+
 /// What made an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
@@ -22,6 +26,26 @@ pub struct Receipt {
 }
 
 impl Receipt {
+    /// The receipt of image `index` of `req`'s result: the prompt its encoder really saw,
+    /// its own seed (`seed + index`), steps and size, and the model that drew it.
+    pub fn new(
+        req: &GenerationRequest,
+        prompt: &PromptInfo,
+        index: usize,
+        model: &str,
+        model_hash: Option<&str>,
+    ) -> Self {
+        Self {
+            prompt: prompt.encoded.clone(),
+            steps: req.steps,
+            seed: req.seed.wrapping_add(index as u64),
+            width: req.width,
+            height: req.height,
+            model: model.to_string(),
+            model_hash: model_hash.map(str::to_string),
+        }
+    }
+
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
@@ -48,7 +72,7 @@ impl Receipt {
                 .find_map(|kv| kv.strip_prefix(key)?.strip_prefix(": "))
                 .map(str::to_string)
         };
-        let (width, height) = crate::wire::dimensions(&field("Size")?)?;
+        let Dimensions { width, height } = field("Size")?.parse().ok()?;
         Some(Self {
             prompt: prompt.to_string(),
             steps: field("Steps")?.parse().ok()?,
@@ -62,18 +86,19 @@ impl Receipt {
 
     /// The receipt of an image file: PNG (`parameters` text chunk), JPEG or WebP (EXIF
     /// `UserComment`).
-    pub fn from_image(bytes: &[u8]) -> anyhow::Result<Self> {
+    pub fn from_image(bytes: &[u8]) -> Result<Self> {
         if bytes.starts_with(b"\x89PNG") {
             return Self::from_png(bytes);
         }
         let format = image::guess_format(bytes)?;
         let text = exif_user_comment(bytes, format)?;
-        Self::parse(&text)
-            .ok_or_else(|| anyhow::anyhow!("the EXIF UserComment has no Steps, Seed and Size"))
+        Self::parse(&text).ok_or(Error::NoReceipt(
+            "the EXIF UserComment has no Steps, Seed and Size",
+        ))
     }
 
     /// Reads the receipt from a PNG's `parameters` chunk (tEXt, zTXt or iTXt).
-    pub fn from_png(bytes: &[u8]) -> anyhow::Result<Self> {
+    pub fn from_png(bytes: &[u8]) -> Result<Self> {
         let reader = png::Decoder::new(std::io::Cursor::new(bytes)).read_info()?;
         let info = reader.info();
         let text = info
@@ -93,14 +118,15 @@ impl Receipt {
                     .find(|c| c.keyword == "parameters")
                     .and_then(|c| c.get_text().ok())
             })
-            .ok_or_else(|| anyhow::anyhow!("the PNG has no `parameters` text chunk"))?;
-        Self::parse(&text)
-            .ok_or_else(|| anyhow::anyhow!("the `parameters` text has no Steps, Seed and Size"))
+            .ok_or(Error::NoReceipt("the PNG has no `parameters` text chunk"))?;
+        Self::parse(&text).ok_or(Error::NoReceipt(
+            "the `parameters` text has no Steps, Seed and Size",
+        ))
     }
 }
 
 /// The EXIF `UserComment` of a JPEG or WebP file, decoded by its charset code.
-fn exif_user_comment(bytes: &[u8], format: image::ImageFormat) -> anyhow::Result<String> {
+fn exif_user_comment(bytes: &[u8], format: image::ImageFormat) -> Result<String> {
     use image::ImageDecoder as _;
     let cursor = std::io::Cursor::new(bytes);
     let tiff = match format {
@@ -110,15 +136,21 @@ fn exif_user_comment(bytes: &[u8], format: image::ImageFormat) -> anyhow::Result
         image::ImageFormat::WebP => {
             image::codecs::webp::WebPDecoder::new(cursor)?.exif_metadata()?
         }
-        other => anyhow::bail!("{other:?} files carry no receipt Pictor can read"),
+        _ => {
+            return Err(Error::NoReceipt(
+                "only PNG, JPEG and WebP files carry a receipt",
+            ));
+        }
     }
-    .ok_or_else(|| anyhow::anyhow!("the image has no EXIF metadata"))?;
+    .ok_or(Error::NoReceipt("the image has no EXIF metadata"))?;
     let exif = exif::Reader::new().read_raw(tiff)?;
     let field = exif
         .get_field(exif::Tag::UserComment, exif::In::PRIMARY)
-        .ok_or_else(|| anyhow::anyhow!("the EXIF metadata has no UserComment"))?;
+        .ok_or(Error::NoReceipt("the EXIF metadata has no UserComment"))?;
     let exif::Value::Undefined(raw, _) = &field.value else {
-        anyhow::bail!("the EXIF UserComment is not of type UNDEFINED");
+        return Err(Error::NoReceipt(
+            "the EXIF UserComment is not of type UNDEFINED",
+        ));
     };
     let (code, text) = raw.split_at(raw.len().min(8));
     Ok(match code {
@@ -171,7 +203,7 @@ mod tests {
             model: "m".into(),
             model_hash: None,
         };
-        let img = pictor_sched::RgbImage {
+        let img = pictor_core::RgbImage {
             width: 16,
             height: 8,
             pixels: vec![200; 16 * 8 * 3],

@@ -1,9 +1,11 @@
-//! Engine images to the bytes a client asked for: PNG, JPEG or WebP.
+//! Pipeline images to the bytes a client asked for: PNG, JPEG or WebP.
 
 use std::io::Cursor;
 
 use image::{ImageEncoder, codecs};
-use pictor_sched::RgbImage;
+use pictor_core::RgbImage;
+
+use crate::Result;
 
 /// An output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,7 @@ impl Format {
 
 /// Writes a PNG with a `parameters` text chunk, the field image tools read generation
 /// settings from.
-fn png_with_parameters(img: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u8>> {
+fn png_with_parameters(img: &RgbImage, parameters: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, img.width as u32, img.height as u32);
     encoder.set_color(png::ColorType::Rgb);
@@ -72,7 +74,7 @@ fn png_with_parameters(img: &RgbImage, parameters: &str) -> anyhow::Result<Vec<u
 /// An EXIF block (raw TIFF, big-endian) holding `parameters` as its `UserComment`, in the
 /// form AUTOMATIC1111's web UI writes and reads for JPEG and WebP: the `UNICODE\0` charset
 /// code, then UTF-16BE text.
-fn exif_with_parameters(parameters: &str) -> anyhow::Result<Vec<u8>> {
+fn exif_with_parameters(parameters: &str) -> Result<Vec<u8>> {
     let mut comment = b"UNICODE\0".to_vec();
     comment.extend(parameters.encode_utf16().flat_map(u16::to_be_bytes));
     let field = exif::Field {
@@ -90,16 +92,11 @@ fn exif_with_parameters(parameters: &str) -> anyhow::Result<Vec<u8>> {
 /// Encodes `img`; `quality` (1..=100) applies to JPEG. `parameters` (the receipt in the
 /// text form image tools use) is embedded in every format: a PNG `parameters` text chunk,
 /// or the EXIF `UserComment` of JPEG and WebP. An empty `parameters` embeds nothing.
-pub fn encode(
-    img: &RgbImage,
-    format: Format,
-    quality: u8,
-    parameters: &str,
-) -> anyhow::Result<Vec<u8>> {
+pub fn encode(img: &RgbImage, format: Format, quality: u8, parameters: &str) -> Result<Vec<u8>> {
     let mut out = Cursor::new(Vec::new());
     let (w, h) = (img.width as u32, img.height as u32);
     let color = image::ExtendedColorType::Rgb8;
-    let exif = || -> anyhow::Result<Vec<u8>> {
+    let exif = || -> Result<Vec<u8>> {
         if parameters.is_empty() {
             Ok(Vec::new())
         } else {

@@ -1,0 +1,218 @@
+//! A generation request made good: every decision taken once, from the wire request and the
+//! model's rules, and read from here by everything downstream.
+
+use std::sync::Arc;
+
+use pictor_core::{GenerationRequest, ModelRules};
+use pictor_image::Format;
+use pictor_store::ApiKey;
+
+use crate::{
+    error::ApiError,
+    state::ModelSlot,
+    wire::{ImageRequest, Quality, ResponseFormat, Size},
+};
+
+/// A validated generation: the model it runs on, the engine request, and how the answer is
+/// shaped. Only [`Job::new`] makes one, so nothing unchecked reaches a queue; its fields are
+/// private, so nothing downstream changes a decision.
+pub(crate) struct Job {
+    slot: Arc<ModelSlot>,
+    key: Option<ApiKey>,
+    engine: GenerationRequest,
+    quality: &'static str,
+    response_format: ResponseFormat,
+    output_format: Format,
+    compression: u8,
+    stream: bool,
+    output_tokens: u64,
+}
+
+/// Steps for a quality preset: the model's default for `auto`, `high`, `hd` and
+/// `standard`, ¾ of it for `medium`, ½ for `low` (at least 1).
+fn steps_for(rules: &ModelRules, quality: Quality) -> usize {
+    let full = rules.default_steps;
+    match quality {
+        Quality::Low => (full / 2).max(1),
+        Quality::Medium => (full * 3 / 4).max(1),
+        Quality::Auto | Quality::High | Quality::Standard | Quality::Hd => full,
+    }
+}
+
+/// OpenAI's `quality` name for a run of `steps`: the highest preset it reaches.
+fn quality_name(rules: &ModelRules, steps: usize) -> &'static str {
+    if steps >= steps_for(rules, Quality::High) {
+        "high"
+    } else if steps >= steps_for(rules, Quality::Medium) {
+        "medium"
+    } else {
+        "low"
+    }
+}
+
+impl Job {
+    /// Holds `req` to the rules of `slot`'s model (503 while it loads); `seed` is used when
+    /// the request has none.
+    pub(crate) fn new(
+        req: ImageRequest,
+        slot: Arc<ModelSlot>,
+        key: Option<ApiKey>,
+        seed: u64,
+    ) -> Result<Self, ApiError> {
+        let rules = &slot.ready()?.rules;
+        let size = match req.size {
+            Size::Auto => rules.default_size,
+            Size::Exact(size) => size,
+        };
+        if !rules.takes_guidance && req.guidance_scale.is_some_and(|g| g != 0.0) {
+            return Err(ApiError::invalid(
+                "guidance_scale",
+                "This model is guidance-distilled and takes no guidance scale; omit 'guidance_scale' or send 0.",
+            ));
+        }
+        if !rules.takes_negative_prompt
+            && req
+                .negative_prompt
+                .as_deref()
+                .is_some_and(|s| !s.is_empty())
+        {
+            return Err(ApiError::invalid(
+                "negative_prompt",
+                "This model cannot use a negative prompt; omit 'negative_prompt'.",
+            ));
+        }
+        let engine = GenerationRequest {
+            prompt: req.prompt,
+            width: size.width,
+            height: size.height,
+            steps: req.steps.unwrap_or_else(|| steps_for(rules, req.quality)),
+            seed: req.seed.unwrap_or(seed),
+            n: req.n,
+            previews: if req.stream { req.partial_images } else { 0 },
+        };
+        rules.check(&engine)?;
+        // One output token per cell of the model's grid: what its transformer denoises.
+        let cells = (engine.width / rules.multiple) * (engine.height / rules.multiple);
+        Ok(Self {
+            output_tokens: (engine.n * cells) as u64,
+            quality: quality_name(rules, engine.steps),
+            // Stream events carry each image inline, as OpenAI's do.
+            response_format: if req.stream {
+                ResponseFormat::B64Json
+            } else {
+                req.response_format
+            },
+            output_format: req.output_format,
+            // JPEG quality runs 1..=100; `output_compression: 0` means the smallest file.
+            compression: req.output_compression.max(1),
+            stream: req.stream,
+            slot,
+            key,
+            engine,
+        })
+    }
+
+    /// The model's slot.
+    pub(crate) fn slot(&self) -> &ModelSlot {
+        &self.slot
+    }
+
+    /// The model's name (not the alias the client used).
+    pub(crate) fn model(&self) -> &str {
+        &self.slot.spec.name
+    }
+
+    /// The caller's API key, when the server has keys.
+    pub(crate) fn key(&self) -> Option<&ApiKey> {
+        self.key.as_ref()
+    }
+
+    /// What the engine runs.
+    pub(crate) fn engine(&self) -> &GenerationRequest {
+        &self.engine
+    }
+
+    /// OpenAI's `quality` for the steps that run.
+    pub(crate) fn quality(&self) -> &'static str {
+        self.quality
+    }
+
+    /// `WxH`, as responses spell it.
+    pub(crate) fn size(&self) -> String {
+        pictor_core::Dimensions::new(self.engine.width, self.engine.height).to_string()
+    }
+
+    /// Inline or behind a link.
+    pub(crate) fn response_format(&self) -> ResponseFormat {
+        self.response_format
+    }
+
+    /// The file format.
+    pub(crate) fn output_format(&self) -> Format {
+        self.output_format
+    }
+
+    /// JPEG quality, 1 to 100.
+    pub(crate) fn compression(&self) -> u8 {
+        self.compression
+    }
+
+    /// Answered as server-sent events.
+    pub(crate) fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Output tokens, as `usage` counts them for images: one per cell of the model's size
+    /// grid (16×16 pixels for FLUX) of each image.
+    pub(crate) fn output_tokens(&self) -> u64 {
+        self.output_tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pictor_core::Dimensions;
+
+    use super::*;
+
+    fn rules(default_steps: usize) -> ModelRules {
+        ModelRules {
+            multiple: 16,
+            min_side: 64,
+            max_side: 512,
+            max_pixels: 512 * 512,
+            default_size: Dimensions::new(128, 128),
+            default_steps,
+            max_steps: 100,
+            takes_guidance: false,
+            takes_negative_prompt: false,
+        }
+    }
+
+    #[test]
+    fn quality_presets_and_names_agree_for_any_default() {
+        for default in [1, 2, 4, 8, 28, 50] {
+            let r = rules(default);
+            for (q, name) in [
+                (Quality::Auto, "high"),
+                (Quality::High, "high"),
+                (Quality::Medium, "medium"),
+                (Quality::Low, "low"),
+            ] {
+                let steps = steps_for(&r, q);
+                let expect = match (name, default) {
+                    // With 1 or 2 steps the presets collapse onto each other.
+                    (_, 1) => "high",
+                    ("low", 2) => "medium",
+                    _ => name,
+                };
+                assert_eq!(quality_name(&r, steps), expect, "{q:?} at {default}");
+            }
+        }
+        let schnell = rules(4);
+        assert_eq!(
+            [1, 2, 3, 4, 10].map(|s| quality_name(&schnell, s)),
+            ["low", "low", "medium", "high", "high"]
+        );
+    }
+}

@@ -1,0 +1,73 @@
+//! The generation flow, written once for every way a request is answered.
+//!
+//! ```text
+//! JSON body ─wire::parse─▶ ImageRequest ─Job::new─▶ Job ─rate limit─▶ answer
+//!   answer: streamed  → stream::respond  (admit, then previews and results as events)
+//!           detached  → detach::run      (Idempotency-Key or SDK attempt: replay, wait or run)
+//!           plain     → run::admit, run::finish
+//! ```
+//!
+//! [`job::Job`] holds every decision (model, size, steps, quality, formats, seed), made
+//! once from the request and the model's rules; [`run`] is the life of an admitted job, the
+//! same for all three answers. Edits and other endpoints build a `Job` and reuse the rest.
+
+mod detach;
+mod job;
+mod run;
+mod stream;
+
+use axum::{
+    Json,
+    http::HeaderMap,
+    response::{IntoResponse, Response},
+};
+use pictor_store::ApiKey;
+use serde_json::Value;
+
+use self::job::Job;
+use crate::{error::ApiError, state::AppState, wire};
+
+/// Answers a generation request whose body is `body` (JSON already parsed) from the
+/// caller holding `key`.
+pub(crate) async fn generate(
+    state: AppState,
+    key: Option<ApiKey>,
+    headers: &HeaderMap,
+    body: Value,
+) -> Result<Response, ApiError> {
+    let request = wire::parse(&body, &state.0.config.limits)?;
+    let slot = state
+        .model(&request.model)
+        .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?
+        .clone();
+    let job = Job::new(request, slot, key, rand::random())?;
+    let rate = match job.key() {
+        Some(key) => state.0.limiter.admit(key, job.engine().n)?,
+        None => Default::default(),
+    };
+    let mut response = answer(state, job, headers, &body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    rate.apply(&mut response);
+    Ok(response)
+}
+
+/// Streams, runs detached, or runs plainly.
+async fn answer(
+    state: AppState,
+    job: Job,
+    headers: &HeaderMap,
+    body: &Value,
+) -> Result<Response, ApiError> {
+    let detached = detach::plan(headers, &job, body)?;
+    if job.stream() {
+        return stream::respond(state, job);
+    }
+    if let Some(detached) = detached {
+        return detach::run(state, job, detached).await;
+    }
+    // If the client goes away, axum drops this future and with it the ticket, which
+    // cancels the job before its next denoising step.
+    let ticket = run::admit(&state, &job)?;
+    Ok(Json(run::finish(&state, &job, ticket).await?).into_response())
+}

@@ -1,0 +1,122 @@
+//! An admitted job's life: into its model's queue, out as an OpenAI images response with
+//! each image encoded, its receipt embedded, inline or stored, and usage recorded.
+
+use base64::Engine as _;
+use pictor_image::Receipt;
+use pictor_sched::{JobError, Outcome, SubmitError, Ticket};
+use pictor_store::now_unix;
+
+use super::job::Job;
+use crate::{
+    error::ApiError,
+    files,
+    openapi::{ImageData, ImagesResponse, Timings, Usage},
+    state::AppState,
+    wire::ResponseFormat,
+};
+
+/// Admits the job to its model's queue (429 when full, 503 while stopping).
+pub(super) fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiError> {
+    if state.shutting_down() {
+        return Err(ApiError::shutting_down());
+    }
+    job.slot()
+        .ready()?
+        .queue
+        .submit(job.engine().clone())
+        .map_err(|e| match e {
+            SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
+                model: job.model().to_string(),
+                retry_after,
+            },
+            SubmitError::Closed => ApiError::shutting_down(),
+        })
+}
+
+/// Waits for the job, answers it and records its usage against the caller's key.
+pub(super) async fn finish(
+    state: &AppState,
+    job: &Job,
+    ticket: Ticket,
+) -> Result<ImagesResponse, ApiError> {
+    let model = job.model();
+    let outcome = ticket.wait().await.map_err(|e| match e {
+        JobError::TimedOut(limit) => ApiError::Timeout(limit),
+        other => ApiError::Internal(
+            anyhow::Error::new(other).context(format!("generating with {model}")),
+        ),
+    })?;
+    let images = outcome.generation.images.len();
+    metrics::histogram!("pictor_generation_seconds", "model" => model.to_string())
+        .record(outcome.ran.as_secs_f64());
+    metrics::counter!("pictor_images_generated_total", "model" => model.to_string())
+        .increment(images as u64);
+    let response = respond(state, job, &outcome).await?;
+    if let Some(key) = job.key() {
+        let e = job.engine();
+        state
+            .db()
+            .record_usage(
+                &key.id,
+                images as i64,
+                (images * e.width * e.height) as i64,
+                outcome.ran.as_secs_f64(),
+            )
+            .await?;
+    }
+    Ok(response)
+}
+
+/// The response: each image encoded with its receipt, inline or behind a signed link.
+async fn respond(
+    state: &AppState,
+    job: &Job,
+    outcome: &Outcome,
+) -> Result<ImagesResponse, ApiError> {
+    let generation = &outcome.generation;
+    let phases = &generation.phases;
+    let timings = Timings {
+        queue_seconds: outcome.queued.as_secs_f64(),
+        encode_seconds: phases.encode.as_secs_f64(),
+        denoise_seconds: phases.denoise.as_secs_f64(),
+        decode_seconds: phases.decode.as_secs_f64(),
+        generation_seconds: outcome.ran.as_secs_f64(),
+    };
+    let model_hash = job.slot().hash();
+    let format = job.output_format();
+    let mut data = Vec::with_capacity(generation.images.len());
+    for (i, image) in generation.images.iter().enumerate() {
+        let receipt = Receipt::new(job.engine(), &generation.prompt, i, job.model(), model_hash);
+        let bytes =
+            pictor_image::encode(image, format, job.compression(), &receipt.to_parameters())?;
+        let (url, b64_json) = match job.response_format() {
+            ResponseFormat::B64Json => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&bytes)),
+            ),
+            ResponseFormat::Url => (Some(files::store(state, bytes, format).await?), None),
+        };
+        data.push(ImageData {
+            url,
+            b64_json,
+            revised_prompt: receipt.prompt,
+            prompt_truncated: generation.prompt.truncated,
+            seed: receipt.seed,
+            steps: receipt.steps as u32,
+            width: receipt.width as u32,
+            height: receipt.height as u32,
+            guidance: None,
+            model: receipt.model,
+            model_hash: receipt.model_hash,
+            timings,
+        });
+    }
+    Ok(ImagesResponse {
+        usage: Usage::new(generation.prompt.tokens as u64, job.output_tokens()),
+        created: now_unix(),
+        data,
+        output_format: format.name(),
+        size: job.size(),
+        quality: job.quality(),
+    })
+}

@@ -1,0 +1,243 @@
+//! What a model accepts, and the one check that holds a request to it.
+
+use std::{fmt, str::FromStr};
+
+use crate::{GenerationRequest, Invalid};
+
+/// Width and height in pixels, spelt `WIDTHxHEIGHT` (lower-case `x`, no spaces) in
+/// requests, receipts, the configuration and the command line alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Dimensions {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+}
+
+impl Dimensions {
+    /// `width` × `height`.
+    pub const fn new(width: usize, height: usize) -> Self {
+        Self { width, height }
+    }
+}
+
+impl fmt::Display for Dimensions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+impl FromStr for Dimensions {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not WIDTHxHEIGHT, such as 1024x1024");
+        let (w, h) = s.split_once('x').ok_or_else(bad)?;
+        let side = |v: &str| {
+            // `parse` would accept a leading `+`; a size is digits only.
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            v.parse::<usize>().map_err(|_| bad())
+        };
+        Ok(Self::new(side(w)?, side(h)?))
+    }
+}
+
+impl TryFrom<String> for Dimensions {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Dimensions> for String {
+    fn from(d: Dimensions) -> Self {
+        d.to_string()
+    }
+}
+
+/// What a model accepts. A pipeline declares its own ([`crate::Pipeline::rules`]); a server
+/// may change the ranges and defaults by configuration, never the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRules {
+    /// Sides must be multiples of this (the network's patch grid).
+    pub multiple: usize,
+    /// Smallest side in pixels.
+    pub min_side: usize,
+    /// Largest side in pixels.
+    pub max_side: usize,
+    /// Most pixels per image.
+    pub max_pixels: usize,
+    /// The size of `size: auto`.
+    pub default_size: Dimensions,
+    /// Steps for the default quality; lower qualities take a fraction of them.
+    pub default_steps: usize,
+    /// Most steps a request may ask for.
+    pub max_steps: usize,
+    /// Whether the model has a guidance input.
+    pub takes_guidance: bool,
+    /// Whether the model can use a negative prompt.
+    pub takes_negative_prompt: bool,
+}
+
+/// Largest side anyone may ask of a network, served or not.
+const LARGEST_SIDE: usize = 1 << 14;
+/// Most steps anyone may ask for, served or not.
+const MOST_STEPS: usize = 1000;
+
+impl ModelRules {
+    /// The same rules without a server's ranges: any size on the grid up to
+    /// 16384 a side and up to 1000 steps. What a person asks of a model on their own machine
+    /// (`pictor generate`), and what a pipeline itself refuses to run.
+    pub fn without_serving_limits(&self) -> Self {
+        Self {
+            min_side: self.multiple,
+            max_side: LARGEST_SIDE,
+            max_pixels: LARGEST_SIDE * LARGEST_SIDE,
+            max_steps: MOST_STEPS,
+            ..self.clone()
+        }
+    }
+
+    /// Holds `req` to these rules: sides on the grid and within range, the pixel budget,
+    /// steps and images at least 1 and steps at most `max_steps`. The error names the
+    /// request field (`size`, `steps` or `n`).
+    pub fn check(&self, req: &GenerationRequest) -> Result<(), Invalid> {
+        let size = Dimensions::new(req.width, req.height);
+        for (side, value) in [("width", req.width), ("height", req.height)] {
+            if value < self.min_side.max(1)
+                || value > self.max_side
+                || !value.is_multiple_of(self.multiple.max(1))
+            {
+                return Err(Invalid::new(
+                    "size",
+                    format!(
+                        "Invalid size '{size}': each side must be a multiple of {} between {} and {}, and the {side} is {value}.",
+                        self.multiple, self.min_side, self.max_side
+                    ),
+                ));
+            }
+        }
+        if req.width * req.height > self.max_pixels {
+            return Err(Invalid::new(
+                "size",
+                format!(
+                    "Invalid size '{size}': at most {} pixels per image.",
+                    self.max_pixels
+                ),
+            ));
+        }
+        if req.steps == 0 || req.steps > self.max_steps {
+            return Err(Invalid::new(
+                "steps",
+                format!(
+                    "Invalid 'steps': {}; this model takes 1 to {}.",
+                    req.steps, self.max_steps
+                ),
+            ));
+        }
+        if req.n == 0 {
+            return Err(Invalid::new("n", "Invalid 'n': 0; expected at least 1."));
+        }
+        Ok(())
+    }
+
+    /// Checks that the rules can serve their own defaults (`size: auto` at the default
+    /// steps); a configuration that breaks this would refuse every plain request.
+    pub fn check_defaults(&self) -> Result<(), Invalid> {
+        self.check(&GenerationRequest {
+            width: self.default_size.width,
+            height: self.default_size.height,
+            steps: self.default_steps,
+            n: 1,
+            ..GenerationRequest::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> ModelRules {
+        ModelRules {
+            multiple: 16,
+            min_side: 256,
+            max_side: 2048,
+            max_pixels: 1024 * 2048,
+            default_size: Dimensions::new(1024, 1024),
+            default_steps: 4,
+            max_steps: 50,
+            takes_guidance: false,
+            takes_negative_prompt: false,
+        }
+    }
+
+    fn req(width: usize, height: usize, steps: usize, n: usize) -> GenerationRequest {
+        GenerationRequest {
+            width,
+            height,
+            steps,
+            n,
+            ..GenerationRequest::default()
+        }
+    }
+
+    #[test]
+    fn each_bound_is_refused_with_its_param() {
+        let r = rules();
+        assert_eq!(r.check(&req(1024, 512, 4, 1)), Ok(()));
+        assert_eq!(r.check_defaults(), Ok(()));
+        for (bad, param, needle) in [
+            (req(250, 256, 4, 1), "size", "width is 250"),
+            (req(256, 248, 4, 1), "size", "height is 248"),
+            (req(240, 256, 4, 1), "size", "between 256 and 2048"),
+            (req(2064, 256, 4, 1), "size", "2064"),
+            (req(2048, 2048, 4, 1), "size", "at most 2097152 pixels"),
+            (req(256, 256, 0, 1), "steps", "1 to 50"),
+            (req(256, 256, 51, 1), "steps", "51"),
+            (req(256, 256, 4, 0), "n", "at least 1"),
+        ] {
+            let e = r.check(&bad).expect_err("refused");
+            assert_eq!(e.param, param, "{bad:?}");
+            assert!(e.message.contains(needle), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn without_serving_limits_keeps_only_the_grid() {
+        let r = rules().without_serving_limits();
+        assert_eq!(r.check(&req(64, 48, 2, 1)), Ok(()));
+        assert_eq!(r.check(&req(4096, 4096, 200, 1)), Ok(()));
+        assert_eq!(r.check(&req(80, 48, 4, 1)), Ok(()));
+        assert_eq!(
+            r.check(&req(80, 44, 4, 1)).map_err(|e| e.param),
+            Err("size")
+        );
+        assert_eq!(r.check(&req(0, 48, 4, 1)).map_err(|e| e.param), Err("size"));
+    }
+
+    #[test]
+    fn dimensions_have_one_spelling() {
+        assert_eq!("512x768".parse(), Ok(Dimensions::new(512, 768)));
+        for bad in [
+            "512X768",
+            "512 x 768",
+            "512",
+            "x5",
+            "+5x5",
+            "5x",
+            "-1x5",
+            "axb",
+        ] {
+            assert!(bad.parse::<Dimensions>().is_err(), "{bad}");
+        }
+        assert_eq!(Dimensions::new(64, 48).to_string(), "64x48");
+        let json = serde_json::to_string(&Dimensions::new(8, 16)).unwrap();
+        assert_eq!(json, "\"8x16\"");
+        assert!(serde_json::from_str::<Dimensions>("\"8 by 16\"").is_err());
+    }
+}

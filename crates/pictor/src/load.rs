@@ -1,0 +1,58 @@
+//! Loading a model, the one way `pictor serve` and `pictor generate` both do it: its files
+//! found (a folder, a file, a Hugging Face cache entry or the shipped model), a quantized
+//! copy made if the configuration asks, the pipeline built within the memory budget, and
+//! the rules it is served by: its own, as the configuration changes them.
+
+use std::path::Path;
+
+use anyhow::Context;
+use pictor_core::{ModelRules, Pipeline};
+use pictor_engine::{
+    DTypeChoice, DeviceChoice, ModelFiles,
+    flux::{FluxOptions, FluxPipeline},
+};
+
+use crate::config::ModelConfig;
+
+/// A loaded model.
+pub struct Loaded {
+    /// The pipeline.
+    pub pipeline: FluxPipeline,
+    /// The rules it is served by.
+    pub rules: ModelRules,
+    /// Where its parts were found (for hashing the weights).
+    pub files: ModelFiles,
+}
+
+/// Loads model `name` as `m` describes it, in `data_dir`'s caches, within `memory_budget`.
+pub fn load(
+    name: &str,
+    m: &ModelConfig,
+    data_dir: &Path,
+    memory_budget: Option<u64>,
+) -> anyhow::Result<Loaded> {
+    let path = crate::shipped::locate(&m.path, data_dir)?;
+    let mut files = ModelFiles::resolve(&path)
+        .with_context(|| format!("finding model {name} at {}", m.path))?;
+    if let Some(target) = &m.quantize {
+        crate::quantized::apply(&mut files, target, data_dir)?;
+    }
+    let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
+    let options = FluxOptions {
+        device: m.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
+        dtype,
+        max_batch: m.max_batch,
+        memory_budget,
+        ..FluxOptions::default()
+    };
+    let pipeline = FluxPipeline::load(&files, options)?;
+    let rules = m.rules(pipeline.rules());
+    rules
+        .check_defaults()
+        .with_context(|| format!("models.{name}: the default size and steps break its rules"))?;
+    Ok(Loaded {
+        pipeline,
+        rules,
+        files,
+    })
+}
