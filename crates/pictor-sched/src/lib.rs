@@ -14,8 +14,10 @@
 //! (`pictor-core`) and gives back its results, and never compiles the engine that
 //! implements them. Distributed queues come later.
 
+mod ticket;
+mod worker;
+
 use std::{
-    collections::VecDeque,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -23,10 +25,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use pictor_core::{
-    Control, Generation, GenerationRequest, PartMemory, Pipeline, PipelineError, Progress, RgbImage,
-};
+use pictor_core::{Generation, GenerationRequest, PartMemory, Pipeline, PipelineError, RgbImage};
 use tokio::sync::{mpsc, oneshot};
+
+pub use self::ticket::Ticket;
+use self::worker::Worker;
 
 /// Queue settings for one model.
 #[derive(Debug, Clone)]
@@ -120,56 +123,6 @@ pub struct ModelQueue {
     stats: Arc<Stats>,
     config: QueueConfig,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-/// A submitted job. Await [`Ticket::wait`] (after [`Ticket::next_preview`] when the
-/// request asked for previews); dropping the ticket cancels the job.
-pub struct Ticket {
-    rx: oneshot::Receiver<Result<Outcome, JobError>>,
-    previews: Option<mpsc::UnboundedReceiver<Preview>>,
-    /// The result, when it arrived while waiting for a preview.
-    result: Option<Result<Outcome, JobError>>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl Ticket {
-    /// The next preview, in the order the engine made them; `None` once the job has
-    /// finished (or failed) and every preview was handed out. The worker sends a job's
-    /// previews before its result, so none is lost.
-    pub async fn next_preview(&mut self) -> Option<Preview> {
-        if self.result.is_some() {
-            return None;
-        }
-        let previews = self.previews.as_mut()?;
-        tokio::select! {
-            biased;
-            preview = previews.recv() => {
-                if preview.is_none() {
-                    self.previews = None;
-                }
-                preview
-            }
-            result = &mut self.rx => {
-                self.result = Some(result.unwrap_or(Err(JobError::WorkerGone)));
-                // Previews sent just before the result are still in the channel.
-                self.previews.as_mut().and_then(|p| p.try_recv().ok())
-            }
-        }
-    }
-
-    /// Waits for the result.
-    pub async fn wait(mut self) -> Result<Outcome, JobError> {
-        if let Some(result) = self.result.take() {
-            return result;
-        }
-        (&mut self.rx).await.unwrap_or(Err(JobError::WorkerGone))
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
 }
 
 impl ModelQueue {
@@ -282,198 +235,6 @@ impl ModelQueue {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         worker.join().is_ok()
-    }
-}
-
-/// The model's thread: takes jobs, groups compatible ones, runs them, replies.
-struct Worker {
-    pipeline: Box<dyn Pipeline>,
-    rx: mpsc::Receiver<Job>,
-    /// Jobs taken off the channel but not yet run (incompatible with the last batch);
-    /// still counted as waiting.
-    pending: VecDeque<Job>,
-    stats: Arc<Stats>,
-    config: QueueConfig,
-}
-
-impl Job {
-    fn deadline(&self, timeout: Duration) -> Instant {
-        self.submitted + timeout
-    }
-
-    /// The client left, or the job can no longer finish in time.
-    fn dead(&self, timeout: Duration) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-            || self.reply.is_closed()
-            || Instant::now() >= self.deadline(timeout)
-    }
-}
-
-impl Worker {
-    fn new(
-        pipeline: Box<dyn Pipeline>,
-        rx: mpsc::Receiver<Job>,
-        stats: Arc<Stats>,
-        config: QueueConfig,
-    ) -> Self {
-        Self {
-            pipeline,
-            rx,
-            pending: VecDeque::new(),
-            stats,
-            config,
-        }
-    }
-
-    /// The next job, from what was set aside first, then the channel (blocking).
-    fn next(&mut self) -> Option<Job> {
-        if let Some(job) = self.pending.pop_front() {
-            return Some(job);
-        }
-        self.rx.blocking_recv()
-    }
-
-    /// Marks a job as no longer waiting; replies to it and returns `None` when it is dead.
-    fn take(&self, job: Job) -> Option<Job> {
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        if !job.dead(self.config.timeout) {
-            return Some(job);
-        }
-        if Instant::now() >= job.deadline(self.config.timeout) {
-            let _ = job.reply.send(Err(JobError::TimedOut(self.config.timeout)));
-        } else {
-            tracing::debug!("skipping a job whose client left while it waited");
-        }
-        None
-    }
-
-    /// `first` plus the waiting jobs that can share its batch, in arrival order.
-    fn gather(&mut self, first: Job) -> Vec<Job> {
-        let budget = self.config.batch_images.max(1);
-        let mut images = first.req.n;
-        let lead = first.req.clone();
-        let mut batch = vec![first];
-        let fits = |job: &Job, images: usize, this: &Self| {
-            images + job.req.n <= budget && this.pipeline.compatible(&lead, &job.req)
-        };
-        let mut i = 0;
-        while i < self.pending.len() && images < budget {
-            if fits(&self.pending[i], images, self) {
-                let job = self.pending.remove(i).expect("index checked");
-                if let Some(job) = self.take(job) {
-                    images += job.req.n;
-                    batch.push(job);
-                }
-            } else {
-                i += 1;
-            }
-        }
-        while images < budget {
-            let Ok(job) = self.rx.try_recv() else { break };
-            if fits(&job, images, self) {
-                if let Some(job) = self.take(job) {
-                    images += job.req.n;
-                    batch.push(job);
-                }
-            } else {
-                self.pending.push_back(job);
-            }
-        }
-        batch
-    }
-
-    fn run(mut self) {
-        while let Some(job) = self.next() {
-            let Some(first) = self.take(job) else {
-                continue;
-            };
-            let batch = self.gather(first);
-            let started = Instant::now();
-            self.run_batch(batch);
-            // Idle after a long batch: the pages it freed go back to the system. A short
-            // batch freed little, and trimming locks the heap while the handlers encode
-            // its images (at 128² that added about 1 ms to every request).
-            if started.elapsed() >= Duration::from_millis(500)
-                && self.pending.is_empty()
-                && self.rx.is_empty()
-            {
-                self.pipeline.idle();
-            }
-        }
-    }
-
-    fn run_batch(&mut self, batch: Vec<Job>) {
-        let timeout = self.config.timeout;
-        self.stats.running.store(batch.len(), Ordering::Relaxed);
-        let started = Instant::now();
-        let reqs: Vec<GenerationRequest> = batch.iter().map(|j| j.req.clone()).collect();
-        // Stop only when no job of the batch is still wanted.
-        let result = self.pipeline.generate_batch(&reqs, &mut |progress| {
-            if let Progress::Preview {
-                request,
-                image,
-                index,
-                step,
-                pixels,
-            } = progress
-                && let Some(tx) = batch.get(request).and_then(|j| j.previews.as_ref())
-            {
-                let _ = tx.send(Preview {
-                    image,
-                    index,
-                    step,
-                    pixels: pixels.clone(),
-                });
-            }
-            if batch.iter().all(|j| j.dead(timeout)) {
-                Control::Cancel
-            } else {
-                Control::Continue
-            }
-        });
-        let ran = started.elapsed();
-        self.stats.running.store(0, Ordering::Relaxed);
-        let outcome_of = |job: &Job| {
-            if job.cancel.load(Ordering::Relaxed) {
-                Err(JobError::Cancelled)
-            } else if Instant::now() >= job.deadline(timeout) {
-                Err(JobError::TimedOut(timeout))
-            } else {
-                Ok(())
-            }
-        };
-        match result {
-            Ok(generations) => {
-                let mut mean = self
-                    .stats
-                    .mean_secs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let secs = ran.as_secs_f64();
-                *mean = Some(mean.map_or(secs, |m| 0.8 * m + 0.2 * secs));
-                drop(mean);
-                for (job, generation) in batch.into_iter().zip(generations) {
-                    let reply = outcome_of(&job).map(|()| Outcome {
-                        generation,
-                        queued: started - job.submitted,
-                        ran,
-                    });
-                    let _ = job.reply.send(reply);
-                }
-            }
-            Err(PipelineError::Cancelled) => {
-                for job in batch {
-                    let reply = outcome_of(&job).and(Err(JobError::Cancelled));
-                    let _ = job.reply.send(reply);
-                }
-            }
-            Err(e) => {
-                let e = Arc::new(e);
-                for job in batch {
-                    let _ = job.reply.send(Err(JobError::Engine(Arc::clone(&e))));
-                }
-            }
-        }
     }
 }
 

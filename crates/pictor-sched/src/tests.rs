@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 
-use pictor_core::{Dimensions, ModelRules, Phases, PromptInfo, preview_steps};
+use pictor_core::{Control, Dimensions, ModelRules, Phases, Progress, PromptInfo, preview_steps};
 
 use super::*;
 
