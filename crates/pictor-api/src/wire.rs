@@ -210,6 +210,80 @@ impl Fields<'_> {
     }
 }
 
+/// The fields whose parsing is more than a type and a range.
+impl Fields<'_> {
+    /// `prompt`: required, not blank, at most `max_chars` characters.
+    fn prompt(&self, max_chars: usize) -> Result<String, ApiError> {
+        let prompt = self
+            .string("prompt")?
+            .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
+        let chars = prompt.chars().count();
+        if chars == 0 || prompt.trim().is_empty() {
+            return Err(ApiError::invalid(
+                "prompt",
+                "Invalid 'prompt': empty string. Expected at least 1 character.",
+            ));
+        }
+        if chars > max_chars {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "Invalid 'prompt': string too long. Expected a string with maximum length {max_chars}, but got {chars}."
+                ),
+            ));
+        }
+        Ok(prompt.to_string())
+    }
+
+    /// `quality`, `auto` when absent.
+    fn quality(&self) -> Result<Quality, ApiError> {
+        const QUALITIES: [Quality; 6] = [
+            Quality::Auto,
+            Quality::Low,
+            Quality::Medium,
+            Quality::High,
+            Quality::Standard,
+            Quality::Hd,
+        ];
+        Ok(self
+            .choice(
+                "quality",
+                &["auto", "low", "medium", "high", "standard", "hd"],
+            )?
+            .map_or(Quality::Auto, |i| QUALITIES[i]))
+    }
+
+    /// `seed`: any unsigned 64-bit integer.
+    fn seed(&self) -> Result<Option<u64>, ApiError> {
+        match self.get("seed") {
+            None => Ok(None),
+            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+                ApiError::invalid(
+                    "seed",
+                    format!(
+                        "Invalid 'seed': {n}; expected an integer from 0 to {}.",
+                        u64::MAX
+                    ),
+                )
+            }),
+            Some(other) => Err(type_error("seed", "an integer", other)),
+        }
+    }
+
+    /// `steps` or its diffusers name `num_inference_steps`; both only when they agree.
+    fn steps(&self) -> Result<Option<usize>, ApiError> {
+        let steps = self.in_range("steps", 1, 1000)?;
+        let nis = self.in_range("num_inference_steps", 1, 1000)?;
+        match (steps, nis) {
+            (Some(a), Some(b)) if a != b => Err(ApiError::invalid(
+                "num_inference_steps",
+                "'steps' and 'num_inference_steps' disagree; send one.",
+            )),
+            (a, b) => Ok(a.or(b).map(|s| s as usize)),
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<Size, ApiError> {
     if s == "auto" {
         return Ok(Size::Auto);
@@ -241,45 +315,14 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::invalid("model", "You must provide a model parameter."))?
         .to_string();
-    let prompt = f
-        .string("prompt")?
-        .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
-    let chars = prompt.chars().count();
-    if chars == 0 || prompt.trim().is_empty() {
-        return Err(ApiError::invalid(
-            "prompt",
-            "Invalid 'prompt': empty string. Expected at least 1 character.",
-        ));
-    }
-    if chars > limits.max_prompt_chars {
-        return Err(ApiError::invalid(
-            "prompt",
-            format!(
-                "Invalid 'prompt': string too long. Expected a string with maximum length {}, but got {chars}.",
-                limits.max_prompt_chars
-            ),
-        ));
-    }
+    let prompt = f.prompt(limits.max_prompt_chars)?;
     let n = f.in_range("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize;
     let size = f
         .string("size")?
         .map(parse_size)
         .transpose()?
         .unwrap_or(Size::Auto);
-    const QUALITIES: [Quality; 6] = [
-        Quality::Auto,
-        Quality::Low,
-        Quality::Medium,
-        Quality::High,
-        Quality::Standard,
-        Quality::Hd,
-    ];
-    let quality = f
-        .choice(
-            "quality",
-            &["auto", "low", "medium", "high", "standard", "hd"],
-        )?
-        .map_or(Quality::Auto, |i| QUALITIES[i]);
+    let quality = f.quality()?;
     let response_format = match f.choice("response_format", &["url", "b64_json"])? {
         Some(1) => ResponseFormat::B64Json,
         _ => ResponseFormat::Url,
@@ -300,33 +343,11 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
     }
     let stream = f.boolean("stream")?.unwrap_or(false);
     let partial_images = f.in_range("partial_images", 0, 3)?.unwrap_or(0) as usize;
-    let seed = match f.get("seed") {
-        None => None,
-        Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
-            ApiError::invalid(
-                "seed",
-                format!(
-                    "Invalid 'seed': {n}; expected an integer from 0 to {}.",
-                    u64::MAX
-                ),
-            )
-        })?),
-        Some(other) => return Err(type_error("seed", "an integer", other)),
-    };
-    let steps = f.in_range("steps", 1, 1000)?;
-    let nis = f.in_range("num_inference_steps", 1, 1000)?;
-    let steps = match (steps, nis) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::invalid(
-                "num_inference_steps",
-                "'steps' and 'num_inference_steps' disagree; send one.",
-            ));
-        }
-        (a, b) => a.or(b).map(|s| s as usize),
-    };
+    let seed = f.seed()?;
+    let steps = f.steps()?;
     Ok(ImageRequest {
         model,
-        prompt: prompt.to_string(),
+        prompt,
         n,
         size,
         quality,
