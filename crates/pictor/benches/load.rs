@@ -3,6 +3,7 @@
 //! engine call, and what HTTP and the queue add on top of the generation itself.
 //!
 //! `cargo bench -p pictor --bench load [-- --requests 48 --concurrency 1,8,64]`
+//! (`PICTOR_BIN=path/to/pictor` serves from another build, for before/after comparisons)
 //!
 //! The server is this build's `pictor serve` on a free loopback port, with its defaults
 //! (no config, no key, queue depth 16); each request asks for the model's native 128×128,
@@ -134,7 +135,10 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_pictor"))
+    // PICTOR_BIN runs another build's server (an older commit's, to compare).
+    let bin = std::env::var("PICTOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pictor").into());
+    println!("server: {bin}");
+    let mut server = std::process::Command::new(&bin)
         .env("XDG_DATA_HOME", dir.path())
         .current_dir(dir.path())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
