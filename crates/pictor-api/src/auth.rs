@@ -5,7 +5,10 @@ use pictor_store::ApiKey;
 
 use crate::{error::ApiError, state::AppState};
 
-/// Who is calling: a key, or nobody when the server is open (loopback, no keys yet).
+/// Who is calling: a key, or nobody when the server is open (loopback, no key created yet).
+/// An open server lets every request in, whatever bearer it carries: the OpenAI SDKs always
+/// send one, and a newcomer's `Bearer YOUR_API_KEY` must not be a 401 on a server that said
+/// it needs no key.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Option<ApiKey>);
 
@@ -15,10 +18,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.open().await? {
+            return Ok(Self(None));
+        }
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
-            if state.0.config.open_when_no_keys && !state.db().has_keys().await? {
-                return Ok(Self(None));
-            }
             return Err(ApiError::Unauthorized(NO_KEY.into()));
         };
         let secret = header

@@ -26,9 +26,15 @@ pub enum ApiError {
     /// 401: no key, a malformed header, or an unknown or revoked key.
     #[error("{0}")]
     Unauthorized(String),
-    /// 404: no such model.
-    #[error("The model `{0}` does not exist or you do not have access to it.")]
-    ModelNotFound(String),
+    /// 404: no such model; `help` lists the models served and, for a model this server
+    /// could serve, what to do.
+    #[error("The model `{model}` does not exist or you do not have access to it. {help}")]
+    ModelNotFound {
+        /// The name asked for.
+        model: String,
+        /// What is served instead, and how to serve the one asked for when that is known.
+        help: String,
+    },
     /// 404: no such route or image.
     #[error("{0}")]
     NotFound(String),
@@ -127,7 +133,7 @@ impl ApiError {
                 None,
                 Some("invalid_api_key"),
             ),
-            ModelNotFound(_) => (
+            ModelNotFound { .. } => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 Some("model".into()),

@@ -30,6 +30,21 @@ pub struct ApiConfig {
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.
     pub idempotency_ttl: Duration,
+    /// What to tell a client that asks for a model this server does not serve, by model
+    /// name (`FLUX.1-schnell`, `black-forest-labs/FLUX.1-schnell` and `flux-1-schnell` are
+    /// one name: case, owner, dots and underscores do not count).
+    pub model_hints: Vec<(String, String)>,
+}
+
+/// A model name with case, the owner (`owner/`), dots, underscores and spaces not counting.
+fn loose_name(name: &str) -> String {
+    let name = name.rsplit('/').next().unwrap_or(name);
+    name.chars()
+        .map(|c| match c {
+            '.' | '_' | ' ' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
 }
 
 /// A configured model, before it loads.
@@ -93,6 +108,8 @@ pub(crate) struct Inner {
     pub models: Vec<Arc<ModelSlot>>,
     pub names: HashMap<String, usize>,
     pub shutting_down: AtomicBool,
+    /// A key has been created (keys are never deleted, so this never turns back).
+    pub keyed: AtomicBool,
     /// Responses by `Idempotency-Key`.
     pub replays: crate::idempotency::Replays,
     /// Responses by request body, for SDK retries to attach to (see `generation::detach`).
@@ -151,6 +168,7 @@ impl AppState {
             models,
             names,
             shutting_down: AtomicBool::new(false),
+            keyed: AtomicBool::new(false),
         }))
     }
 
@@ -194,6 +212,39 @@ impl AppState {
         self.0.names.get(name).map(|&i| &self.0.models[i])
     }
 
+    /// The 404 for a model this server does not serve: what it serves, and how to serve
+    /// `name` where the configuration knows.
+    pub(crate) fn model_not_found(&self, name: &str) -> ApiError {
+        let served: Vec<String> = self
+            .0
+            .models
+            .iter()
+            .map(|m| match m.spec.aliases.as_slice() {
+                [] => format!("`{}`", m.spec.name),
+                aliases => format!("`{}` (also as `{}`)", m.spec.name, aliases.join("`, `")),
+            })
+            .collect();
+        let mut help = match served.as_slice() {
+            [] => "This server serves no model.".to_string(),
+            _ => format!("This server serves {}.", served.join(", ")),
+        };
+        let wanted = loose_name(name);
+        if let Some((_, hint)) = self
+            .0
+            .config
+            .model_hints
+            .iter()
+            .find(|(known, _)| loose_name(known) == wanted)
+        {
+            help.push(' ');
+            help.push_str(hint);
+        }
+        ApiError::ModelNotFound {
+            model: name.to_string(),
+            help,
+        }
+    }
+
     /// All models.
     pub(crate) fn models(&self) -> &[Arc<ModelSlot>] {
         &self.0.models
@@ -202,6 +253,19 @@ impl AppState {
     /// Whether every model is loaded.
     pub fn ready(&self) -> bool {
         self.0.models.iter().all(|m| m.loaded().is_some())
+    }
+
+    /// Whether requests need no key: a loopback server on which no key was ever created.
+    /// Once one exists every request needs a key, and the database is not asked again.
+    pub(crate) async fn open(&self) -> Result<bool, pictor_store::StoreError> {
+        if !self.0.config.open_when_no_keys || self.0.keyed.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if self.db().has_keys().await? {
+            self.0.keyed.store(true, Ordering::Relaxed);
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// The database.

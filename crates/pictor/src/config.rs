@@ -179,6 +179,33 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     BTreeMap::from([(crate::shipped::NAME.to_string(), model)])
 }
 
+/// What a client asking for a well-known model this server does not serve is told: how to
+/// serve the ones Pictor runs, and that the others are not supported yet.
+pub fn model_hints() -> Vec<(String, String)> {
+    let serve = "To serve it, add `[models.flux-1-schnell]` with \
+        `path = \"black-forest-labs/FLUX.1-schnell\"` (a model folder, a transformer file, or the \
+        repo id in your Hugging Face cache) to pictor.toml and restart `pictor serve`.";
+    let mut hints = vec![("FLUX.1-schnell".to_string(), serve.to_string())];
+    for family in [
+        "FLUX.1-dev",
+        "FLUX.1-Kontext-dev",
+        "FLUX.2-dev",
+        "FLUX.2-klein",
+        "Z-Image-Turbo",
+        "Qwen-Image",
+        "sdxl-turbo",
+        "stable-diffusion-xl-base-1.0",
+    ] {
+        hints.push((
+            family.to_string(),
+            format!(
+                "This version of Pictor cannot run {family}; it runs FLUX.1-schnell-architecture models."
+            ),
+        ));
+    }
+    hints
+}
+
 /// The top-level keys, for picking configuration out of the environment.
 const FIELDS: &[&str] = &[
     "listen",

@@ -68,6 +68,7 @@ fn api_config(config: &Config, addr: SocketAddr) -> ApiConfig {
         },
         open_when_no_keys: addr.ip().is_loopback(),
         idempotency_ttl: Duration::from_secs(config.idempotency_ttl_secs),
+        model_hints: crate::config::model_hints(),
     }
 }
 
@@ -85,8 +86,9 @@ async fn open_db(config: &Config, addr: SocketAddr) -> anyhow::Result<Db> {
     }
     if !has_keys {
         eprintln!(
-            "No API keys yet: requests without a key are accepted on this loopback address. \
-             Create one with `pictor keys create --name NAME`; from then on every request needs a key."
+            "No API keys yet: on this loopback address every request is accepted, with or without \
+             a key (any bearer will do). Create one with `pictor keys create --name NAME`; from \
+             then on every request needs a valid key."
         );
     }
     Ok(db)

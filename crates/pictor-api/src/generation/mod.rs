@@ -38,7 +38,7 @@ pub(crate) async fn generate(
     let request = wire::parse(&body, &state.0.config.limits)?;
     let slot = state
         .model(&request.model)
-        .ok_or_else(|| ApiError::ModelNotFound(request.model.clone()))?
+        .ok_or_else(|| state.model_not_found(&request.model))?
         .clone();
     let job = Job::new(request, slot, key, rand::random())?;
     let rate = match job.key() {

@@ -54,5 +54,5 @@ pub(crate) async fn get(
         .into_iter()
         .find(|e| e.id == id)
         .map(Json)
-        .ok_or(ApiError::ModelNotFound(id))
+        .ok_or_else(|| state.model_not_found(&id))
 }

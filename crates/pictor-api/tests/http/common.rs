@@ -81,6 +81,10 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         },
         open_when_no_keys: opts.open,
         idempotency_ttl: Duration::from_secs(3600),
+        model_hints: vec![(
+            "FLUX.1-schnell".into(),
+            "Serve it by adding it to pictor.toml.".into(),
+        )],
     };
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     let mut model_queue = None;

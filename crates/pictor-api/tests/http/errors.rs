@@ -133,6 +133,27 @@ async fn unknown_model_is_404_model_not_found() {
         (param.as_deref(), code.as_deref()),
         (Some("model"), Some("model_not_found"))
     );
+    // The 404 says what is served, by name and alias.
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("`tiny` (also as `dall-e-3`)"), "{message}");
+    assert!(
+        !message.contains("pictor.toml"),
+        "no hint for an unknown name"
+    );
+    // A name the configuration knows, however it is spelt, gets its hint.
+    for name in [
+        "flux-1-schnell",
+        "black-forest-labs/FLUX.1-schnell",
+        "flux_1_schnell",
+    ] {
+        let (status, _, reply) = s.generate(json!({"model": name, "prompt": "a"})).await;
+        assert_eq!(status, 404);
+        let message = reply["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(name) && message.contains("adding it to pictor.toml"),
+            "{message}"
+        );
+    }
     let r = s
         .client
         .get(format!("{}/v1/models/flux-9", s.url))

@@ -175,9 +175,38 @@ async fn an_open_loopback_server_needs_no_key_until_one_exists() {
     let url = format!("{}/v1/images/generations", s.url);
     let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    s.db.create_key("first").await.unwrap();
+    // The SDKs always send a bearer, and the README's examples say `Bearer $PICTOR_KEY`:
+    // with no key created, whatever it holds is let in.
+    for bearer in ["YOUR_API_KEY", "sk-anything", ""] {
+        let r = s
+            .client
+            .post(&url)
+            .bearer_auth(bearer)
+            .json(&small("a"))
+            .send();
+        assert_eq!(r.await.unwrap().status(), 200, "{bearer:?}");
+    }
+    let key = s.db.create_key("first").await.unwrap().secret;
     let r = s.client.post(&url).json(&small("a")).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .post(&url)
+        .bearer_auth("YOUR_API_KEY")
+        .json(&small("a"))
+        .send();
+    assert_eq!(
+        r.await.unwrap().status(),
+        401,
+        "once a key exists, keys count"
+    );
+    let r = s
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&small("a"))
+        .send();
+    assert_eq!(r.await.unwrap().status(), 200);
 }
 
 /// Each image carries its receipt: extension fields in the JSON and a `parameters` text
