@@ -209,6 +209,48 @@ pub struct Model {
     /// Memory per part once loaded (a Pictor extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<Vec<ModelPart>>,
+    /// What the model accepts, once loaded (a Pictor extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<ModelRulesView>,
+}
+
+/// What a model accepts: the sizes it draws, its steps, which inputs apply.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelRulesView {
+    /// The size of `size: auto`, `WxH`.
+    pub default_size: String,
+    /// Smallest side in pixels.
+    pub min_side: usize,
+    /// Largest side in pixels.
+    pub max_side: usize,
+    /// Sides are multiples of this.
+    pub size_multiple: usize,
+    /// Most pixels per image.
+    pub max_pixels: usize,
+    /// Steps of `quality: auto` and `high`.
+    pub default_steps: usize,
+    /// Most steps a request may ask for.
+    pub max_steps: usize,
+    /// Whether `guidance_scale` applies.
+    pub guidance: bool,
+    /// Whether `negative_prompt` applies.
+    pub negative_prompt: bool,
+}
+
+impl From<&pictor_core::ModelRules> for ModelRulesView {
+    fn from(r: &pictor_core::ModelRules) -> Self {
+        Self {
+            default_size: r.default_size.to_string(),
+            min_side: r.min_side,
+            max_side: r.max_side,
+            size_multiple: r.multiple,
+            max_pixels: r.max_pixels,
+            default_steps: r.default_steps,
+            max_steps: r.max_steps,
+            guidance: r.takes_guidance,
+            negative_prompt: r.takes_negative_prompt,
+        }
+    }
 }
 
 /// One part of a loaded model and the memory it takes.

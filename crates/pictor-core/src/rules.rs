@@ -107,6 +107,17 @@ impl ModelRules {
     /// request field (`size`, `steps` or `n`).
     pub fn check(&self, req: &GenerationRequest) -> Result<(), Invalid> {
         let size = Dimensions::new(req.width, req.height);
+        if self.min_side == self.max_side
+            && (req.width, req.height) != (self.min_side, self.min_side)
+        {
+            return Err(Invalid::new(
+                "size",
+                format!(
+                    "Invalid size '{size}': this model draws only {0}x{0}.",
+                    self.min_side
+                ),
+            ));
+        }
         for (side, value) in [("width", req.width), ("height", req.height)] {
             if value < self.min_side.max(1)
                 || value > self.max_side
@@ -205,6 +216,23 @@ mod tests {
             assert_eq!(e.param, param, "{bad:?}");
             assert!(e.message.contains(needle), "{}", e.message);
         }
+    }
+
+    #[test]
+    fn a_model_of_one_size_says_so() {
+        let r = ModelRules {
+            min_side: 128,
+            max_side: 128,
+            default_size: Dimensions::new(128, 128),
+            ..rules()
+        };
+        assert_eq!(r.check(&req(128, 128, 4, 1)), Ok(()));
+        for (w, h) in [(128, 144), (256, 256), (64, 128)] {
+            let e = r.check(&req(w, h, 4, 1)).expect_err("one size only");
+            assert_eq!(e.param, "size");
+            assert!(e.message.contains("draws only 128x128"), "{}", e.message);
+        }
+        assert_eq!(r.without_serving_limits().check(&req(64, 48, 4, 1)), Ok(()));
     }
 
     #[test]

@@ -171,9 +171,11 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     let model = ModelConfig {
         path: crate::shipped::NAME.into(),
         aliases: vec!["gpt-image-1".into(), "dall-e-3".into(), "dall-e-2".into()],
+        // It was trained at 128² and draws only that: at 96² shapes are cut off, from 160²
+        // up they repeat (tiling), so other sizes are refused rather than drawn wrong.
         default_size: Some(crate::shipped::NATIVE_SIZE),
-        min_side: Some(64),
-        max_side: Some(512),
+        min_side: Some(crate::shipped::NATIVE_SIZE.width),
+        max_side: Some(crate::shipped::NATIVE_SIZE.width),
         ..ModelConfig::default()
     };
     BTreeMap::from([(crate::shipped::NAME.to_string(), model)])

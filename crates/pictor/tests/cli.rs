@@ -188,13 +188,24 @@ fn serve_answers_and_exits_0_on_sigterm() {
             if let Ok(r) = client.get(format!("{url}/readyz")).send().await
                 && r.status() == 200
             {
-                let body = serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "size": "64x64",
+                let body = serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "size": "128x128",
                                               "response_format": "b64_json"});
                 let r = client.post(format!("{url}/v1/images/generations")).json(&body).send().await.unwrap();
                 let status = r.status().as_u16();
+                // It draws only the size it was trained at, and says so.
+                let other = serde_json::json!({"model": "gpt-image-1", "prompt": "a cat", "size": "256x256"});
+                let r = client.post(format!("{url}/v1/images/generations")).json(&other).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 400);
+                let refused: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(refused["error"]["param"], "size");
+                let why = refused["error"]["message"].as_str().unwrap_or_default();
+                assert!(why.contains("draws only 128x128"), "{why}");
                 // Each part's memory, in /v1/models and /metrics.
                 let models: serde_json::Value =
                     client.get(format!("{url}/v1/models")).send().await.unwrap().json().await.unwrap();
+                let rules = &models["data"][0]["rules"];
+                assert_eq!(rules["default_size"], "128x128", "{models}");
+                assert_eq!((rules["min_side"].as_u64(), rules["max_side"].as_u64()), (Some(128), Some(128)));
                 let parts = models["data"][0]["memory"].as_array().cloned().unwrap_or_default();
                 let names: Vec<&str> = parts.iter().filter_map(|p| p["part"].as_str()).collect();
                 assert_eq!(names, ["clip", "t5", "transformer", "vae"], "{models}");

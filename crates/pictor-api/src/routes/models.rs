@@ -27,6 +27,7 @@ fn entries(state: &AppState) -> Vec<Model> {
             ready: loaded.is_some(),
             hash: slot.hash().map(str::to_string),
             memory: loaded.map(|l| l.memory.clone()),
+            rules: loaded.map(|l| (&l.rules).into()),
         };
         out.push(entry(&spec.name, None));
         for alias in &spec.aliases {
