@@ -50,6 +50,13 @@ pub enum EngineError {
         /// Why, with the bound.
         message: String,
     },
+    /// The parts were each read, but they do not fit together (widths from different
+    /// models).
+    #[error("the model's parts do not fit together: {message}")]
+    Mismatch {
+        /// Which parts, with the numbers that disagree.
+        message: String,
+    },
     /// The model does not fit in the memory budget, even staged.
     #[error("not enough memory: {message}")]
     OutOfMemory {

@@ -12,6 +12,7 @@
 mod attention;
 pub mod config;
 pub mod decoder;
+mod fit;
 pub mod memory;
 pub(crate) mod model;
 pub use attention::{AttentionKernel, set_attention_kernel};
@@ -131,6 +132,7 @@ impl FluxPipeline {
         let device = options.device.open()?;
         let dtype = options.dtype.resolve(&device);
         let plan = memory::plan(files, dtype, options.memory_budget)?;
+        fit::check(files)?;
         tracing::info!(
             ?dtype,
             ?device,

@@ -65,6 +65,15 @@ pub(crate) fn open(part: &Part, device: &Device) -> Result<Weights> {
     }
 }
 
+/// A transformer part's hyper-parameters, read from its headers (and config) without
+/// loading it.
+pub(crate) fn config_of(part: &Part) -> Result<Config> {
+    match open(part, &Device::Cpu)? {
+        Weights::Quantized(weights) => config::transformer(&weights, part.config.as_deref()),
+        Weights::Dense(weights) => config::transformer(&weights, part.config.as_deref()),
+    }
+}
+
 /// A loaded flux transformer.
 pub struct Transformer {
     model: FluxModel,

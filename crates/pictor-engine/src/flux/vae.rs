@@ -13,6 +13,34 @@ use crate::{
     weights::{MappedWeights, SafetensorFiles, Scheme},
 };
 
+/// An autoencoder part's weights (Black Forest Labs or diffusers names), opened.
+fn open(part: &Part) -> Result<MappedWeights> {
+    let files = Arc::new(SafetensorFiles::open(&part.files)?);
+    let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
+        MappedWeights::new(files, Scheme::Identity, prefix)
+    } else if let Some(prefix) = files.prefix_of("decoder.up_blocks.0.resnets.0.conv1.weight") {
+        let levels = (0..)
+            .take_while(|k| {
+                files.contains(&format!(
+                    "{prefix}decoder.up_blocks.{k}.resnets.0.conv1.weight"
+                ))
+            })
+            .count();
+        MappedWeights::new(files, Scheme::DiffusersVae { levels }, prefix)
+    } else {
+        return Err(EngineError::UnknownLayout {
+            path: files.path_of(""),
+            message: "neither Black Forest Labs (decoder.up.N...) nor diffusers (decoder.up_blocks.N...) autoencoder names".into(),
+        });
+    };
+    Ok(weights)
+}
+
+/// The latent channels an autoencoder part decodes, read without loading it.
+pub(crate) fn latent_channels(part: &Part) -> Result<usize> {
+    Ok(config::vae(&open(part)?, part.config.as_deref())?.z_channels)
+}
+
 /// A loaded autoencoder decoder with its latent scale and shift.
 pub struct Vae {
     decoder: Decoder,
@@ -26,24 +54,7 @@ impl Vae {
     /// (its im2col matmul refuses them), and f32 is the faster CPU dtype anyway.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let files = Arc::new(SafetensorFiles::open(&part.files)?);
-        let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
-            MappedWeights::new(files, Scheme::Identity, prefix)
-        } else if let Some(prefix) = files.prefix_of("decoder.up_blocks.0.resnets.0.conv1.weight") {
-            let levels = (0..)
-                .take_while(|k| {
-                    files.contains(&format!(
-                        "{prefix}decoder.up_blocks.{k}.resnets.0.conv1.weight"
-                    ))
-                })
-                .count();
-            MappedWeights::new(files, Scheme::DiffusersVae { levels }, prefix)
-        } else {
-            return Err(EngineError::UnknownLayout {
-                path: files.path_of(""),
-                message: "neither Black Forest Labs (decoder.up.N...) nor diffusers (decoder.up_blocks.N...) autoencoder names".into(),
-            });
-        };
+        let weights = open(part)?;
         let config = config::vae(&weights, part.config.as_deref())?;
         let decoder = Decoder::load(&config, weights.var_builder(dtype, device).pp("decoder"))?;
         Ok(Self {

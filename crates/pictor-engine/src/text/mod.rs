@@ -113,22 +113,43 @@ pub struct ClipEncoder {
     device: Device,
 }
 
+/// A CLIP part's weights, opened, and its sizes: from transformers' `config.json` when
+/// the part has one; without (ComfyUI's `clip_l.safetensors`, bundles) from tensor shapes.
+fn open_clip(part: &Part) -> Result<(MappedWeights, ClipFileConfig)> {
+    let weights = open(
+        part,
+        "text_model.embeddings.token_embedding.weight",
+        "CLIP text encoder",
+    )?;
+    let cfg = match &part.config {
+        Some(path) => clip_config(path)?,
+        None => infer_clip_config(
+            &|n| weights.shape(&format!("text_model.{n}")),
+            &part.files[0],
+        )?,
+    };
+    Ok((weights, cfg))
+}
+
+/// The width of the pooled vector a CLIP part gives, read without loading it.
+pub(crate) fn clip_width(part: &Part) -> Result<usize> {
+    Ok(open_clip(part)?.1.hidden_size)
+}
+
+/// The width of the token embeddings a T5 part gives, read without loading it.
+pub(crate) fn t5_width(part: &Part) -> Result<usize> {
+    let config = match open_t5(part, &Device::Cpu)? {
+        T5Weights::Dense(weights) => t5_config(part, &|n| weights.shape(n))?,
+        T5Weights::Quantized(weights) => t5_config(part, &|n| weights.shape(n))?,
+    };
+    Ok(config.d_model)
+}
+
 impl ClipEncoder {
     /// Loads the encoder, with transformers' `config.json` when the part has one; without
     /// (ComfyUI's `clip_l.safetensors`, bundles) the sizes are read from tensor shapes.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
-        let weights = open(
-            part,
-            "text_model.embeddings.token_embedding.weight",
-            "CLIP text encoder",
-        )?;
-        let cfg = match &part.config {
-            Some(path) => clip_config(path)?,
-            None => infer_clip_config(
-                &|n| weights.shape(&format!("text_model.{n}")),
-                &part.files[0],
-            )?,
-        };
+        let (weights, cfg) = open_clip(part)?;
         let config = clip::ClipTextConfig {
             vocab_size: cfg.vocab_size,
             embed_dim: cfg.hidden_size,

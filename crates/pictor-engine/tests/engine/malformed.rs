@@ -198,3 +198,44 @@ fn missing_parts_are_named() {
         "{msg}"
     );
 }
+
+/// Parts from different models are refused at load, naming the parts and the widths that
+/// disagree, instead of failing at the first request: the shipped model's text encoders
+/// are 64 wide, the fixture's transformer takes 32.
+#[test]
+fn parts_from_different_models_are_refused_at_load() {
+    let shipped = fixture().join("../../../models/pictor-tiny");
+    let other = ModelFiles::from_dir(&shipped).unwrap();
+    let refused = |files: &ModelFiles| match FluxPipeline::load(files, FluxOptions::default()) {
+        Err(e @ EngineError::Mismatch { .. }) => e.to_string(),
+        Err(other) => panic!("expected a mismatch, got {other}"),
+        Ok(_) => panic!("parts of different widths loaded"),
+    };
+    let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+    files.t5 = other.t5.clone();
+    let text = refused(&files);
+    assert!(
+        text.contains("T5 encoder") && text.contains("text_encoder_2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("64-wide") && text.contains("txt_in takes 32"),
+        "{text}"
+    );
+    assert!(!text.contains("CLIP"), "only the part that differs: {text}");
+
+    let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+    files.clip = other.clip.clone();
+    let text = refused(&files);
+    assert!(
+        text.contains("CLIP encoder") && text.contains("vector_in takes 32"),
+        "{text}"
+    );
+
+    // The control: the fixture's own parts fit.
+    FluxPipeline::load(
+        &ModelFiles::from_dir(&fixture()).unwrap(),
+        FluxOptions::default(),
+    )
+    .expect("matching parts load");
+}
