@@ -71,7 +71,11 @@ fn inspect(spec: &str) -> anyhow::Result<()> {
     }
     match ModelFiles::resolve(spec) {
         Ok(files) => {
-            println!("{spec}: a complete FLUX model");
+            // The check `pictor serve` makes before loading, so both say the same.
+            match pictor_engine::flux::check_parts_fit(&files) {
+                Ok(()) => println!("{spec}: a complete FLUX model"),
+                Err(e) => println!("{spec}: every part is present, but it cannot load: {e}"),
+            }
             for (label, part) in [
                 ("transformer", &files.transformer),
                 ("autoencoder", &files.vae),

@@ -471,3 +471,65 @@ fn quantize_at_load_converts_once_and_a_small_budget_is_refused_by_part() {
         "{stderr}"
     );
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A folder whose T5 comes from another model: `models inspect` and `generate` say the
+/// same thing, that it cannot load and why, before anything is loaded.
+#[test]
+fn inspect_and_generate_agree_on_parts_that_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mixed");
+    for part in [
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ] {
+        copy_dir(&fixture().join(part), &model.join(part));
+    }
+    std::fs::copy(
+        fixture().join("model_index.json"),
+        model.join("model_index.json"),
+    )
+    .unwrap();
+    let shipped = fixture().join("../../../models/pictor-tiny");
+    copy_dir(
+        &shipped.join("text_encoder_2"),
+        &model.join("text_encoder_2"),
+    );
+
+    let inspect = pictor()
+        .args(["models", "inspect"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{text}");
+    assert!(!text.contains("a complete FLUX model"), "{text}");
+    assert!(
+        text.contains("cannot load") && text.contains("txt_in takes 32"),
+        "{text}"
+    );
+
+    let run = generate(model.to_str().unwrap(), &dir.path().join("x.png"), &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("do not fit together") && stderr.contains("txt_in takes 32"),
+        "{stderr}"
+    );
+}

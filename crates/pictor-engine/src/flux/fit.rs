@@ -16,7 +16,9 @@ fn named(part: &Part) -> String {
 }
 
 /// Refuses a set of parts whose widths disagree, naming both parts and both numbers.
-pub(crate) fn check(files: &ModelFiles) -> Result<()> {
+/// [`super::FluxPipeline::load`] runs it first; `pictor models inspect` runs it too, so the
+/// two cannot disagree about whether a set of files is a model.
+pub fn check(files: &ModelFiles) -> Result<()> {
     let transformer = super::transformer::config_of(&files.transformer)?;
     let mut wrong = Vec::new();
     let t5 = text::t5_width(&files.t5)?;

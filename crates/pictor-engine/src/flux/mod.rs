@@ -13,6 +13,7 @@ mod attention;
 pub mod config;
 pub mod decoder;
 mod fit;
+pub use fit::check as check_parts_fit;
 pub mod memory;
 pub(crate) mod model;
 pub use attention::{AttentionKernel, set_attention_kernel};
