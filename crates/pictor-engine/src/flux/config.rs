@@ -93,6 +93,74 @@ struct DiffusersVaeConfig {
     scaling_factor: Option<f64>,
     #[serde(default)]
     shift_factor: Option<f64>,
+    #[serde(default)]
+    norm_num_groups: Option<usize>,
+    #[serde(default)]
+    act_fn: Option<String>,
+    #[serde(default)]
+    latent_channels: Option<usize>,
+    #[serde(default)]
+    block_out_channels: Option<Vec<usize>>,
+    #[serde(default)]
+    layers_per_block: Option<usize>,
+    #[serde(default)]
+    use_post_quant_conv: Option<bool>,
+}
+
+impl DiffusersVaeConfig {
+    /// Refuses every architectural field the decoder does not implement as the config
+    /// states it, by name: the decoder would otherwise run and draw wrong pixels.
+    fn check(&self, path: &Path, cfg: &autoencoder::Config) -> Result<()> {
+        let widths: Vec<usize> = cfg.ch_mult.iter().map(|m| m * cfg.ch).collect();
+        let mut wrong = Vec::new();
+        if let Some(g) = self
+            .norm_num_groups
+            .filter(|&g| g != super::decoder::GROUPS)
+        {
+            wrong.push(format!(
+                "`norm_num_groups` is {g}, but the decoder implements FLUX.1's {} groups only",
+                super::decoder::GROUPS
+            ));
+        }
+        if let Some(act) = self.act_fn.as_deref().filter(|a| *a != "silu") {
+            wrong.push(format!(
+                "`act_fn` is `{act}`, but the decoder implements `silu` only"
+            ));
+        }
+        if let Some(c) = self.latent_channels.filter(|&c| c != cfg.z_channels) {
+            wrong.push(format!(
+                "`latent_channels` is {c}, but the weights have {}",
+                cfg.z_channels
+            ));
+        }
+        if let Some(b) = self.block_out_channels.as_ref().filter(|b| **b != widths) {
+            wrong.push(format!(
+                "`block_out_channels` is {b:?}, but the weights have {widths:?}"
+            ));
+        }
+        if let Some(l) = self.layers_per_block.filter(|&l| l != cfg.num_res_blocks) {
+            wrong.push(format!(
+                "`layers_per_block` is {l}, but the weights have {}",
+                cfg.num_res_blocks
+            ));
+        }
+        if self.use_post_quant_conv == Some(true) {
+            wrong.push(
+                "`use_post_quant_conv` is true, but FLUX.1's autoencoder has no post_quant_conv and the decoder applies none"
+                    .into(),
+            );
+        }
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        Err(EngineError::file(
+            path,
+            format!(
+                "this autoencoder is not one Pictor can decode: {}",
+                wrong.join("; ")
+            ),
+        ))
+    }
 }
 
 fn read_config<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> Result<T> {
@@ -173,7 +241,7 @@ pub(crate) fn vae(w: &dyn Shapes, config: Option<&Path>) -> Result<autoencoder::
         ));
     }
     let file: DiffusersVaeConfig = read_config(config)?;
-    Ok(autoencoder::Config {
+    let cfg = autoencoder::Config {
         resolution: 256,
         in_channels: 3,
         ch,
@@ -183,5 +251,9 @@ pub(crate) fn vae(w: &dyn Shapes, config: Option<&Path>) -> Result<autoencoder::
         z_channels: dim(w, "decoder.conv_in.weight", 1)?,
         scale_factor: file.scaling_factor.unwrap_or(FLUX_SCALE),
         shift_factor: file.shift_factor.unwrap_or(FLUX_SHIFT),
-    })
+    };
+    if let Some(path) = config {
+        file.check(path, &cfg)?;
+    }
+    Ok(cfg)
 }

@@ -16,7 +16,7 @@ use crate::{
     ops::{Conv2d, GroupNorm},
 };
 
-const GROUPS: usize = 32;
+pub(crate) const GROUPS: usize = 32;
 const EPS: f64 = 1e-6;
 /// Query positions per attention chunk: 1024 × 16384 f32 scores are 64 MiB.
 const ATTN_CHUNK: usize = 1024;

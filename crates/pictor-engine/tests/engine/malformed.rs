@@ -239,3 +239,50 @@ fn parts_from_different_models_are_refused_at_load() {
     )
     .expect("matching parts load");
 }
+
+/// A diffusers autoencoder config that states an architecture the decoder does not
+/// implement is refused, naming the field, instead of decoding wrong pixels (with
+/// `norm_num_groups: 16` the fixture's pixels came out off by 0.44).
+#[test]
+fn autoencoder_fields_the_decoder_does_not_implement_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let own: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("vae/config.json")).unwrap())
+            .unwrap();
+    let with = |field: &str, value: serde_json::Value| {
+        let mut config = own.clone();
+        config[field] = value;
+        let path = dir.path().join(format!("{field}.json"));
+        std::fs::write(&path, config.to_string()).unwrap();
+        let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+        files.vae.config = Some(path);
+        FluxPipeline::load(&files, FluxOptions::default())
+            .err()
+            .map(|e| e.to_string())
+    };
+    for (field, value, said) in [
+        ("norm_num_groups", serde_json::json!(16), "is 16"),
+        ("act_fn", serde_json::json!("gelu"), "`gelu`"),
+        ("latent_channels", serde_json::json!(4), "is 4"),
+        (
+            "block_out_channels",
+            serde_json::json!([32, 64, 64, 64]),
+            "[32, 64, 64, 64]",
+        ),
+        ("layers_per_block", serde_json::json!(2), "is 2"),
+        (
+            "use_post_quant_conv",
+            serde_json::json!(true),
+            "post_quant_conv",
+        ),
+    ] {
+        let msg = with(field, value).unwrap_or_else(|| panic!("{field} was accepted"));
+        assert!(msg.contains(field) && msg.contains(said), "{msg}");
+        assert!(
+            msg.contains(&format!("{field}.json")),
+            "names the file: {msg}"
+        );
+    }
+    // The control: the fixture's own config, rewritten unchanged, loads.
+    assert_eq!(with("norm_num_groups", serde_json::json!(32)), None);
+}
