@@ -195,15 +195,15 @@ impl AppState {
 
     /// Records the short hash of model `name`'s weights (shown in receipts).
     pub fn set_hash(&self, name: &str, hash: String) {
-        if let Some(&i) = self.0.names.get(name) {
-            let _ = self.0.models[i].hash.set(hash);
+        if let Some(slot) = self.model(name) {
+            let _ = slot.hash.set(hash);
         }
     }
 
     /// Records that model `name` could not be loaded.
     pub fn mark_failed(&self, name: &str, why: String) {
-        if let Some(&i) = self.0.names.get(name) {
-            let _ = self.0.models[i].failed.set(why);
+        if let Some(slot) = self.model(name) {
+            let _ = slot.failed.set(why);
         }
     }
 

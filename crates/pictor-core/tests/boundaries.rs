@@ -49,20 +49,28 @@ const HTTP_AND_STORES: &[&str] = &[
     "object_store",
 ];
 
-#[test]
-fn only_the_engine_and_the_binary_compile_candle() {
-    for package in [
-        "pictor-core",
-        "pictor-image",
-        "pictor-sched",
-        "pictor-api",
-        "pictor-store",
-    ] {
+/// None of `packages` depends on any of `banned`, at any depth.
+fn forbid(packages: &[&str], banned: &[&str]) {
+    for package in packages {
         let deps = dependencies(package);
-        for banned in NUMERIC {
-            assert!(!has(&deps, banned), "{package} depends on {banned}");
+        for name in banned {
+            assert!(!has(&deps, name), "{package} depends on {name}");
         }
     }
+}
+
+#[test]
+fn only_the_engine_and_the_binary_compile_candle() {
+    forbid(
+        &[
+            "pictor-core",
+            "pictor-image",
+            "pictor-sched",
+            "pictor-api",
+            "pictor-store",
+        ],
+        NUMERIC,
+    );
     // The check can see what it forbids: the engine and the binary do compile candle.
     for package in ["pictor-engine", "pictor"] {
         assert!(has(&dependencies(package), "candle-core"), "{package}");
@@ -71,17 +79,15 @@ fn only_the_engine_and_the_binary_compile_candle() {
 
 #[test]
 fn the_engine_and_the_seam_know_no_http_and_no_store() {
-    for package in [
-        "pictor-engine",
-        "pictor-core",
-        "pictor-image",
-        "pictor-sched",
-    ] {
-        let deps = dependencies(package);
-        for banned in HTTP_AND_STORES {
-            assert!(!has(&deps, banned), "{package} depends on {banned}");
-        }
-    }
+    forbid(
+        &[
+            "pictor-engine",
+            "pictor-core",
+            "pictor-image",
+            "pictor-sched",
+        ],
+        HTTP_AND_STORES,
+    );
     assert!(has(&dependencies("pictor-api"), "axum"));
 }
 

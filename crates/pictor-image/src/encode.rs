@@ -89,9 +89,10 @@ fn exif_with_parameters(parameters: &str) -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
-/// Encodes `img`; `quality` (1..=100) applies to JPEG. `parameters` (the receipt in the
-/// text form image tools use) is embedded in every format: a PNG `parameters` text chunk,
-/// or the EXIF `UserComment` of JPEG and WebP. An empty `parameters` embeds nothing.
+/// Encodes `img`; `quality` applies to JPEG, clamped to 1..=100 (0, the smallest file, is
+/// taken as 1). `parameters` (the receipt in the text form image tools use) is embedded in
+/// every format: a PNG `parameters` text chunk, or the EXIF `UserComment` of JPEG and
+/// WebP. An empty `parameters` embeds nothing.
 pub fn encode(img: &RgbImage, format: Format, quality: u8, parameters: &str) -> Result<Vec<u8>> {
     let mut out = Cursor::new(Vec::new());
     let (w, h) = (img.width as u32, img.height as u32);

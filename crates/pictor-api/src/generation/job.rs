@@ -103,8 +103,7 @@ impl Job {
                 req.response_format
             },
             output_format: req.output_format,
-            // JPEG quality runs 1..=100; `output_compression: 0` means the smallest file.
-            compression: req.output_compression.max(1),
+            compression: req.output_compression,
             stream: req.stream,
             slot,
             key,
@@ -152,7 +151,8 @@ impl Job {
         self.output_format
     }
 
-    /// JPEG quality, 1 to 100.
+    /// JPEG quality as asked, 0 to 100 (`pictor_image::encode` takes 0, the smallest
+    /// file, as 1).
     pub(crate) fn compression(&self) -> u8 {
         self.compression
     }

@@ -64,6 +64,7 @@ fn event(name: &'static str, data: &impl Serialize) -> Option<Event> {
 async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sender<Event>) {
     let created_at = now_unix();
     let format = job.output_format();
+    let size = job.size();
     while let Some(preview) = ticket.next_preview().await {
         // A preview carries no receipt: it is not the image the receipt describes.
         let bytes = match pictor_image::encode(&preview.pixels, format, job.compression(), "") {
@@ -81,7 +82,7 @@ async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sen
             output_format: format.name(),
             partial_image_index: preview.index,
             quality: job.quality(),
-            size: job.size(),
+            size: size.clone(),
             image_index: preview.image,
             step: preview.step,
         };
