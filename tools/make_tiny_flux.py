@@ -686,6 +686,9 @@ def save_and_verify_bfl(out: Path, transformer: FluxTransformer2DModel, vae: Aut
     inner = cfg.num_attention_heads * cfg.attention_head_dim
     conv = patched_flux_converter(inner)(dict(loaded))
     assert_same_state_dict(conv, tsd, "flux1-schnell.safetensors")
+    # BFL files record neither RoPE axes nor group counts; these heads and this decoder
+    # are not FLUX.1's, so each single file gets its diffusers config beside it.
+    shutil.copy(out / "transformer" / "config.json", out / "flux1-schnell.json")
     facts.append(f"flux1-schnell.safetensors ({len(loaded)} tensors) -> diffusers' "
                  f"convert_flux_transformer_checkpoint_to_diffusers (inner_dim={inner}) == transformer state dict, "
                  f"all {len(tsd)} tensors bit-exact")
@@ -693,6 +696,7 @@ def save_and_verify_bfl(out: Path, transformer: FluxTransformer2DModel, vae: Aut
     vsd = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     ae = diffusers_to_bfl_vae(vsd, len(vae.config.block_out_channels))
     safetensors.torch.save_file(ae, str(out / "ae.safetensors"))
+    shutil.copy(out / "vae" / "config.json", out / "ae.json")
     loaded = safetensors.torch.load_file(str(out / "ae.safetensors"))
     conv = single_file_utils.convert_ldm_vae_checkpoint(dict(loaded), dict(vae.config))
     assert_same_state_dict(conv, vsd, "ae.safetensors")
@@ -931,6 +935,7 @@ sentencepiece {v['sentencepiece']}, numpy {v['numpy']}, protobuf {v['protobuf']}
 | `transformer/` | diffusers `FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4,14,14))`, 2 shards + `diffusion_pytorch_model.safetensors.index.json`. |
 | `vae/` | diffusers `AutoencoderKL` (4 blocks, block_out_channels (32,32,64,64), layers_per_block 1, 16 latent channels, 32 groups, scaling_factor 0.3611, shift_factor 0.1159, no quant convs, mid-block attention), single `diffusion_pytorch_model.safetensors`. |
 | `flux1-schnell.safetensors` | the same transformer in Black Forest Labs names (`img_in`, `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.adaLN_modulation.1` with [shift; scale], ...). |
+| `flux1-schnell.json`, `ae.json` | copies of `transformer/config.json` and `vae/config.json` beside the single files: BFL files record neither RoPE axes nor group counts, and these are not FLUX.1's, so a loader must be told. |
 | `ae.safetensors` | the same VAE in BFL/LDM names (`encoder.down.i.block.j`, `decoder.up.(3-k)`, `mid.attn_1.{{q,k,v,proj_out}}` as 1x1 conv weights [C,C,1,1], ...). |
 | `reference.safetensors` | reference tensors (below). |
 | `reference.json` | prompts, size, steps, scheduler sigmas/timesteps actually used, seeds, versions, tensor shapes and stds. |

@@ -12,12 +12,16 @@ use crate::{
 };
 
 /// One part of a model: its weight files (one, or several shards) and its `config.json`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Part {
     /// Weight files: safetensors shards, or one GGUF file.
     pub files: Vec<PathBuf>,
-    /// The part's `config.json`, when the layout has one.
+    /// The part's config (diffusers' `config.json`, or one beside a single file), when
+    /// there is one.
     pub config: Option<PathBuf>,
+    /// The RoPE axes the model's settings state for a transformer whose files record none
+    /// (`rope_axes` in pictor.toml); other parts ignore it.
+    pub rope_axes: Option<Vec<usize>>,
 }
 
 impl Part {
@@ -25,8 +29,26 @@ impl Part {
     pub fn file(path: impl Into<PathBuf>) -> Self {
         Self {
             files: vec![path.into()],
-            config: None,
+            ..Self::default()
         }
+    }
+
+    /// A part made of one file, with the config beside it that records what its tensors
+    /// cannot: `<name>.json` (`flux1-schnell.json` for `flux1-schnell.safetensors`), else
+    /// a `config.json` in the same folder; either must say it is written for this kind of
+    /// part (diffusers' `_class_name`, or the fields only that kind has). Only transformers
+    /// and autoencoders take one; text encoders are read from their tensors alone.
+    pub(crate) fn beside(path: &Path, kind: Kind) -> Self {
+        let mut part = Self::file(path);
+        if matches!(kind, Kind::Transformer | Kind::Vae) {
+            part.config = [
+                path.with_extension("json"),
+                path.with_file_name("config.json"),
+            ]
+            .into_iter()
+            .find(|c| c.is_file() && config_kind(c) == Some(kind));
+        }
+        part
     }
 
     /// A diffusers/transformers part folder: `config.json` plus either a sharded
@@ -54,6 +76,17 @@ impl Part {
         Ok(Self {
             files,
             config: config.is_file().then_some(config),
+            ..Self::default()
+        })
+    }
+
+    /// A part made of one weight file of any kind, with the config beside it that records
+    /// what its tensors cannot (see [`Part::beside`]'s rules): what a user names when they
+    /// point at one file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        Ok(match classify_file(path)? {
+            Some(kind) => Self::beside(path, kind),
+            None => Self::file(path),
         })
     }
 
@@ -151,7 +184,9 @@ pub(crate) fn parts_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Foun
     let mut prefixes: [Option<&str>; SIGNS.len()] = [None; SIGNS.len()];
     for name in names {
         for (slot, (sign, ..)) in prefixes.iter_mut().zip(SIGNS) {
+            // A prefix ends at a dot: `single_transformer_blocks.0...` is no `transformer_blocks`.
             if let Some(p) = name.strip_suffix(sign)
+                && (p.is_empty() || p.ends_with('.'))
                 && slot.is_none_or(|q| p.len() < q.len())
             {
                 *slot = Some(p);
@@ -186,6 +221,22 @@ pub(crate) fn classify_file(path: &Path) -> Result<Option<Kind>> {
     Ok(parts_in_file(path)?.first().map(|f| f.kind))
 }
 
+/// The kind of part a config file is written for: from diffusers' `_class_name`, else
+/// from the fields only that kind's configs have.
+fn config_kind(path: &Path) -> Option<Kind> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let has = |key: &str| json.get(key).is_some();
+    match json.get("_class_name").and_then(|c| c.as_str()) {
+        Some("FluxTransformer2DModel") => Some(Kind::Transformer),
+        Some("AutoencoderKL") => Some(Kind::Vae),
+        Some(_) => None,
+        None if has("axes_dims_rope") || has("attention_head_dim") => Some(Kind::Transformer),
+        None if has("norm_num_groups") || has("latent_channels") => Some(Kind::Vae),
+        None => None,
+    }
+}
+
 fn has_ext(path: &Path, ext: &str) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case(ext))
@@ -204,6 +255,39 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Each part of a model looked for, found or not, as [`ModelFiles::survey`] leaves it:
+/// `pictor models inspect` describes what is there and names what is missing, where
+/// [`ModelFiles::resolve`] needs every part.
+#[derive(Debug)]
+pub struct Survey {
+    /// The flux transformer.
+    pub transformer: Result<Part>,
+    /// The autoencoder.
+    pub vae: Result<Part>,
+    /// The CLIP-L text encoder.
+    pub clip: Result<Part>,
+    /// The T5 encoder.
+    pub t5: Result<Part>,
+    /// See [`ModelFiles::clip_tokenizer`].
+    pub clip_tokenizer: Option<PathBuf>,
+    /// See [`ModelFiles::t5_tokenizer`].
+    pub t5_tokenizer: Option<PathBuf>,
+}
+
+impl Survey {
+    /// The model, if every part was found.
+    pub fn into_files(self) -> Result<ModelFiles> {
+        Ok(ModelFiles {
+            transformer: self.transformer?,
+            vae: self.vae?,
+            clip: self.clip?,
+            t5: self.t5?,
+            clip_tokenizer: self.clip_tokenizer,
+            t5_tokenizer: self.t5_tokenizer,
+        })
+    }
+}
+
 impl ModelFiles {
     /// Finds a model from what a user typed: a folder, a weight file (its other parts are
     /// looked for beside it), or a Hugging Face repo id (`owner/name`, optionally
@@ -214,15 +298,27 @@ impl ModelFiles {
 
     /// [`ModelFiles::resolve`] with an explicit Hugging Face hub cache folder.
     pub fn resolve_in(spec: &str, hf_cache: &Path) -> Result<Self> {
+        Self::survey_in(spec, hf_cache)?.into_files()
+    }
+
+    /// Looks for every part where [`ModelFiles::resolve`] would, keeping what is found when
+    /// some part is not. Fails only when `spec` itself names nothing, or names a weight file
+    /// that is not a transformer.
+    pub fn survey(spec: &str) -> Result<Survey> {
+        Self::survey_in(spec, &hf_hub_cache_dir())
+    }
+
+    /// [`ModelFiles::survey`] with an explicit Hugging Face hub cache folder.
+    pub fn survey_in(spec: &str, hf_cache: &Path) -> Result<Survey> {
         let path = Path::new(spec);
         if path.is_dir() {
-            return Self::from_dir(path);
+            return Self::assemble(path, None);
         }
         if path.is_file() {
-            return Self::from_file(path);
+            return Self::survey_file(path);
         }
         if let Some(snapshot) = hf_snapshot(spec, hf_cache)? {
-            return Self::from_dir(&snapshot);
+            return Self::assemble(&snapshot, None);
         }
         Err(EngineError::NotFound(format!(
             "`{spec}` is neither a file, a folder, nor a repo id in the Hugging Face cache ({})",
@@ -234,11 +330,15 @@ impl ModelFiles {
     /// `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`), or weight files at
     /// the top (`flux1-schnell.safetensors`, `ae.safetensors`, ...) recognised by content.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        Self::assemble(dir, None)
+        Self::assemble(dir, None)?.into_files()
     }
 
     /// A model named by one transformer file, with its other parts found beside it.
     pub fn from_file(file: &Path) -> Result<Self> {
+        Self::survey_file(file)?.into_files()
+    }
+
+    fn survey_file(file: &Path) -> Result<Survey> {
         match classify_file(file)? {
             Some(Kind::Transformer) => {}
             Some(other) => {
@@ -257,18 +357,18 @@ impl ModelFiles {
             _ => Path::new("."),
         };
         let bundled: Vec<Kind> = parts_in_file(file)?.iter().map(|f| f.kind).collect();
-        Self::assemble(dir, Some((Part::file(file), bundled)))
+        Self::assemble(dir, Some((file, bundled)))
     }
 
     /// `transformer`: a file the user named, and the other parts it bundles (ComfyUI's
     /// single-file checkpoints hold all four), which are taken from it.
-    fn assemble(dir: &Path, transformer: Option<(Part, Vec<Kind>)>) -> Result<Self> {
+    fn assemble(dir: &Path, transformer: Option<(&Path, Vec<Kind>)>) -> Result<Survey> {
         let top = TopLevel::scan(dir)?;
         let part = |folder: &str, kind: Kind| -> Result<Part> {
             if let Some((file, bundled)) = &transformer
                 && bundled.contains(&kind)
             {
-                return Ok(file.clone());
+                return Ok(Part::beside(file, kind));
             }
             let sub = dir.join(folder);
             if sub.is_dir() {
@@ -277,18 +377,18 @@ impl ModelFiles {
             top.only(kind, dir, folder)
         };
         let transformer = match &transformer {
-            Some((t, _)) => t.clone(),
-            None => part("transformer", Kind::Transformer)?,
+            Some((file, _)) => Ok(Part::beside(file, Kind::Transformer)),
+            None => part("transformer", Kind::Transformer),
         };
         let tokenizer = |folder: &str| {
             let sub = dir.join(folder);
             sub.is_dir().then_some(sub)
         };
-        Ok(Self {
+        Ok(Survey {
             transformer,
-            vae: part("vae", Kind::Vae)?,
-            clip: part("text_encoder", Kind::Clip)?,
-            t5: part("text_encoder_2", Kind::T5)?,
+            vae: part("vae", Kind::Vae),
+            clip: part("text_encoder", Kind::Clip),
+            t5: part("text_encoder_2", Kind::T5),
             clip_tokenizer: tokenizer("tokenizer"),
             t5_tokenizer: tokenizer("tokenizer_2"),
         })
@@ -341,7 +441,7 @@ impl TopLevel {
             matches = holding(false);
         }
         match matches.as_slice() {
-            [one] => Ok(Part::file(*one)),
+            [one] => Ok(Part::beside(one, kind)),
             [] => Err(EngineError::NotFound(format!(
                 "{}: no {} (neither a `{folder}/` folder nor a weight file holding one)",
                 dir.display(),

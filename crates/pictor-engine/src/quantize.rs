@@ -284,8 +284,8 @@ pub fn quantize(
                 transformer::Weights::Quantized(w) => Reader::Gguf(w),
             };
             let cfg = match &reader {
-                Reader::Dense(w) => config::transformer(w, part.config.as_deref())?,
-                Reader::Gguf(w) => config::transformer(w, part.config.as_deref())?,
+                Reader::Dense(w) => config::transformer(w, part)?.config,
+                Reader::Gguf(w) => config::transformer(w, part)?.config,
             };
             meta.insert(0, ("general.architecture", MetaValue::Str("flux".into())));
             meta.push(("general.name", MetaValue::Str("FLUX.1-schnell".into())));

@@ -89,6 +89,10 @@ pub struct ModelConfig {
     /// and T5 when they are not GGUF already: made once with `pictor quantize`'s code into
     /// `<data_dir>/cache/quantized/` and reused while the source files are unchanged.
     pub quantize: Option<String>,
+    /// How RoPE splits the transformer's heads (`[16, 56, 56]` for FLUX.1), for a
+    /// transformer file that records it nowhere; a config or GGUF that records it must
+    /// agree. Needed only for heads that are not FLUX.1's 128 wide.
+    pub rope_axes: Option<Vec<usize>>,
 }
 
 impl Default for ModelConfig {
@@ -106,6 +110,7 @@ impl Default for ModelConfig {
             default_steps: None,
             max_steps: None,
             quantize: None,
+            rope_axes: None,
         }
     }
 }

@@ -34,6 +34,7 @@ pub fn load(
     let path = crate::shipped::locate(&m.path, data_dir)?;
     let mut files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
+    files.transformer.rope_axes = m.rope_axes.clone();
     if let Some(target) = &m.quantize {
         crate::quantized::apply(&mut files, target, data_dir)?;
     }

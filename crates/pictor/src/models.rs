@@ -9,9 +9,10 @@ use std::{
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use pictor_engine::{
-    ModelFiles, Part,
+    ModelFiles, Part, flux,
     inspect::{human_bytes, human_count, inspect_file},
     quantize::{Component, Target, quantize},
+    text,
 };
 
 /// `pictor models ...`.
@@ -69,50 +70,85 @@ fn inspect(spec: &str) -> anyhow::Result<()> {
     if path.is_file() {
         print!("{}", inspect_file(path)?);
     }
-    match ModelFiles::resolve(spec) {
-        Ok(files) => {
-            // The check `pictor serve` makes before loading, so both say the same.
-            match pictor_engine::flux::check_parts_fit(&files) {
-                Ok(()) => println!("{spec}: a complete FLUX model"),
-                Err(e) => println!("{spec}: every part is present, but it cannot load: {e}"),
+    let survey = match ModelFiles::survey(spec) {
+        Ok(survey) => survey,
+        Err(e) if path.is_file() => {
+            println!("  as a model: {e}");
+            return Ok(());
+        }
+        Err(e) => bail!("{spec}: {e}"),
+    };
+    println!("{spec}:");
+    let parts = [
+        ("transformer", &survey.transformer),
+        ("autoencoder", &survey.vae),
+        ("CLIP", &survey.clip),
+        ("T5", &survey.t5),
+    ];
+    let mut missing = Vec::new();
+    for (label, part) in parts {
+        let part = match part {
+            Ok(part) => part,
+            Err(e) => {
+                println!("  {label}: missing ({e})");
+                missing.push(label);
+                continue;
             }
-            for (label, part) in [
-                ("transformer", &files.transformer),
-                ("autoencoder", &files.vae),
-                ("CLIP", &files.clip),
-                ("T5", &files.t5),
-            ] {
-                let names: Vec<String> =
-                    part.files.iter().map(|f| f.display().to_string()).collect();
-                println!("  {label}: {}", names.join(", "));
-            }
-            let tokenizer = |t: &Option<PathBuf>| {
-                t.as_ref()
-                    .map_or("FLUX.1's own, built in".to_string(), |p| {
-                        p.display().to_string()
-                    })
-            };
-            println!(
-                "  tokenizers: {} / {}",
-                tokenizer(&files.clip_tokenizer),
-                tokenizer(&files.t5_tokenizer)
-            );
-            if !path.is_file() {
-                let mut seen = Vec::new();
-                for part in [&files.transformer, &files.vae, &files.clip, &files.t5] {
-                    for f in &part.files {
-                        if !seen.contains(f) {
-                            print!("{}", inspect_file(f)?);
-                            seen.push(f.clone());
-                        }
-                    }
+        };
+        let names: Vec<String> = part.files.iter().map(|f| f.display().to_string()).collect();
+        let config = part
+            .config
+            .as_ref()
+            .map_or(String::new(), |c| format!(" (config {})", c.display()));
+        println!("  {label}: {}{config}", names.join(", "));
+        println!("    {}", describe(label, part));
+    }
+    let tokenizer = |t: &Option<PathBuf>| {
+        t.as_ref()
+            .map_or("FLUX.1's own, built in".to_string(), |p| {
+                p.display().to_string()
+            })
+    };
+    println!(
+        "  tokenizers: {} / {}",
+        tokenizer(&survey.clip_tokenizer),
+        tokenizer(&survey.t5_tokenizer)
+    );
+    if !path.is_file() {
+        let mut seen = Vec::new();
+        for part in parts.iter().filter_map(|(_, p)| p.as_ref().ok()) {
+            for f in &part.files {
+                if !seen.contains(f) {
+                    print!("{}", inspect_file(f)?);
+                    seen.push(f.clone());
                 }
             }
         }
-        Err(e) if path.is_file() => println!("  as a model: {e}"),
-        Err(e) => bail!("{spec}: {e}"),
+    }
+    // The check `pictor serve` makes before loading, so both say the same.
+    if !missing.is_empty() {
+        println!(
+            "{spec}: incomplete, not a model pictor serve can load: no {}",
+            missing.join(", no ")
+        );
+        return Ok(());
+    }
+    match survey.into_files().and_then(|files| flux::validate(&files)) {
+        Ok(_) => println!("{spec}: a complete FLUX model"),
+        Err(e) => println!("{spec}: every part is present, but it cannot load: {e}"),
     }
     Ok(())
+}
+
+/// One part's architecture, or why it cannot be read.
+fn describe(label: &str, part: &Part) -> String {
+    let described = match label {
+        "transformer" => flux::transformer::arch_of(part).map(|a| a.to_string()),
+        "autoencoder" => flux::vae::arch_of(part).map(|a| a.to_string()),
+        "CLIP" => text::clip_width(part).map(|w| format!("{w}-wide pooled vector out")),
+        _ => text::t5_width(part).map(|w| format!("{w}-wide token embeddings out")),
+    };
+    described.unwrap_or_else(|e| format!("cannot be read: {e}"))
 }
 
 /// Runs `pictor quantize`.
@@ -131,7 +167,7 @@ pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
                 other.unwrap_or("no known part")
             ),
         };
-        (Part::file(path), component)
+        (Part::from_file(path)?, component)
     } else {
         let files = ModelFiles::resolve(&args.input)?;
         match args.part.unwrap_or(Component::Transformer) {

@@ -31,8 +31,17 @@ fn cached(part: &Part, component: Component, target: Target, dir: &Path) -> anyh
         Component::Transformer => "transformer",
         Component::T5 => "t5",
     };
-    let identity = crate::hash::identity(&part.files)?;
-    let key = hex::encode(&Sha256::digest(format!("{identity}|{label}|{}", target.label()))[..8]);
+    // The config and stated axes are in the key: the copy records the RoPE axes they gave.
+    let mut sources = part.files.clone();
+    sources.extend(part.config.clone());
+    let identity = crate::hash::identity(&sources)?;
+    let key = hex::encode(
+        &Sha256::digest(format!(
+            "{identity}|{:?}|{label}|{}",
+            part.rope_axes,
+            target.label()
+        ))[..8],
+    );
     let path: PathBuf = dir.join(format!("{key}-{label}-{}.gguf", target.label()));
     if !path.is_file() {
         eprintln!(
@@ -49,5 +58,8 @@ fn cached(part: &Part, component: Component, target: Target, dir: &Path) -> anyh
         std::fs::rename(&partial, &path)
             .with_context(|| format!("moving {} into place", partial.display()))?;
     }
-    Ok(Part::file(path))
+    Ok(Part {
+        rope_axes: part.rope_axes.clone(),
+        ..Part::file(path)
+    })
 }

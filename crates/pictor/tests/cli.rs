@@ -396,14 +396,53 @@ fn quantize_then_inspect_then_generate_from_the_gguf_pair() {
     );
     assert!(text.contains("T5 encoder (llama.cpp names)"), "{text}");
     assert!(text.contains("Q8_0"), "{text}");
-    // Beside the two GGUF files, the rest of the model as split files and its tokenizers.
-    for e in ["ae.safetensors", "text_encoder", "tokenizer", "tokenizer_2"] {
+    // The folder so far holds two parts: inspect describes them and names what is missing.
+    let folder = |what: &str| {
+        let run = pictor()
+            .args(["models", "inspect"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&run.stdout).to_string();
+        assert!(run.status.success(), "{what}: {text}");
+        text
+    };
+    let text = folder("partial");
+    assert!(
+        text.contains("2 heads of 32, RoPE axes [4, 14, 14] (from the file's metadata)"),
+        "{text}"
+    );
+    assert!(text.contains("32-wide token embeddings out"), "{text}");
+    assert!(
+        text.contains("autoencoder: missing") && text.contains("CLIP: missing"),
+        "{text}"
+    );
+    assert!(
+        text.contains("incomplete") && !text.contains("a complete FLUX model"),
+        "{text}"
+    );
+    // Beside the two GGUF files, the rest of the model as split files and its tokenizers;
+    // the autoencoder's config beside it, since its decoder is not FLUX.1's.
+    for e in [
+        "ae.safetensors",
+        "ae.json",
+        "text_encoder",
+        "tokenizer",
+        "tokenizer_2",
+    ] {
         std::os::unix::fs::symlink(
             fixture().join(e).canonicalize().unwrap(),
             dir.path().join(e),
         )
         .unwrap();
     }
+    let text = folder("complete");
+    assert!(text.contains("a complete FLUX model"), "{text}");
+    assert!(
+        text.contains("32 groups, latent scale 0.3611 and shift 0.1159 (from ")
+            && text.contains("ae.json)"),
+        "{text}"
+    );
     let out = dir.path().join("q.png");
     let run = generate(dir.path().to_str().unwrap(), &out, &[]);
     assert!(
@@ -532,4 +571,85 @@ fn inspect_and_generate_agree_on_parts_that_do_not_fit() {
         stderr.contains("do not fit together") && stderr.contains("txt_in takes 32"),
         "{stderr}"
     );
+}
+
+/// A transformer file whose heads are not FLUX.1's and that records no RoPE axes is
+/// refused, saying what to set; with `rope_axes` in the model's settings it draws what the
+/// same model in diffusers' layout (whose config records them) draws.
+#[test]
+fn rope_axes_in_the_settings_serve_a_transformer_that_records_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("bfl");
+    std::fs::create_dir(&model).unwrap();
+    for e in [
+        "flux1-schnell.safetensors",
+        "ae.safetensors",
+        "ae.json",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+    ] {
+        std::os::unix::fs::symlink(fixture().join(e).canonicalize().unwrap(), model.join(e))
+            .unwrap();
+    }
+    let run = |settings: &str, out: &Path| {
+        let config = dir.path().join("pictor.toml");
+        std::fs::write(
+            &config,
+            format!("[models.bfl]\npath = {:?}\n{settings}", model.display()),
+        )
+        .unwrap();
+        pictor()
+            .env("XDG_DATA_HOME", dir.path())
+            .arg("--config")
+            .arg(&config)
+            .args(["generate", "--model", "bfl", "--prompt", "a red circle"])
+            .args(["--size", "64x48", "--steps", "2", "--seed", "3", "-o"])
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let refused = run("", &dir.path().join("no.png"));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("32 wide") && stderr.contains("rope_axes"),
+        "{stderr}"
+    );
+
+    let out = dir.path().join("bfl.png");
+    let served = run("rope_axes = [4, 14, 14]\n", &out);
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    let reference = dir.path().join("diffusers.png");
+    let run = pictor()
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args([
+            "--prompt",
+            "a red circle",
+            "--size",
+            "64x48",
+            "--steps",
+            "2",
+        ])
+        .args(["--seed", "3", "-o"])
+        .arg(&reference)
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let a = image::open(&out).unwrap().to_rgb8();
+    let b = image::open(&reference).unwrap().to_rgb8();
+    let most = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(most <= 1, "the two layouts draw {most} levels apart");
 }

@@ -9,14 +9,13 @@
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::flux::autoencoder::Config;
 
 use crate::{
     error::Result,
+    flux::config::VaeArch,
     ops::{Conv2d, GroupNorm},
 };
 
-pub(crate) const GROUPS: usize = 32;
 const EPS: f64 = 1e-6;
 /// Query positions per attention chunk: 1024 × 16384 f32 scores are 64 MiB.
 const ATTN_CHUNK: usize = 1024;
@@ -30,11 +29,11 @@ struct Resnet {
 }
 
 impl Resnet {
-    fn load(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            norm1: GroupNorm::load(vb.pp("norm1"), GROUPS, c_in, EPS)?,
+            norm1: GroupNorm::load(vb.pp("norm1"), groups, c_in, EPS)?,
             conv1: Conv2d::load(vb.pp("conv1"), c_in, c_out, 3, 1)?,
-            norm2: GroupNorm::load(vb.pp("norm2"), GROUPS, c_out, EPS)?,
+            norm2: GroupNorm::load(vb.pp("norm2"), groups, c_out, EPS)?,
             conv2: Conv2d::load(vb.pp("conv2"), c_out, c_out, 3, 1)?,
             shortcut: if c_in == c_out {
                 None
@@ -63,9 +62,9 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, c: usize) -> Result<Self> {
+    fn load(vb: VarBuilder, c: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            norm: GroupNorm::load(vb.pp("norm"), GROUPS, c, EPS)?,
+            norm: GroupNorm::load(vb.pp("norm"), groups, c, EPS)?,
             q: Conv2d::load(vb.pp("q"), c, c, 1, 0)?,
             k: Conv2d::load(vb.pp("k"), c, c, 1, 0)?,
             v: Conv2d::load(vb.pp("v"), c, c, 1, 0)?,
@@ -124,20 +123,21 @@ pub struct Decoder {
 
 impl Decoder {
     /// Loads the decoder described by `cfg` from `vb` (already at `decoder.`).
-    pub fn load(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    pub fn load(cfg: &VaeArch, vb: VarBuilder) -> Result<Self> {
+        let g = cfg.groups;
         let mults = &cfg.ch_mult;
         let mut c = cfg.ch * mults.last().copied().unwrap_or(1);
         let conv_in = Conv2d::load(vb.pp("conv_in"), cfg.z_channels, c, 3, 1)?;
-        let mid_1 = Resnet::load(vb.pp("mid.block_1"), c, c)?;
-        let mid_attn = Attention::load(vb.pp("mid.attn_1"), c)?;
-        let mid_2 = Resnet::load(vb.pp("mid.block_2"), c, c)?;
+        let mid_1 = Resnet::load(vb.pp("mid.block_1"), c, c, g)?;
+        let mid_attn = Attention::load(vb.pp("mid.attn_1"), c, g)?;
+        let mid_2 = Resnet::load(vb.pp("mid.block_2"), c, c, g)?;
         let mut levels = Vec::with_capacity(mults.len());
         for (i, mult) in mults.iter().enumerate().rev() {
             let vb = vb.pp("up").pp(i);
             let c_out = cfg.ch * mult;
             let mut blocks = Vec::with_capacity(cfg.num_res_blocks + 1);
             for j in 0..=cfg.num_res_blocks {
-                blocks.push(Resnet::load(vb.pp("block").pp(j), c, c_out)?);
+                blocks.push(Resnet::load(vb.pp("block").pp(j), c, c_out, g)?);
                 c = c_out;
             }
             let upsample = if i == 0 {
@@ -153,7 +153,7 @@ impl Decoder {
             mid_attn,
             mid_2,
             levels,
-            norm_out: GroupNorm::load(vb.pp("norm_out"), GROUPS, c, EPS)?,
+            norm_out: GroupNorm::load(vb.pp("norm_out"), g, c, EPS)?,
             conv_out: Conv2d::load(vb.pp("conv_out"), c, cfg.out_ch, 3, 1)?,
         })
     }

@@ -1,13 +1,29 @@
-//! Whether a model's parts fit together: each part's output width against the input the
-//! next part takes, read from headers and configs before anything is loaded. A T5 encoder
-//! from another model would otherwise be found only at the first request, as a matmul of
-//! the wrong width.
+//! Whether a set of files is a model that loads: each part's architecture read and
+//! checked against what records it, each part's output width against the input the next
+//! part takes, and the tokenizers, all from headers and configs before any weight is read.
+//! A T5 encoder from another model would otherwise be found only at the first request, as
+//! a matmul of the wrong width. [`super::FluxPipeline::load`] and `pictor models inspect`
+//! both call [`validate`], so they cannot disagree about whether files are a model.
 
+use super::config::{TransformerArch, VaeArch};
 use crate::{
     error::{EngineError, Result},
     layout::{ModelFiles, Part},
-    text,
+    text::{self, FixedLengthTokenizer},
 };
+
+/// What a set of parts is, once [`validate`] has found that it loads.
+#[derive(Debug, Clone)]
+pub struct Architecture {
+    /// The transformer's.
+    pub transformer: TransformerArch,
+    /// The autoencoder's.
+    pub vae: VaeArch,
+    /// The width of T5's token embeddings.
+    pub t5_width: usize,
+    /// The width of CLIP's pooled vector.
+    pub clip_width: usize,
+}
 
 fn named(part: &Part) -> String {
     part.files
@@ -15,11 +31,50 @@ fn named(part: &Part) -> String {
         .map_or_else(|| "(no file)".into(), |f| f.display().to_string())
 }
 
-/// Refuses a set of parts whose widths disagree, naming both parts and both numbers.
-/// [`super::FluxPipeline::load`] runs it first; `pictor models inspect` runs it too, so the
-/// two cannot disagree about whether a set of files is a model.
-pub fn check(files: &ModelFiles) -> Result<()> {
-    let transformer = super::transformer::config_of(&files.transformer)?;
+fn refuse(wrong: Vec<String>, transformer: &Part) -> Result<()> {
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::Mismatch {
+        message: format!(
+            "{}; transformer: {}. The parts come from different models: use the ones made for this transformer.",
+            wrong.join("; "),
+            named(transformer)
+        ),
+    })
+}
+
+fn latent_mismatch(arch: &TransformerArch, vae: &Part, vae_arch: &VaeArch) -> Option<String> {
+    // The transformer sees the latents in 2×2 patches.
+    let latents = vae_arch.z_channels;
+    (latents * 4 != arch.config.in_channels).then(|| {
+        format!(
+            "the autoencoder ({}) has {latents} latent channels ({} per 2×2 patch), but the transformer's img_in takes {}",
+            named(vae),
+            latents * 4,
+            arch.config.in_channels
+        )
+    })
+}
+
+/// Refuses an autoencoder whose latents are not what the transformer takes.
+pub(crate) fn latents(
+    transformer: &Part,
+    arch: &TransformerArch,
+    vae: &Part,
+    vae_arch: &VaeArch,
+) -> Result<()> {
+    refuse(
+        latent_mismatch(arch, vae, vae_arch).into_iter().collect(),
+        transformer,
+    )
+}
+
+/// Reads every part's architecture and refuses a set whose parts disagree, naming both
+/// parts and both numbers, or whose tokenizers do not load.
+pub fn validate(files: &ModelFiles) -> Result<Architecture> {
+    let arch = super::transformer::arch_of(&files.transformer)?;
+    let transformer = &arch.config;
     let mut wrong = Vec::new();
     let t5 = text::t5_width(&files.t5)?;
     if t5 != transformer.context_in_dim {
@@ -37,24 +92,20 @@ pub fn check(files: &ModelFiles) -> Result<()> {
             transformer.vec_in_dim
         ));
     }
-    // The transformer sees the latents in 2×2 patches.
-    let latents = super::vae::latent_channels(&files.vae)?;
-    if latents * 4 != transformer.in_channels {
-        wrong.push(format!(
-            "the autoencoder ({}) has {latents} latent channels ({} per 2×2 patch), but the transformer's img_in takes {}",
-            named(&files.vae),
-            latents * 4,
-            transformer.in_channels
-        ));
+    let vae_arch = super::vae::arch_of(&files.vae)?;
+    wrong.extend(latent_mismatch(&arch, &files.vae, &vae_arch));
+    refuse(wrong, &files.transformer)?;
+    // Their lengths only pad; loading them is the check.
+    if let Some(path) = &files.clip_tokenizer {
+        FixedLengthTokenizer::clip(path, 77)?;
     }
-    if wrong.is_empty() {
-        return Ok(());
+    if let Some(path) = &files.t5_tokenizer {
+        FixedLengthTokenizer::t5(path, 256)?;
     }
-    Err(EngineError::Mismatch {
-        message: format!(
-            "{}; transformer: {}. The parts come from different models: use the ones made for this transformer.",
-            wrong.join("; "),
-            named(&files.transformer)
-        ),
+    Ok(Architecture {
+        transformer: arch,
+        vae: vae_arch,
+        t5_width: t5,
+        clip_width: clip,
     })
 }

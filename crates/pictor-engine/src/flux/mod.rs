@@ -12,8 +12,10 @@
 mod attention;
 pub mod config;
 pub mod decoder;
+mod denoiser;
+pub use denoiser::{Denoiser, StepState};
 mod fit;
-pub use fit::check as check_parts_fit;
+pub use fit::{Architecture, validate};
 pub mod memory;
 pub(crate) mod model;
 pub use attention::{AttentionKernel, set_attention_kernel};
@@ -30,18 +32,13 @@ use pictor_core::{
     PipelineError, Progress, RgbImage, preview_steps,
 };
 
-use self::{transformer::Transformer, vae::Vae};
 use crate::{
     device::{DTypeChoice, DeviceChoice},
     error::{EngineError, Result},
     image::to_rgb8,
     layout::ModelFiles,
-    noise::gaussian_noise,
     text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
 };
-
-/// Latent channels of the flux autoencoder (before 2×2 packing).
-const LATENT_CHANNELS: usize = 16;
 
 /// FLUX.1-schnell's rules: sides on a grid of 16 pixels (the autoencoder's 8× times the
 /// transformer's 2×2 patches), 256 to 2048 a side as Black Forest Labs serve it, at most
@@ -89,35 +86,11 @@ impl Default for FluxOptions {
     }
 }
 
-/// The sampler after a step, as [`FluxPipeline::denoise`] shows it to its callback.
-pub struct StepState<'a> {
-    /// Steps finished (0 before the first).
-    pub step: usize,
-    latents: &'a Tensor,
-    velocity: Option<&'a Tensor>,
-    sigma: f64,
-}
-
-impl StepState<'_> {
-    /// The clean latents predicted at this step, `x₀ = x − σ·v` (packed, f32): what the
-    /// image would be if the last velocity held to the end. `None` before the first step.
-    /// It is the rectified-flow estimate every step already makes, so a preview costs one
-    /// decode and no extra transformer pass.
-    pub fn predicted_clean(&self) -> Result<Option<Tensor>> {
-        let Some(v) = self.velocity else {
-            return Ok(None);
-        };
-        Ok(Some((self.latents - (v * self.sigma)?)?))
-    }
-}
-
 /// A loaded FLUX.1-schnell pipeline.
 pub struct FluxPipeline {
     text: TextEncoders,
-    /// `None` while staged out (see [`memory::plan`]).
-    transformer: Option<Transformer>,
-    config: candle_transformers::models::flux::model::Config,
-    vae: Vae,
+    /// Its transformer is staged out while T5 encodes (see [`memory::plan`]).
+    denoiser: Denoiser,
     files: ModelFiles,
     plan: memory::MemoryPlan,
     device: Device,
@@ -133,7 +106,7 @@ impl FluxPipeline {
         let device = options.device.open()?;
         let dtype = options.dtype.resolve(&device);
         let plan = memory::plan(files, dtype, options.memory_budget)?;
-        fit::check(files)?;
+        validate(files)?;
         tracing::info!(
             ?dtype,
             ?device,
@@ -158,14 +131,11 @@ impl FluxPipeline {
             // Loaded once to check it, then freed until a request needs it.
             text.t5 = None;
         }
-        let transformer = Transformer::load(&files.transformer, dtype, &device)?;
-        let vae = Vae::load(&files.vae, dtype, &device)?;
+        let denoiser = Denoiser::load(&files.transformer, &files.vae, dtype, &device)?;
         crate::heap::release_freed_memory();
         Ok(Self {
             text,
-            config: transformer.config().clone(),
-            transformer: Some(transformer),
-            vae,
+            denoiser,
             files: files.clone(),
             plan,
             device,
@@ -182,7 +152,7 @@ impl FluxPipeline {
     /// Staged: frees the transformer and loads T5 (for encoding prompts).
     fn stage_t5(&mut self) -> Result<()> {
         if self.text.t5.is_none() {
-            self.transformer = None;
+            self.denoiser.unload_transformer();
             self.text.t5 = Some(T5Encoder::load(&self.files.t5, self.dtype, &self.device)?);
             crate::heap::release_freed_memory();
         }
@@ -191,21 +161,11 @@ impl FluxPipeline {
 
     /// Staged: frees T5 and loads the transformer (for denoising).
     fn stage_transformer(&mut self) -> Result<()> {
-        if self.transformer.is_none() {
+        if !self.denoiser.transformer_loaded() {
             self.text.t5 = None;
-            self.transformer = Some(Transformer::load(
-                &self.files.transformer,
-                self.dtype,
-                &self.device,
-            )?);
+            self.denoiser.reload_transformer()?;
         }
         Ok(())
-    }
-
-    fn loaded_transformer(&self) -> Result<&Transformer> {
-        self.transformer.as_ref().ok_or_else(|| {
-            EngineError::load("transformer", "staged out: call generate, which loads it")
-        })
     }
 
     /// The compute dtype in use.
@@ -213,26 +173,9 @@ impl FluxPipeline {
         self.dtype
     }
 
-    /// The transformer's hyper-parameters, as read from the weights.
-    pub fn transformer_config(&self) -> &candle_transformers::models::flux::model::Config {
-        &self.config
-    }
-
-    /// One transformer evaluation; see [`Transformer::velocity`].
-    pub fn velocity(
-        &self,
-        img: &Tensor,
-        emb: &Embeddings,
-        sigma: f64,
-        latent_hw: (usize, usize),
-    ) -> Result<Tensor> {
-        self.loaded_transformer()?
-            .velocity(img, emb, sigma, latent_hw)
-    }
-
-    /// Decodes packed latents to pixels in `[0, 1]`; see [`Vae::decode`].
-    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
-        self.vae.decode(packed, height, width)
+    /// The transformer and decoder, which run from embeddings and noise.
+    pub fn denoiser(&self) -> &Denoiser {
+        &self.denoiser
     }
 
     /// Encodes a prompt with both text encoders (staged: loading T5 first).
@@ -247,47 +190,6 @@ impl FluxPipeline {
             self.text.clip_tokenizer.encode(prompt)?.ids,
             self.text.t5_tokenizer.encode(prompt)?.ids,
         ))
-    }
-
-    /// Denoises `noise` `(b, 16, h, w)` for `steps` schnell steps; returns the final packed
-    /// latents `(b, tokens, 64)` in f32. The Euler update runs in f32 whatever the compute
-    /// dtype, as diffusers' scheduler does. `on_step` sees the state before the first step
-    /// (`step = 0`) and after each step; answering `Cancel` stops there.
-    pub fn denoise(
-        &self,
-        noise: &Tensor,
-        emb: &Embeddings,
-        steps: usize,
-        mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
-    ) -> Result<Tensor> {
-        let (_, _, h, w) = noise.dims4()?;
-        let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
-        let sigmas = sampling::schedule(steps);
-        let start = StepState {
-            step: 0,
-            latents: &x,
-            velocity: None,
-            sigma: 1.0,
-        };
-        if on_step(&start)? == Control::Cancel {
-            return Err(EngineError::Cancelled);
-        }
-        for (i, pair) in sigmas.windows(2).enumerate() {
-            let v = self
-                .loaded_transformer()?
-                .velocity(&x, emb, pair[0], (h, w))?;
-            x = (x + (&v * (pair[1] - pair[0]))?)?;
-            let state = StepState {
-                step: i + 1,
-                latents: &x,
-                velocity: Some(&v),
-                sigma: pair[1],
-            };
-            if on_step(&state)? == Control::Cancel {
-                return Err(EngineError::Cancelled);
-            }
-        }
-        Ok(x)
     }
 
     /// Decodes and reports the previews due at this step for the images of `chunk`
@@ -316,7 +218,9 @@ impl FluxPipeline {
             return Ok(());
         };
         for (row, request, image, index) in wanted {
-            let pixels = self.decode(&clean.narrow(0, row, 1)?, height, width)?;
+            let pixels = self
+                .denoiser
+                .decode(&clean.narrow(0, row, 1)?, height, width)?;
             if let Some(preview) = to_rgb8(&pixels)?.first() {
                 progress(Progress::Preview {
                     request,
@@ -328,21 +232,6 @@ impl FluxPipeline {
             }
         }
         Ok(())
-    }
-
-    /// The initial noise for `count` images starting at `seed`: image `i` from `seed + i`.
-    pub fn noise(&self, seed: u64, count: usize, height: usize, width: usize) -> Result<Tensor> {
-        let (h, w) = sampling::latent_dims(height, width);
-        let per = LATENT_CHANNELS * h * w;
-        let mut all = Vec::with_capacity(per * count);
-        for i in 0..count {
-            all.extend(gaussian_noise(seed.wrapping_add(i as u64), per));
-        }
-        Ok(Tensor::from_vec(
-            all,
-            (count, LATENT_CHANNELS, h, w),
-            &self.device,
-        )?)
     }
 }
 
@@ -418,7 +307,7 @@ impl FluxPipeline {
             let mut sequence = Vec::with_capacity(chunk.len());
             let mut pooled = Vec::with_capacity(chunk.len());
             for &(r, _, seed) in chunk {
-                noise.push(self.noise(seed, 1, height, width)?);
+                noise.push(self.denoiser.noise(seed, 1, height, width)?);
                 sequence.push(embeddings[r].sequence.clone());
                 pooled.push(embeddings[r].pooled.clone());
             }
@@ -429,25 +318,27 @@ impl FluxPipeline {
             };
             let count = chunk.len();
             let started = Instant::now();
-            let latents = self.denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |state| {
-                let step = state.step;
-                let control = progress(Progress::Step {
-                    step,
-                    total: steps,
-                    first,
-                    count,
-                });
-                if control == Control::Continue {
-                    self.previews(state, chunk, &previews, height, width, progress)?;
-                }
-                Ok(control)
-            })?;
+            let latents =
+                self.denoiser
+                    .denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |state| {
+                        let step = state.step;
+                        let control = progress(Progress::Step {
+                            step,
+                            total: steps,
+                            first,
+                            count,
+                        });
+                        if control == Control::Continue {
+                            self.previews(state, chunk, &previews, height, width, progress)?;
+                        }
+                        Ok(control)
+                    })?;
             phases.denoise += started.elapsed();
             if progress(Progress::Decoding) == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
             let started = Instant::now();
-            let pixels = self.decode(&latents, height, width)?;
+            let pixels = self.denoiser.decode(&latents, height, width)?;
             phases.decode += started.elapsed();
             for (&(r, _, _), image) in chunk.iter().zip(to_rgb8(&pixels)?) {
                 images[r].push(image);

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::model::Config;
 
 use super::{
-    config,
+    config::{self, TransformerArch},
     model::{FluxModel, Source},
     sampling,
 };
@@ -65,12 +65,12 @@ pub(crate) fn open(part: &Part, device: &Device) -> Result<Weights> {
     }
 }
 
-/// A transformer part's hyper-parameters, read from its headers (and config) without
+/// A transformer part's architecture, read from its headers (and records) without
 /// loading it.
-pub(crate) fn config_of(part: &Part) -> Result<Config> {
+pub fn arch_of(part: &Part) -> Result<TransformerArch> {
     match open(part, &Device::Cpu)? {
-        Weights::Quantized(weights) => config::transformer(&weights, part.config.as_deref()),
-        Weights::Dense(weights) => config::transformer(&weights, part.config.as_deref()),
+        Weights::Quantized(weights) => config::transformer(&weights, part),
+        Weights::Dense(weights) => config::transformer(&weights, part),
     }
 }
 
@@ -90,12 +90,12 @@ impl Transformer {
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let (model, config, dtype) = match open(part, device)? {
             Weights::Quantized(weights) => {
-                let config = config::transformer(&weights, part.config.as_deref())?;
+                let config = config::transformer(&weights, part)?.config;
                 let model = FluxModel::load(&Source::Quantized(&weights), &config)?;
                 (model, config, DType::F32)
             }
             Weights::Dense(weights) => {
-                let config = config::transformer(&weights, part.config.as_deref())?;
+                let config = config::transformer(&weights, part)?.config;
                 // On the CPU, half precision is a storage format: the weight matrices stay
                 // half the size and the arithmetic runs in f32 on the CPU kernels, which
                 // widen each matrix block by block (candle's CPU matmul has no bf16 gemm

@@ -3,9 +3,12 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_transformers::models::flux::autoencoder::Config;
 
-use super::{config, decoder::Decoder, sampling};
+use super::{
+    config::{self, VaeArch},
+    decoder::Decoder,
+    sampling,
+};
 use crate::{
     error::{EngineError, Result},
     image::to_unit_range,
@@ -36,15 +39,15 @@ fn open(part: &Part) -> Result<MappedWeights> {
     Ok(weights)
 }
 
-/// The latent channels an autoencoder part decodes, read without loading it.
-pub(crate) fn latent_channels(part: &Part) -> Result<usize> {
-    Ok(config::vae(&open(part)?, part.config.as_deref())?.z_channels)
+/// An autoencoder part's architecture, read without loading it.
+pub fn arch_of(part: &Part) -> Result<VaeArch> {
+    config::vae(&open(part)?, part)
 }
 
 /// A loaded autoencoder decoder with its latent scale and shift.
 pub struct Vae {
     decoder: Decoder,
-    config: Config,
+    config: VaeArch,
     dtype: DType,
 }
 
@@ -55,13 +58,18 @@ impl Vae {
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { dtype };
         let weights = open(part)?;
-        let config = config::vae(&weights, part.config.as_deref())?;
+        let config = config::vae(&weights, part)?;
         let decoder = Decoder::load(&config, weights.var_builder(dtype, device).pp("decoder"))?;
         Ok(Self {
             decoder,
             config,
             dtype,
         })
+    }
+
+    /// The architecture, as read.
+    pub fn arch(&self) -> &VaeArch {
+        &self.config
     }
 
     /// Decodes packed latents `(b, tokens, 64)` for an image of `height`×`width` into pixel

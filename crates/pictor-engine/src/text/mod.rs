@@ -132,12 +132,12 @@ fn open_clip(part: &Part) -> Result<(MappedWeights, ClipFileConfig)> {
 }
 
 /// The width of the pooled vector a CLIP part gives, read without loading it.
-pub(crate) fn clip_width(part: &Part) -> Result<usize> {
+pub fn clip_width(part: &Part) -> Result<usize> {
     Ok(open_clip(part)?.1.hidden_size)
 }
 
 /// The width of the token embeddings a T5 part gives, read without loading it.
-pub(crate) fn t5_width(part: &Part) -> Result<usize> {
+pub fn t5_width(part: &Part) -> Result<usize> {
     let config = match open_t5(part, &Device::Cpu)? {
         T5Weights::Dense(weights) => t5_config(part, &|n| weights.shape(n))?,
         T5Weights::Quantized(weights) => t5_config(part, &|n| weights.shape(n))?,

@@ -69,6 +69,7 @@ impl SafetensorFiles {
     pub fn prefix_of(&self, anchor: &str) -> Option<String> {
         self.names()
             .filter_map(|n| n.strip_suffix(anchor))
+            .filter(|p| p.is_empty() || p.ends_with('.'))
             .min_by_key(|p| p.len())
             .map(str::to_string)
     }

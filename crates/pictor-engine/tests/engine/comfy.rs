@@ -24,7 +24,9 @@ fn split_folder(dir: &Path) {
     link(&["tokenizer", "tokenizer_2"], dir);
     for (src, dst) in [
         ("flux1-schnell.safetensors", "flux1-schnell.safetensors"),
+        ("flux1-schnell.json", "flux1-schnell.json"),
         ("ae.safetensors", "ae.safetensors"),
+        ("ae.json", "ae.json"),
     ] {
         std::os::unix::fs::symlink(fixture().join(src).canonicalize().unwrap(), dir.join(dst))
             .unwrap();
@@ -92,6 +94,11 @@ fn fp8_transformers_load_plain_scaled_and_e5m2() {
     let bfl = read_all(&[fixture().join("flux1-schnell.safetensors")]);
     std::fs::remove_file(dir.path().join("flux1-schnell.safetensors")).unwrap();
     let path = dir.path().join("flux1-schnell-fp8.safetensors");
+    std::fs::rename(
+        dir.path().join("flux1-schnell.json"),
+        dir.path().join("flux1-schnell-fp8.json"),
+    )
+    .unwrap();
     let mut errors = Vec::new();
     let files = || ModelFiles::from_dir(dir.path()).expect("resolves");
 
@@ -250,10 +257,24 @@ fn a_bundled_checkpoint_resolves_every_part_from_itself() {
     );
     let bundle = dir.path().join("flux1-schnell-bundle.safetensors");
     candle_core::safetensors::save(&all, &bundle).unwrap();
+    // The tiny parts' RoPE axes and decoder groups are not FLUX.1's: one config named
+    // after the bundle and one `config.json` beside it, each found by the part it is for.
+    std::fs::copy(
+        fixture().join("flux1-schnell.json"),
+        dir.path().join("flux1-schnell-bundle.json"),
+    )
+    .unwrap();
+    std::fs::copy(fixture().join("ae.json"), dir.path().join("config.json")).unwrap();
     let files = ModelFiles::resolve(bundle.to_str().unwrap()).expect("a bundle resolves alone");
     for part in [&files.transformer, &files.vae, &files.clip, &files.t5] {
         assert_eq!(part.files, vec![bundle.clone()]);
     }
+    assert_eq!(
+        files.transformer.config,
+        Some(dir.path().join("flux1-schnell-bundle.json"))
+    );
+    assert_eq!(files.vae.config, Some(dir.path().join("config.json")));
+    assert_eq!(files.clip.config, None);
     let d = step0_error(&files);
     assert!(d <= 1e-4, "step 0 differs by {d}");
     let mut p = load(&files);

@@ -7,10 +7,15 @@ use std::{
 
 use candle_core::{DType, Device, Tensor};
 use pictor_engine::{
-    ModelFiles,
+    ModelFiles, Part,
     flux::{FluxOptions, FluxPipeline},
     text::Embeddings,
 };
+
+/// How far the transformer's outputs and latents may be from diffusers'.
+pub const STEP_TOL: f32 = 1e-4;
+/// How far decoded pixels (0..1) may be from diffusers'.
+pub const PIXEL_TOL: f32 = 1e-3;
 
 /// The tiny FLUX.1-schnell made by `tools/make_tiny_flux.py`.
 pub fn fixture() -> PathBuf {
@@ -60,6 +65,17 @@ pub fn std(t: &Tensor) -> f32 {
     (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
 }
 
+/// The fixture's transformer in Black Forest Labs names, as a part: its RoPE axes are
+/// recorded in the config beside it (`flux1-schnell.json`), since its heads are not
+/// FLUX.1's and its tensors cannot say.
+pub fn bfl_transformer(path: impl Into<PathBuf>) -> Part {
+    Part {
+        files: vec![path.into()],
+        config: Some(fixture().join("flux1-schnell.json")),
+        rope_axes: None,
+    }
+}
+
 pub fn load(files: &ModelFiles) -> FluxPipeline {
     FluxPipeline::load(files, FluxOptions::default()).expect("pipeline loads")
 }
@@ -86,6 +102,7 @@ pub fn step0_error(files: &ModelFiles) -> f32 {
     let noise = tensor(&r, "noise");
     let (_, _, h, w) = noise.dims4().unwrap();
     let v = p
+        .denoiser()
         .velocity(
             &pictor_engine::flux::sampling::pack(&noise).unwrap(),
             &reference_embeddings(&r),

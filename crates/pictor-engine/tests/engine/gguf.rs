@@ -38,7 +38,11 @@ fn write_gguf(path: &std::path::Path, quant: GgmlDType) {
 
 fn with_gguf(path: &std::path::Path) -> ModelFiles {
     let mut files = ModelFiles::from_dir(&fixture()).unwrap();
-    files.transformer = Part::file(path);
+    // The test's GGUF records no RoPE axes: the model's settings state them.
+    files.transformer = Part {
+        rope_axes: Some(vec![4, 14, 14]),
+        ..Part::file(path)
+    };
     files
 }
 
@@ -68,8 +72,17 @@ fn q8_0_gguf_transformer_stays_close_to_f32() {
         ],
         dir.path(),
     );
+    // Its RoPE axes, which the file does not record, in the config named after it.
+    let config = dir.path().join("flux1-schnell-Q8_0.json");
+    std::fs::copy(fixture().join("flux1-schnell.json"), &config).unwrap();
     let files = ModelFiles::from_dir(dir.path()).expect("folder with a GGUF resolves");
-    assert_eq!(files.transformer, Part::file(&path));
+    assert_eq!(
+        files.transformer,
+        Part {
+            config: Some(config),
+            ..Part::file(&path)
+        }
+    );
     let d = step0_error(&files);
     let want = tensor(&reference(), "transformer_out_step0");
     // The yardstick: how far the f32 model's output moves for another initial noise.
@@ -78,6 +91,7 @@ fn q8_0_gguf_transformer_stays_close_to_f32() {
     let other = pictor_engine::gaussian_noise(1, 16 * 6 * 10);
     let other = Tensor::from_vec(other, (1, 16, 6, 10), &Device::Cpu).unwrap();
     let v_other = p
+        .denoiser()
         .velocity(
             &sampling::pack(&other).unwrap(),
             &reference_embeddings(&r),

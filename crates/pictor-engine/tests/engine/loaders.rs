@@ -56,7 +56,9 @@ fn bfl_files_at_the_top_of_a_folder_are_recognised_by_content() {
     // Renamed on purpose: parts are recognised by tensor names, not file names.
     for (src, dst) in [
         ("flux1-schnell.safetensors", "my-transformer.safetensors"),
+        ("flux1-schnell.json", "my-transformer.json"),
         ("ae.safetensors", "decoder.safetensors"),
+        ("ae.json", "decoder.json"),
     ] {
         std::os::unix::fs::symlink(
             fixture().join(src).canonicalize().unwrap(),
@@ -73,7 +75,12 @@ fn bfl_files_at_the_top_of_a_folder_are_recognised_by_content() {
         files.vae.files,
         vec![dir.path().join("decoder.safetensors")]
     );
-    assert!(files.transformer.config.is_none());
+    // Each finds the config named after it, which records what its tensors cannot.
+    assert_eq!(
+        files.transformer.config,
+        Some(dir.path().join("my-transformer.json"))
+    );
+    assert_eq!(files.vae.config, Some(dir.path().join("decoder.json")));
     assert_runs_like_reference(&files);
 }
 
@@ -184,10 +191,11 @@ fn a_bundled_file_with_prefixed_parts_loads_every_part() {
     let part = |config: &Option<std::path::PathBuf>| pictor_engine::Part {
         files: vec![bundle.clone()],
         config: config.clone(),
+        rope_axes: None,
     };
     let files = ModelFiles {
-        transformer: part(&None),
-        vae: part(&None),
+        transformer: part(&base.transformer.config),
+        vae: part(&base.vae.config),
         clip: part(&base.clip.config),
         t5: part(&base.t5.config),
         ..base.clone()

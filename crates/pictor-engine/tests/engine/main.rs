@@ -7,5 +7,6 @@ mod gguf;
 mod loaders;
 mod malformed;
 mod memory;
+mod odd;
 mod parity;
 mod quantized;

@@ -18,7 +18,7 @@ fn bfl_tensors() -> HashMap<String, Tensor> {
 
 fn load_with_transformer(path: &std::path::Path) -> EngineError {
     let mut files = ModelFiles::from_dir(&fixture()).unwrap();
-    files.transformer = Part::file(path);
+    files.transformer = bfl_transformer(path);
     match FluxPipeline::load(&files, FluxOptions::default()) {
         Ok(_) => panic!("{} loaded but is broken", path.display()),
         Err(e) => e,
@@ -69,7 +69,7 @@ fn wrong_shape_in_a_diffusers_shard_names_the_source_tensor() {
     let mut files = ModelFiles::from_dir(&fixture()).unwrap();
     files.vae = Part {
         files: vec![path.clone()],
-        config: None,
+        ..files.vae.clone()
     };
     let msg = FluxPipeline::load(&files, FluxOptions::default())
         .err()
@@ -261,7 +261,23 @@ fn autoencoder_fields_the_decoder_does_not_implement_are_refused_by_name() {
             .map(|e| e.to_string())
     };
     for (field, value, said) in [
-        ("norm_num_groups", serde_json::json!(16), "is 16"),
+        (
+            "norm_num_groups",
+            serde_json::json!(24),
+            "does not divide the width 32",
+        ),
+        (
+            "mid_block_add_attention",
+            serde_json::json!(false),
+            "mid-block attention",
+        ),
+        (
+            "up_block_types",
+            serde_json::json!(["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]),
+            "`AttnUpDecoderBlock2D`",
+        ),
+        ("latents_mean", serde_json::json!(vec![0.0; 16]), "is set"),
+        ("shift_factor", serde_json::Value::Null, "is missing"),
         ("act_fn", serde_json::json!("gelu"), "`gelu`"),
         ("latent_channels", serde_json::json!(4), "is 4"),
         (

@@ -9,8 +9,6 @@ use pictor_engine::{
 use crate::common::*;
 
 const TEXT_TOL: f32 = 1e-4;
-const STEP_TOL: f32 = 1e-4;
-const PIXEL_TOL: f32 = 1e-3;
 
 fn diffusers_layout() -> FluxPipeline {
     load(&ModelFiles::from_dir(&fixture()).expect("diffusers layout resolves"))
@@ -109,7 +107,10 @@ fn check_first_step(p: &FluxPipeline, label: &str) {
         0.0,
         "packing differs"
     );
-    let v = p.velocity(&packed, &emb, 1.0, (h, w)).expect("velocity");
+    let v = p
+        .denoiser()
+        .velocity(&packed, &emb, 1.0, (h, w))
+        .expect("velocity");
     let want = tensor(&r, "transformer_out_step0");
     let d = max_abs_diff(&v, &want);
     eprintln!(
@@ -141,12 +142,15 @@ fn mlps_in_row_blocks_match_whole_ones() {
         |t: &candle_core::Tensor| candle_core::Tensor::cat(&[t, &(t * 0.5).unwrap()], 0).unwrap();
     let packed = twice(&packed);
     (emb.sequence, emb.pooled) = (twice(&emb.sequence), twice(&emb.pooled));
-    let whole = p.velocity(&packed, &emb, 1.0, (h, w)).expect("velocity");
+    let whole = p
+        .denoiser()
+        .velocity(&packed, &emb, 1.0, (h, w))
+        .expect("velocity");
     // 3 rows of the fixture's hidden width per block: several blocks per image, the last
     // one short.
-    let width = p.transformer_config().hidden_size * 4;
+    let width = p.denoiser().transformer_arch().config.hidden_size * 4;
     pictor_engine::flux::set_mlp_block_elements(Some(3 * width));
-    let blocks = p.velocity(&packed, &emb, 1.0, (h, w));
+    let blocks = p.denoiser().velocity(&packed, &emb, 1.0, (h, w));
     pictor_engine::flux::set_mlp_block_elements(None);
     let blocks = blocks.expect("velocity in row blocks");
     let d = max_abs_diff(&whole, &blocks);
@@ -159,6 +163,7 @@ fn mlps_in_row_blocks_match_whole_ones() {
     let second = |t: &candle_core::Tensor| t.narrow(0, 1, 1).unwrap();
     (emb.sequence, emb.pooled) = (second(&emb.sequence), second(&emb.pooled));
     let alone = p
+        .denoiser()
         .velocity(&second(&packed), &emb, 1.0, (h, w))
         .expect("velocity");
     let d = max_abs_diff(&alone, &second(&blocks));
@@ -184,6 +189,7 @@ fn every_step_and_the_final_latents_match_within_1e4() {
     let noise = tensor(&r, "noise");
     let mut seen = Vec::new();
     let latents = p
+        .denoiser()
         .denoise(&noise, &emb, s.steps, |state| {
             seen.push(state.step);
             Ok(Control::Continue)
@@ -199,6 +205,7 @@ fn check_decode(p: &FluxPipeline, label: &str) {
     let r = reference();
     let s = setup();
     let image = p
+        .denoiser()
         .decode(&tensor(&r, "final_latents"), s.height, s.width)
         .expect("decode");
     let want = tensor(&r, "image");
@@ -218,7 +225,9 @@ fn decoded_pixels_match_within_1e3_bfl_ae() {
     link(
         &[
             "flux1-schnell.safetensors",
+            "flux1-schnell.json",
             "ae.safetensors",
+            "ae.json",
             "text_encoder",
             "text_encoder_2",
             "tokenizer",
@@ -239,11 +248,15 @@ fn prompt_to_pixels_matches_diffusers_end_to_end() {
     let mut p = diffusers_layout();
     let emb = p.encode_prompt(&s.prompt).expect("encode");
     let latents = p
+        .denoiser()
         .denoise(&tensor(&r, "noise"), &emb, s.steps, |_| {
             Ok(Control::Continue)
         })
         .expect("denoise");
-    let image = p.decode(&latents, s.height, s.width).expect("decode");
+    let image = p
+        .denoiser()
+        .decode(&latents, s.height, s.width)
+        .expect("decode");
     let d = max_abs_diff(&image, &tensor(&r, "image"));
     eprintln!("end to end: pixels max |Δ| {d:.2e}");
     assert!(d <= PIXEL_TOL, "end-to-end pixels differ by {d}");
@@ -408,9 +421,13 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
 
     // Recompute image 0's step-3 preview by hand from the sampler's state.
     let emb = p.encode_prompt(&req.prompt).expect("encode");
-    let noise = p.noise(req.seed, 1, req.height, req.width).expect("noise");
+    let noise = p
+        .denoiser()
+        .noise(req.seed, 1, req.height, req.width)
+        .expect("noise");
     let mut clean = Vec::new();
     let latents = p
+        .denoiser()
         .denoise(&noise, &emb, 4, |state| {
             clean.push(state.predicted_clean()?);
             Ok(Control::Continue)
@@ -424,6 +441,7 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
         "σ = 0: the prediction is x"
     );
     let decoded = p
+        .denoiser()
         .decode(clean[3].as_ref().expect("step 3"), req.height, req.width)
         .expect("decode");
     let by_hand = pictor_engine::to_rgb8(&decoded).expect("rgb").remove(0);

@@ -144,20 +144,21 @@ fn t5_converts_to_llama_cpp_names_and_stays_close() {
 fn velocity(files: &ModelFiles, noise: &Tensor) -> Tensor {
     let p = load(files);
     let (_, _, h, w) = noise.dims4().unwrap();
-    p.velocity(
-        &sampling::pack(noise).unwrap(),
-        &reference_embeddings(&reference()),
-        1.0,
-        (h, w),
-    )
-    .expect("velocity")
+    p.denoiser()
+        .velocity(
+            &sampling::pack(noise).unwrap(),
+            &reference_embeddings(&reference()),
+            1.0,
+            (h, w),
+        )
+        .expect("velocity")
 }
 
 #[test]
 fn diffusers_and_bfl_sources_convert_to_the_same_weights() {
     let dir = tempfile::tempdir().unwrap();
     let diffusers = ModelFiles::from_dir(&fixture()).unwrap();
-    let bfl = Part::file(fixture().join("flux1-schnell.safetensors"));
+    let bfl = bfl_transformer(fixture().join("flux1-schnell.safetensors"));
     let a = convert(
         &diffusers.transformer,
         Component::Transformer,

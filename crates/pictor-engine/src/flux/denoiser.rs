@@ -1,0 +1,182 @@
+//! Everything after the text encoders: seeded noise, the schnell schedule through the
+//! transformer, and the decoder. It runs from embeddings it is given, so parity work and
+//! users who bring their own conditioning need no text encoders; [`super::FluxPipeline`]
+//! adds them (and the staging that swaps T5 and the transformer).
+
+use candle_core::{DType, Device, Tensor};
+use pictor_core::Control;
+
+use super::{
+    config::{TransformerArch, VaeArch},
+    fit, sampling,
+    transformer::{self, Transformer},
+    vae::Vae,
+};
+use crate::{
+    error::{EngineError, Result},
+    layout::Part,
+    noise::gaussian_noise,
+    text::Embeddings,
+};
+
+/// The sampler after a step, as [`Denoiser::denoise`] shows it to its callback.
+pub struct StepState<'a> {
+    /// Steps finished (0 before the first).
+    pub step: usize,
+    latents: &'a Tensor,
+    velocity: Option<&'a Tensor>,
+    sigma: f64,
+}
+
+impl StepState<'_> {
+    /// The clean latents predicted at this step, `x₀ = x − σ·v` (packed, f32): what the
+    /// image would be if the last velocity held to the end. `None` before the first step.
+    /// It is the rectified-flow estimate every step already makes, so a preview costs one
+    /// decode and no extra transformer pass.
+    pub fn predicted_clean(&self) -> Result<Option<Tensor>> {
+        let Some(v) = self.velocity else {
+            return Ok(None);
+        };
+        Ok(Some((self.latents - (v * self.sigma)?)?))
+    }
+}
+
+/// A loaded transformer and decoder: embeddings and noise in, pixels out.
+pub struct Denoiser {
+    /// `None` while staged out.
+    transformer: Option<Transformer>,
+    part: Part,
+    arch: TransformerArch,
+    vae: Vae,
+    device: Device,
+    dtype: DType,
+}
+
+impl Denoiser {
+    /// Loads the transformer and the autoencoder's decoder, after checking that the
+    /// decoder's latents are what the transformer takes.
+    pub fn load(transformer: &Part, vae: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        let arch = transformer::arch_of(transformer)?;
+        fit::latents(transformer, &arch, vae, &super::vae::arch_of(vae)?)?;
+        let loaded = Transformer::load(transformer, dtype, device)?;
+        let vae = Vae::load(vae, dtype, device)?;
+        Ok(Self {
+            transformer: Some(loaded),
+            part: transformer.clone(),
+            arch,
+            vae,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The transformer's architecture, as read.
+    pub fn transformer_arch(&self) -> &TransformerArch {
+        &self.arch
+    }
+
+    /// The autoencoder's architecture, as read.
+    pub fn vae_arch(&self) -> &VaeArch {
+        self.vae.arch()
+    }
+
+    /// Frees the transformer (staging: T5 takes its place for a while).
+    pub(crate) fn unload_transformer(&mut self) {
+        self.transformer = None;
+    }
+
+    /// Whether the transformer is loaded.
+    pub(crate) fn transformer_loaded(&self) -> bool {
+        self.transformer.is_some()
+    }
+
+    /// Loads the transformer again if it was freed.
+    pub(crate) fn reload_transformer(&mut self) -> Result<()> {
+        if self.transformer.is_none() {
+            self.transformer = Some(Transformer::load(&self.part, self.dtype, &self.device)?);
+        }
+        Ok(())
+    }
+
+    fn loaded_transformer(&self) -> Result<&Transformer> {
+        self.transformer.as_ref().ok_or_else(|| {
+            EngineError::load("transformer", "staged out: call generate, which loads it")
+        })
+    }
+
+    /// One transformer evaluation; see [`Transformer::velocity`].
+    pub fn velocity(
+        &self,
+        img: &Tensor,
+        emb: &Embeddings,
+        sigma: f64,
+        latent_hw: (usize, usize),
+    ) -> Result<Tensor> {
+        self.loaded_transformer()?
+            .velocity(img, emb, sigma, latent_hw)
+    }
+
+    /// Decodes packed latents to pixels in `[0, 1]`; see [`Vae::decode`].
+    pub fn decode(&self, packed: &Tensor, height: usize, width: usize) -> Result<Tensor> {
+        self.vae.decode(packed, height, width)
+    }
+
+    /// Denoises `noise` `(b, latent channels, h, w)` for `steps` schnell steps; returns the
+    /// final packed latents `(b, tokens, 4 × latent channels)` in f32. The Euler update
+    /// runs in f32 whatever the compute dtype, as diffusers' scheduler does. `on_step` sees
+    /// the state before the first step (`step = 0`) and after each step; answering
+    /// `Cancel` stops there.
+    pub fn denoise(
+        &self,
+        noise: &Tensor,
+        emb: &Embeddings,
+        steps: usize,
+        mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = noise.dims4()?;
+        let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
+        let sigmas = sampling::schedule(steps);
+        let start = StepState {
+            step: 0,
+            latents: &x,
+            velocity: None,
+            sigma: 1.0,
+        };
+        if on_step(&start)? == Control::Cancel {
+            return Err(EngineError::Cancelled);
+        }
+        for (i, pair) in sigmas.windows(2).enumerate() {
+            let v = self
+                .loaded_transformer()?
+                .velocity(&x, emb, pair[0], (h, w))?;
+            x = (x + (&v * (pair[1] - pair[0]))?)?;
+            let state = StepState {
+                step: i + 1,
+                latents: &x,
+                velocity: Some(&v),
+                sigma: pair[1],
+            };
+            if on_step(&state)? == Control::Cancel {
+                return Err(EngineError::Cancelled);
+            }
+        }
+        Ok(x)
+    }
+
+    /// The initial noise for `count` images starting at `seed`: image `i` from `seed + i`,
+    /// with as many channels as the decoder's latents.
+    pub fn noise(&self, seed: u64, count: usize, height: usize, width: usize) -> Result<Tensor> {
+        let (h, w) = sampling::latent_dims(height, width);
+        let channels = self.vae.arch().z_channels;
+        let per = channels * h * w;
+        let mut all = Vec::with_capacity(per * count);
+        for i in 0..count {
+            all.extend(gaussian_noise(seed.wrapping_add(i as u64), per));
+        }
+        Ok(Tensor::from_vec(
+            all,
+            (count, channels, h, w),
+            &self.device,
+        )?)
+    }
+}
