@@ -38,6 +38,12 @@ pub enum ApiError {
     /// 404: no such route or image.
     #[error("{0}")]
     NotFound(String),
+    /// 405: the route exists, the method does not.
+    #[error("The method {0} is not allowed on this URL. Please check the URL and method.")]
+    MethodNotAllowed(String),
+    /// 408: the client sent its request too slowly.
+    #[error("The request body did not arrive within {} s.", .0.as_secs())]
+    RequestTimeout(Duration),
     /// 409: the `Idempotency-Key` was used with a different body.
     #[error(
         "This Idempotency-Key was already used with a different request body; use a new key for a new request."
@@ -144,6 +150,18 @@ impl ApiError {
                 "invalid_request_error",
                 None,
                 Some("not_found"),
+            ),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                None,
+                Some("request_timeout"),
             ),
             IdempotencyConflict => (
                 StatusCode::CONFLICT,

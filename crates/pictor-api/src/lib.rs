@@ -27,13 +27,11 @@ mod metrics;
 mod openapi;
 mod ratelimit;
 mod routes;
+mod server;
 mod state;
 mod wire;
 
-use std::{
-    future::{Future, IntoFuture},
-    time::Duration,
-};
+use std::time::Duration;
 
 use axum::{
     Router,
@@ -46,7 +44,8 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-pub use state::{ApiConfig, AppState, ModelSpec};
+pub use server::serve;
+pub use state::{ApiConfig, AppState, Connections, ModelSpec};
 pub use wire::BodyLimits;
 
 /// The OpenAPI document of every route, as pretty JSON (`docs/openapi.json`).
@@ -79,6 +78,10 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("Unknown request URL. Please check the URL and method.".into())
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
+}
+
 /// All routes over `state`.
 pub fn router(state: AppState) -> Router {
     metrics::install();
@@ -93,8 +96,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(openapi_document))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            server::read_body_in_time,
+        ))
         .layer(middleware::from_fn(metrics::track))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            server::count_in_flight,
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, RandomId))
         .with_state(state)
@@ -118,42 +130,4 @@ pub fn spawn_sweeper(state: AppState, every: Duration) -> tokio::task::JoinHandl
 /// Deletes expired images now; returns how many.
 pub async fn sweep_now(state: &AppState) -> Result<usize, pictor_store::StoreError> {
     files::sweep(state).await
-}
-
-/// Serves `state` on `listener` until `shutdown` resolves; then refuses new generations
-/// (503), lets in-flight requests finish, and gives the model workers up to `grace` to
-/// drain. Returns whether everything finished within the grace period.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<bool> {
-    let app = router(state.clone());
-    let draining = state.clone();
-    let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: refusing new work, finishing in-flight requests");
-            draining.begin_shutdown();
-            let _ = began.send(());
-        })
-        .into_future();
-    let mut server = std::pin::pin!(server);
-    tokio::select! {
-        result = &mut server => {
-            result?;
-            return Ok(state.drain(grace).await);
-        }
-        _ = shutdown_began => {}
-    }
-    // Shutdown has begun: in-flight requests get `grace` to finish.
-    match tokio::time::timeout(grace, server).await {
-        Ok(result) => {
-            result?;
-            Ok(state.drain(grace).await)
-        }
-        Err(_) => Ok(false),
-    }
 }

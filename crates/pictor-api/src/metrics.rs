@@ -49,7 +49,14 @@ pub async fn track(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    // Only the methods HTTP defines: any other string a client sends would be a new series.
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    let method = KNOWN
+        .into_iter()
+        .find(|m| *m == req.method().as_str())
+        .unwrap_or("other");
     let response = next.run(req).await;
     metrics::counter!("pictor_requests_total", "method" => method, "path" => path,
         "status" => response.status().as_u16().to_string())

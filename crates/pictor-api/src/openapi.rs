@@ -11,29 +11,44 @@ use utoipa::{OpenApi, ToSchema};
 #[derive(ToSchema)]
 pub struct CreateImageRequest {
     /// A configured model name or alias.
+    #[schema(min_length = 1)]
     pub model: String,
-    /// 1 to 8192 characters (configurable).
+    /// 1 to 8192 characters (`limits.max_prompt_chars`), not all blank; no control
+    /// characters but newline, carriage return and tab.
+    #[schema(
+        min_length = 1,
+        max_length = 8192,
+        pattern = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*[^\s\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F][^\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F]*$"
+    )]
     pub prompt: String,
-    /// Images to generate, 1 to `limits.max_n` (default 1).
+    /// Images to generate, 1 to `limits.max_n` (default 1, at most 10 by default).
+    #[schema(minimum = 1, maximum = 10)]
     pub n: Option<u32>,
-    /// `WxH` (multiples of 16 for FLUX) or `auto`.
-    #[schema(example = "1024x1024")]
+    /// `WxH` (on the model's grid and within its sizes: see `/v1/models`) or `auto`.
+    #[schema(example = "1024x1024", pattern = "^(auto|[0-9]{1,9}x[0-9]{1,9})$")]
     pub size: Option<String>,
-    /// `auto` | `low` | `medium` | `high` | `standard` | `hd`: steps per model (low ½, medium ¾ of the default).
+    /// Steps per model (low ½, medium ¾ of the default).
+    #[schema(value_type = Option<Quality>)]
     pub quality: Option<String>,
-    /// `url` (default) | `b64_json`.
+    /// `url` (default) or `b64_json`.
+    #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<String>,
     /// Accepted and recorded nowhere.
     pub user: Option<String>,
-    /// `vivid` | `natural`: accepted, ignored.
+    /// Accepted, ignored.
+    #[schema(value_type = Option<Style>)]
     pub style: Option<String>,
-    /// `png` (default) | `jpeg` | `webp`.
+    /// `png` (default), `jpeg` or `webp`.
+    #[schema(value_type = Option<OutputFormat>)]
     pub output_format: Option<String>,
     /// 0 to 100: JPEG quality (WebP is lossless).
+    #[schema(minimum = 0, maximum = 100)]
     pub output_compression: Option<u8>,
-    /// `auto` | `opaque` (`transparent` is refused).
+    /// `auto` or `opaque` (`transparent` is refused).
+    #[schema(value_type = Option<Background>)]
     pub background: Option<String>,
-    /// `auto` | `low`: accepted, ignored.
+    /// Accepted, ignored.
+    #[schema(value_type = Option<Moderation>)]
     pub moderation: Option<String>,
     /// Answer with server-sent events (`text/event-stream`): `image_generation.partial_image`
     /// previews, then one `image_generation.completed` per image. See [`PartialImageEvent`]
@@ -41,17 +56,81 @@ pub struct CreateImageRequest {
     pub stream: Option<bool>,
     /// 0 to 3 previews per image while streaming (ignored otherwise); fewer come when the
     /// run has fewer steps than `partial_images + 1`.
+    #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u8>,
-    /// Extension: seed of the first image; image `i` uses `seed + i`.
+    /// Extension: seed of the first image; image `i` uses `seed + i`, which must stay
+    /// within 2^53 − 1, the largest integer a JSON number carries exactly.
+    #[schema(minimum = 0, maximum = 9_007_199_254_740_991_u64)]
     pub seed: Option<u64>,
-    /// Extension: denoising steps.
+    /// Extension: denoising steps, 1 to the model's most (see `/v1/models`).
+    #[schema(minimum = 1, maximum = 1000)]
     pub steps: Option<u32>,
     /// Extension: alias of `steps`.
+    #[schema(minimum = 1, maximum = 1000)]
     pub num_inference_steps: Option<u32>,
     /// Extension: refused (400) by models without a guidance input, such as FLUX.1-schnell.
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it, such as FLUX.1-schnell.
     pub negative_prompt: Option<String>,
+}
+
+/// `quality`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Quality {
+    Auto,
+    Low,
+    Medium,
+    High,
+    Standard,
+    Hd,
+}
+
+/// `response_format`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Url,
+    B64Json,
+}
+
+/// `output_format`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+/// `style`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Style {
+    Vivid,
+    Natural,
+}
+
+/// `background`: `transparent` is refused.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Background {
+    Auto,
+    Opaque,
+}
+
+/// `moderation`.
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Moderation {
+    Auto,
+    Low,
 }
 
 /// One image of a response: `url` or `b64_json`, never both.
@@ -352,6 +431,8 @@ pub struct ModelList {
         (status = 400, description = "Invalid request; `param` names the field", body = ErrorResponse),
         (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
         (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 405, description = "Another method than POST", body = ErrorResponse),
+        (status = 408, description = "The body did not arrive within `limits.body_timeout_secs`", body = ErrorResponse),
         (status = 409, description = "Idempotency-Key reused with another body", body = ErrorResponse),
         (status = 413, description = "Body too large", body = ErrorResponse),
         (status = 415, description = "Not JSON", body = ErrorResponse),
@@ -366,17 +447,20 @@ fn create_image() {}
 #[utoipa::path(get, path = "/v1/images/files/{name}",
     params(("name" = String, Path), ("expires" = i64, Query), ("signature" = String, Query)),
     responses((status = 200, description = "The image bytes", content_type = "image/*"),
+               (status = 400, description = "`expires` is not an integer", body = ErrorResponse),
                (status = 404, description = "Invalid, tampered or expired link", body = ErrorResponse)))]
 #[allow(dead_code)]
 fn image_file() {}
 
 #[utoipa::path(get, path = "/v1/models", security(("bearer" = [])),
-    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)))]
+    responses((status = 200, body = ModelList), (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse)))]
 #[allow(dead_code)]
 fn list_models() {}
 
 #[utoipa::path(get, path = "/v1/models/{id}", security(("bearer" = [])), params(("id" = String, Path)),
-    responses((status = 200, body = Model), (status = 404, body = ErrorResponse)))]
+    responses((status = 200, body = Model),
+        (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
+        (status = 404, body = ErrorResponse)))]
 #[allow(dead_code)]
 fn get_model() {}
 
@@ -405,7 +489,20 @@ pub struct ApiDoc;
 
 /// The OpenAPI document as pretty JSON.
 pub fn json() -> String {
-    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    // What the derive cannot say: `steps` and its alias are never sent together, and no
+    // other field is taken.
+    if let Some(request) = doc.pointer_mut("/components/schemas/CreateImageRequest")
+        && let Some(request) = request.as_object_mut()
+    {
+        // Unknown fields are refused, as OpenAI refuses them.
+        request.insert("additionalProperties".into(), false.into());
+        request.insert(
+            "not".into(),
+            serde_json::json!({"required": ["steps", "num_inference_steps"]}),
+        );
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
 #[cfg(test)]

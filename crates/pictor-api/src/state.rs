@@ -30,10 +30,36 @@ pub struct ApiConfig {
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.
     pub idempotency_ttl: Duration,
+    /// Connection timeouts and cap (see `server`).
+    pub connections: Connections,
+    /// `/metrics` answers only with a valid key (when keys exist).
+    pub metrics_require_key: bool,
     /// What to tell a client that asks for a model this server does not serve, by model
     /// name (`FLUX.1-schnell`, `black-forest-labs/FLUX.1-schnell` and `flux-1-schnell` are
     /// one name: case, owner, dots and underscores do not count).
     pub model_hints: Vec<(String, String)>,
+}
+
+/// How long and how many connections may be held (see `server`).
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Time to send a request's headers, from the connection's start or its previous
+    /// response (so also how long an idle keep-alive connection stays open).
+    pub header_timeout: Duration,
+    /// Time to send a request's body once its headers arrived.
+    pub body_timeout: Duration,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
 }
 
 /// A model name with case, the owner (`owner/`), dots, underscores and spaces not counting.
@@ -116,6 +142,10 @@ pub(crate) struct Inner {
     pub retries: crate::idempotency::Replays,
     /// Per-key rate limits.
     pub limiter: crate::ratelimit::Limiter,
+    /// Requests being answered, their response bodies included (see `server`).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Set when the shutdown's grace period is over: requests still waiting answer 503.
+    pub cut_off: tokio::sync::watch::Sender<bool>,
 }
 
 /// Memory for stored `Idempotency-Key` responses (base64 images are large).
@@ -169,6 +199,8 @@ impl AppState {
             names,
             shutting_down: AtomicBool::new(false),
             keyed: AtomicBool::new(false),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            cut_off: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -281,6 +313,17 @@ impl AppState {
                 loaded.queue.close();
             }
         }
+    }
+
+    /// Ends the shutdown's grace period: requests still waiting answer 503.
+    pub(crate) fn cut_off(&self) {
+        self.0.cut_off.send_replace(true);
+    }
+
+    /// Resolves once the shutdown's grace period is over.
+    pub(crate) async fn cut_off_reached(&self) {
+        let mut cut = self.0.cut_off.subscribe();
+        let _ = cut.wait_for(|&c| c).await;
     }
 
     pub(crate) fn shutting_down(&self) -> bool {

@@ -232,6 +232,12 @@ impl Fields<'_> {
                 ),
             ));
         }
+        if let Some(problem) = pictor_core::prompt_problem(prompt) {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("Invalid 'prompt': {problem}."),
+            ));
+        }
         Ok(prompt.to_string())
     }
 
@@ -253,34 +259,34 @@ impl Fields<'_> {
             .map_or(Quality::Auto, |i| QUALITIES[i]))
     }
 
-    /// `seed`: any unsigned 64-bit integer.
-    fn seed(&self) -> Result<Option<u64>, ApiError> {
-        match self.get("seed") {
-            None => Ok(None),
-            Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
-                ApiError::invalid(
-                    "seed",
-                    format!(
-                        "Invalid 'seed': {n}; expected an integer from 0 to {}.",
-                        u64::MAX
-                    ),
-                )
-            }),
-            Some(other) => Err(type_error("seed", "an integer", other)),
+    /// `seed`: an integer that `seed + n - 1` keeps within [`pictor_core::MAX_SEED`].
+    fn seed(&self, n: usize) -> Result<Option<u64>, ApiError> {
+        let most = pictor_core::MAX_SEED - (n as u64).saturating_sub(1);
+        match self.integer("seed")? {
+            Some(v) if u64::try_from(v).map_or(true, |v| v > most) => Err(ApiError::invalid(
+                "seed",
+                format!(
+                    "Invalid 'seed': {v}; expected an integer from 0 to {most} (image i uses seed + i, and {} is the largest integer a JSON number carries exactly).",
+                    pictor_core::MAX_SEED
+                ),
+            )),
+            v => Ok(v.map(|v| v as u64)),
         }
     }
 
-    /// `steps` or its diffusers name `num_inference_steps`; both only when they agree.
+    /// `steps` or its diffusers name `num_inference_steps`, never both (as the OpenAPI
+    /// document says: `not: {required: [steps, num_inference_steps]}`).
     fn steps(&self) -> Result<Option<usize>, ApiError> {
+        // Present at all, `null` included, as JSON Schema's `required` counts.
+        if self.0.contains_key("steps") && self.0.contains_key("num_inference_steps") {
+            return Err(ApiError::invalid(
+                "num_inference_steps",
+                "Send one of 'steps' and 'num_inference_steps', not both.",
+            ));
+        }
         let steps = self.in_range("steps", 1, 1000)?;
         let nis = self.in_range("num_inference_steps", 1, 1000)?;
-        match (steps, nis) {
-            (Some(a), Some(b)) if a != b => Err(ApiError::invalid(
-                "num_inference_steps",
-                "'steps' and 'num_inference_steps' disagree; send one.",
-            )),
-            (a, b) => Ok(a.or(b).map(|s| s as usize)),
-        }
+        Ok(steps.or(nis).map(|s| s as usize))
     }
 }
 
@@ -343,7 +349,7 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
     }
     let stream = f.boolean("stream")?.unwrap_or(false);
     let partial_images = f.in_range("partial_images", 0, 3)?.unwrap_or(0) as usize;
-    let seed = f.seed()?;
+    let seed = f.seed(n)?;
     let steps = f.steps()?;
     Ok(ImageRequest {
         model,
@@ -426,6 +432,16 @@ mod tests {
                 "output_compression",
             ),
             (json!({"model": "m", "prompt": "a", "seed": -1}), "seed"),
+            (
+                json!({"model": "m", "prompt": "a", "seed": 9_007_199_254_740_992u64}),
+                "seed",
+            ),
+            (
+                json!({"model": "m", "prompt": "a", "seed": 9_007_199_254_740_991u64, "n": 2}),
+                "seed",
+            ),
+            (json!({"model": "m", "prompt": "a\u{0}b"}), "prompt"),
+            (json!({"model": "m", "prompt": "bell \u{7}"}), "prompt"),
             (json!({"model": "m", "prompt": "a", "steps": 0}), "steps"),
             (
                 json!({"model": "m", "prompt": "a", "stream": "yes"}),

@@ -15,11 +15,13 @@
 
 mod error;
 mod image;
+mod input;
 mod pipeline;
 mod rules;
 
 pub use error::{Invalid, PipelineError, Result};
 pub use image::RgbImage;
+pub use input::{MAX_SEED, prompt_problem};
 pub use pipeline::{
     Control, Generation, GenerationRequest, PartMemory, Phases, Pipeline, Progress, PromptInfo,
     preview_steps,

@@ -35,8 +35,9 @@ impl FromStr for Dimensions {
         let bad = || format!("`{s}` is not WIDTHxHEIGHT, such as 1024x1024");
         let (w, h) = s.split_once('x').ok_or_else(bad)?;
         let side = |v: &str| {
-            // `parse` would accept a leading `+`; a size is digits only.
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            // `parse` would accept a leading `+`; a size is 1 to 9 digits (no model draws a
+            // side of a billion pixels, and every such number fits any `usize`).
+            if v.is_empty() || v.len() > 9 || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad());
             }
             v.parse::<usize>().map_err(|_| bad())

@@ -37,6 +37,8 @@ pub struct Config {
     pub memory_budget: String,
     /// Request limits.
     pub limits: Limits,
+    /// `/metrics` answers only with a valid API key (once keys exist).
+    pub metrics_require_key: bool,
     /// Models by name. Empty: the model shipped with Pictor.
     pub models: BTreeMap<String, ModelConfig>,
 }
@@ -55,6 +57,14 @@ pub struct Limits {
     pub queue_depth: usize,
     /// Longest a request may take, queue included, seconds.
     pub request_timeout_secs: u64,
+    /// Time a client has to send a request's headers, from its connection's start or its
+    /// previous response (so also how long an idle keep-alive connection stays), seconds.
+    pub header_timeout_secs: u64,
+    /// Time a client has to send a request's body once its headers arrived, seconds.
+    pub body_timeout_secs: u64,
+    /// Connections served at once (also kept under the process's file limit); one more is
+    /// answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// One model.
@@ -138,6 +148,9 @@ impl Default for Limits {
             max_n: 10,
             queue_depth: 16,
             request_timeout_secs: 600,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            max_connections: 1024,
         }
     }
 }
@@ -165,6 +178,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             memory_budget: "auto".into(),
             limits: Limits::default(),
+            metrics_require_key: false,
             models: BTreeMap::new(),
         }
     }
@@ -225,6 +239,7 @@ const FIELDS: &[&str] = &[
     "shutdown_grace_secs",
     "memory_budget",
     "limits",
+    "metrics_require_key",
     "models",
 ];
 

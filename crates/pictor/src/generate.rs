@@ -114,8 +114,12 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         });
     }
     let size = args.size.unwrap_or(rules.default_size);
+    let prompt = args.prompt.clone().unwrap_or_default();
+    if let Some(problem) = pictor_core::prompt_problem(&prompt) {
+        anyhow::bail!("--prompt holds {problem}");
+    }
     Ok(GenerationRequest {
-        prompt: args.prompt.clone().unwrap_or_default(),
+        prompt,
         width: size.width,
         height: size.height,
         steps: args.steps.unwrap_or(rules.default_steps),

@@ -35,6 +35,36 @@ fn signing_key(dir: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(key.to_vec())
 }
 
+/// Makes the data directory and what is directly in it (database, images, keys, model
+/// copies) readable by this user only: it holds hashed keys, usage and every image. What
+/// the server creates from now on is private too (umask 077), from files an older version
+/// left behind to the database's journal files and each image.
+fn keep_private(dir: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+        unsafe {
+            libc::umask(0o077);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let private = |path: &Path, is_dir: bool| {
+            let mode = if is_dir { 0o700 } else { 0o600 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("restricting {} to this user", path.display()))
+        };
+        private(dir, true)?;
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            // A link's target is someone else's to set.
+            if !kind.is_symlink() {
+                private(&entry.path(), kind.is_dir())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -68,8 +98,37 @@ fn api_config(config: &Config, addr: SocketAddr) -> ApiConfig {
         },
         open_when_no_keys: addr.ip().is_loopback(),
         idempotency_ttl: Duration::from_secs(config.idempotency_ttl_secs),
+        connections: pictor_api::Connections {
+            header_timeout: Duration::from_secs(config.limits.header_timeout_secs),
+            body_timeout: Duration::from_secs(config.limits.body_timeout_secs),
+            max_connections: connection_cap(config.limits.max_connections),
+        },
+        metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
     }
+}
+
+/// Files the process keeps open besides its connections: the database, images being
+/// written, model files.
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
+
+/// The connection cap: `wanted`, but under the process's open-file limit (raised to its
+/// hard limit first), so that accepting never fails for want of a file descriptor.
+fn connection_cap(wanted: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!("reading the open-file limit: {e}");
+            return wanted;
+        }
+    };
+    let room = limit.saturating_sub(FILES_BESIDES_CONNECTIONS).max(1);
+    if (wanted as u64) > room {
+        tracing::warn!(
+            "max_connections {wanted} is over what the open-file limit ({limit}) allows; serving {room} at once"
+        );
+    }
+    wanted.min(room as usize).max(1)
 }
 
 /// Opens the database and refuses a keyless server anywhere but on loopback.
@@ -142,6 +201,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listen address `{}` is not IP:PORT", config.listen))?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    keep_private(&config.data_dir)?;
     let db = open_db(&config, addr).await?;
     let blobs = Blobs::local(&config.data_dir.join("images"))?;
     let specs = config

@@ -231,6 +231,21 @@ fn serve_answers_and_exits_0_on_sigterm() {
     assert!(term.success());
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
+    // The data directory (hashed keys, usage, images, the signing key) is the user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let data = dir.path().join("pictor");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let entry = entry.unwrap();
+        let want = if entry.file_type().unwrap().is_dir() {
+            0o700
+        } else {
+            0o600
+        };
+        assert_eq!(mode(&entry.path()), want, "{}", entry.path().display());
+    }
+    assert_eq!(mode(&data.join("pictor.db")), 0o600);
 }
 
 /// An image reproduces from its own file: the receipt in the PNG gives the prompt, steps,

@@ -40,7 +40,8 @@ pub(crate) async fn generate(
         .model(&request.model)
         .ok_or_else(|| state.model_not_found(&request.model))?
         .clone();
-    let job = Job::new(request, slot, key, rand::random())?;
+    // A random seed any client can carry exactly, as the seeds they send must be.
+    let job = Job::new(request, slot, key, rand::random::<u32>().into())?;
     let rate = match job.key() {
         Some(key) => state.0.limiter.admit(key, job.engine().n)?,
         None => Default::default(),

@@ -40,12 +40,20 @@ pub(super) async fn finish(
     ticket: Ticket,
 ) -> Result<ImagesResponse, ApiError> {
     let model = job.model();
-    let outcome = ticket.wait().await.map_err(|e| match e {
-        JobError::TimedOut(limit) => ApiError::Timeout(limit),
-        other => ApiError::Internal(
-            anyhow::Error::new(other).context(format!("generating with {model}")),
-        ),
-    })?;
+    let outcome = tokio::select! {
+        outcome = ticket.wait() => outcome.map_err(|e| match e {
+            JobError::TimedOut(limit) => ApiError::Timeout(limit),
+            other => ApiError::Internal(
+                anyhow::Error::new(other).context(format!("generating with {model}")),
+            ),
+        })?,
+        () = state.cut_off_reached() => {
+            return Err(ApiError::Unavailable {
+                message: "The server shut down before this generation finished; retry it.".into(),
+                retry_after: std::time::Duration::from_secs(5),
+            });
+        }
+    };
     let images = outcome.generation.images.len();
     metrics::histogram!("pictor_generation_seconds", "model" => model.to_string())
         .record(outcome.ran.as_secs_f64());

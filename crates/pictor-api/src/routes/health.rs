@@ -3,7 +3,7 @@
 use axum::{Json, extract::State, http::header, response::IntoResponse};
 use serde_json::{Value, json};
 
-use crate::{error::ApiError, metrics, state::AppState};
+use crate::{auth::Caller, error::ApiError, metrics, state::AppState};
 
 /// `GET /healthz`: the process is up.
 pub(crate) async fn healthz() -> Json<Value> {
@@ -21,8 +21,14 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<Json<Value>,
     Ok(Json(json!({"status": "ready"})))
 }
 
-/// `GET /metrics`: Prometheus text.
-pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+/// `GET /metrics`: Prometheus text; with `metrics_require_key`, only for a valid key.
+pub(crate) async fn metrics(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+) -> Result<impl IntoResponse, ApiError> {
+    if state.0.config.metrics_require_key {
+        caller?;
+    }
     for slot in state.models() {
         if let Some(loaded) = slot.loaded() {
             let q = &loaded.queue;
@@ -34,10 +40,10 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
         ::metrics::gauge!("pictor_process_resident_bytes").set(rss as f64);
         ::metrics::gauge!("pictor_process_peak_resident_bytes").set(peak as f64);
     }
-    (
+    Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(),
-    )
+    ))
 }
 
 /// This process's resident and peak resident memory in bytes (`VmRSS`, `VmHWM`), where

@@ -3,7 +3,10 @@
 
 use axum::{
     body::Bytes,
-    extract::{Path, Query, State, rejection::BytesRejection},
+    extract::{
+        Path, Query, State,
+        rejection::{BytesRejection, PathRejection, QueryRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -63,9 +66,16 @@ pub(crate) struct LinkQuery {
 /// `GET /v1/images/files/{name}`: serves a stored image to whoever holds a valid link.
 pub(crate) async fn file(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    Query(q): Query<LinkQuery>,
+    name: Result<Path<String>, PathRejection>,
+    q: Result<Query<LinkQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|_| ApiError::NotFound("No such image.".into()))?;
+    let Query(q) = q.map_err(|_| {
+        ApiError::invalid(
+            "expires",
+            "Invalid image link: `expires` must be an integer (Unix seconds) and `signature` a string; use the URL exactly as the server gave it.",
+        )
+    })?;
     let stored = files::open(&state, &name, q.expires, q.signature.as_deref()).await?;
     Ok((
         [

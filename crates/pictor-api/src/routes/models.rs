@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, State, rejection::PathRejection},
 };
 
 use crate::{
@@ -49,8 +49,9 @@ pub(crate) async fn list(State(state): State<AppState>, _: Caller) -> Json<Model
 pub(crate) async fn get(
     State(state): State<AppState>,
     _: Caller,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Model>, ApiError> {
+    let Path(id) = id.map_err(|_| ApiError::NotFound("No such model.".into()))?;
     entries(&state)
         .into_iter()
         .find(|e| e.id == id)

@@ -17,6 +17,9 @@ pub struct Options {
     pub queue_depth: usize,
     pub timeout: Duration,
     pub load_model: bool,
+    pub connections: pictor_api::Connections,
+    pub metrics_require_key: bool,
+    pub grace: Duration,
 }
 
 impl Default for Options {
@@ -27,6 +30,9 @@ impl Default for Options {
             queue_depth: 4,
             timeout: Duration::from_secs(300),
             load_model: true,
+            connections: pictor_api::Connections::default(),
+            metrics_require_key: false,
+            grace: Duration::from_secs(60),
         }
     }
 }
@@ -81,6 +87,8 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         },
         open_when_no_keys: opts.open,
         idempotency_ttl: Duration::from_secs(3600),
+        connections: opts.connections.clone(),
+        metrics_require_key: opts.metrics_require_key,
         model_hints: vec![(
             "FLUX.1-schnell".into(),
             "Serve it by adding it to pictor.toml.".into(),
@@ -115,7 +123,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         async {
             let _ = rx.await;
         },
-        Duration::from_secs(60),
+        opts.grace,
     ));
     Server {
         url,

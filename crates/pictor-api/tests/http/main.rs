@@ -2,6 +2,7 @@
 
 mod common;
 mod errors;
+mod hardening;
 mod idempotency;
 mod images;
 mod lifecycle;

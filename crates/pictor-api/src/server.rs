@@ -1,0 +1,241 @@
+//! The listener: HTTP/1.1 connections bounded in time and number, and a shutdown that
+//! keeps answering while in-flight work finishes.
+//!
+//! Anyone who reaches the port, key or not, can open connections, so each is bounded
+//! before it can do harm: its request headers must arrive within `header_timeout` (counted
+//! from the connection's start or its previous response, so an idle keep-alive connection
+//! closes after the same time, as uvicorn's 5 s keep-alive does), its body within
+//! `body_timeout`, and no more than `max_connections` are served at once; one more gets an
+//! immediate 503 and is closed, so the server answers at the cap instead of hanging.
+//!
+//! On shutdown, idle connections close, new connections are still accepted (one request
+//! each: a new generation gets 503 with `Retry-After`), in-flight requests get the grace
+//! period to finish, and any still waiting then are answered with a 503 before the server
+//! stops, never cut off mid-reply.
+
+use std::{
+    pin::pin,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Request, State},
+    middleware::Next,
+    response::Response,
+};
+use http_body_util::BodyExt;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{Semaphore, watch},
+};
+
+use crate::{
+    error::ApiError,
+    state::{AppState, Connections},
+};
+
+struct InFlightGuard(Arc<crate::state::Inner>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts the request as in flight until its response body is done or dropped.
+pub(crate) async fn count_in_flight(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    state.0.in_flight.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlightGuard(Arc::clone(&state.0));
+    let response = next.run(req).await;
+    response.map(|body| {
+        Body::new(body.map_frame(move |frame| {
+            let _held = &guard;
+            frame
+        }))
+    })
+}
+
+/// Reads the whole request body within `body_timeout` (408 otherwise) and at most
+/// `max_body_bytes` of it (413 otherwise), so a client that trickles its body cannot hold
+/// a connection.
+pub(crate) async fn read_body_in_time(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let limit = state.0.config.max_body_bytes;
+    let within = state.0.config.connections.body_timeout;
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
+        Err(_) => return Err(ApiError::RequestTimeout(within)),
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ApiError::PayloadTooLarge(limit)
+            } else {
+                ApiError::invalid_body(format!("Could not read the request body: {e}"))
+            });
+        }
+    };
+    Ok(next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await)
+}
+
+/// The answer to a connection past the cap, written before closing it.
+fn busy_reply() -> Vec<u8> {
+    let body = serde_json::json!({"error": {
+        "message": "The server is at its connection limit. Retry shortly.",
+        "type": "server_error", "param": null, "code": "unavailable"}})
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Past the cap: reads the request's head (briefly; a client that sends nothing gets
+/// nothing), answers 503 and closes. Answering before the request arrived would read as a
+/// protocol error to clients, not as "busy".
+async fn refuse_busy(mut stream: TcpStream) {
+    let head = async {
+        let mut seen = Vec::with_capacity(1024);
+        let mut buf = [0u8; 1024];
+        while seen.len() < 16 * 1024 && !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    };
+    if let Ok(true) = tokio::time::timeout(Duration::from_secs(1), head).await {
+        let reply = async {
+            stream.write_all(&busy_reply()).await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), reply).await;
+    }
+}
+
+fn spawn_connection(
+    stream: TcpStream,
+    app: Router,
+    limits: &Connections,
+    permits: &Arc<Semaphore>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
+        tokio::spawn(refuse_busy(stream));
+        return;
+    };
+    let header_timeout = limits.header_timeout;
+    tokio::spawn(async move {
+        let _permit = permit;
+        let shutting_down = *draining.borrow_and_update();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            // During the drain each new connection answers one request, then closes.
+            .keep_alive(!shutting_down);
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+        let mut conn = pin!(conn);
+        let mut watching = !shutting_down;
+        loop {
+            tokio::select! {
+                done = conn.as_mut() => {
+                    if let Err(e) = done {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                    break;
+                }
+                changed = draining.changed(), if watching => {
+                    watching = false;
+                    if changed.is_ok() {
+                        // Finishes the request in flight, if any, then closes.
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; then refuses new generations
+/// (503), lets in-flight requests finish, and gives the model workers up to `grace` to
+/// drain. Returns whether everything finished within the grace period.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let app = crate::router(state.clone());
+    let limits = state.0.config.connections.clone();
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (draining, watch_draining) = watch::channel(false);
+    let mut shutdown = pin!(shutdown);
+    let mut drained = pin!(drain(state.clone(), grace));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    spawn_connection(stream, app.clone(), &limits, &permits, watch_draining.clone());
+                }
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to close.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown, if !stopping => {
+                tracing::info!("shutting down: refusing new work, finishing in-flight requests");
+                stopping = true;
+                state.begin_shutdown();
+                let _ = draining.send(true);
+            }
+            clean = &mut drained, if stopping => return Ok(clean),
+        }
+    }
+}
+
+/// Once shutdown began: waits up to `grace` for the model workers and the requests in
+/// flight; then answers the requests still waiting (503) and gives their replies a moment.
+async fn drain(state: AppState, grace: Duration) -> bool {
+    let idle = async {
+        let workers = state.drain(grace).await;
+        while state.0.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        workers
+    };
+    if let Ok(clean) = tokio::time::timeout(grace, idle).await {
+        return clean;
+    }
+    tracing::warn!("grace period over: answering the requests still waiting with 503");
+    state.cut_off();
+    let flushed = async {
+        while state.0.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+    false
+}
