@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 
 /// `quality`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
 pub enum Quality {
     /// `auto` (the default).
     Auto,
@@ -26,7 +27,8 @@ pub enum Quality {
 }
 
 /// `response_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
 pub enum ResponseFormat {
     /// A signed link to the stored image (the default).
     Url,
