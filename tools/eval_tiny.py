@@ -12,6 +12,9 @@ by pixel statistics:
 * fg colour : nearest named colour of the median of the most object-like 30 % of the mask
 * shape     : argmax over the 6 shapes of the IoU between the mask and the shape's template
               (rendered at the prompted size and cell, moved to the mask centroid, 3 scales)
+* frame     : how far the outermost 2 pixels of each side stray from the background just
+              inside them (the median of the band 4..12 px in), in 0..255 levels averaged
+              over RGB; the worst side counts. Solid backgrounds have none (ground truth: 0).
 
 Prompt sets (solid backgrounds chosen far from the shape colour):
   centre-held  "a large {c} {s} on a {bg} background in the centre", 12 held-out pairs x 4 bg
@@ -113,7 +116,8 @@ def analyse(img: np.ndarray, item: dict) -> dict:
     frame = np.concatenate([x[:f].reshape(-1, 3), x[-f:].reshape(-1, 3), x[:, :f].reshape(-1, 3),
                             x[:, -f:].reshape(-1, 3)])
     bg_rgb = np.median(frame, 0)
-    res = {"bg": scenes.nearest_colour(bg_rgb), "fg": None, "cell": None, "shape": None}
+    res = {"bg": scenes.nearest_colour(bg_rgb), "fg": None, "cell": None, "shape": None,
+           "frame": frame_offset(img)}
     dist = np.linalg.norm(x - bg_rgb, axis=-1)
     mask = dist > FG_THRESHOLD
     if mask.sum() < 8:
@@ -136,6 +140,18 @@ def analyse(img: np.ndarray, item: dict) -> dict:
     return res
 
 
+def frame_offset(img: np.ndarray) -> float:
+    """The worst side's mean |edge band (2 px) - background just inside (median of 4..12 px)|."""
+    x = img.astype(np.float32)
+    sides = [x, x[::-1], x.transpose(1, 0, 2), x.transpose(1, 0, 2)[::-1]]
+    worst = 0.0
+    for side in sides:
+        edge = side[:2, 12:-12].reshape(-1, 3).mean(0)
+        inside = np.median(side[4:12, 12:-12].reshape(-1, 3), 0)
+        worst = max(worst, float(np.abs(edge - inside).mean()))
+    return worst
+
+
 def score(items: list[dict], results: list[dict]) -> dict:
     n = len(items)
     acc = lambda k, want: 100.0 * sum(r[k] == want(i) for i, r in zip(items, results)) / n  # noqa: E731
@@ -143,7 +159,9 @@ def score(items: list[dict], results: list[dict]) -> dict:
             "fg": acc("fg", lambda i: i["colour"]),
             "bg": acc("bg", lambda i: i["bg"]),
             "pos": acc("cell", lambda i: i["cell"]),
-            "shape": acc("shape", lambda i: i["shape"])}
+            "shape": acc("shape", lambda i: i["shape"]),
+            "frame": float(np.mean([r["frame"] for r in results])),
+            "frame_over_4": 100.0 * sum(r["frame"] > 4 for r in results) / n}
 
 
 @torch.no_grad()
@@ -284,9 +302,10 @@ def main() -> None:
     (out / f"{args.source}-{args.steps}steps.json").write_text(json.dumps(report, indent=2))
     print(f"source {args.source}, engine {engine}, {args.steps} steps, seeds {seeds}, model {args.model} "
           f"({report['seconds']} s)")
-    print(f"{'set':12s} {'n':>4s} {'fg':>6s} {'bg':>6s} {'pos':>6s} {'shape':>6s}")
+    print(f"{'set':12s} {'n':>4s} {'fg':>6s} {'bg':>6s} {'pos':>6s} {'shape':>6s} {'frame':>6s} {'>4':>6s}")
     for name, r in report["sets"].items():
-        print(f"{name:12s} {r['n']:4d} {r['fg']:6.1f} {r['bg']:6.1f} {r['pos']:6.1f} {r['shape']:6.1f}")
+        print(f"{name:12s} {r['n']:4d} {r['fg']:6.1f} {r['bg']:6.1f} {r['pos']:6.1f} {r['shape']:6.1f} "
+              f"{r['frame']:6.2f} {r['frame_over_4']:6.1f}")
     h = report["held"]
     print(f"HELD-OUT pairs: fg colour {h['fg_colour']:.1f}%  bg colour {h['bg_colour']:.1f}%  "
           f"position (small, 8 cells) {h['position']:.1f}%  shape (large, centre) {h['shape_large']:.1f}%  "
