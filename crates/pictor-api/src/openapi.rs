@@ -28,10 +28,10 @@ pub struct CreateImageRequest {
     #[schema(example = "1024x1024", pattern = "^(auto|[0-9]{1,9}x[0-9]{1,9})$")]
     pub size: Option<String>,
     /// Steps per model (low ½, medium ¾ of the default).
-    #[schema(value_type = Option<crate::wire::Quality>)]
+    #[schema(value_type = Option<Quality>)]
     pub quality: Option<String>,
     /// `url` (default) or `b64_json`.
-    #[schema(value_type = Option<crate::wire::ResponseFormat>)]
+    #[schema(value_type = Option<ResponseFormat>)]
     pub response_format: Option<String>,
     /// Accepted and recorded nowhere.
     pub user: Option<String>,
@@ -72,6 +72,34 @@ pub struct CreateImageRequest {
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it, such as FLUX.1-schnell.
     pub negative_prompt: Option<String>,
+}
+
+/// `quality`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(rename_all = "lowercase")]
+pub enum Quality {
+    /// `auto` (the default).
+    Auto,
+    /// `low`.
+    Low,
+    /// `medium`.
+    Medium,
+    /// `high`.
+    High,
+    /// `standard` (dall-e-3's name).
+    Standard,
+    /// `hd` (dall-e-3's name).
+    Hd,
+}
+
+/// `response_format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// A signed link to the stored image (the default).
+    Url,
+    /// The image inline, base64.
+    B64Json,
 }
 
 /// `output_format`.

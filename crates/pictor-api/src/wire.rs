@@ -8,33 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
-/// `quality`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
-#[schema(rename_all = "lowercase")]
-pub enum Quality {
-    /// `auto` (the default).
-    Auto,
-    /// `low`.
-    Low,
-    /// `medium`.
-    Medium,
-    /// `high`.
-    High,
-    /// `standard` (dall-e-3's name).
-    Standard,
-    /// `hd` (dall-e-3's name).
-    Hd,
-}
-
-/// `response_format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
-#[schema(rename_all = "snake_case")]
-pub enum ResponseFormat {
-    /// A signed link to the stored image (the default).
-    Url,
-    /// The image inline, base64.
-    B64Json,
-}
+pub use crate::openapi::{Quality, ResponseFormat};
 
 /// `size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
