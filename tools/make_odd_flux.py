@@ -90,7 +90,7 @@ text embeddings and noise: no text encoders.
 | `vae/` | diffusers `AutoencoderKL({vae})` |
 | `odd-flux.safetensors`, `odd-flux.json` | the transformer in Black Forest Labs names, and its config beside it |
 | `odd-ae.safetensors`, `odd-ae.json` | the autoencoder in BFL/LDM names, and its config beside it |
-| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1) |
+| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1); for the encoder, `encode_image` (-1..1), its posterior mean `encode_mean` and `encode_latents` = (mean − shift) · scale |
 | `reference.json` | the parameters, shapes, standard deviations and versions |
 
 Verified when generated:
@@ -177,7 +177,16 @@ def run_reference(out: Path) -> dict[str, torch.Tensor]:
     assert len(outputs) == STEPS and len(steps) == STEPS
     sigmas = [round(float(s), 6) for s in pipe.scheduler.sigmas]
     assert sigmas == [round(1 - i / STEPS, 6) for i in range(STEPS + 1)], sigmas
+    # The encoder, for image-to-image: a smooth random image (low-resolution noise, upscaled)
+    # through AutoencoderKL.encode; the posterior mean, and the latents as FluxImg2ImgPipeline
+    # normalises them ((mean - shift) * scale).
+    coarse = torch.rand((1, 3, HEIGHT // 16, WIDTH // 16), generator=g) * 2 - 1
+    picture = torch.nn.functional.interpolate(coarse, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)
+    mean = vae.encode(picture).latent_dist.mean
     ref = {
+        "encode_image": picture,
+        "encode_mean": mean,
+        "encode_latents": (mean - vae.config.shift_factor) * vae.config.scaling_factor,
         "t5_hidden": sequence,
         "clip_pooled": pooled,
         "noise": noise,

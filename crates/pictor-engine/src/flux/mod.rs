@@ -10,9 +10,11 @@
 //! loading.
 
 mod attention;
+mod blocks;
 pub mod config;
 pub mod decoder;
 mod denoiser;
+pub mod encoder;
 pub use denoiser::{Denoiser, StepState};
 mod fit;
 pub use fit::{Architecture, validate};

@@ -16,8 +16,8 @@ use crate::{
     weights::{MappedWeights, SafetensorFiles, Scheme},
 };
 
-/// An autoencoder part's weights (Black Forest Labs or diffusers names), opened.
-fn open(part: &Part) -> Result<MappedWeights> {
+/// An autoencoder part's decoder weights (Black Forest Labs or diffusers names), opened.
+pub(super) fn open(part: &Part) -> Result<MappedWeights> {
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
     let weights = if let Some(prefix) = files.prefix_of("decoder.up.0.block.0.conv1.weight") {
         MappedWeights::new(files, Scheme::Identity, prefix)

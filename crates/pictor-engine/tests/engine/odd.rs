@@ -181,3 +181,33 @@ fn the_old_guesses_would_have_drawn_wrong_pictures() {
     assert!(off > 10.0 * PIXEL_TOL, "32 groups are off by only {off}");
     eprintln!("32 groups instead of 16: pixels off by {off:.3}");
 }
+
+/// The encoder (for image-to-image, issue 21): the posterior mean and the normalised
+/// latents of a given image match diffusers' `AutoencoderKL.encode`, in both layouts.
+#[test]
+fn the_encoder_matches_diffusers_in_both_layouts() {
+    let r = reference();
+    let image = tensor(&r, "encode_image");
+    for (label, _, vae) in layouts() {
+        let encoder = pictor_engine::flux::encoder::Encoder::load(&vae, DType::F32, &Device::Cpu)
+            .expect("the encoder loads");
+        let mean = encoder.posterior_mean(&image).expect("encodes");
+        let want = tensor(&r, "encode_mean");
+        let d_mean = max_abs_diff(&mean, &want);
+        let d_latents = max_abs_diff(
+            &encoder.encode(&image).unwrap(),
+            &tensor(&r, "encode_latents"),
+        );
+        eprintln!(
+            "odd {label} encoder: mean {d_mean:.2e}, latents {d_latents:.2e} (reference std {:.2})",
+            std(&want)
+        );
+        assert!(d_mean <= STEP_TOL && d_latents <= STEP_TOL, "{label}");
+    }
+    let odd_size = image.narrow(3, 0, 92).unwrap();
+    let encoder =
+        pictor_engine::flux::encoder::Encoder::load(&layouts()[0].2, DType::F32, &Device::Cpu)
+            .unwrap();
+    let msg = encoder.posterior_mean(&odd_size).unwrap_err().to_string();
+    assert!(msg.contains("multiples of 8"), "{msg}");
+}
