@@ -37,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_flux as tiny  # noqa: E402  (sets torch to one thread, offline)
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers import AutoencoderKL, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import single_file_utils  # noqa: E402
 
 SEED_TRANSFORMER = 11
 SEED_VAE = 12
 SEED_INPUTS = 13
+SEED_IMG2IMG = 14
+IMG2IMG_STEPS, IMG2IMG_STRENGTH = 4, 0.6
 
 TRANSFORMER = dict(
     patch_size=1,
@@ -90,7 +92,7 @@ text embeddings and noise: no text encoders.
 | `vae/` | diffusers `AutoencoderKL({vae})` |
 | `odd-flux.safetensors`, `odd-flux.json` | the transformer in Black Forest Labs names, and its config beside it |
 | `odd-ae.safetensors`, `odd-ae.json` | the autoencoder in BFL/LDM names, and its config beside it |
-| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1); for the encoder, `encode_image` (-1..1), its posterior mean `encode_mean` and `encode_latents` = (mean − shift) · scale |
+| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1); for the encoder, `encode_image` (-1..1), its posterior mean `encode_mean` and `encode_latents` = (mean − shift) · scale; `FluxImg2ImgPipeline` on that image (posterior mean, strength 0.6, 4 steps): its noise `img2img_noise`, `img2img_final_latents` and `img2img_image` |
 | `reference.json` | the parameters, shapes, standard deviations and versions |
 
 Verified when generated:
@@ -194,7 +196,39 @@ def run_reference(out: Path) -> dict[str, torch.Tensor]:
         "final_latents": steps[-1],
         "image": image.float(),
     }
+    ref.update(run_img2img(transformer, vae, sequence, pooled, picture))
     return {k: v.contiguous() for k, v in ref.items()}
+
+
+@torch.no_grad()
+def run_img2img(transformer, vae, sequence, pooled, picture) -> dict[str, torch.Tensor]:
+    """diffusers' FluxImg2ImgPipeline on `picture` with the posterior mean (the pipeline
+    would sample the posterior; an engine that is deterministic takes the mean) and noise
+    from a seeded generator, which is the pipeline's only draw then."""
+    pipe = FluxImg2ImgPipeline(scheduler=tiny.make_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = vae.config
+    pipe._encode_vae_image = lambda image, generator: (
+        (vae.encode(image).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor)
+    lat_h, lat_w = 2 * (HEIGHT // 16), 2 * (WIDTH // 16)
+    noise = torch.randn((1, VAE["latent_channels"], lat_h, lat_w),
+                        generator=torch.Generator().manual_seed(SEED_IMG2IMG))
+    steps = []
+
+    def on_step_end(p, i, t, kw):
+        steps.append(kw["latents"].clone())
+        return {}
+
+    image = pipe(
+        image=(picture + 1) / 2, prompt_embeds=sequence, pooled_prompt_embeds=pooled, height=HEIGHT, width=WIDTH,
+        strength=IMG2IMG_STRENGTH, num_inference_steps=IMG2IMG_STEPS, guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(SEED_IMG2IMG), output_type="pt",
+        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+    ).images
+    start = int(max(IMG2IMG_STEPS - IMG2IMG_STEPS * IMG2IMG_STRENGTH, 0))
+    assert len(steps) == IMG2IMG_STEPS - start, len(steps)
+    return {"img2img_noise": noise, "img2img_final_latents": steps[-1], "img2img_image": image.float()}
 
 
 def main() -> None:
@@ -219,6 +253,7 @@ def main() -> None:
         "width": WIDTH,
         "height": HEIGHT,
         "steps": STEPS,
+        "img2img": {"steps": IMG2IMG_STEPS, "strength": IMG2IMG_STRENGTH},
         "shapes": {k: list(v.shape) for k, v in ref.items()},
         "std": {k: round(float(v.std()), 6) for k, v in ref.items()},
         "facts": facts,

@@ -41,6 +41,26 @@ impl StepState<'_> {
     }
 }
 
+/// The first of `steps` schnell steps image-to-image runs at `strength`, as diffusers'
+/// `get_timesteps`: `steps − min(steps · strength, steps)`, truncated.
+pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(EngineError::InvalidInput {
+            field: "strength",
+            message: format!("strength {strength} is outside (0, 1]"),
+        });
+    }
+    let start = (steps as f64 - (steps as f64 * strength).min(steps as f64)).max(0.0) as usize;
+    // Truncation leaves at least one step for any strength above 0, unless there are none.
+    if start >= steps {
+        return Err(EngineError::InvalidInput {
+            field: "steps",
+            message: format!("image to image needs at least one step, not {steps}"),
+        });
+    }
+    Ok(start)
+}
+
 /// A loaded transformer and decoder: embeddings and noise in, pixels out.
 pub struct Denoiser {
     /// `None` while staged out.
@@ -131,16 +151,47 @@ impl Denoiser {
         noise: &Tensor,
         emb: &Embeddings,
         steps: usize,
+        on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        self.run(noise, &sampling::schedule(steps), emb, on_step)
+    }
+
+    /// Image-to-image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` schnell steps,
+    /// the last `⌊steps · strength⌋` run (`strength` in (0, 1]), from the image's latents
+    /// `(b, z, h, w)` (normalised: see `Encoder::encode`) noised to that step's sigma with
+    /// `noise`. Returns the final packed latents, as [`Denoiser::denoise`] does.
+    pub fn denoise_image(
+        &self,
+        image_latents: &Tensor,
+        noise: &Tensor,
+        emb: &Embeddings,
+        steps: usize,
+        strength: f64,
+        on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let start = img2img_start(steps, strength)?;
+        let sigmas = &sampling::schedule(steps)[start..];
+        let sigma = sigmas[0];
+        let noised = ((noise.to_dtype(DType::F32)? * sigma)?
+            + (image_latents.to_dtype(DType::F32)? * (1.0 - sigma))?)?;
+        self.run(&noised, sigmas, emb, on_step)
+    }
+
+    /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn.
+    fn run(
+        &self,
+        start: &Tensor,
+        sigmas: &[f64],
+        emb: &Embeddings,
         mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
-        let (_, _, h, w) = noise.dims4()?;
-        let mut x = sampling::pack(&noise.to_dtype(DType::F32)?)?;
-        let sigmas = sampling::schedule(steps);
+        let (_, _, h, w) = start.dims4()?;
+        let mut x = sampling::pack(&start.to_dtype(DType::F32)?)?;
         let start = StepState {
             step: 0,
             latents: &x,
             velocity: None,
-            sigma: 1.0,
+            sigma: sigmas.first().copied().unwrap_or(1.0),
         };
         if on_step(&start)? == Control::Cancel {
             return Err(EngineError::Cancelled);

@@ -211,3 +211,56 @@ fn the_encoder_matches_diffusers_in_both_layouts() {
     let msg = encoder.posterior_mean(&odd_size).unwrap_err().to_string();
     assert!(msg.contains("multiples of 8"), "{msg}");
 }
+
+/// Image-to-image (issue 21): the encoded image noised to strength 0.6 of 4 steps and
+/// denoised over the last 2 matches diffusers' `FluxImg2ImgPipeline` (taking the posterior
+/// mean), latents and pixels, in both layouts.
+#[test]
+fn image_to_image_matches_diffusers_in_both_layouts() {
+    use pictor_engine::flux::{encoder::Encoder, img2img_start};
+    let r = reference();
+    assert_eq!(
+        img2img_start(4, 0.6).unwrap(),
+        1,
+        "diffusers truncates 4 - 2.4"
+    );
+    for (label, transformer, vae) in layouts() {
+        let d = load(&transformer, &vae);
+        let encoder = Encoder::load(&vae, DType::F32, &Device::Cpu).unwrap();
+        let latents = encoder.encode(&tensor(&r, "encode_image")).unwrap();
+        let mut seen = Vec::new();
+        let last = d
+            .denoise_image(
+                &latents,
+                &tensor(&r, "img2img_noise"),
+                &embeddings(&r),
+                4,
+                0.6,
+                |s| {
+                    seen.push(s.step);
+                    Ok(Control::Continue)
+                },
+            )
+            .expect("image to image");
+        assert_eq!(seen, vec![0, 1, 2, 3], "{label}: 3 of 4 steps run");
+        let d_latents = max_abs_diff(&last, &tensor(&r, "img2img_final_latents"));
+        let pixels = d.decode(&last, 64, 96).unwrap();
+        let d_pixels = max_abs_diff(&pixels, &tensor(&r, "img2img_image"));
+        eprintln!(
+            "odd {label} image to image: final latents {d_latents:.2e}, pixels {d_pixels:.2e}"
+        );
+        assert!(d_latents <= STEP_TOL && d_pixels <= PIXEL_TOL, "{label}");
+    }
+    // Any strength above 0 runs at least the last step, as diffusers' truncation does.
+    assert_eq!(img2img_start(4, 0.1).unwrap(), 3);
+    assert_eq!(img2img_start(4, 1.0).unwrap(), 0);
+    for (steps, strength, field) in [
+        (4, 0.0, "strength"),
+        (4, 1.5, "strength"),
+        (4, f64::NAN, "strength"),
+        (0, 0.5, "steps"),
+    ] {
+        let err = img2img_start(steps, strength).unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
+}
