@@ -37,7 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_flux as tiny  # noqa: E402  (sets torch to one thread, offline)
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from diffusers.loaders import single_file_utils  # noqa: E402
 
 SEED_TRANSFORMER = 11
@@ -45,6 +51,10 @@ SEED_VAE = 12
 SEED_INPUTS = 13
 SEED_IMG2IMG = 14
 IMG2IMG_STEPS, IMG2IMG_STRENGTH = 4, 0.6
+SEED_INPAINT = 15
+INPAINT_STEPS, INPAINT_STRENGTH = 4, 0.7
+# The region to repaint (mask 1): rows 16..48, columns 0..48 of the 64x96 image.
+INPAINT_ROWS, INPAINT_COLS = (16, 48), (0, 48)
 
 TRANSFORMER = dict(
     patch_size=1,
@@ -92,7 +102,7 @@ text embeddings and noise: no text encoders.
 | `vae/` | diffusers `AutoencoderKL({vae})` |
 | `odd-flux.safetensors`, `odd-flux.json` | the transformer in Black Forest Labs names, and its config beside it |
 | `odd-ae.safetensors`, `odd-ae.json` | the autoencoder in BFL/LDM names, and its config beside it |
-| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1); for the encoder, `encode_image` (-1..1), its posterior mean `encode_mean` and `encode_latents` = (mean − shift) · scale; `FluxImg2ImgPipeline` on that image (posterior mean, strength 0.6, 4 steps): its noise `img2img_noise`, `img2img_final_latents` and `img2img_image` |
+| `reference.safetensors` | `t5_hidden` and `clip_pooled` (the given embeddings), `noise`, `transformer_out_step0`, `final_latents` ({steps} steps), `image` ({width}x{height}, 0..1); for the encoder, `encode_image` (-1..1), its posterior mean `encode_mean` and `encode_latents` = (mean − shift) · scale; `FluxImg2ImgPipeline` on that image (posterior mean, strength 0.6, 4 steps): its noise `img2img_noise`, `img2img_final_latents` and `img2img_image`; `FluxInpaintPipeline` (strength 0.7 of 4 steps, `inpaint_mask` 1 over rows 16..48 and columns 0..48): `inpaint_noise`, `inpaint_final_latents`, `inpaint_image` |
 | `reference.json` | the parameters, shapes, standard deviations and versions |
 
 Verified when generated:
@@ -197,6 +207,7 @@ def run_reference(out: Path) -> dict[str, torch.Tensor]:
         "image": image.float(),
     }
     ref.update(run_img2img(transformer, vae, sequence, pooled, picture))
+    ref.update(run_inpaint(transformer, vae, sequence, pooled, picture))
     return {k: v.contiguous() for k, v in ref.items()}
 
 
@@ -231,6 +242,38 @@ def run_img2img(transformer, vae, sequence, pooled, picture) -> dict[str, torch.
     return {"img2img_noise": noise, "img2img_final_latents": steps[-1], "img2img_image": image.float()}
 
 
+@torch.no_grad()
+def run_inpaint(transformer, vae, sequence, pooled, picture) -> dict[str, torch.Tensor]:
+    """diffusers' FluxInpaintPipeline on `picture` with a rectangular mask, the posterior
+    mean and seeded noise (its first draw; the masked-image latents it also draws for are
+    used only by FLUX Fill models)."""
+    pipe = FluxInpaintPipeline(scheduler=tiny.make_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
+                               text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = vae.config
+    pipe._encode_vae_image = lambda image, generator: (
+        (vae.encode(image).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor)
+    mask = torch.zeros((1, 1, HEIGHT, WIDTH))
+    mask[..., INPAINT_ROWS[0]:INPAINT_ROWS[1], INPAINT_COLS[0]:INPAINT_COLS[1]] = 1.0
+    lat_h, lat_w = 2 * (HEIGHT // 16), 2 * (WIDTH // 16)
+    noise = torch.randn((1, VAE["latent_channels"], lat_h, lat_w),
+                        generator=torch.Generator().manual_seed(SEED_INPAINT))
+    steps = []
+
+    def on_step_end(p, i, t, kw):
+        steps.append(kw["latents"].clone())
+        return {}
+
+    image = pipe(
+        image=(picture + 1) / 2, mask_image=mask, prompt_embeds=sequence, pooled_prompt_embeds=pooled,
+        height=HEIGHT, width=WIDTH, strength=INPAINT_STRENGTH, num_inference_steps=INPAINT_STEPS,
+        guidance_scale=0.0, generator=torch.Generator().manual_seed(SEED_INPAINT), output_type="pt",
+        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+    ).images
+    return {"inpaint_mask": mask, "inpaint_noise": noise, "inpaint_final_latents": steps[-1],
+            "inpaint_image": image.float()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
@@ -254,6 +297,8 @@ def main() -> None:
         "height": HEIGHT,
         "steps": STEPS,
         "img2img": {"steps": IMG2IMG_STEPS, "strength": IMG2IMG_STRENGTH},
+        "inpaint": {"steps": INPAINT_STEPS, "strength": INPAINT_STRENGTH, "rows": INPAINT_ROWS,
+                    "cols": INPAINT_COLS},
         "shapes": {k: list(v.shape) for k, v in ref.items()},
         "std": {k: round(float(v.std()), 6) for k, v in ref.items()},
         "facts": facts,

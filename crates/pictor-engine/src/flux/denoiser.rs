@@ -61,6 +61,45 @@ pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
     Ok(start)
 }
 
+/// What inpainting keeps, packed like the latents.
+struct Known {
+    image: Tensor,
+    noise: Tensor,
+    /// 1 where the model paints, 0 where the image is kept.
+    repaint: Tensor,
+}
+
+impl Known {
+    /// `x` with the kept region set to the image noised to `sigma`.
+    fn merge(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let kept = ((&self.noise * sigma)? + (&self.image * (1.0 - sigma))?)?;
+        let keep = (1.0 - &self.repaint)?;
+        Ok(((keep * kept)? + (&self.repaint * x)?)?)
+    }
+}
+
+/// A pixel mask `(b, 1, H, W)` (1 or more than ½ = repaint) at the latents' resolution
+/// `(b, 1, H/8, W/8)`, as diffusers does it: binarised at ½, then the pixel at the top
+/// left of each 8×8 cell (nearest-neighbour resizing).
+pub fn latent_mask(mask: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = mask.dims4()?;
+    if c != 1 || h % 8 != 0 || w % 8 != 0 {
+        return Err(EngineError::InvalidInput {
+            field: "mask",
+            message: format!(
+                "a mask of {c} channels and {w}x{h} pixels: it needs 1 channel and sides that are multiples of 8"
+            ),
+        });
+    }
+    let cells = mask
+        .to_dtype(DType::F32)?
+        .reshape((b, 1, h / 8, 8, w / 8, 8))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((b, 1, h / 8, w / 8))?;
+    Ok(cells.ge(0.5)?.to_dtype(DType::F32)?)
+}
+
 /// A loaded transformer and decoder: embeddings and noise in, pixels out.
 pub struct Denoiser {
     /// `None` while staged out.
@@ -153,7 +192,7 @@ impl Denoiser {
         steps: usize,
         on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
-        self.run(noise, &sampling::schedule(steps), emb, on_step)
+        self.run(noise, &sampling::schedule(steps), emb, None, on_step)
     }
 
     /// Image-to-image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` schnell steps,
@@ -174,15 +213,50 @@ impl Denoiser {
         let sigma = sigmas[0];
         let noised = ((noise.to_dtype(DType::F32)? * sigma)?
             + (image_latents.to_dtype(DType::F32)? * (1.0 - sigma))?)?;
-        self.run(&noised, sigmas, emb, on_step)
+        self.run(&noised, sigmas, emb, None, on_step)
     }
 
-    /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn.
+    /// Inpainting, as diffusers' `FluxInpaintPipeline`: image-to-image at `strength`
+    /// ([`Denoiser::denoise_image`]) where, after every step, the region `mask` keeps
+    /// (`mask` `(b, 1, h, w)` at latent resolution, 1 = repaint, 0 = keep; see
+    /// [`latent_mask`]) is replaced by the image's latents noised to the next step's sigma
+    /// with the same `noise`, and by the clean latents after the last step.
+    #[allow(clippy::too_many_arguments)]
+    pub fn inpaint(
+        &self,
+        image_latents: &Tensor,
+        mask: &Tensor,
+        noise: &Tensor,
+        emb: &Embeddings,
+        steps: usize,
+        strength: f64,
+        on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let start = img2img_start(steps, strength)?;
+        let sigmas = &sampling::schedule(steps)[start..];
+        let image = image_latents.to_dtype(DType::F32)?;
+        let noise = noise.to_dtype(DType::F32)?;
+        let repaint = mask
+            .to_dtype(DType::F32)?
+            .broadcast_as(image.shape())?
+            .contiguous()?;
+        let known = Known {
+            image: sampling::pack(&image)?,
+            noise: sampling::pack(&noise)?,
+            repaint: sampling::pack(&repaint)?,
+        };
+        let noised = ((&noise * sigmas[0])? + (&image * (1.0 - sigmas[0]))?)?;
+        self.run(&noised, sigmas, emb, Some(&known), on_step)
+    }
+
+    /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn;
+    /// with `known`, its kept region is put back after each step.
     fn run(
         &self,
         start: &Tensor,
         sigmas: &[f64],
         emb: &Embeddings,
+        known: Option<&Known>,
         mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
         let (_, _, h, w) = start.dims4()?;
@@ -201,6 +275,9 @@ impl Denoiser {
                 .loaded_transformer()?
                 .velocity(&x, emb, pair[0], (h, w))?;
             x = (x + (&v * (pair[1] - pair[0]))?)?;
+            if let Some(known) = known {
+                x = known.merge(&x, pair[1])?;
+            }
             let state = StepState {
                 step: i + 1,
                 latents: &x,

@@ -15,7 +15,7 @@ pub mod config;
 pub mod decoder;
 mod denoiser;
 pub mod encoder;
-pub use denoiser::{Denoiser, StepState, img2img_start};
+pub use denoiser::{Denoiser, StepState, img2img_start, latent_mask};
 mod fit;
 pub use fit::{Architecture, validate};
 pub mod memory;
