@@ -90,6 +90,7 @@ SEED_T5 = 2
 SEED_TRANSFORMER = 3
 SEED_VAE = 4
 SEED_NOISE = 42
+SEED_ENCODE = 43
 SEED_LONG_PROMPT = 7
 
 PROMPT = "a small red circle on a blue background in the top left"
@@ -832,6 +833,15 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
     # Also the prompt's encode_prompt must agree with what the __call__ saw.
     t5h, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=MAX_SEQ_LEN)
     assert torch.equal(t5h, ref["t5_hidden"]) and torch.equal(pooled, ref["clip_pooled"])
+
+    # The encoder (image edits): a smooth random image in [-1, 1] (low-resolution noise,
+    # upscaled), its posterior mean and the latents FLUX pipelines normalise from it.
+    g = torch.Generator("cpu").manual_seed(SEED_ENCODE)
+    coarse = torch.rand((1, 3, HEIGHT // 16, WIDTH // 16), generator=g) * 2 - 1
+    picture = torch.nn.functional.interpolate(coarse, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)
+    mean = pipe.vae.encode(picture).latent_dist.mean
+    ref["encode_image"], ref["encode_mean"] = picture, mean
+    ref["encode_latents"] = (mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
 
     ref = {k: v.contiguous() for k, v in ref.items()}
 

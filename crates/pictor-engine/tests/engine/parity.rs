@@ -594,3 +594,38 @@ fn bf16_on_the_cpu_generates_close_to_f32() {
     eprintln!("bf16 vs f32: mean |Δ| {mean_diff:.2} of 255");
     assert!(mean_diff < 8.0, "bf16 strays {mean_diff} from f32");
 }
+
+/// The encoder (image edits) on the first fixture, in both layouts: the posterior mean and
+/// the normalised latents of a given image, against diffusers' `AutoencoderKL.encode`.
+#[test]
+fn encoder_matches_diffusers_in_both_layouts() {
+    use pictor_engine::{Part, flux::encoder::Encoder};
+    let r = reference();
+    let image = tensor(&r, "encode_image");
+    for (label, vae) in [
+        (
+            "diffusers vae/",
+            Part::folder(&fixture().join("vae")).unwrap(),
+        ),
+        (
+            "BFL ae.safetensors",
+            Part {
+                config: Some(fixture().join("ae.json")),
+                ..Part::file(fixture().join("ae.safetensors"))
+            },
+        ),
+    ] {
+        let encoder =
+            Encoder::load(&vae, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mean = max_abs_diff(
+            &encoder.posterior_mean(&image).unwrap(),
+            &tensor(&r, "encode_mean"),
+        );
+        let latents = max_abs_diff(
+            &encoder.encode(&image).unwrap(),
+            &tensor(&r, "encode_latents"),
+        );
+        eprintln!("{label} encoder: mean {mean:.2e}, latents {latents:.2e}");
+        assert!(mean <= STEP_TOL && latents <= STEP_TOL, "{label}");
+    }
+}
