@@ -23,7 +23,7 @@ pub use error::{Invalid, PipelineError, Result};
 pub use image::RgbImage;
 pub use input::{MAX_SEED, prompt_problem};
 pub use pipeline::{
-    Control, Generation, GenerationRequest, PartMemory, Phases, Pipeline, Progress, PromptInfo,
-    preview_steps,
+    Control, EditInput, Generation, GenerationRequest, PartMemory, Phases, Pipeline, Progress,
+    PromptInfo, preview_steps,
 };
 pub use rules::{Dimensions, ModelRules};

@@ -23,6 +23,21 @@ pub struct GenerationRequest {
     pub n: usize,
     /// Previews wanted per image while it denoises (0 for none); see [`preview_steps`].
     pub previews: usize,
+    /// An image to edit instead of drawing from noise alone (`None`: text to image).
+    pub edit: Option<std::sync::Arc<EditInput>>,
+}
+
+/// An image to edit: image to image, or inpainting where a mask is given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditInput {
+    /// The image, at the request's width and height.
+    pub image: RgbImage,
+    /// Where to paint, one byte per pixel (128 and above: repaint; below: keep);
+    /// `None`: everywhere.
+    pub mask: Option<Vec<u8>>,
+    /// How far from the image, in (0, 1]: the share of the steps that run (1: from noise,
+    /// the image's composition lost).
+    pub strength: f64,
 }
 
 /// The steps after which an image asking for `previews` previews gets one: evenly spread
@@ -174,7 +189,10 @@ pub trait Pipeline: Send {
     /// place this is decided (the scheduler groups by it, a pipeline refuses a batch that
     /// breaks it).
     fn compatible(&self, a: &GenerationRequest, b: &GenerationRequest) -> bool {
+        // An edit carries its own image: it runs in a batch of its own images only.
         (a.width, a.height, a.steps) == (b.width, b.height, b.steps)
+            && a.edit.is_none()
+            && b.edit.is_none()
     }
 
     /// The scheduler calls this when its queue has emptied after a long batch: a moment to

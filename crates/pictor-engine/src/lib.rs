@@ -42,6 +42,6 @@ pub use image::{to_rgb8, to_unit_range};
 pub use layout::{ModelFiles, Part, hf_hub_cache_dir};
 pub use noise::gaussian_noise;
 pub use pictor_core::{
-    Control, Dimensions, Generation, GenerationRequest, Invalid, ModelRules, PartMemory, Phases,
-    Pipeline, PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
+    Control, Dimensions, EditInput, Generation, GenerationRequest, Invalid, ModelRules, PartMemory,
+    Phases, Pipeline, PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };

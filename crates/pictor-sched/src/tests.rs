@@ -103,6 +103,7 @@ fn named(prompt: &str, steps: usize) -> GenerationRequest {
         seed: 0,
         n: 1,
         previews: 0,
+        edit: None,
     }
 }
 

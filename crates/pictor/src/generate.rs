@@ -111,6 +111,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
             seed: r.seed,
             n: 1,
             previews: 0,
+            edit: None,
         });
     }
     let size = args.size.unwrap_or(rules.default_size);
@@ -126,6 +127,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         seed: args.seed,
         n: args.n,
         previews: 0,
+        edit: None,
     })
 }
 

@@ -89,6 +89,7 @@ impl Job {
             seed: req.seed.unwrap_or(seed),
             n: req.n,
             previews: if req.stream { req.partial_images } else { 0 },
+            edit: None,
         };
         rules.check(&engine)?;
         // One output token per cell of the model's grid: what its transformer denoises.

@@ -14,6 +14,7 @@ mod blocks;
 pub mod config;
 pub mod decoder;
 mod denoiser;
+mod edit;
 pub mod encoder;
 pub use denoiser::{Denoiser, StepState, img2img_start, latent_mask};
 mod fit;
@@ -93,6 +94,8 @@ pub struct FluxPipeline {
     text: TextEncoders,
     /// Its transformer is staged out while T5 encodes (see [`memory::plan`]).
     denoiser: Denoiser,
+    /// The autoencoder's encoder, loaded by the first edit.
+    encoder: Option<encoder::Encoder>,
     files: ModelFiles,
     plan: memory::MemoryPlan,
     device: Device,
@@ -138,6 +141,7 @@ impl FluxPipeline {
         Ok(Self {
             text,
             denoiser,
+            encoder: None,
             files: files.clone(),
             plan,
             device,
@@ -271,12 +275,12 @@ impl FluxPipeline {
             return Ok(Vec::new());
         };
         let runnable = self.rules().without_serving_limits();
-        for req in reqs {
+        for (i, req) in reqs.iter().enumerate() {
             runnable.check(req)?;
-            if !self.compatible(first_req, req) {
+            if i > 0 && !self.compatible(first_req, req) {
                 return Err(EngineError::InvalidInput {
                     field: "size",
-                    message: "a batch must share size and steps".into(),
+                    message: "a batch must share size and steps, and an edit runs alone".into(),
                 });
             }
         }
@@ -298,9 +302,36 @@ impl FluxPipeline {
             .enumerate()
             .flat_map(|(r, req)| (0..req.n).map(move |i| (r, i, req.seed.wrapping_add(i as u64))))
             .collect();
+        // An edit runs alone (see `Pipeline::compatible`), the last of its steps only.
+        let edit = match &first_req.edit {
+            None => None,
+            Some(edit) => {
+                if self.encoder.is_none() {
+                    let device = self.device.clone();
+                    self.encoder = Some(encoder::Encoder::load(
+                        &self.files.vae,
+                        self.dtype,
+                        &device,
+                    )?);
+                }
+                let encoder = self
+                    .encoder
+                    .as_ref()
+                    .ok_or_else(|| EngineError::load("encoder", "not loaded"))?;
+                Some(edit::prepare(
+                    encoder,
+                    edit,
+                    width,
+                    height,
+                    steps,
+                    &self.device,
+                )?)
+            }
+        };
+        let steps_run = edit.as_ref().map_or(steps, |e| e.steps_run);
         let previews: Vec<Vec<usize>> = reqs
             .iter()
-            .map(|r| preview_steps(steps, r.previews))
+            .map(|r| preview_steps(steps_run, r.previews))
             .collect();
         let mut images: Vec<Vec<RgbImage>> = reqs.iter().map(|r| Vec::with_capacity(r.n)).collect();
         for (chunk_index, chunk) in items.chunks(self.options.max_batch.max(1)).enumerate() {
@@ -320,21 +351,24 @@ impl FluxPipeline {
             };
             let count = chunk.len();
             let started = Instant::now();
-            let latents =
-                self.denoiser
-                    .denoise(&Tensor::cat(&noise, 0)?, &batch, steps, |state| {
-                        let step = state.step;
-                        let control = progress(Progress::Step {
-                            step,
-                            total: steps,
-                            first,
-                            count,
-                        });
-                        if control == Control::Continue {
-                            self.previews(state, chunk, &previews, height, width, progress)?;
-                        }
-                        Ok(control)
-                    })?;
+            let on_step = |state: &StepState<'_>| {
+                let step = state.step;
+                let control = progress(Progress::Step {
+                    step,
+                    total: steps_run,
+                    first,
+                    count,
+                });
+                if control == Control::Continue {
+                    self.previews(state, chunk, &previews, height, width, progress)?;
+                }
+                Ok(control)
+            };
+            let noise = Tensor::cat(&noise, 0)?;
+            let latents = match &edit {
+                None => self.denoiser.denoise(&noise, &batch, steps, on_step)?,
+                Some(edit) => edit::denoise(&self.denoiser, edit, &noise, &batch, steps, on_step)?,
+            };
             phases.denoise += started.elapsed();
             if progress(Progress::Decoding) == Control::Cancel {
                 return Err(EngineError::Cancelled);

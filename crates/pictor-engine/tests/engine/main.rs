@@ -3,6 +3,7 @@
 
 mod comfy;
 mod common;
+mod edit;
 mod gguf;
 mod loaders;
 mod malformed;

@@ -290,6 +290,7 @@ fn generate_is_deterministic_per_seed_and_reports_progress() {
         seed: 7,
         n: 2,
         previews: 0,
+        edit: None,
     };
     let mut events = Vec::new();
     let a = p
@@ -381,6 +382,7 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
         seed: 5,
         n: 2,
         previews: 2,
+        edit: None,
     };
     assert_eq!(pictor_engine::preview_steps(4, 2), vec![1, 3]);
     let mut seen = Vec::new();
@@ -464,6 +466,7 @@ fn cancel_stops_between_steps() {
         seed: 1,
         n: 1,
         previews: 0,
+        edit: None,
     };
     let mut steps = 0;
     let err = p
@@ -494,6 +497,7 @@ fn sizes_off_the_grid_are_rejected_with_the_field() {
         seed: 0,
         n: 1,
         previews: 0,
+        edit: None,
     };
     let e = p
         .rules()
@@ -524,6 +528,7 @@ fn a_batch_of_different_prompts_equals_each_alone() {
         seed: 3,
         n: 2,
         previews: 0,
+        edit: None,
     };
     let b = pictor_engine::GenerationRequest {
         prompt: s.punct_prompt.clone(),
@@ -576,6 +581,7 @@ fn bf16_on_the_cpu_generates_close_to_f32() {
         seed: 3,
         n: 1,
         previews: 0,
+        edit: None,
     };
     let a = bf16
         .generate(&req, &mut |_| Control::Continue)
