@@ -5,16 +5,19 @@
 //! PNG `parameters` text chunk, or the EXIF `UserComment` of JPEG and WebP, as AUTOMATIC1111
 //! writes it); [`Receipt::from_image`] reads it back, so an image can be reproduced from its
 //! own file. [`Receipt::new`] is the one place a receipt is made from a request and its
-//! result.
+//! result. [`decode`] reads what clients upload to edit, refusing oversized images from
+//! their header.
 //!
 //! What it is not: no HTTP, no storage, no tensors. Where the bytes go (a response, a
 //! signed link, a file) is the caller's business.
 
 #![deny(missing_docs)]
 
+mod decode;
 mod encode;
 mod receipt;
 
+pub use decode::{DecodeError, DecodeLimits, Decoded, decode};
 pub use encode::{Format, encode};
 pub use receipt::Receipt;
 
