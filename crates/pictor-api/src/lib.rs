@@ -67,10 +67,14 @@ impl MakeRequestId for RandomId {
     }
 }
 
-async fn openapi_document() -> impl axum::response::IntoResponse {
+/// The document with this server's own limits on `n` and `prompt`.
+async fn openapi_document(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> impl axum::response::IntoResponse {
+    let limits = &state.0.config.limits;
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        openapi::json(),
+        openapi::json_for(limits.max_n, limits.max_prompt_chars),
     )
 }
 

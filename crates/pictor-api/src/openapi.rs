@@ -495,7 +495,31 @@ pub struct ApiDoc;
 
 /// The OpenAPI document as pretty JSON.
 pub fn json() -> String {
+    json_for(DEFAULT_MAX_N, DEFAULT_MAX_PROMPT_CHARS)
+}
+
+/// The limits the committed document states: the configuration's defaults.
+const DEFAULT_MAX_N: usize = 10;
+const DEFAULT_MAX_PROMPT_CHARS: usize = 8192;
+
+/// The document for a server whose limits are `max_n` images and `max_prompt_chars`
+/// characters, as `GET /openapi.json` serves it.
+pub fn json_for(max_n: usize, max_prompt_chars: usize) -> String {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    for (pointer, value) in [
+        (
+            "/components/schemas/CreateImageRequest/properties/n/maximum",
+            max_n,
+        ),
+        (
+            "/components/schemas/CreateImageRequest/properties/prompt/maxLength",
+            max_prompt_chars,
+        ),
+    ] {
+        if let Some(slot) = doc.pointer_mut(pointer) {
+            *slot = value.into();
+        }
+    }
     // What the derive cannot say: `steps` and its alias are never sent together, and no
     // other field is taken.
     if let Some(request) = doc.pointer_mut("/components/schemas/CreateImageRequest")

@@ -20,6 +20,7 @@ pub struct Options {
     pub connections: pictor_api::Connections,
     pub metrics_require_key: bool,
     pub grace: Duration,
+    pub max_n: usize,
 }
 
 impl Default for Options {
@@ -33,6 +34,7 @@ impl Default for Options {
             connections: pictor_api::Connections::default(),
             metrics_require_key: false,
             grace: Duration::from_secs(60),
+            max_n: 10,
         }
     }
 }
@@ -83,7 +85,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         max_body_bytes: 64 * 1024,
         limits: BodyLimits {
             max_prompt_chars: 8192,
-            max_n: 10,
+            max_n: opts.max_n,
         },
         open_when_no_keys: opts.open,
         idempotency_ttl: Duration::from_secs(3600),

@@ -164,6 +164,7 @@ async fn a_storage_failure_is_500_without_internals_and_the_server_keeps_serving
 async fn openapi_document_is_served() {
     let s = start(Options {
         load_model: false,
+        max_n: 4,
         ..Options::default()
     })
     .await;
@@ -178,4 +179,8 @@ async fn openapi_document_is_served() {
         .unwrap();
     assert!(doc["paths"]["/v1/images/generations"]["post"].is_object());
     assert!(doc["components"]["schemas"]["ErrorResponse"].is_object());
+    // It states this server's own limits, not the defaults.
+    let request = &doc["components"]["schemas"]["CreateImageRequest"]["properties"];
+    assert_eq!(request["n"]["maximum"], 4);
+    assert_eq!(request["prompt"]["maxLength"], 8192);
 }
