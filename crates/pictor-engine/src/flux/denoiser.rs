@@ -61,6 +61,12 @@ pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
     Ok(start)
 }
 
+/// `image` noised to `sigma` with `noise`, as the flow-matching scheduler's
+/// `scale_noise`: `σ · noise + (1 − σ) · image`.
+fn noised(image: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+    Ok(((noise * sigma)? + (image * (1.0 - sigma))?)?)
+}
+
 /// What inpainting keeps, packed like the latents.
 struct Known {
     image: Tensor,
@@ -72,7 +78,7 @@ struct Known {
 impl Known {
     /// `x` with the kept region set to the image noised to `sigma`.
     fn merge(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
-        let kept = ((&self.noise * sigma)? + (&self.image * (1.0 - sigma))?)?;
+        let kept = noised(&self.image, &self.noise, sigma)?;
         let keep = (1.0 - &self.repaint)?;
         Ok(((keep * kept)? + (&self.repaint * x)?)?)
     }
@@ -195,37 +201,19 @@ impl Denoiser {
         self.run(noise, &sampling::schedule(steps), emb, None, on_step)
     }
 
-    /// Image-to-image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` schnell steps,
+    /// Image to image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` schnell steps,
     /// the last `⌊steps · strength⌋` run (`strength` in (0, 1]), from the image's latents
     /// `(b, z, h, w)` (normalised: see `Encoder::encode`) noised to that step's sigma with
-    /// `noise`. Returns the final packed latents, as [`Denoiser::denoise`] does.
+    /// `noise`. With a `mask` `(b, 1, h, w)` at latent resolution (1 = repaint, 0 = keep;
+    /// see [`latent_mask`]) it is inpainting, as `FluxInpaintPipeline`: after every step
+    /// the kept region is put back, the image's latents noised to the next sigma with the
+    /// same `noise` (clean after the last). Returns the final packed latents, as
+    /// [`Denoiser::denoise`] does.
+    #[allow(clippy::too_many_arguments)]
     pub fn denoise_image(
         &self,
         image_latents: &Tensor,
-        noise: &Tensor,
-        emb: &Embeddings,
-        steps: usize,
-        strength: f64,
-        on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
-    ) -> Result<Tensor> {
-        let start = img2img_start(steps, strength)?;
-        let sigmas = &sampling::schedule(steps)[start..];
-        let sigma = sigmas[0];
-        let noised = ((noise.to_dtype(DType::F32)? * sigma)?
-            + (image_latents.to_dtype(DType::F32)? * (1.0 - sigma))?)?;
-        self.run(&noised, sigmas, emb, None, on_step)
-    }
-
-    /// Inpainting, as diffusers' `FluxInpaintPipeline`: image-to-image at `strength`
-    /// ([`Denoiser::denoise_image`]) where, after every step, the region `mask` keeps
-    /// (`mask` `(b, 1, h, w)` at latent resolution, 1 = repaint, 0 = keep; see
-    /// [`latent_mask`]) is replaced by the image's latents noised to the next step's sigma
-    /// with the same `noise`, and by the clean latents after the last step.
-    #[allow(clippy::too_many_arguments)]
-    pub fn inpaint(
-        &self,
-        image_latents: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         noise: &Tensor,
         emb: &Embeddings,
         steps: usize,
@@ -236,17 +224,27 @@ impl Denoiser {
         let sigmas = &sampling::schedule(steps)[start..];
         let image = image_latents.to_dtype(DType::F32)?;
         let noise = noise.to_dtype(DType::F32)?;
-        let repaint = mask
-            .to_dtype(DType::F32)?
-            .broadcast_as(image.shape())?
-            .contiguous()?;
-        let known = Known {
-            image: sampling::pack(&image)?,
-            noise: sampling::pack(&noise)?,
-            repaint: sampling::pack(&repaint)?,
+        let known = match mask {
+            None => None,
+            Some(mask) => {
+                let repaint = mask
+                    .to_dtype(DType::F32)?
+                    .broadcast_as(image.shape())?
+                    .contiguous()?;
+                Some(Known {
+                    image: sampling::pack(&image)?,
+                    noise: sampling::pack(&noise)?,
+                    repaint: sampling::pack(&repaint)?,
+                })
+            }
         };
-        let noised = ((&noise * sigmas[0])? + (&image * (1.0 - sigmas[0]))?)?;
-        self.run(&noised, sigmas, emb, Some(&known), on_step)
+        self.run(
+            &noised(&image, &noise, sigmas[0])?,
+            sigmas,
+            emb,
+            known.as_ref(),
+            on_step,
+        )
     }
 
     /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn;

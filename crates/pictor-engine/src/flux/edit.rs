@@ -90,16 +90,18 @@ pub(super) fn denoise(
 ) -> Result<Tensor> {
     let b = noise.dim(0)?;
     let latents = edit.latents.repeat((b, 1, 1, 1))?;
-    match &edit.mask {
-        None => denoiser.denoise_image(&latents, noise, emb, steps, edit.strength, on_step),
-        Some(mask) => denoiser.inpaint(
-            &latents,
-            &mask.repeat((b, 1, 1, 1))?,
-            noise,
-            emb,
-            steps,
-            edit.strength,
-            on_step,
-        ),
-    }
+    let mask = edit
+        .mask
+        .as_ref()
+        .map(|m| m.repeat((b, 1, 1, 1)))
+        .transpose()?;
+    denoiser.denoise_image(
+        &latents,
+        mask.as_ref(),
+        noise,
+        emb,
+        steps,
+        edit.strength,
+        on_step,
+    )
 }

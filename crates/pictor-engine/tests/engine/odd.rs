@@ -232,6 +232,7 @@ fn image_to_image_matches_diffusers_in_both_layouts() {
         let last = d
             .denoise_image(
                 &latents,
+                None,
                 &tensor(&r, "img2img_noise"),
                 &embeddings(&r),
                 4,
@@ -280,9 +281,9 @@ fn inpainting_matches_diffusers_in_both_layouts() {
         let encoder = Encoder::load(&vae, DType::F32, &Device::Cpu).unwrap();
         let latents = encoder.encode(&tensor(&r, "encode_image")).unwrap();
         let last = d
-            .inpaint(
+            .denoise_image(
                 &latents,
-                &mask,
+                Some(&mask),
                 &tensor(&r, "inpaint_noise"),
                 &embeddings(&r),
                 4,
