@@ -103,6 +103,35 @@ impl ModelRules {
         }
     }
 
+    /// The size these rules accept that is closest to `input` in shape and scale: what
+    /// `size: auto` means for an edit of an image of that size. The aspect ratio is kept
+    /// as far as the range and the pixel budget allow, each side is rounded to the grid,
+    /// and the result always passes [`ModelRules::check`]'s size rules.
+    pub fn fit(&self, input: Dimensions) -> Dimensions {
+        let grid = self.multiple.max(1);
+        let lo = self.min_side.max(1).div_ceil(grid) * grid;
+        let hi = (self.max_side / grid * grid).max(lo);
+        let (w, h) = (input.width.max(1) as f64, input.height.max(1) as f64);
+        // Shrink to the pixel budget, then bring the longer side within the range; the
+        // shorter side is clamped (which bends the shape) only when it must be.
+        let scale = (self.max_pixels as f64 / (w * h))
+            .sqrt()
+            .min(1.0)
+            .min(hi as f64 / w.max(h))
+            .max(lo as f64 / w.min(h));
+        let side = |v: f64| (((v * scale) / grid as f64).round() as usize * grid).clamp(lo, hi);
+        let (mut fw, mut fh) = (side(w), side(h));
+        // Rounding up may pass the budget: take a grid step off the longer side until not.
+        while fw * fh > self.max_pixels && (fw > lo || fh > lo) {
+            if fw >= fh && fw > lo {
+                fw -= grid;
+            } else {
+                fh -= grid;
+            }
+        }
+        Dimensions::new(fw, fh)
+    }
+
     /// Holds `req` to these rules: sides on the grid and within range, the pixel budget,
     /// steps and images at least 1 and steps at most `max_steps`. The error names the
     /// request field (`size`, `steps` or `n`).
@@ -172,6 +201,61 @@ impl ModelRules {
 
 #[cfg(test)]
 mod tests {
+    fn flux() -> ModelRules {
+        ModelRules {
+            multiple: 16,
+            min_side: 256,
+            max_side: 2048,
+            max_pixels: 2048 * 2048,
+            default_size: Dimensions::new(1024, 1024),
+            default_steps: 4,
+            max_steps: 50,
+            takes_guidance: false,
+            takes_negative_prompt: false,
+        }
+    }
+
+    #[test]
+    fn fit_keeps_the_shape_on_the_grid_and_within_the_rules() {
+        let rules = flux();
+        let fit = |w, h| rules.fit(Dimensions::new(w, h));
+        assert_eq!(fit(1024, 768), Dimensions::new(1024, 768));
+        assert_eq!(fit(1000, 750), Dimensions::new(1008, 752));
+        assert_eq!(fit(4000, 3000), Dimensions::new(2048, 1536));
+        assert_eq!(fit(100, 50), Dimensions::new(512, 256));
+        // A shape the range cannot hold is bent as little as it allows.
+        assert_eq!(fit(10_000, 100), Dimensions::new(2048, 256));
+        let only = ModelRules {
+            min_side: 128,
+            max_side: 128,
+            ..flux()
+        };
+        assert_eq!(
+            only.fit(Dimensions::new(640, 480)),
+            Dimensions::new(128, 128)
+        );
+        let budget = ModelRules {
+            max_pixels: 1024 * 1024,
+            ..flux()
+        };
+        let got = budget.fit(Dimensions::new(3000, 2000));
+        assert!(got.width * got.height <= 1024 * 1024, "{got}");
+        assert_eq!((got.width % 16, got.height % 16), (0, 0));
+        for (w, h) in [(1, 1), (7, 5000), (2048, 2048), (333, 777), (65_000, 3)] {
+            for rules in [&rules, &only, &budget] {
+                let d = rules.fit(Dimensions::new(w, h));
+                let req = GenerationRequest {
+                    width: d.width,
+                    height: d.height,
+                    steps: 4,
+                    n: 1,
+                    ..Default::default()
+                };
+                assert_eq!(rules.check(&req), Ok(()), "{w}x{h} -> {d}");
+            }
+        }
+    }
+
     use super::*;
 
     fn rules() -> ModelRules {
