@@ -193,3 +193,86 @@ mod tests {
         );
     }
 }
+
+/// `image` resampled to `to` (Lanczos, as image editors do); the image itself when it is
+/// that size already.
+pub fn resize(image: &RgbImage, to: pictor_core::Dimensions) -> RgbImage {
+    if (image.width, image.height) == (to.width, to.height) {
+        return image.clone();
+    }
+    let Some(buffer) = image::RgbImage::from_raw(
+        image.width as u32,
+        image.height as u32,
+        image.pixels.clone(),
+    ) else {
+        return image.clone();
+    };
+    let out = image::imageops::resize(
+        &buffer,
+        to.width as u32,
+        to.height as u32,
+        image::imageops::FilterType::Lanczos3,
+    );
+    RgbImage {
+        width: to.width,
+        height: to.height,
+        pixels: out.into_raw(),
+    }
+}
+
+/// An OpenAI edit mask from its alpha channel (`width`×`height`, one byte per pixel) at
+/// the size `to`: 255 (repaint) where the mask is fully transparent, 0 (keep) elsewhere,
+/// as OpenAI reads it; resized by nearest neighbour, so that no edge is half-kept.
+pub fn mask_from_alpha(
+    alpha: &[u8],
+    width: usize,
+    height: usize,
+    to: pictor_core::Dimensions,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(to.width * to.height);
+    for y in 0..to.height {
+        let sy = (y * height / to.height.max(1)).min(height.saturating_sub(1));
+        for x in 0..to.width {
+            let sx = (x * width / to.width.max(1)).min(width.saturating_sub(1));
+            let a = alpha.get(sy * width + sx).copied().unwrap_or(255);
+            out.push(if a == 0 { 255 } else { 0 });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use pictor_core::Dimensions;
+
+    use super::*;
+
+    #[test]
+    fn resizing_keeps_a_flat_colour_and_a_same_size_image() {
+        let image = RgbImage {
+            width: 40,
+            height: 30,
+            pixels: [10u8, 200, 90].repeat(40 * 30),
+        };
+        assert_eq!(resize(&image, Dimensions::new(40, 30)), image);
+        let out = resize(&image, Dimensions::new(64, 48));
+        assert_eq!(
+            (out.width, out.height, out.pixels.len()),
+            (64, 48, 64 * 48 * 3)
+        );
+        assert!(out.pixels.chunks(3).all(|p| p == [10, 200, 90]));
+    }
+
+    #[test]
+    fn transparent_mask_pixels_are_the_ones_repainted() {
+        // 4x2: the left column fully transparent, a half-transparent one, two opaque.
+        let alpha = [0, 128, 255, 255, 0, 1, 255, 255];
+        assert_eq!(
+            mask_from_alpha(&alpha, 4, 2, Dimensions::new(4, 2)),
+            vec![255, 0, 0, 0, 255, 0, 0, 0]
+        );
+        let up = mask_from_alpha(&alpha, 4, 2, Dimensions::new(8, 4));
+        assert_eq!(&up[..8], &[255, 255, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(up.iter().filter(|&&m| m == 255).count(), 8);
+    }
+}

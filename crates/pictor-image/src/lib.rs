@@ -17,7 +17,7 @@ mod decode;
 mod encode;
 mod receipt;
 
-pub use decode::{DecodeError, DecodeLimits, Decoded, decode};
+pub use decode::{DecodeError, DecodeLimits, Decoded, decode, mask_from_alpha, resize};
 pub use encode::{Format, encode};
 pub use receipt::Receipt;
 
