@@ -24,7 +24,7 @@ use axum::{
     body::Body,
     extract::{Request, State},
     middleware::Next,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use http_body_util::BodyExt;
 use hyper_util::{
@@ -32,7 +32,6 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, watch},
 };
@@ -96,41 +95,26 @@ pub(crate) async fn read_body_in_time(
         .await)
 }
 
-/// The answer to a connection past the cap, written before closing it.
-fn busy_reply() -> Vec<u8> {
-    let body = serde_json::json!({"error": {
-        "message": "The server is at its connection limit. Retry shortly.",
-        "type": "server_error", "param": null, "code": "unavailable"}})
-    .to_string();
-    format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
-
-/// Past the cap: reads the request's head (briefly; a client that sends nothing gets
-/// nothing), answers 503 and closes. Answering before the request arrived would read as a
-/// protocol error to clients, not as "busy".
-async fn refuse_busy(mut stream: TcpStream) {
-    let head = async {
-        let mut seen = Vec::with_capacity(1024);
-        let mut buf = [0u8; 1024];
-        while seen.len() < 16 * 1024 && !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
+/// Past the cap: answers the connection's one request with 503 and closes it, through
+/// hyper and [`ApiError`] like any other answer (a client that sends nothing within a
+/// second gets nothing).
+async fn refuse_busy(stream: TcpStream) {
+    let busy = hyper::service::service_fn(|_| async {
+        Ok::<_, std::convert::Infallible>(
+            ApiError::Unavailable {
+                message: "The server is at its connection limit. Retry shortly.".into(),
+                retry_after: Duration::from_secs(1),
             }
-        }
-        true
-    };
-    if let Ok(true) = tokio::time::timeout(Duration::from_secs(1), head).await {
-        let reply = async {
-            stream.write_all(&busy_reply()).await?;
-            stream.shutdown().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), reply).await;
-    }
+            .into_response(),
+        )
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(1))
+        .keep_alive(false);
+    let conn = builder.serve_connection(TokioIo::new(stream), busy);
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
 }
 
 fn spawn_connection(

@@ -7,8 +7,6 @@
 //! transformer: `(mean − shift) · scale`. It is its own component, loaded only by what
 //! edits images, so text-to-image never holds it.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
@@ -20,7 +18,6 @@ use crate::{
     error::{EngineError, Result},
     layout::Part,
     ops::{Conv2d, GroupNorm},
-    weights::{MappedWeights, SafetensorFiles, Scheme},
 };
 
 /// A 3×3 convolution of stride 2 after padding one row and column of zeros at the bottom
@@ -65,39 +62,16 @@ pub struct Encoder {
     dtype: DType,
 }
 
-/// An autoencoder part's encoder weights (Black Forest Labs or diffusers names), opened.
-fn open(part: &Part) -> Result<MappedWeights> {
-    let files = Arc::new(SafetensorFiles::open(&part.files)?);
-    if let Some(prefix) = files.prefix_of("encoder.down.0.block.0.conv1.weight") {
-        return Ok(MappedWeights::new(files, Scheme::Identity, prefix));
-    }
-    if let Some(prefix) = files.prefix_of("encoder.down_blocks.0.resnets.0.conv1.weight") {
-        let levels = (0..)
-            .take_while(|k| {
-                files.contains(&format!(
-                    "{prefix}decoder.up_blocks.{k}.resnets.0.conv1.weight"
-                ))
-            })
-            .count();
-        return Ok(MappedWeights::new(
-            files,
-            Scheme::DiffusersVae { levels },
-            prefix,
-        ));
-    }
-    Err(EngineError::UnknownLayout {
-        path: files.path_of(""),
-        message: "no autoencoder encoder (encoder.down.N... or encoder.down_blocks.N...): this file holds a decoder only".into(),
-    })
-}
-
 impl Encoder {
     /// Loads the encoder of the autoencoder part; its architecture is the decoder's, read
     /// and checked as [`super::vae::Vae::load`] does. On the CPU it runs in f32.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        let arch = config::vae(&super::vae::open(part)?, part)?;
-        let vb = open(part)?.var_builder(dtype, device).pp("encoder");
+        // The autoencoder's weights, opened as the decoder opens them: the names map the
+        // encoder's half as well.
+        let weights = super::vae::open(part)?;
+        let arch = config::vae(&weights, part)?;
+        let vb = weights.var_builder(dtype, device).pp("encoder");
         let g = arch.groups;
         let widths = arch.widths();
         let conv_in = Conv2d::load(vb.pp("conv_in"), 3, arch.ch, 3, 1)?;
