@@ -52,9 +52,17 @@ pub enum ApiError {
     /// 413: the body is larger than the limit.
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
-    /// 415: not JSON.
-    #[error("Unsupported content type: send `Content-Type: application/json`.")]
-    UnsupportedMediaType,
+    /// 413: one uploaded file is larger than the limit; `param` names its field.
+    #[error("The file in '{param}' is larger than the limit of {limit} bytes.")]
+    FileTooLarge {
+        /// The form field.
+        param: String,
+        /// The limit per file.
+        limit: usize,
+    },
+    /// 415: not the content type the route takes (which it names).
+    #[error("Unsupported content type: send `Content-Type: {0}`.")]
+    UnsupportedMediaType(&'static str),
     /// 429: the model's queue is full.
     #[error("The server is busy: the queue for model `{model}` is full. Retry after {} s.", retry_after.as_secs())]
     Overloaded {
@@ -175,7 +183,13 @@ impl ApiError {
                 None,
                 Some("payload_too_large"),
             ),
-            UnsupportedMediaType => (
+            FileTooLarge { param, .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some(param.clone()),
+                Some("file_too_large"),
+            ),
+            UnsupportedMediaType(_) => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
                 None,

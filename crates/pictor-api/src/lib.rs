@@ -46,7 +46,7 @@ use tower_http::request_id::{
 
 pub use server::serve;
 pub use state::{ApiConfig, AppState, Connections, ModelSpec};
-pub use wire::BodyLimits;
+pub use wire::{BodyLimits, form::UploadLimits};
 
 /// The OpenAPI document of every route, as pretty JSON (`docs/openapi.json`).
 pub fn openapi_json() -> String {
@@ -90,8 +90,17 @@ async fn method_not_allowed(method: axum::http::Method) -> ApiError {
 pub fn router(state: AppState) -> Router {
     metrics::install();
     let limit = state.0.config.max_body_bytes;
+    let upload_limit = state.0.config.uploads.max_request_bytes;
     Router::new()
         .route("/v1/images/generations", post(routes::images::generate))
+        .route(
+            routes::images::EDITS,
+            post(routes::images::edit).layer(DefaultBodyLimit::max(upload_limit)),
+        )
+        .route(
+            routes::images::VARIATIONS,
+            post(routes::images::variation).layer(DefaultBodyLimit::max(upload_limit)),
+        )
         .route("/v1/images/files/{name}", get(routes::images::file))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{id}", get(routes::models::get))

@@ -68,14 +68,37 @@ pub(crate) async fn count_in_flight(
 
 /// Reads the whole request body within `body_timeout` (408 otherwise) and at most
 /// `max_body_bytes` of it (413 otherwise), so a client that trickles its body cannot hold
-/// a connection.
+/// a connection. An upload route's body has `uploads.body_timeout` and may be
+/// `uploads.max_request_bytes`, and only `uploads.max_concurrent` of them are received at
+/// once (503 beyond).
 pub(crate) async fn read_body_in_time(
     State(state): State<AppState>,
     req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let limit = state.0.config.max_body_bytes;
-    let within = state.0.config.connections.body_timeout;
+    let config = &state.0.config;
+    let upload = crate::routes::images::UPLOAD_ROUTES.contains(&req.uri().path());
+    let permit = if upload {
+        let permit = Arc::clone(&state.0.uploads)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Unavailable {
+                message:
+                    "The server is receiving as many uploads as it holds at once. Retry shortly."
+                        .into(),
+                retry_after: Duration::from_secs(1),
+            })?;
+        Some(permit)
+    } else {
+        None
+    };
+    let (limit, within) = if upload {
+        (
+            config.uploads.max_request_bytes,
+            config.uploads.body_timeout,
+        )
+    } else {
+        (config.max_body_bytes, config.connections.body_timeout)
+    };
     let (parts, body) = req.into_parts();
     let bytes = match tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await {
         Err(_) => return Err(ApiError::RequestTimeout(within)),
@@ -90,6 +113,7 @@ pub(crate) async fn read_body_in_time(
             });
         }
     };
+    drop(permit);
     Ok(next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await)

@@ -13,7 +13,12 @@ use pictor_core::ModelRules;
 use pictor_sched::ModelQueue;
 use pictor_store::{Blobs, Db};
 
-use crate::{error::ApiError, links::Signer, openapi::ModelPart, wire::BodyLimits};
+use crate::{
+    error::ApiError,
+    links::Signer,
+    openapi::ModelPart,
+    wire::{BodyLimits, form::UploadLimits},
+};
 
 /// Server settings the API needs.
 #[derive(Debug, Clone)]
@@ -26,6 +31,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Prompt and `n` limits.
     pub limits: BodyLimits,
+    /// What edits and variations may upload.
+    pub uploads: UploadLimits,
     /// Serve requests without a key while no key exists (only ever true on loopback).
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.
@@ -146,6 +153,8 @@ pub(crate) struct Inner {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set when the shutdown's grace period is over: requests still waiting answer 503.
     pub cut_off: tokio::sync::watch::Sender<bool>,
+    /// Permits for upload bodies held in memory at once (`uploads.max_concurrent`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Memory for stored `Idempotency-Key` responses (base64 images are large).
@@ -191,7 +200,6 @@ impl AppState {
             replays,
             retries,
             limiter: crate::ratelimit::Limiter::default(),
-            config,
             db,
             blobs,
             signer: Signer::new(signing_key),
@@ -201,6 +209,8 @@ impl AppState {
             keyed: AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             cut_off: tokio::sync::watch::Sender::new(false),
+            uploads: Arc::new(tokio::sync::Semaphore::new(config.uploads.max_concurrent)),
+            config,
         }))
     }
 

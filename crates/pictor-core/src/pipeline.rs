@@ -38,6 +38,9 @@ pub struct EditInput {
     /// How far from the image, in (0, 1]: the share of the steps that run (1: from noise,
     /// the image's composition lost).
     pub strength: f64,
+    /// The SHA-256 (hex) of the file the image came from, recorded in receipts; pipelines
+    /// never read it.
+    pub image_sha256: String,
 }
 
 /// The steps after which an image asking for `previews` previews gets one: evenly spread

@@ -7,7 +7,7 @@ use pictor_core::{Dimensions, GenerationRequest, PromptInfo};
 use crate::{Error, Result};
 
 /// What made an image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Receipt {
     /// The prompt really encoded.
     pub prompt: String,
@@ -23,6 +23,10 @@ pub struct Receipt {
     pub model: String,
     /// A short hash of the model's weight files, when known.
     pub model_hash: Option<String>,
+    /// For an edit: how far from the input it went (A1111's `Denoising strength`).
+    pub strength: Option<f64>,
+    /// For an edit: the SHA-256 (hex) of the input image's file.
+    pub input_sha256: Option<String>,
 }
 
 impl Receipt {
@@ -43,18 +47,27 @@ impl Receipt {
             height: req.height,
             model: model.to_string(),
             model_hash: model_hash.map(str::to_string),
+            strength: req.edit.as_ref().map(|e| e.strength),
+            input_sha256: req.edit.as_ref().map(|e| e.image_sha256.clone()),
         }
     }
 
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
-            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}Model: {}, Version: pictor {}",
+            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}{}{}Model: {}, Version: pictor {}",
             self.prompt,
             self.steps,
             self.seed,
             self.width,
             self.height,
+            self.strength
+                .map(|s| format!("Denoising strength: {s}, "))
+                .unwrap_or_default(),
+            self.input_sha256
+                .as_ref()
+                .map(|h| format!("Input SHA256: {h}, "))
+                .unwrap_or_default(),
             self.model_hash
                 .as_ref()
                 .map(|h| format!("Model hash: {h}, "))
@@ -81,6 +94,8 @@ impl Receipt {
             height,
             model: field("Model").unwrap_or_default(),
             model_hash: field("Model hash"),
+            strength: field("Denoising strength").and_then(|s| s.parse().ok()),
+            input_sha256: field("Input SHA256"),
         })
     }
 
@@ -186,8 +201,16 @@ mod tests {
             height: 256,
             model: "flux-1-schnell".into(),
             model_hash: Some("0123abcdef".into()),
+            strength: None,
+            input_sha256: None,
         };
-        assert_eq!(Receipt::parse(&r.to_parameters()), Some(r));
+        assert_eq!(Receipt::parse(&r.to_parameters()), Some(r.clone()));
+        let edit = Receipt {
+            strength: Some(0.75),
+            input_sha256: Some("ab".repeat(32)),
+            ..r
+        };
+        assert_eq!(Receipt::parse(&edit.to_parameters()), Some(edit));
         assert_eq!(Receipt::parse("just a prompt"), None);
     }
 
@@ -202,6 +225,8 @@ mod tests {
             height: 8,
             model: "m".into(),
             model_hash: None,
+            strength: Some(0.5),
+            input_sha256: Some("cd".repeat(32)),
         };
         let img = pictor_core::RgbImage {
             width: 16,

@@ -65,6 +65,20 @@ pub struct Limits {
     /// Connections served at once (also kept under the process's file limit); one more is
     /// answered 503 and closed.
     pub max_connections: usize,
+    /// Largest file an edit or variation may upload, bytes.
+    pub max_upload_bytes: usize,
+    /// Largest edit or variation request, files included, bytes.
+    pub max_upload_request_bytes: usize,
+    /// Most images in one edit.
+    pub max_edit_images: usize,
+    /// Most pixels an uploaded image may declare (refused from its header beyond).
+    pub max_upload_pixels: u64,
+    /// Longest side an uploaded image may declare, pixels.
+    pub max_upload_side: u32,
+    /// Time a client has to send an upload's body once its headers arrived, seconds.
+    pub upload_timeout_secs: u64,
+    /// Upload bodies received at once; one more is answered 503.
+    pub max_concurrent_uploads: usize,
 }
 
 /// One model.
@@ -151,6 +165,13 @@ impl Default for Limits {
             header_timeout_secs: 10,
             body_timeout_secs: 30,
             max_connections: 1024,
+            max_upload_bytes: 16 << 20,
+            max_upload_request_bytes: 50 << 20,
+            max_edit_images: 16,
+            max_upload_pixels: 40_000_000,
+            max_upload_side: 16_384,
+            upload_timeout_secs: 120,
+            max_concurrent_uploads: 8,
         }
     }
 }

@@ -103,6 +103,15 @@ fn api_config(config: &Config, addr: SocketAddr) -> ApiConfig {
             body_timeout: Duration::from_secs(config.limits.body_timeout_secs),
             max_connections: connection_cap(config.limits.max_connections),
         },
+        uploads: pictor_api::UploadLimits {
+            max_file_bytes: config.limits.max_upload_bytes,
+            max_request_bytes: config.limits.max_upload_request_bytes,
+            max_images: config.limits.max_edit_images,
+            max_pixels: config.limits.max_upload_pixels,
+            max_side: config.limits.max_upload_side,
+            body_timeout: Duration::from_secs(config.limits.upload_timeout_secs),
+            max_concurrent: config.limits.max_concurrent_uploads,
+        },
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
     }

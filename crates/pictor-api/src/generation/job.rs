@@ -7,10 +7,11 @@ use pictor_core::{GenerationRequest, ModelRules};
 use pictor_image::Format;
 use pictor_store::ApiKey;
 
+use super::source::Source;
 use crate::{
     error::ApiError,
     state::ModelSlot,
-    wire::{ImageRequest, Quality, ResponseFormat, Size},
+    wire::{Endpoint, ImageRequest, InputFidelity, Quality, ResponseFormat, Size},
 };
 
 /// A validated generation: the model it runs on, the engine request, and how the answer is
@@ -25,7 +26,43 @@ pub(crate) struct Job {
     output_format: Format,
     compression: u8,
     stream: bool,
+    endpoint: Endpoint,
+    input_image_tokens: u64,
     output_tokens: u64,
+}
+
+/// The strength of an edit that names none: a masked region is repainted from noise (from
+/// 0.85 of the way with `input_fidelity: high`), a whole image is taken ¾ of the way (½
+/// with `high`), a variation 0.6 of the way (diffusers' default).
+fn default_strength(endpoint: Endpoint, masked: bool, fidelity: InputFidelity) -> f64 {
+    match (endpoint, masked, fidelity) {
+        (Endpoint::Variations, ..) => 0.6,
+        (_, true, InputFidelity::Low) => 1.0,
+        (_, true, InputFidelity::High) => 0.85,
+        (_, false, InputFidelity::Low) => 0.75,
+        (_, false, InputFidelity::High) => 0.5,
+    }
+}
+
+/// The engine's edit input: `source` brought to `size` (the image resampled, the mask's
+/// transparent pixels marked for repainting).
+fn edit_input(
+    source: Source,
+    size: pictor_core::Dimensions,
+    strength: f64,
+) -> pictor_core::EditInput {
+    let Source {
+        image,
+        mask,
+        image_sha256,
+    } = source;
+    let (w, h) = (image.image.width, image.image.height);
+    pictor_core::EditInput {
+        mask: mask.map(|alpha| pictor_image::mask_from_alpha(&alpha, w, h, size)),
+        image: pictor_image::resize(&image.image, size),
+        strength,
+        image_sha256,
+    }
 }
 
 /// Steps for a quality preset: the model's default for `auto`, `high`, `hd` and
@@ -35,7 +72,12 @@ fn steps_for(rules: &ModelRules, quality: Quality) -> usize {
     match quality {
         Quality::Low => (full / 2).max(1),
         Quality::Medium => (full * 3 / 4).max(1),
-        Quality::Auto | Quality::High | Quality::Standard | Quality::Hd => full,
+        Quality::Auto
+        | Quality::High
+        | Quality::Xhigh
+        | Quality::Max
+        | Quality::Standard
+        | Quality::Hd => full,
     }
 }
 
@@ -52,17 +94,23 @@ fn quality_name(rules: &ModelRules, steps: usize) -> &'static str {
 
 impl Job {
     /// Holds `req` to the rules of `slot`'s model (503 while it loads); `seed` is used when
-    /// the request has none.
+    /// the request has none; `source` is the image an edit or variation starts from.
     pub(crate) fn new(
         req: ImageRequest,
         slot: Arc<ModelSlot>,
         key: Option<ApiKey>,
         seed: u64,
+        source: Option<Source>,
     ) -> Result<Self, ApiError> {
         let rules = &slot.ready()?.rules;
-        let size = match req.size {
-            Size::Auto => rules.default_size,
-            Size::Exact(size) => size,
+        let size = match (req.size, &source) {
+            (Size::Exact(size), _) => size,
+            // `auto` for an edit: the input's size, brought to the model's rules.
+            (Size::Auto, Some(s)) => rules.fit(pictor_core::Dimensions::new(
+                s.image.image.width,
+                s.image.image.height,
+            )),
+            (Size::Auto, None) => rules.default_size,
         };
         if !rules.takes_guidance && req.guidance_scale.is_some_and(|g| g != 0.0) {
             return Err(ApiError::invalid(
@@ -81,7 +129,7 @@ impl Job {
                 "This model cannot use a negative prompt; omit 'negative_prompt'.",
             ));
         }
-        let engine = GenerationRequest {
+        let mut engine = GenerationRequest {
             prompt: req.prompt,
             width: size.width,
             height: size.height,
@@ -92,9 +140,24 @@ impl Job {
             edit: None,
         };
         rules.check(&engine)?;
-        // One output token per cell of the model's grid: what its transformer denoises.
+        if let Some(source) = source {
+            let masked = source.mask.is_some();
+            let strength = req
+                .strength
+                .unwrap_or_else(|| default_strength(req.endpoint, masked, req.input_fidelity));
+            let size = pictor_core::Dimensions::new(engine.width, engine.height);
+            engine.edit = Some(Arc::new(edit_input(source, size, strength)));
+        }
+        // One token per cell of the model's grid: what its transformer denoises (and, for
+        // an edit, the input it starts from).
         let cells = (engine.width / rules.multiple) * (engine.height / rules.multiple);
         Ok(Self {
+            input_image_tokens: if engine.edit.is_some() {
+                cells as u64
+            } else {
+                0
+            },
+            endpoint: req.endpoint,
             output_tokens: (engine.n * cells) as u64,
             quality: quality_name(rules, engine.steps),
             // Stream events carry each image inline, as OpenAI's do.
@@ -161,6 +224,16 @@ impl Job {
     /// Answered as server-sent events.
     pub(crate) fn stream(&self) -> bool {
         self.stream
+    }
+
+    /// The endpoint the request came to.
+    pub(crate) fn endpoint(&self) -> Endpoint {
+        self.endpoint
+    }
+
+    /// An edit's input image tokens (one per cell of the model's grid), 0 for a generation.
+    pub(crate) fn input_image_tokens(&self) -> u64 {
+        self.input_image_tokens
     }
 
     /// Output tokens, as `usage` counts them for images: one per cell of the model's size

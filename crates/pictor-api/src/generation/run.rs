@@ -116,11 +116,17 @@ async fn respond(
             guidance: None,
             model: receipt.model,
             model_hash: receipt.model_hash,
+            strength: receipt.strength,
+            input_image_sha256: receipt.input_sha256,
             timings,
         });
     }
     Ok(ImagesResponse {
-        usage: Usage::new(generation.prompt.tokens as u64, job.output_tokens()),
+        usage: Usage::new(
+            generation.prompt.tokens as u64,
+            job.input_image_tokens(),
+            job.output_tokens(),
+        ),
         created: now_unix(),
         data,
         output_format: format.name(),

@@ -2,7 +2,7 @@
 //!
 //! Each image's previews arrive as `image_generation.partial_image` events while it
 //! denoises, then each finished image as one `image_generation.completed` event, in image
-//! order. With `n > 1`, every event carries the extension field `image_index`; images
+//! order (an edit's are `image_edit.partial_image` and `image_edit.completed`). With `n > 1`, every event carries the extension field `image_index`; images
 //! denoised in the same batch send their previews interleaved. A failure after the stream
 //! began is an `error` event, which the SDKs raise as `APIError`. When the client closes
 //! the stream, the job's ticket is dropped, which cancels it before its next step.
@@ -63,6 +63,7 @@ fn event(name: &'static str, data: &impl Serialize) -> Option<Event> {
 /// Sends the job's events until it ends or the client leaves (a failed send).
 async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sender<Event>) {
     let created_at = now_unix();
+    let (partial_kind, completed_kind) = job.endpoint().events();
     let format = job.output_format();
     let size = job.size();
     while let Some(preview) = ticket.next_preview().await {
@@ -75,7 +76,7 @@ async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sen
             }
         };
         let data = PartialImageEvent {
-            kind: "image_generation.partial_image",
+            kind: partial_kind,
             b64_json: base64::engine::general_purpose::STANDARD.encode(bytes),
             background: "opaque",
             created_at,
@@ -86,7 +87,7 @@ async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sen
             image_index: preview.image,
             step: preview.step,
         };
-        let Some(ev) = event("image_generation.partial_image", &data) else {
+        let Some(ev) = event(partial_kind, &data) else {
             continue;
         };
         if tx.send(ev).await.is_err() {
@@ -94,7 +95,7 @@ async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sen
         }
     }
     let events = match run::finish(state, job, ticket).await {
-        Ok(response) => completed(response, created_at),
+        Ok(response) => completed(response, created_at, completed_kind),
         Err(err) => {
             let body = serde_json::json!({"type": "error", "error": err.body().error});
             event("error", &body).into_iter().collect()
@@ -107,8 +108,8 @@ async fn produce(state: &AppState, job: &Job, mut ticket: Ticket, tx: &mpsc::Sen
     }
 }
 
-/// One `image_generation.completed` event per image.
-fn completed(response: ImagesResponse, created_at: i64) -> Vec<Event> {
+/// One `image_generation.completed` (or `image_edit.completed`) event per image.
+fn completed(response: ImagesResponse, created_at: i64, kind: &'static str) -> Vec<Event> {
     let usage = response.usage;
     let per_image = usage.output_tokens / (response.data.len().max(1) as u64);
     response
@@ -116,19 +117,24 @@ fn completed(response: ImagesResponse, created_at: i64) -> Vec<Event> {
         .into_iter()
         .enumerate()
         .filter_map(|(i, image)| {
-            let input = if i == 0 { usage.input_tokens } else { 0 };
+            let details = &usage.input_tokens_details;
+            let (text, image_in) = if i == 0 {
+                (details.text_tokens, details.image_tokens)
+            } else {
+                (0, 0)
+            };
             let data = CompletedEvent {
-                kind: "image_generation.completed",
+                kind,
                 background: "opaque",
                 created_at,
                 output_format: response.output_format,
                 quality: response.quality,
                 size: response.size.clone(),
-                usage: Usage::new(input, per_image),
+                usage: Usage::new(text, image_in, per_image),
                 image_index: i,
                 image,
             };
-            event("image_generation.completed", &data)
+            event(kind, &data)
         })
         .collect()
 }

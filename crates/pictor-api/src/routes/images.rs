@@ -1,5 +1,6 @@
-//! `POST /v1/images/generations` and `GET /v1/images/files/{name}`: HTTP in and out; the
-//! flow itself is `generation`'s, the stored files `files`'.
+//! `POST /v1/images/generations`, `/v1/images/edits` and `/v1/images/variations`, and
+//! `GET /v1/images/files/{name}`: HTTP in and out; the flow itself is `generation`'s, the
+//! stored files `files`'.
 
 use axum::{
     body::Bytes,
@@ -12,7 +13,13 @@ use axum::{
 };
 use serde_json::Value;
 
-use crate::{auth::Caller, error::ApiError, files, generation, state::AppState};
+use crate::{
+    auth::Caller,
+    error::ApiError,
+    files, generation,
+    state::AppState,
+    wire::{Endpoint, form},
+};
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -36,7 +43,7 @@ fn json_body(
         }
     })?;
     if !is_json(headers) {
-        return Err(ApiError::UnsupportedMediaType);
+        return Err(ApiError::UnsupportedMediaType("application/json"));
     }
     serde_json::from_slice(&body).map_err(|e| {
         ApiError::invalid_body(format!(
@@ -54,6 +61,40 @@ pub(crate) async fn generate(
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body, state.0.config.max_body_bytes)?;
     generation::generate(state, key, &headers, body).await
+}
+
+/// The routes whose bodies are uploads (bounded by `uploads`, not `max_body_bytes`).
+pub(crate) const UPLOAD_ROUTES: [&str; 2] = [EDITS, VARIATIONS];
+/// `POST` an edit.
+pub(crate) const EDITS: &str = "/v1/images/edits";
+/// `POST` a variation.
+pub(crate) const VARIATIONS: &str = "/v1/images/variations";
+
+/// The upload body (already bounded and read by `server::read_body_in_time`).
+fn upload_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| ApiError::invalid_body(format!("Could not read the request body: {e}")))
+}
+
+/// `POST /v1/images/edits`.
+pub(crate) async fn edit(
+    State(state): State<AppState>,
+    Caller(key): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let form = form::read(&headers, upload_body(body)?, &state.0.config.uploads).await?;
+    generation::edit(state, key, &headers, form, Endpoint::Edits).await
+}
+
+/// `POST /v1/images/variations`.
+pub(crate) async fn variation(
+    State(state): State<AppState>,
+    Caller(key): Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let form = form::read(&headers, upload_body(body)?, &state.0.config.uploads).await?;
+    generation::edit(state, key, &headers, form, Endpoint::Variations).await
 }
 
 /// Query of an image link.

@@ -21,6 +21,7 @@ pub struct Options {
     pub metrics_require_key: bool,
     pub grace: Duration,
     pub max_n: usize,
+    pub uploads: pictor_api::UploadLimits,
 }
 
 impl Default for Options {
@@ -35,6 +36,7 @@ impl Default for Options {
             metrics_require_key: false,
             grace: Duration::from_secs(60),
             max_n: 10,
+            uploads: pictor_api::UploadLimits::default(),
         }
     }
 }
@@ -90,6 +92,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         open_when_no_keys: opts.open,
         idempotency_ttl: Duration::from_secs(3600),
         connections: opts.connections.clone(),
+        uploads: opts.uploads.clone(),
         metrics_require_key: opts.metrics_require_key,
         model_hints: vec![(
             "FLUX.1-schnell".into(),

@@ -94,6 +94,7 @@ fn a_masked_half_is_repainted_and_the_rest_kept() {
             image: red.clone(),
             mask: Some(mask),
             strength: 1.0,
+            image_sha256: String::new(),
         }),
     );
     let (r, b) = (
@@ -137,6 +138,7 @@ fn an_edit_whose_image_is_not_the_request_size_is_refused() {
             },
             mask: None,
             strength: 0.5,
+            image_sha256: String::new(),
         })),
     };
     let err = p

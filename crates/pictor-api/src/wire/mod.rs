@@ -1,14 +1,53 @@
-//! The `POST /v1/images/generations` body, parsed field by field so every error names its
-//! `param`. `null` for an optional field means its default; unknown fields are refused, as
-//! OpenAI does.
+//! The images requests, parsed field by field so every error names its `param`: the JSON
+//! body of `POST /v1/images/generations`, and the form fields of `/v1/images/edits` and
+//! `/v1/images/variations` (their files are read by [`form`]). `null` for an optional field
+//! means its default; unknown fields are refused, as OpenAI does.
+
+mod fields;
+pub(crate) mod form;
 
 use pictor_core::Dimensions;
 use pictor_image::Format;
 use serde_json::{Map, Value};
 
+use self::fields::Fields;
 use crate::error::ApiError;
 
-pub use crate::openapi::{Quality, ResponseFormat};
+pub use crate::openapi::{InputFidelity, Quality, ResponseFormat};
+
+/// Which images endpoint a request came to: it decides the fields taken and the names of
+/// the stream's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/images/generations`.
+    Generations,
+    /// `POST /v1/images/edits`.
+    Edits,
+    /// `POST /v1/images/variations`.
+    Variations,
+}
+
+impl Endpoint {
+    /// The text fields it takes (files are [`form`]'s).
+    pub(crate) fn known(self) -> &'static [&'static str] {
+        match self {
+            Self::Generations => KNOWN,
+            Self::Edits => KNOWN_EDIT,
+            Self::Variations => KNOWN_VARIATION,
+        }
+    }
+
+    /// The stream's preview and completion event types.
+    pub(crate) fn events(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Generations | Self::Variations => (
+                "image_generation.partial_image",
+                "image_generation.completed",
+            ),
+            Self::Edits => ("image_edit.partial_image", "image_edit.completed"),
+        }
+    }
+}
 
 /// `size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +91,12 @@ pub struct ImageRequest {
     pub stream: bool,
     /// `partial_images`: previews per image when streaming (0 to 3).
     pub partial_images: usize,
+    /// `strength` (extension, edits and variations): how far from the input, in (0, 1].
+    pub strength: Option<f64>,
+    /// `input_fidelity` (edits): `high` keeps more of the input.
+    pub input_fidelity: InputFidelity,
+    /// Where the request came.
+    pub endpoint: Endpoint,
 }
 
 /// Limits that do not depend on the model.
@@ -83,115 +128,57 @@ pub(crate) const KNOWN: &[&str] = &[
     "num_inference_steps",
     "guidance_scale",
     "negative_prompt",
+    "safety_identifier",
 ];
 
-struct Fields<'a>(&'a Map<String, Value>);
+/// `/v1/images/edits`' text fields: OpenAI's, then the extensions.
+pub(crate) const KNOWN_EDIT: &[&str] = &[
+    "model",
+    "prompt",
+    "n",
+    "size",
+    "quality",
+    "response_format",
+    "user",
+    "safety_identifier",
+    "output_format",
+    "output_compression",
+    "background",
+    "moderation",
+    "input_fidelity",
+    "stream",
+    "partial_images",
+    "seed",
+    "steps",
+    "num_inference_steps",
+    "strength",
+    "guidance_scale",
+    "negative_prompt",
+];
 
-fn type_error(param: &str, want: &str, got: &Value) -> ApiError {
-    let got = match got {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    ApiError::invalid(
-        param,
-        format!("Invalid type for '{param}': expected {want}, but got {got}."),
-    )
-}
-
-impl Fields<'_> {
-    /// The value of `key`, treating `null` as absent.
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.0.get(key).filter(|v| !v.is_null())
-    }
-
-    fn string(&self, key: &str) -> Result<Option<&str>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(type_error(key, "a string", other)),
-        }
-    }
-
-    fn integer(&self, key: &str) -> Result<Option<i64>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => n
-                .as_i64()
-                .or_else(|| {
-                    n.as_f64()
-                        .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
-                        .map(|f| f as i64)
-                })
-                .map(Some)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        key,
-                        format!("Invalid '{key}': expected an integer, got {n}."),
-                    )
-                }),
-            Some(other) => Err(type_error(key, "an integer", other)),
-        }
-    }
-
-    fn number(&self, key: &str) -> Result<Option<f64>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64()),
-            Some(other) => Err(type_error(key, "a number", other)),
-        }
-    }
-
-    fn boolean(&self, key: &str) -> Result<Option<bool>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(type_error(key, "a boolean", other)),
-        }
-    }
-
-    /// One of `choices`, returning its index.
-    fn choice(&self, key: &str, choices: &[&str]) -> Result<Option<usize>, ApiError> {
-        let Some(s) = self.string(key)? else {
-            return Ok(None);
-        };
-        choices
-            .iter()
-            .position(|c| *c == s)
-            .map(Some)
-            .ok_or_else(|| {
-                let list = choices
-                    .iter()
-                    .map(|c| format!("'{c}'"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                ApiError::invalid(
-                    key,
-                    format!("Invalid value: '{s}'. Supported values are: {list}."),
-                )
-            })
-    }
-
-    fn in_range(&self, key: &str, lo: i64, hi: i64) -> Result<Option<i64>, ApiError> {
-        match self.integer(key)? {
-            Some(v) if v < lo || v > hi => Err(ApiError::invalid(
-                key,
-                format!("Invalid '{key}': {v} is out of range; it must be between {lo} and {hi}."),
-            )),
-            v => Ok(v),
-        }
-    }
-}
+/// `/v1/images/variations`' text fields: OpenAI's, then the extensions.
+pub(crate) const KNOWN_VARIATION: &[&str] = &[
+    "model",
+    "n",
+    "size",
+    "response_format",
+    "user",
+    "safety_identifier",
+    "quality",
+    "output_format",
+    "output_compression",
+    "seed",
+    "steps",
+    "num_inference_steps",
+    "strength",
+];
 
 /// The fields whose parsing is more than a type and a range.
 impl Fields<'_> {
     /// `prompt`: required, not blank, at most `max_chars` characters.
     fn prompt(&self, max_chars: usize) -> Result<String, ApiError> {
         let prompt = self
-            .string("prompt")?
+            .raw_string("prompt")?
             .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
         let chars = prompt.chars().count();
         if chars == 0 || prompt.trim().is_empty() {
@@ -219,18 +206,22 @@ impl Fields<'_> {
 
     /// `quality`, `auto` when absent.
     fn quality(&self) -> Result<Quality, ApiError> {
-        const QUALITIES: [Quality; 6] = [
+        const QUALITIES: [Quality; 8] = [
             Quality::Auto,
             Quality::Low,
             Quality::Medium,
             Quality::High,
+            Quality::Xhigh,
+            Quality::Max,
             Quality::Standard,
             Quality::Hd,
         ];
         Ok(self
             .choice(
                 "quality",
-                &["auto", "low", "medium", "high", "standard", "hd"],
+                &[
+                    "auto", "low", "medium", "high", "xhigh", "max", "standard", "hd",
+                ],
             )?
             .map_or(Quality::Auto, |i| QUALITIES[i]))
     }
@@ -253,8 +244,7 @@ impl Fields<'_> {
     /// `steps` or its diffusers name `num_inference_steps`, never both (as the OpenAPI
     /// document says: `not: {required: [steps, num_inference_steps]}`).
     fn steps(&self) -> Result<Option<usize>, ApiError> {
-        // Present at all, `null` included, as JSON Schema's `required` counts.
-        if self.0.contains_key("steps") && self.0.contains_key("num_inference_steps") {
+        if self.sent("steps") && self.sent("num_inference_steps") {
             return Err(ApiError::invalid(
                 "num_inference_steps",
                 "Send one of 'steps' and 'num_inference_steps', not both.",
@@ -263,6 +253,19 @@ impl Fields<'_> {
         let steps = self.in_range("steps", 1, 1000)?;
         let nis = self.in_range("num_inference_steps", 1, 1000)?;
         Ok(steps.or(nis).map(|s| s as usize))
+    }
+
+    /// `strength`: in (0, 1].
+    fn strength(&self) -> Result<Option<f64>, ApiError> {
+        match self.number("strength")? {
+            Some(s) if !(s > 0.0 && s <= 1.0) => Err(ApiError::invalid(
+                "strength",
+                format!(
+                    "Invalid 'strength': {s}; it must be greater than 0 and at most 1 (1 starts from noise, keeping only a mask's unmasked region)."
+                ),
+            )),
+            s => Ok(s),
+        }
     }
 }
 
@@ -278,26 +281,55 @@ fn parse_size(s: &str) -> Result<Size, ApiError> {
     })
 }
 
-/// Parses a request body (already checked to be JSON).
+/// Parses a generation's body (already checked to be JSON).
 pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError> {
     let Value::Object(map) = body else {
         return Err(ApiError::invalid_body(
             "The request body must be a JSON object.",
         ));
     };
-    if let Some(unknown) = map.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(ApiError::invalid(
+    parse_fields(&Fields::json(map), Endpoint::Generations, limits, None)
+}
+
+/// Parses the text fields of an edit's or a variation's form; without a `model`, it goes
+/// to `default_model`.
+pub(crate) fn parse_form(
+    fields: &Map<String, Value>,
+    endpoint: Endpoint,
+    limits: &BodyLimits,
+    default_model: Option<&str>,
+) -> Result<ImageRequest, ApiError> {
+    parse_fields(&Fields::form(fields), endpoint, limits, default_model)
+}
+
+fn refuse_unknown(map: &Map<String, Value>, endpoint: Endpoint) -> Result<(), ApiError> {
+    match map.keys().find(|k| !endpoint.known().contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::invalid(
             unknown,
             format!("Unrecognized request argument supplied: {unknown}"),
-        ));
+        )),
+        None => Ok(()),
     }
-    let f = Fields(map);
+}
+
+fn parse_fields(
+    f: &Fields<'_>,
+    endpoint: Endpoint,
+    limits: &BodyLimits,
+    default_model: Option<&str>,
+) -> Result<ImageRequest, ApiError> {
+    refuse_unknown(f.map(), endpoint)?;
     let model = f
         .string("model")?
+        .or(default_model)
         .filter(|m| !m.is_empty())
         .ok_or_else(|| ApiError::invalid("model", "You must provide a model parameter."))?
         .to_string();
-    let prompt = f.prompt(limits.max_prompt_chars)?;
+    // A variation has no prompt: image to image of its input alone.
+    let prompt = match endpoint {
+        Endpoint::Variations => String::new(),
+        Endpoint::Generations | Endpoint::Edits => f.prompt(limits.max_prompt_chars)?,
+    };
     let n = f.in_range("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize;
     let size = f
         .string("size")?
@@ -323,6 +355,10 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
             "Transparent backgrounds are not supported by this server.",
         ));
     }
+    let input_fidelity = match f.choice("input_fidelity", &["low", "high"])? {
+        Some(1) => InputFidelity::High,
+        _ => InputFidelity::Low,
+    };
     let stream = f.boolean("stream")?.unwrap_or(false);
     let partial_images = f.in_range("partial_images", 0, 3)?.unwrap_or(0) as usize;
     let seed = f.seed(n)?;
@@ -340,9 +376,15 @@ pub fn parse(body: &Value, limits: &BodyLimits) -> Result<ImageRequest, ApiError
         steps,
         guidance_scale: f.number("guidance_scale")?,
         negative_prompt: f.string("negative_prompt")?.map(str::to_string),
-        user: f.string("user")?.map(str::to_string),
+        user: f
+            .string("safety_identifier")?
+            .or(f.string("user")?)
+            .map(str::to_string),
         stream,
         partial_images,
+        strength: f.strength()?,
+        input_fidelity,
+        endpoint,
     })
 }
 
@@ -436,6 +478,100 @@ mod tests {
             assert_eq!(param_of(body.clone()).as_deref(), Some(param), "{body}");
         }
         assert_eq!(param_of(json!([1, 2])), None);
+    }
+
+    fn form(pairs: &[(&str, &str)]) -> Map<String, Value> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::from(*v)))
+            .collect()
+    }
+
+    #[test]
+    fn form_fields_arrive_as_text() {
+        let r = parse_form(
+            &form(&[
+                ("prompt", "a cat"),
+                ("n", " 2"),
+                ("seed", "7"),
+                ("stream", "true"),
+                ("strength", "0.5"),
+                ("input_fidelity", "high"),
+                ("size", ""),
+                ("quality", "xhigh"),
+            ]),
+            Endpoint::Edits,
+            &limits(),
+            Some("first"),
+        )
+        .unwrap();
+        assert_eq!((r.model.as_str(), r.n, r.seed), ("first", 2, Some(7)));
+        assert_eq!(
+            (r.stream, r.strength, r.size),
+            (true, Some(0.5), Size::Auto)
+        );
+        assert_eq!(
+            (r.input_fidelity, r.quality),
+            (InputFidelity::High, Quality::Xhigh)
+        );
+        let v = parse_form(&form(&[]), Endpoint::Variations, &limits(), Some("m")).unwrap();
+        assert_eq!((v.prompt.as_str(), v.endpoint), ("", Endpoint::Variations));
+    }
+
+    #[test]
+    fn every_bad_form_field_names_its_param() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Endpoint, &'a str);
+        let cases: &[Case] = &[
+            (&[("prompt", "a"), ("n", "two")], Endpoint::Edits, "n"),
+            (&[("prompt", "a"), ("n", "1.5")], Endpoint::Edits, "n"),
+            (
+                &[("prompt", "a"), ("stream", "yes")],
+                Endpoint::Edits,
+                "stream",
+            ),
+            (
+                &[("prompt", "a"), ("strength", "0")],
+                Endpoint::Edits,
+                "strength",
+            ),
+            (
+                &[("prompt", "a"), ("strength", "1.01")],
+                Endpoint::Edits,
+                "strength",
+            ),
+            (
+                &[("prompt", "a"), ("strength", "NaN")],
+                Endpoint::Edits,
+                "strength",
+            ),
+            (&[("prompt", "")], Endpoint::Edits, "prompt"),
+            (&[("n", "1")], Endpoint::Edits, "prompt"),
+            (
+                &[("prompt", "a"), ("style", "vivid")],
+                Endpoint::Edits,
+                "style",
+            ),
+            (&[("prompt", "a")], Endpoint::Variations, "prompt"),
+            (&[("mask_image", "x")], Endpoint::Variations, "mask_image"),
+            (
+                &[("input_fidelity", "high")],
+                Endpoint::Variations,
+                "input_fidelity",
+            ),
+        ];
+        for (fields, endpoint, param) in cases {
+            match parse_form(&form(fields), *endpoint, &limits(), Some("m")) {
+                Err(ApiError::Invalid { param: got, .. }) => {
+                    assert_eq!(got.as_deref(), Some(*param), "{fields:?}")
+                }
+                other => panic!("{fields:?}: expected a 400, got {other:?}"),
+            }
+        }
+        // JSON keeps its types: a generation's `strength` is unknown, its "2" no integer.
+        assert_eq!(
+            param_of(json!({"model": "m", "prompt": "a", "strength": 0.5})).as_deref(),
+            Some("strength")
+        );
     }
 
     #[test]
