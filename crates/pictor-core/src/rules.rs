@@ -133,8 +133,9 @@ impl ModelRules {
     }
 
     /// Holds `req` to these rules: sides on the grid and within range, the pixel budget,
-    /// steps and images at least 1 and steps at most `max_steps`. The error names the
-    /// request field (`size`, `steps` or `n`).
+    /// steps and images at least 1, steps at most `max_steps`, and an edit's steps enough
+    /// for its strength ([`crate::edit_start`]). The error names the request field (`size`,
+    /// `steps`, `strength` or `n`).
     pub fn check(&self, req: &GenerationRequest) -> Result<(), Invalid> {
         let size = Dimensions::new(req.width, req.height);
         if self.min_side == self.max_side
@@ -170,6 +171,9 @@ impl ModelRules {
                     self.max_pixels
                 ),
             ));
+        }
+        if let Some(edit) = &req.edit {
+            crate::edit_start(req.steps, edit.strength)?;
         }
         if req.steps == 0 || req.steps > self.max_steps {
             return Err(Invalid::new(

@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { after, before, test } from 'node:test';
-import OpenAI from 'openai';
+import zlib from 'node:zlib';
+import OpenAI, { toFile } from 'openai';
 
 const MODEL = 'tiny-flux-schnell';
 let server;
@@ -80,6 +81,71 @@ test('a retry after a dropped connection does not render twice', async () => {
   // the job already running.
   const patient = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: server.key, timeout: 300, maxRetries: 6 });
   const r = await patient.images.generate({ model: MODEL, prompt: 'slow and steady', size: '256x256', response_format: 'b64_json', steps: 30 });
+  assert.deepEqual(pngSize(Buffer.from(r.data[0].b64_json, 'base64')), [256, 256]);
+  assert.equal((await imagesGenerated()) - before, 1);
+});
+
+// A PNG of w x h from pixel(x, y) -> [r, g, b, a], written with node:zlib alone.
+function png(w, h, pixel, alpha = false) {
+  const channels = alpha ? 4 : 3;
+  const rows = Buffer.alloc((w * channels + 1) * h);
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const p = pixel(x, y);
+      for (let c = 0; c < channels; c++) rows[y * (w * channels + 1) + 1 + x * channels + c] = p[c];
+    }
+  }
+  const chunk = (kind, data) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(zlib.crc32(Buffer.concat([Buffer.from(kind), data])));
+    return Buffer.concat([len, Buffer.from(kind), data, crc]);
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(w, 0);
+  header.writeUInt32BE(h, 4);
+  header.set([8, alpha ? 6 : 2, 0, 0, 0], 8);
+  return Buffer.concat([Buffer.from('\x89PNG\r\n\x1a\n', 'latin1'), chunk('IHDR', header),
+    chunk('IDAT', zlib.deflateSync(rows)), chunk('IEND', Buffer.alloc(0))]);
+}
+
+const disc = (w, h) => png(w, h, (x, y) => ((x - w / 2) ** 2 + (y - h / 2) ** 2 < (h / 3) ** 2 ? [220, 20, 20] : [255, 255, 255]));
+const leftHalfMask = (w, h) => png(w, h, (x) => [0, 0, 0, x < w / 2 ? 0 : 255], true);
+const file = (buf, name = 'in.png') => toFile(buf, name, { type: 'image/png' });
+
+test('images.edit with a mask, several images refused, and a stream', async () => {
+  const r = await client().images.edit({
+    model: MODEL, prompt: 'a blue disc', image: await file(disc(64, 48)), mask: await file(leftHalfMask(64, 48), 'mask.png'),
+    response_format: 'b64_json', steps: 2,
+  });
+  assert.deepEqual(pngSize(Buffer.from(r.data[0].b64_json, 'base64')), [64, 48]);
+  assert.equal(r.data[0].strength, 1);
+  await assert.rejects(client().images.edit({ model: MODEL, prompt: 'x', image: [await file(disc(64, 48)), await file(disc(64, 48))] }), (e) => {
+    assert.ok(e instanceof OpenAI.BadRequestError);
+    assert.equal(e.param, 'image');
+    return true;
+  });
+  const stream = await client().images.edit({
+    model: MODEL, prompt: 'a blue disc', image: await file(disc(64, 64)), stream: true, partial_images: 1, steps: 4, strength: 1,
+  });
+  const kinds = [];
+  for await (const event of stream) kinds.push(event.type);
+  assert.deepEqual(kinds, ['image_edit.partial_image', 'image_edit.completed']);
+});
+
+test('images.createVariation', async () => {
+  const r = await client().images.createVariation({ image: await file(disc(64, 64)), n: 2, response_format: 'b64_json', steps: 2 });
+  assert.equal(r.data.length, 2);
+  assert.notEqual(r.data[0].b64_json, r.data[1].b64_json);
+});
+
+test('a retried edit attaches to its first attempt', async () => {
+  const before = await imagesGenerated();
+  const patient = new OpenAI({ baseURL: `${server.url}/v1`, apiKey: server.key, timeout: 300, maxRetries: 6 });
+  const r = await patient.images.edit({
+    model: MODEL, prompt: 'slow and steady', image: await file(disc(256, 256)), response_format: 'b64_json', steps: 30,
+  });
   assert.deepEqual(pngSize(Buffer.from(r.data[0].b64_json, 'base64')), [256, 256]);
   assert.equal((await imagesGenerated()) - before, 1);
 });

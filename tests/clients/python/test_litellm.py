@@ -36,3 +36,15 @@ def test_litellm_b64_json_through_extra_body(server):
     # extra_body reaches the server unchanged (the README says so).
     r = generate(server, extra_body={"response_format": "b64_json"})
     assert png_size(base64.b64decode(r.data[0].b64_json)) == (64, 64)
+
+
+def test_litellm_image_edit_with_a_mask(server):
+    # LiteLLM posts every image as `image[]` and the mask as `mask`, numbers as text.
+    from pngs import disc, left_half_mask, size_of
+
+    r = litellm.image_edit(model=MODEL, image=disc(64, 64), mask=left_half_mask(64, 64),
+                           prompt="a blue disc", n=2, size="64x64",
+                           api_base=server["url"] + "/v1", api_key=server["key"],
+                           extra_body={"response_format": "b64_json", "steps": 2})
+    assert len(r.data) == 2
+    assert size_of(base64.b64decode(r.data[0].b64_json)) == (64, 64)

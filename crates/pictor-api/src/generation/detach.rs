@@ -49,11 +49,17 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
+    let bytes = value.as_bytes();
+    let visible = |b: &u8| (b'!'..=b'~').contains(b);
+    let fits = (1..=255).contains(&bytes.len())
+        && bytes.iter().all(|b| visible(b) || *b == b' ')
+        && bytes.first().is_some_and(visible)
+        && bytes.last().is_some_and(visible);
     match value.to_str() {
-        Ok(v) if !v.is_empty() && v.len() <= 255 => Ok(Some(v.to_string())),
+        Ok(v) if fits => Ok(Some(v.to_string())),
         _ => Err(ApiError::invalid(
             "Idempotency-Key",
-            "The Idempotency-Key header must be 1 to 255 visible ASCII characters.",
+            "The Idempotency-Key header must be 1 to 255 visible ASCII characters (inner spaces allowed).",
         )),
     }
 }

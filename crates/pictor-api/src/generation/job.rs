@@ -139,12 +139,14 @@ impl Job {
             previews: if req.stream { req.partial_images } else { 0 },
             edit: None,
         };
+        // The size is held to the model's rules before any image is resampled to it.
         rules.check(&engine)?;
         if let Some(source) = source {
             let masked = source.mask.is_some();
             let strength = req
                 .strength
                 .unwrap_or_else(|| default_strength(req.endpoint, masked, req.input_fidelity));
+            pictor_core::edit_start(engine.steps, strength)?;
             let size = pictor_core::Dimensions::new(engine.width, engine.height);
             engine.edit = Some(Arc::new(edit_input(source, size, strength)));
         }

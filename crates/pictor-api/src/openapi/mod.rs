@@ -163,20 +163,66 @@ pub fn json_for(max_n: usize, max_prompt_chars: usize) -> String {
                 *slot = value.into();
             }
         }
-        // What the derive cannot say: `steps` and its alias are never sent together, and
-        // no other field is taken (unknown fields are refused, as OpenAI refuses them).
-        if let Some(schema) = doc
+        let Some(schema) = doc
             .pointer_mut(&format!("{schemas}/{request}"))
             .and_then(|s| s.as_object_mut())
-        {
-            schema.insert("additionalProperties".into(), false.into());
+        else {
+            continue;
+        };
+        // What the derive cannot say: no other field is taken (unknown fields are refused,
+        // as OpenAI refuses them) and a body never sends `steps` and its alias together.
+        schema.insert("additionalProperties".into(), false.into());
+        if request == "CreateImageRequest" {
             schema.insert(
                 "not".into(),
                 serde_json::json!({"required": ["steps", "num_inference_steps"]}),
             );
+        } else {
+            // A form has no null: an optional field is absent or empty.
+            without_null(schema);
+        }
+    }
+    // The Idempotency-Key header as the server takes it: 1 to 255 visible ASCII
+    // characters, no leading or trailing space.
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for param in paths
+            .values_mut()
+            .filter_map(|p| p.get_mut("post"))
+            .filter_map(|op| op.get_mut("parameters"))
+            .filter_map(|ps| ps.as_array_mut())
+            .flatten()
+            .filter(|p| p["name"] == "Idempotency-Key")
+        {
+            param["schema"] = serde_json::json!({
+                "type": "string",
+                "pattern": "^[!-~]([ -~]{0,253}[!-~])?$",
+            });
         }
     }
     serde_json::to_string_pretty(&doc).unwrap_or_default()
+}
+
+/// Makes every property of a form's schema non-nullable.
+fn without_null(schema: &mut serde_json::Map<String, serde_json::Value>) {
+    let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) else {
+        return;
+    };
+    for prop in props.values_mut() {
+        // `oneOf: [null, X]` (an optional enum) becomes X.
+        if let Some(choices) = prop.get_mut("oneOf").and_then(|o| o.as_array_mut()) {
+            choices.retain(|c| c.get("type").is_none_or(|t| t != "null"));
+            if let [only] = choices.as_slice() {
+                *prop = only.clone();
+            }
+        }
+        if let Some(types) = prop.get_mut("type").and_then(|t| t.as_array_mut()) {
+            types.retain(|t| t != "null");
+            if let [only] = types.as_slice() {
+                let only = only.clone();
+                prop["type"] = only;
+            }
+        }
+    }
 }
 
 /// The request schemas, each a body or form the server parses.

@@ -138,9 +138,6 @@ pub struct EditImageRequest {
     /// Extension: denoising steps of the schedule, 1 to the model's most.
     #[schema(minimum = 1, maximum = 1000)]
     pub steps: Option<u32>,
-    /// Extension: alias of `steps`.
-    #[schema(minimum = 1, maximum = 1000)]
-    pub num_inference_steps: Option<u32>,
     /// Extension: how far from the input, above 0 to 1: the share of the steps that run
     /// (1 starts from noise). Default: 1 with a mask (the masked region is repainted), 0.75
     /// without; see `input_fidelity`.
@@ -191,9 +188,6 @@ pub struct CreateVariationRequest {
     /// Extension: denoising steps of the schedule.
     #[schema(minimum = 1, maximum = 1000)]
     pub steps: Option<u32>,
-    /// Extension: alias of `steps`.
-    #[schema(minimum = 1, maximum = 1000)]
-    pub num_inference_steps: Option<u32>,
     /// Extension: how far from the input, above 0 to 1 (default 0.6).
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub strength: Option<f64>,

@@ -1,7 +1,6 @@
 //! Typed reads of a request's fields, each error naming its `param`. A JSON body is held to
-//! its JSON types; a form's fields all arrive as text, so there `"2"` is the integer 2,
-//! `"true"` the boolean and an empty field is absent, as form encoders (LiteLLM, the SDKs'
-//! multipart bodies) send them.
+//! its JSON types; a form's fields all arrive as text, so there `"2"` is the integer 2 and
+//! `"true"` the boolean, as form encoders (LiteLLM, the SDKs' multipart bodies) send them.
 
 use serde_json::{Map, Value};
 
@@ -51,27 +50,15 @@ impl<'a> Fields<'a> {
         self.map.contains_key(key)
     }
 
-    /// The value of `key`, treating `null` (and an empty form field) as absent.
+    /// The value of `key`, treating `null` as absent (a form has none: an empty form field
+    /// is the empty string, refused where that is no valid value, as in a JSON body).
     fn get(&self, key: &str) -> Option<&Value> {
-        self.map
-            .get(key)
-            .filter(|v| !v.is_null())
-            .filter(|v| !(self.form && v.as_str().is_some_and(|s| s.trim().is_empty())))
+        self.map.get(key).filter(|v| !v.is_null())
     }
 
     pub(super) fn string(&self, key: &str) -> Result<Option<&str>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(type_error(key, "a string", other)),
-        }
-    }
-
-    /// A string field as sent, empty included (a form's empty `prompt` is an empty
-    /// prompt, not a missing one).
-    pub(super) fn raw_string(&self, key: &str) -> Result<Option<&str>, ApiError> {
-        match self.map.get(key) {
-            None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(type_error(key, "a string", other)),
         }

@@ -91,12 +91,26 @@ fn is_multipart(headers: &HeaderMap) -> Option<String> {
     multer::parse_boundary(value).ok()
 }
 
+fn text_too_long(name: &str) -> ApiError {
+    ApiError::invalid(
+        name,
+        format!("Invalid '{name}': longer than {MAX_TEXT_BYTES} bytes."),
+    )
+}
+
 fn read_error(e: multer::Error, limits: &UploadLimits) -> ApiError {
     match e {
-        multer::Error::FieldSizeExceeded { field_name, .. } => ApiError::FileTooLarge {
-            param: field_name.unwrap_or_else(|| "image".into()),
-            limit: limits.max_file_bytes,
-        },
+        multer::Error::FieldSizeExceeded { field_name, .. } => {
+            let param = field_name.unwrap_or_default();
+            if file_kind(&param).is_some() {
+                ApiError::FileTooLarge {
+                    param,
+                    limit: limits.max_file_bytes,
+                }
+            } else {
+                text_too_long(&param)
+            }
+        }
         multer::Error::StreamSizeExceeded { .. } => {
             ApiError::PayloadTooLarge(limits.max_request_bytes)
         }
@@ -143,10 +157,7 @@ pub(crate) async fn read(
             }
             let text = field.bytes().await.map_err(|e| read_error(e, limits))?;
             if text.len() > MAX_TEXT_BYTES {
-                return Err(ApiError::invalid(
-                    &name,
-                    format!("Invalid '{name}': longer than {MAX_TEXT_BYTES} bytes."),
-                ));
+                return Err(text_too_long(&name));
             }
             let text = String::from_utf8(text.to_vec()).map_err(|_| {
                 ApiError::invalid(&name, format!("Invalid '{name}': not UTF-8 text."))

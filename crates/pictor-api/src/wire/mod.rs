@@ -150,7 +150,6 @@ pub(crate) const KNOWN_EDIT: &[&str] = &[
     "partial_images",
     "seed",
     "steps",
-    "num_inference_steps",
     "strength",
     "guidance_scale",
     "negative_prompt",
@@ -169,7 +168,6 @@ pub(crate) const KNOWN_VARIATION: &[&str] = &[
     "output_compression",
     "seed",
     "steps",
-    "num_inference_steps",
     "strength",
 ];
 
@@ -178,7 +176,7 @@ impl Fields<'_> {
     /// `prompt`: required, not blank, at most `max_chars` characters.
     fn prompt(&self, max_chars: usize) -> Result<String, ApiError> {
         let prompt = self
-            .raw_string("prompt")?
+            .string("prompt")?
             .ok_or_else(|| ApiError::invalid("prompt", "Missing required parameter: 'prompt'."))?;
         let chars = prompt.chars().count();
         if chars == 0 || prompt.trim().is_empty() {
@@ -497,7 +495,6 @@ mod tests {
                 ("stream", "true"),
                 ("strength", "0.5"),
                 ("input_fidelity", "high"),
-                ("size", ""),
                 ("quality", "xhigh"),
             ]),
             Endpoint::Edits,
@@ -545,6 +542,8 @@ mod tests {
                 "strength",
             ),
             (&[("prompt", "")], Endpoint::Edits, "prompt"),
+            (&[("prompt", "a"), ("size", "")], Endpoint::Edits, "size"),
+            (&[("prompt", "a"), ("model", "")], Endpoint::Edits, "model"),
             (&[("n", "1")], Endpoint::Edits, "prompt"),
             (
                 &[("prompt", "a"), ("style", "vivid")],

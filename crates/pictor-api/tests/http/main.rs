@@ -1,6 +1,7 @@
 //! The API over real HTTP on loopback, with the tiny FLUX.1-schnell fixture as the model.
 
 mod common;
+mod edits;
 mod errors;
 mod hardening;
 mod idempotency;

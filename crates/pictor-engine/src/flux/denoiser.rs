@@ -41,24 +41,11 @@ impl StepState<'_> {
     }
 }
 
-/// The first of `steps` schnell steps image-to-image runs at `strength`, as diffusers'
-/// `get_timesteps`: `steps − min(steps · strength, steps)`, truncated.
+/// The first of `steps` schnell steps image-to-image runs at `strength`:
+/// [`pictor_core::edit_start`], diffusers' `get_timesteps` that never starts an edit below
+/// strength 1 from noise alone.
 pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(EngineError::InvalidInput {
-            field: "strength",
-            message: format!("strength {strength} is outside (0, 1]"),
-        });
-    }
-    let start = (steps as f64 - (steps as f64 * strength).min(steps as f64)).max(0.0) as usize;
-    // Truncation leaves at least one step for any strength above 0, unless there are none.
-    if start >= steps {
-        return Err(EngineError::InvalidInput {
-            field: "steps",
-            message: format!("image to image needs at least one step, not {steps}"),
-        });
-    }
-    Ok(start)
+    Ok(pictor_core::edit_start(steps, strength)?)
 }
 
 /// `image` noised to `sigma` with `noise`, as the flow-matching scheduler's
