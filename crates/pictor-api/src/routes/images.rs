@@ -70,9 +70,19 @@ pub(crate) const EDITS: &str = "/v1/images/edits";
 /// `POST` a variation.
 pub(crate) const VARIATIONS: &str = "/v1/images/variations";
 
-/// The upload body (already bounded and read by `server::read_body_in_time`).
-fn upload_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| ApiError::invalid_body(format!("Could not read the request body: {e}")))
+/// An edit's or a variation's form (its body already bounded and read by
+/// `server::read_body_in_time`), answered by the generation flow.
+async fn upload(
+    state: AppState,
+    key: Option<pictor_store::ApiKey>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let body =
+        body.map_err(|e| ApiError::invalid_body(format!("Could not read the request body: {e}")))?;
+    let form = form::read(&headers, body, &state.0.config.uploads).await?;
+    generation::edit(state, key, &headers, form, endpoint).await
 }
 
 /// `POST /v1/images/edits`.
@@ -82,8 +92,7 @@ pub(crate) async fn edit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let form = form::read(&headers, upload_body(body)?, &state.0.config.uploads).await?;
-    generation::edit(state, key, &headers, form, Endpoint::Edits).await
+    upload(state, key, headers, body, Endpoint::Edits).await
 }
 
 /// `POST /v1/images/variations`.
@@ -93,8 +102,7 @@ pub(crate) async fn variation(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let form = form::read(&headers, upload_body(body)?, &state.0.config.uploads).await?;
-    generation::edit(state, key, &headers, form, Endpoint::Variations).await
+    upload(state, key, headers, body, Endpoint::Variations).await
 }
 
 /// Query of an image link.

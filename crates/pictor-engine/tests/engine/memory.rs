@@ -1,10 +1,11 @@
 //! The memory budget: everything resident when it fits, T5 and the transformer taking
 //! turns when only one of them fits beside the small parts (same images), and a refusal
-//! naming the part, its size and the budget when even that cannot fit.
+//! naming the part, its size and the budget when even that cannot fit. The autoencoder's
+//! share covers the encoder that edits load, and an edit runs staged as it runs resident.
 
 use candle_core::DType;
 use pictor_engine::{
-    Control, EngineError, GenerationRequest, ModelFiles, Pipeline,
+    Control, EditInput, EngineError, GenerationRequest, ModelFiles, Pipeline, RgbImage,
     flux::{
         FluxOptions, FluxPipeline,
         memory::{WORKING_BYTES, plan},
@@ -39,6 +40,31 @@ fn images(files: &ModelFiles, budget: Option<u64>) -> Result<Vec<Vec<u8>>, Engin
             .expect("a loaded model generates");
         out.push(g.images[0].pixels.clone());
     }
+    // An edit of the last image: its encoder comes from the autoencoder's file too.
+    let last = out.last().cloned().unwrap_or_default();
+    let edit = GenerationRequest {
+        prompt: "a green triangle".into(),
+        width: 64,
+        height: 48,
+        steps: 2,
+        seed: 4,
+        n: 1,
+        edit: Some(std::sync::Arc::new(EditInput {
+            image: RgbImage {
+                width: 64,
+                height: 48,
+                pixels: last,
+            },
+            mask: None,
+            strength: 0.75,
+            image_sha256: String::new(),
+        })),
+        ..Default::default()
+    };
+    let g = p
+        .generate(&edit, &mut |_| Control::Continue)
+        .expect("a loaded model edits");
+    out.push(g.images[0].pixels.clone());
     Ok(out)
 }
 
@@ -63,6 +89,20 @@ fn budget_decides_resident_staged_or_refused() {
         })
         .sum();
     assert_eq!(b("transformer"), (params + shards) * 4);
+
+    // The autoencoder's estimate is its whole file, the encoder that edits load included.
+    let vae_file = std::fs::read(&files.vae.files[0]).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&vae_file).unwrap();
+    let (mut all, mut encoder) = (0u64, 0u64);
+    for (name, info) in header.tensors() {
+        let n: usize = info.shape.iter().product();
+        all += n as u64;
+        if name.starts_with("encoder.") {
+            encoder += n as u64;
+        }
+    }
+    assert!(encoder > 0, "the fixture's autoencoder holds its encoder");
+    assert_eq!(b("vae"), all * 4);
 
     let small = WORKING_BYTES + b("clip") + b("vae");
     let everything = small + b("t5") + b("transformer");
