@@ -225,8 +225,10 @@ impl Db {
     pub async fn usage(&self) -> Result<Vec<Usage>> {
         let rows: Vec<UsageRow> = sqlx::query_as(&format!(
             "SELECT {KEY_COLUMNS},
-                    COUNT(u.key_id) AS requests, COALESCE(SUM(u.images), 0) AS images,
-                    COALESCE(SUM(u.pixels), 0) AS pixels, COALESCE(SUM(u.seconds), 0.0) AS seconds
+                    COUNT(u.key_id) AS requests,
+                    CAST(COALESCE(SUM(u.images), 0) AS BIGINT) AS images,
+                    CAST(COALESCE(SUM(u.pixels), 0) AS BIGINT) AS pixels,
+                    CAST(COALESCE(SUM(u.seconds), 0.0) AS DOUBLE PRECISION) AS seconds
              FROM api_keys k LEFT JOIN usage_events u ON u.key_id = k.id
              GROUP BY {KEY_COLUMNS}
              ORDER BY k.created_at, k.id"
@@ -251,8 +253,19 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn keys_authenticate_until_revoked_and_usage_adds_up() -> Result<()> {
-        let db = Db::connect("sqlite::memory:").await?;
+    async fn keys_and_usage_on_sqlite() -> Result<()> {
+        keys_authenticate_until_revoked_and_usage_adds_up(Db::connect("sqlite::memory:").await?)
+            .await
+    }
+
+    #[tokio::test]
+    async fn keys_and_usage_on_postgres() -> Result<()> {
+        let db = crate::testing::fresh_postgres().await?;
+        assert_eq!(db.backend(), crate::Backend::Postgres);
+        keys_authenticate_until_revoked_and_usage_adds_up(db).await
+    }
+
+    async fn keys_authenticate_until_revoked_and_usage_adds_up(db: Db) -> Result<()> {
         assert!(!db.has_keys().await?);
         let a = db.create_key("alice").await?;
         assert!(a.secret.starts_with("sk-") && a.secret.len() == 67);

@@ -2,8 +2,9 @@
 //!
 //! This crate is where state lives; it knows nothing of HTTP or of models.
 //! [`Db`] holds keys (only as SHA-256 hashes of their secrets), per-key usage and the
-//! index of stored images, through sqlx with embedded migrations (SQLite by default; the
-//! SQL is kept portable for PostgreSQL). [`Blobs`] holds image bytes in an `object_store`
+//! index of stored images, through sqlx with embedded migrations, on SQLite (one process,
+//! the default) or PostgreSQL (a cluster): the same SQL and migrations run on both, and the
+//! tests run them on both. [`Blobs`] holds image bytes in an `object_store`
 //! (a local directory by default).
 //!
 //! One design decision: keys are random (`sk-` + 32 random bytes, hex), so a plain SHA-256
@@ -12,6 +13,8 @@
 
 mod blobs;
 mod keys;
+#[cfg(test)]
+mod testing;
 
 use std::{
     path::Path,
@@ -19,7 +22,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 
 pub use blobs::Blobs;
 pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
@@ -39,6 +42,9 @@ pub enum StoreError {
     /// Something named does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A database URL of neither kind.
+    #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
+    Url(String),
 }
 
 /// The stores' result type.
@@ -52,32 +58,101 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
-/// The SQL database.
+/// Which SQL server a [`Db`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file: one process (`pictor serve --role all`).
+    Sqlite,
+    /// PostgreSQL: shared by every node of a cluster.
+    Postgres,
+}
+
+/// The SQL database: SQLite or PostgreSQL behind one pool, the same SQL and the same
+/// migrations for both.
 #[derive(Clone)]
 pub struct Db {
-    pool: sqlx::SqlitePool,
+    pool: sqlx::AnyPool,
+    backend: Backend,
 }
 
 impl Db {
-    /// Opens (creating if needed) the database at `url` (`sqlite://path` or `sqlite::memory:`)
-    /// and applies migrations.
+    /// Opens the database at `url` (`sqlite://path`, created if missing, `sqlite::memory:`,
+    /// or `postgres://user@host:port/db`) and applies the migrations.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // With the write-ahead log, NORMAL syncs at checkpoints instead of on every
-            // commit: a commit survives the process crashing, and the database cannot be
-            // corrupted; only a power cut can lose the last commits, as it can the image
-            // files beside them, which are not synced either. FULL made each `url`
-            // response wait for an fsync (p99 overhead 25 ms at 1 client, 183 ms at 8).
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let db = Self::connect_only(url).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Opens the database at `url` without touching its schema.
+    pub async fn connect_only(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Url(url.to_string()));
+        };
+        let url = match backend {
+            // Create the file if missing, as `sqlite://` URLs do not by default.
+            Backend::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = match backend {
+            Backend::Sqlite => {
+                // An in-memory database is one per connection: keep a single one.
+                let connections = if url.contains(":memory:") { 1 } else { 4 };
+                AnyPoolOptions::new()
+                    .max_connections(connections)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // With the write-ahead log, NORMAL syncs at checkpoints instead
+                            // of on every commit: a commit survives the process crashing,
+                            // and the database cannot be corrupted; only a power cut can
+                            // lose the last commits, as it can the image files beside them.
+                            // FULL made each `url` response wait for an fsync (p99 overhead
+                            // 25 ms at 1 client, 183 ms at 8).
+                            for pragma in [
+                                "PRAGMA journal_mode = WAL",
+                                "PRAGMA synchronous = NORMAL",
+                                "PRAGMA busy_timeout = 5000",
+                                "PRAGMA foreign_keys = ON",
+                            ] {
+                                sqlx::query(pragma).execute(&mut *conn).await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect_with(options)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect_with(options)
+                    .await?
+            }
+        };
+        Ok(Self { pool, backend })
+    }
+
+    /// Applies the migrations not yet applied (`pictor migrate`; [`Db::connect`] does it
+    /// too). On PostgreSQL, nodes starting together take turns through sqlx's advisory
+    /// lock.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The SQL server behind this database.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Opens the SQLite file `path`.
@@ -123,5 +198,37 @@ impl Db {
                 .await?;
         }
         Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn images_expire(db: Db) -> Result<()> {
+        let now = now_unix();
+        db.add_image("old", "image/png", now - 1).await?;
+        db.add_image("new", "image/webp", now + 3600).await?;
+        assert_eq!(db.live_image("old").await?, None);
+        assert_eq!(db.live_image("new").await?.as_deref(), Some("image/webp"));
+        assert_eq!(db.take_expired_images(now).await?, ["old"]);
+        assert!(db.take_expired_images(now).await?.is_empty());
+        assert_eq!(db.live_image("new").await?.as_deref(), Some("image/webp"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_image_index_on_sqlite_and_postgres() -> Result<()> {
+        images_expire(Db::connect("sqlite::memory:").await?).await?;
+        images_expire(testing::fresh_postgres().await?).await
+    }
+
+    #[tokio::test]
+    async fn a_url_of_another_database_is_refused_by_name() {
+        let err = Db::connect("mysql://localhost/x")
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("postgres://")));
     }
 }

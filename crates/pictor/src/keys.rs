@@ -73,13 +73,26 @@ fn when(t: i64) -> String {
     t.to_string()
 }
 
-/// Runs a key command against the configured database.
-pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<()> {
+/// Opens the configured database (creating the data directory a SQLite file lives in),
+/// migrated.
+async fn open(config: &Config) -> anyhow::Result<Db> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let db = Db::connect(&config.database_url())
+    Db::connect(&config.database_url())
         .await
-        .context("opening the database")?;
+        .context("opening the database")
+}
+
+/// `pictor migrate`: applies the migrations and says to which database.
+pub async fn migrate(config: Config) -> anyhow::Result<()> {
+    let db = open(&config).await?;
+    eprintln!("the {:?} database is migrated", db.backend());
+    Ok(())
+}
+
+/// Runs a key command against the configured database.
+pub async fn run(config: Config, command: KeysCommand) -> anyhow::Result<()> {
+    let db = open(&config).await?;
     match command {
         KeysCommand::Create { name, limits } => {
             let new = db.create_key(&name).await?;

@@ -41,6 +41,9 @@ enum Command {
     /// Write a quantized GGUF copy of a transformer or T5 encoder (streams tensor by
     /// tensor: memory stays at one tensor).
     Quantize(models::QuantizeArgs),
+    /// Apply the database migrations (SQLite or PostgreSQL, as `database_url` says);
+    /// `serve` and `keys` also apply them when they open the database.
+    Migrate,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),
         Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
+        Command::Migrate => block_on(cli.config.as_deref(), keys::migrate),
         Command::Models(m) => models::run(m),
         Command::Quantize(q) => models::quantize_command(q),
     };

@@ -668,3 +668,28 @@ fn rope_axes_in_the_settings_serve_a_transformer_that_records_none() {
         .unwrap();
     assert!(most <= 1, "the two layouts draw {most} levels apart");
 }
+
+#[test]
+fn migrate_prepares_the_configured_database_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = pictor()
+        .arg("migrate")
+        .env("PICTOR_DATA_DIR", dir.path())
+        .env_remove("PICTOR_DATABASE_URL")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && said.contains("Sqlite"), "{said}");
+    assert!(dir.path().join("pictor.db").exists());
+    let run = pictor()
+        .arg("migrate")
+        .env("PICTOR_DATA_DIR", dir.path())
+        .env("PICTOR_DATABASE_URL", "mysql://localhost/pictor")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        !run.status.success() && said.contains("postgres://"),
+        "{said}"
+    );
+}
