@@ -282,7 +282,16 @@ impl From<pictor_image::Error> for ApiError {
 }
 
 impl From<pictor_store::StoreError> for ApiError {
+    /// A store out of reach is a 503 the client may retry (logged); any other store
+    /// failure is ours.
     fn from(e: pictor_store::StoreError) -> Self {
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "a store is unavailable");
+            return Self::Unavailable {
+                message: format!("{} is unavailable; retry shortly.", e.store()),
+                retry_after: std::time::Duration::from_secs(5),
+            };
+        }
         Self::Internal(e.into())
     }
 }

@@ -6,7 +6,8 @@ use pictor_store::{StoreError, now_unix};
 
 use crate::{error::ApiError, state::AppState};
 
-/// Stores `bytes` for `image_ttl` and returns their signed link.
+/// Stores `bytes` for `image_ttl` and returns their link: the store's presigned GET when
+/// so configured, else this server's own signed link.
 pub(crate) async fn store(
     state: &AppState,
     bytes: Vec<u8>,
@@ -18,11 +19,21 @@ pub(crate) async fn store(
         format.extension()
     );
     let expires = now_unix() + state.0.config.image_ttl.as_secs() as i64;
-    state.0.blobs.put(&name, bytes.into()).await?;
+    state
+        .0
+        .blobs
+        .put(&name, bytes.into(), format.content_type())
+        .await?;
     state
         .db()
         .add_image(&name, format.content_type(), expires)
         .await?;
+    let ttl = state.0.config.image_ttl;
+    if state.0.config.presigned_links
+        && let Some(url) = state.0.blobs.presigned_get(&name, ttl).await?
+    {
+        return Ok(url);
+    }
     let signature = state.0.signer.sign(&name, expires);
     Ok(format!(
         "{}/v1/images/files/{name}?expires={expires}&signature={signature}",

@@ -33,6 +33,9 @@ pub struct ApiConfig {
     pub limits: BodyLimits,
     /// What edits and variations may upload.
     pub uploads: UploadLimits,
+    /// `url` responses are presigned GETs of the image store (S3) instead of this
+    /// server's own signed links.
+    pub presigned_links: bool,
     /// Serve requests without a key while no key exists (only ever true on loopback).
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.

@@ -24,7 +24,7 @@ use std::{
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 
-pub use blobs::Blobs;
+pub use blobs::{Blobs, S3Options};
 pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
 
 /// Errors from the stores.
@@ -42,9 +42,42 @@ pub enum StoreError {
     /// Something named does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A storage URL that is not `s3://bucket[/prefix]`.
+    #[error("unsupported storage URL `{0}`: use s3://BUCKET or s3://BUCKET/PREFIX")]
+    StorageUrl(String),
     /// A database URL of neither kind.
     #[error("unsupported database URL `{0}`: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     Url(String),
+}
+
+impl StoreError {
+    /// Whether the store is out of reach (down, restarting, or too slow) rather than the
+    /// request wrong: what a client may retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Db(e) => matches!(
+                e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
+            ),
+            Self::Blob(e) => !matches!(
+                e,
+                object_store::Error::NotFound { .. } | object_store::Error::AlreadyExists { .. }
+            ),
+            Self::Migrate(_) | Self::NotFound(_) | Self::StorageUrl(_) | Self::Url(_) => false,
+        }
+    }
+
+    /// Which store failed, for messages.
+    pub fn store(&self) -> &'static str {
+        match self {
+            Self::Blob(_) => "The image store",
+            _ => "The database",
+        }
+    }
 }
 
 /// The stores' result type.

@@ -1,5 +1,5 @@
-//! PostgreSQL for the tests: the one `scripts/services` starts (or finds running), with a
-//! fresh database per test.
+//! PostgreSQL and S3 for the tests: those `scripts/services` starts (or finds running),
+//! with a fresh database per test.
 
 use std::process::Command;
 
@@ -19,15 +19,34 @@ fn services(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn exported(env: &str, name: &str) -> Option<String> {
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+        .map(str::to_string)
+}
+
+/// The test S3 server's bucket (its credentials put in this process's environment).
+pub(crate) async fn s3() -> crate::S3Options {
+    services(&["up", "s3"]);
+    let env = services(&["env"]);
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        let value = exported(&env, var).expect("scripts/services env names the S3 credentials");
+        // Safety: every test that reads these sets the same values.
+        unsafe { std::env::set_var(var, value) };
+    }
+    crate::S3Options {
+        url: exported(&env, "PICTOR_STORAGE__URL").expect("a bucket URL"),
+        endpoint: exported(&env, "PICTOR_STORAGE__ENDPOINT"),
+        region: exported(&env, "PICTOR_STORAGE__REGION"),
+    }
+}
+
 /// A new, empty database on the test PostgreSQL server, migrated.
 pub(crate) async fn fresh_postgres() -> Result<Db> {
     services(&["up", "postgres"]);
     let env = services(&["env"]);
-    let url = env
-        .lines()
-        .find_map(|l| l.strip_prefix("export PICTOR_DATABASE_URL="))
-        .expect("scripts/services env names the database")
-        .to_string();
+    let url =
+        exported(&env, "PICTOR_DATABASE_URL").expect("scripts/services env names the database");
     let admin = Db::connect_only(&url).await?;
     let name = format!("pictor_test_{}", hex::encode(rand::random::<[u8; 6]>()));
     sqlx::query(&format!("CREATE DATABASE {name}"))

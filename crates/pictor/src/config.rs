@@ -39,8 +39,61 @@ pub struct Config {
     pub limits: Limits,
     /// `/metrics` answers only with a valid API key (once keys exist).
     pub metrics_require_key: bool,
+    /// Where images are stored.
+    pub storage: Storage,
     /// Models by name. Empty: the model shipped with Pictor.
     pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// Where images are stored: `<data_dir>/images` by default, or an S3-compatible bucket
+/// (credentials from the usual AWS variables).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// `s3://bucket` or `s3://bucket/prefix`; absent: the local folder.
+    pub url: Option<String>,
+    /// The S3 server, for a store other than AWS (`http://127.0.0.1:8333`).
+    pub endpoint: Option<String>,
+    /// The bucket's region (`us-east-1` when absent).
+    pub region: Option<String>,
+    /// How `url` responses reach an image in S3: `presigned` (a presigned GET of the store
+    /// itself, valid `image_ttl_secs`) or `proxy` (the server's own signed link, which
+    /// reads the object: for a bucket clients cannot reach).
+    pub links: String,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            url: None,
+            endpoint: None,
+            region: None,
+            links: "presigned".into(),
+        }
+    }
+}
+
+impl Storage {
+    /// The image store this names.
+    pub fn open(&self, data_dir: &std::path::Path) -> anyhow::Result<pictor_store::Blobs> {
+        let Some(url) = &self.url else {
+            return Ok(pictor_store::Blobs::local(&data_dir.join("images"))?);
+        };
+        Ok(pictor_store::Blobs::s3(&pictor_store::S3Options {
+            url: url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+        })?)
+    }
+
+    /// Whether `url` responses are presigned store links (else the server's own).
+    pub fn presigned_links(&self) -> anyhow::Result<bool> {
+        match self.links.as_str() {
+            "presigned" => Ok(self.url.is_some()),
+            "proxy" => Ok(false),
+            other => anyhow::bail!("storage.links `{other}`: use presigned or proxy"),
+        }
+    }
 }
 
 /// Request limits.
@@ -200,6 +253,7 @@ impl Default for Config {
             memory_budget: "auto".into(),
             limits: Limits::default(),
             metrics_require_key: false,
+            storage: Storage::default(),
             models: BTreeMap::new(),
         }
     }
@@ -261,6 +315,7 @@ const FIELDS: &[&str] = &[
     "memory_budget",
     "limits",
     "metrics_require_key",
+    "storage",
     "models",
 ];
 

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use anyhow::{Context, bail};
 use pictor_api::{ApiConfig, AppState, BodyLimits, ModelSpec};
 use pictor_sched::{ModelQueue, QueueConfig};
-use pictor_store::{Blobs, Db, now_unix};
+use pictor_store::{Db, now_unix};
 
 use crate::config::Config;
 
@@ -84,8 +84,8 @@ async fn shutdown_signal() {
 }
 
 /// The API's settings for a server listening on `addr`.
-fn api_config(config: &Config, addr: SocketAddr) -> ApiConfig {
-    ApiConfig {
+fn api_config(config: &Config, addr: SocketAddr) -> anyhow::Result<ApiConfig> {
+    Ok(ApiConfig {
         public_url: config
             .public_url
             .clone()
@@ -114,7 +114,8 @@ fn api_config(config: &Config, addr: SocketAddr) -> ApiConfig {
         },
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
-    }
+        presigned_links: config.storage.presigned_links()?,
+    })
 }
 
 /// Files the process keeps open besides its connections: the database, images being
@@ -212,7 +213,10 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     keep_private(&config.data_dir)?;
     let db = open_db(&config, addr).await?;
-    let blobs = Blobs::local(&config.data_dir.join("images"))?;
+    let blobs = config
+        .storage
+        .open(&config.data_dir)
+        .context("opening the image store")?;
     let specs = config
         .models
         .iter()
@@ -223,7 +227,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let key = signing_key(&config.data_dir)?;
-    let state = AppState::new(api_config(&config, addr), db, blobs, key, specs);
+    let state = AppState::new(api_config(&config, addr)?, db, blobs, key, specs);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -93,6 +93,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         idempotency_ttl: Duration::from_secs(3600),
         connections: opts.connections.clone(),
         uploads: opts.uploads.clone(),
+        presigned_links: false,
         metrics_require_key: opts.metrics_require_key,
         model_hints: vec![(
             "FLUX.1-schnell".into(),
