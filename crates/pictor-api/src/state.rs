@@ -10,7 +10,7 @@ use std::{
 };
 
 use pictor_core::ModelRules;
-use pictor_sched::ModelQueue;
+use pictor_sched::JobQueue;
 use pictor_store::{Blobs, Db};
 
 use crate::{
@@ -96,7 +96,7 @@ pub struct ModelSpec {
 
 /// A loaded model: its queue, the rules it is served by, its memory.
 pub(crate) struct Loaded {
-    pub queue: Arc<ModelQueue>,
+    pub queue: Arc<dyn JobQueue>,
     pub rules: ModelRules,
     pub memory: Vec<ModelPart>,
 }
@@ -220,7 +220,7 @@ impl AppState {
     /// Makes model `name` servable through `queue`, held to `rules` (the pipeline's own,
     /// as the configuration adjusted them). Its parts' memory, as the queue's pipeline
     /// reported it, shows in `/v1/models` and `/metrics`.
-    pub fn install(&self, name: &str, queue: Arc<ModelQueue>, rules: ModelRules) {
+    pub fn install(&self, name: &str, queue: Arc<dyn JobQueue>, rules: ModelRules) {
         let Some(slot) = self.model(name) else {
             return;
         };

@@ -12,7 +12,9 @@
 //!
 //! It is not an HTTP layer, not a store and not an engine: it takes the seam's requests
 //! (`pictor-core`) and gives back its results, and never compiles the engine that
-//! implements them. Distributed queues come later.
+//! implements them. [`JobQueue`] is what the API holds per model: this crate's
+//! [`ModelQueue`], or a cluster's shared queue (`pictor-cluster`), whose remote jobs answer
+//! through [`ticket`]'s [`Reply`].
 
 mod ticket;
 mod worker;
@@ -28,7 +30,7 @@ use std::{
 use pictor_core::{Generation, GenerationRequest, PartMemory, Pipeline, PipelineError, RgbImage};
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::ticket::Ticket;
+pub use self::ticket::{Reply, Ticket, ticket};
 use self::worker::Worker;
 
 /// Queue settings for one model.
@@ -113,6 +115,54 @@ struct Stats {
     running: AtomicUsize,
     /// Exponentially weighted mean of job seconds, `None` before the first job.
     mean_secs: Mutex<Option<f64>>,
+}
+
+/// A boxed future, for [`JobQueue`]'s async methods.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a model's admitted jobs run: its own worker thread ([`ModelQueue`]) or a queue
+/// shared by a cluster's workers. Admission answers at once: admitted (a [`Ticket`]) or
+/// refused.
+pub trait JobQueue: Send + Sync {
+    /// Admits `req`, or refuses it when the queue is full or closed.
+    fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>>;
+    /// Each part of the model and its memory (empty where the model runs elsewhere).
+    fn memory(&self) -> &[PartMemory];
+    /// Jobs waiting (not counting those running).
+    fn waiting(&self) -> usize;
+    /// Jobs running.
+    fn running(&self) -> usize;
+    /// Stops admitting jobs.
+    fn close(&self);
+    /// Closes, then waits up to `grace` for admitted jobs; returns whether they finished.
+    fn shutdown(&self, grace: Duration) -> BoxFuture<'_, bool>;
+}
+
+impl JobQueue for ModelQueue {
+    fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        let admitted = ModelQueue::submit(self, req);
+        Box::pin(async move { admitted })
+    }
+
+    fn memory(&self) -> &[PartMemory] {
+        ModelQueue::memory(self)
+    }
+
+    fn waiting(&self) -> usize {
+        ModelQueue::waiting(self)
+    }
+
+    fn running(&self) -> usize {
+        ModelQueue::running(self)
+    }
+
+    fn close(&self) {
+        ModelQueue::close(self)
+    }
+
+    fn shutdown(&self, grace: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(ModelQueue::shutdown(self, grace))
+    }
 }
 
 /// A model's queue and its worker thread.

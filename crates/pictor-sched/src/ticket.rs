@@ -1,4 +1,5 @@
 //! The caller's handle on a submitted job: previews, then the result; dropping it cancels.
+//! [`ticket`] makes one with its other end, [`Reply`], for queues that run jobs elsewhere.
 
 use std::sync::{
     Arc,
@@ -57,4 +58,56 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
     }
+}
+
+/// The other end of a [`Ticket`], for a queue whose jobs run elsewhere (a cluster's
+/// workers): it hands the caller previews and the result, and sees the caller leave.
+pub struct Reply {
+    result: oneshot::Sender<Result<Outcome, JobError>>,
+    previews: Option<mpsc::UnboundedSender<Preview>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Reply {
+    /// Hands the caller a preview (dropped when it asked for none).
+    pub fn preview(&self, preview: Preview) {
+        if let Some(tx) = &self.previews {
+            let _ = tx.send(preview);
+        }
+    }
+
+    /// Hands the caller the result.
+    pub fn finish(self, result: Result<Outcome, JobError>) {
+        let _ = self.result.send(result);
+    }
+
+    /// Whether the caller dropped its ticket (it went away): the job should stop.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.result.is_closed()
+    }
+}
+
+/// A ticket and its reply end; previews are carried when `previews` is true.
+pub fn ticket(previews: bool) -> (Ticket, Reply) {
+    let (result, rx) = oneshot::channel();
+    let (previews_tx, previews_rx) = if previews {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    (
+        Ticket {
+            rx,
+            previews: previews_rx,
+            result: None,
+            cancel: Arc::clone(&cancel),
+        },
+        Reply {
+            result,
+            previews: previews_tx,
+            cancel,
+        },
+    )
 }

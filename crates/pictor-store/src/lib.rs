@@ -63,10 +63,10 @@ impl StoreError {
                     | sqlx::Error::PoolClosed
                     | sqlx::Error::WorkerCrashed
             ),
-            Self::Blob(e) => !matches!(
-                e,
-                object_store::Error::NotFound { .. } | object_store::Error::AlreadyExists { .. }
-            ),
+            // A remote store's request failures (down, timed out, refused); a local
+            // directory that fails is a fault of the server's, not a wait.
+            Self::Blob(object_store::Error::Generic { store, .. }) => *store == "S3",
+            Self::Blob(_) => false,
             Self::Migrate(_) | Self::NotFound(_) | Self::StorageUrl(_) | Self::Url(_) => false,
         }
     }

@@ -162,7 +162,7 @@ pub(super) async fn run(state: AppState, job: Job, d: Detached) -> Result<Respon
                 }
             }
             Lookup::New(done) => {
-                let ticket = match run::admit(&state, &job) {
+                let ticket = match run::admit(&state, &job).await {
                     Ok(t) => t,
                     Err(e) => {
                         replays(&state, table).complete(&scope, &fingerprint, None, done);

@@ -103,13 +103,13 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let detached = detach::plan(headers, &job, body)?;
     if job.stream() {
-        return stream::respond(state, job);
+        return stream::respond(state, job).await;
     }
     if let Some(detached) = detached {
         return detach::run(state, job, detached).await;
     }
     // If the client goes away, axum drops this future and with it the ticket, which
     // cancels the job before its next denoising step.
-    let ticket = run::admit(&state, &job)?;
+    let ticket = run::admit(&state, &job).await?;
     Ok(Json(run::finish(&state, &job, ticket).await?).into_response())
 }

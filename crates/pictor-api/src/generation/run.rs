@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Admits the job to its model's queue (429 when full, 503 while stopping).
-pub(super) fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiError> {
+pub(super) async fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiError> {
     if state.shutting_down() {
         return Err(ApiError::shutting_down());
     }
@@ -24,6 +24,7 @@ pub(super) fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiError> {
         .ready()?
         .queue
         .submit(job.engine().clone())
+        .await
         .map_err(|e| match e {
             SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
                 model: job.model().to_string(),

@@ -28,8 +28,8 @@ use crate::{
 
 /// Admits the job (errors before the stream starts are ordinary HTTP errors) and answers
 /// with its event stream.
-pub(super) fn respond(state: AppState, job: Job) -> Result<Response, ApiError> {
-    let ticket = run::admit(&state, &job)?;
+pub(super) async fn respond(state: AppState, job: Job) -> Result<Response, ApiError> {
+    let ticket = run::admit(&state, &job).await?;
     let (tx, rx) = mpsc::channel::<Event>(8);
     tokio::spawn(async move {
         tokio::select! {

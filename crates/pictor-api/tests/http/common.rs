@@ -119,7 +119,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             batch_images: 4,
         };
         let queue = Arc::new(ModelQueue::start(MODEL, Box::new(pipeline), queue));
-        state.install(MODEL, Arc::clone(&queue), rules);
+        state.install(MODEL, queue.clone(), rules);
         model_queue = Some(queue);
     }
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
