@@ -6,7 +6,7 @@ use crate::{ModelRules, RgbImage, error::Result};
 
 /// What to generate. Plain values: the caller has already held them to the model's rules
 /// ([`ModelRules::check`] over [`Pipeline::rules`]).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationRequest {
     /// The text prompt, as the user wrote it.
     pub prompt: String,
@@ -23,7 +23,9 @@ pub struct GenerationRequest {
     pub n: usize,
     /// Previews wanted per image while it denoises (0 for none); see [`preview_steps`].
     pub previews: usize,
-    /// An image to edit instead of drawing from noise alone (`None`: text to image).
+    /// An image to edit instead of drawing from noise alone (`None`: text to image). Not
+    /// serialized: its pixels travel beside the request, never inside it.
+    #[serde(skip)]
     pub edit: Option<std::sync::Arc<EditInput>>,
 }
 
@@ -99,7 +101,7 @@ pub enum Control {
 }
 
 /// What the text encoders really saw.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PromptInfo {
     /// The prompt text the sequence encoder (T5) really encoded: the prompt itself, or its
     /// longest prefix that fit when it was truncated. This is OpenAI's `revised_prompt`.
@@ -115,7 +117,7 @@ pub struct PromptInfo {
 
 /// Where the time of a [`Pipeline::generate_batch`] call went. Every request of the batch
 /// reports the batch's figures: its phases ran for all of them at once.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Phases {
     /// Running the text encoders.
     pub encode: Duration,

@@ -62,7 +62,7 @@ impl From<Dimensions> for String {
 
 /// What a model accepts. A pipeline declares its own ([`crate::Pipeline::rules`]); a server
 /// may change the ranges and defaults by configuration, never the grid.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelRules {
     /// Sides must be multiples of this (the network's patch grid).
     pub multiple: usize,

@@ -57,6 +57,9 @@ pub enum SubmitError {
     /// The model's worker has stopped (shutting down).
     #[error("the model is shutting down")]
     Closed,
+    /// The queue cannot be reached (a cluster's database or store is down); says which.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why an admitted job produced no images.

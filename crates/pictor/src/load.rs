@@ -1,9 +1,10 @@
 //! Loading a model, the one way `pictor serve` and `pictor generate` both do it: its files
 //! found (a folder, a file, a Hugging Face cache entry or the shipped model), a quantized
 //! copy made if the configuration asks, the pipeline built within the memory budget, and
-//! the rules it is served by: its own, as the configuration changes them.
+//! the rules it is served by: its own, as the configuration changes them. `start_model`
+//! then runs it on its own queue, as every `serve` role that holds models does.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use pictor_core::{ModelRules, Pipeline};
@@ -11,8 +12,9 @@ use pictor_engine::{
     DTypeChoice, DeviceChoice, ModelFiles,
     flux::{FluxOptions, FluxPipeline},
 };
+use pictor_sched::{ModelQueue, QueueConfig};
 
-use crate::config::ModelConfig;
+use crate::config::{Config, ModelConfig};
 
 /// A loaded model.
 pub struct Loaded {
@@ -56,4 +58,43 @@ pub fn load(
         rules,
         files,
     })
+}
+
+/// A model loaded and running on its own worker thread.
+pub(crate) struct Running {
+    /// Its queue.
+    pub queue: ModelQueue,
+    /// The rules it is served by.
+    pub rules: pictor_core::ModelRules,
+    /// The files it was loaded from (hashed for receipts).
+    pub files: pictor_engine::ModelFiles,
+}
+
+/// Loads model `name` (blocking) and starts its queue.
+pub(crate) fn start_model(
+    config: &Config,
+    name: &str,
+    m: &crate::config::ModelConfig,
+) -> anyhow::Result<Running> {
+    let loaded = crate::load::load(name, m, &config.data_dir, config.memory_budget()?)?;
+    tracing::info!(model = %name, "model loaded");
+    eprintln!("model {name} loaded from {}", m.path);
+    let queue = QueueConfig {
+        depth: config.limits.queue_depth,
+        timeout: Duration::from_secs(config.limits.request_timeout_secs),
+        batch_images: m.max_batch,
+    };
+    Ok(Running {
+        queue: ModelQueue::start(name, Box::new(loaded.pipeline), queue),
+        rules: loaded.rules,
+        files: loaded.files,
+    })
+}
+
+/// The hash of a model's weights (cached in the data directory), for receipts.
+pub(crate) fn weights_hash(config: &Config, files: &pictor_engine::ModelFiles) -> Option<String> {
+    let weights = crate::hash::weight_files(files);
+    crate::hash::weights_hash(&weights, &config.data_dir.join("weight-hashes.json"))
+        .map_err(|e| tracing::warn!("hashing the weights failed: {e:#}"))
+        .ok()
 }

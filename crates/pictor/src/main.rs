@@ -1,6 +1,7 @@
 //! The `pictor` command: serve the OpenAI Images API, generate from the command line,
 //! manage keys, inspect and quantize model files.
 
+mod cluster;
 mod config;
 mod generate;
 mod hash;

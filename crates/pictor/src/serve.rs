@@ -4,7 +4,6 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use pictor_api::{ApiConfig, AppState, BodyLimits, ModelSpec};
-use pictor_sched::{ModelQueue, QueueConfig};
 use pictor_store::{Db, now_unix};
 
 use crate::config::Config;
@@ -15,6 +14,11 @@ pub struct Args {
     /// Listen address (overrides the config's `listen`).
     #[arg(long)]
     listen: Option<String>,
+    /// `all`: one process (the default); `api`: answer clients, running jobs on the
+    /// cluster's workers; `worker`: hold models and run the cluster's jobs. `api` and
+    /// `worker` need PostgreSQL (`database_url`) and S3 (`[storage] url`).
+    #[arg(long, value_enum, default_value_t = crate::cluster::Role::All, env = "PICTOR_ROLE")]
+    role: crate::cluster::Role,
 }
 
 /// The URL-signing key, made on first start and kept in the data directory.
@@ -165,39 +169,25 @@ async fn open_db(config: &Config, addr: SocketAddr) -> anyhow::Result<Db> {
 
 /// Loads every model in the background, installing each in `state` as it is ready (until
 /// then its requests get 503), then hashes its weights for receipts.
-fn load_models(config: &Config, state: &AppState) -> anyhow::Result<()> {
-    let memory_budget = config.memory_budget()?;
+fn load_models(config: &Config, state: &AppState) {
     for (name, m) in config.models.clone() {
-        let state = state.clone();
-        let hash_cache = config.data_dir.join("weight-hashes.json");
-        let data_dir = config.data_dir.clone();
-        let queue = QueueConfig {
-            depth: config.limits.queue_depth,
-            timeout: Duration::from_secs(config.limits.request_timeout_secs),
-            batch_images: m.max_batch,
-        };
+        let (state, config) = (state.clone(), config.clone());
         tokio::task::spawn_blocking(move || {
-            let loaded = match crate::load::load(&name, &m, &data_dir, memory_budget) {
-                Ok(loaded) => loaded,
+            let running = match crate::load::start_model(&config, &name, &m) {
+                Ok(running) => running,
                 Err(e) => {
                     eprintln!("model {name} failed to load: {e:#}");
                     state.mark_failed(&name, format!("{e:#}"));
                     return;
                 }
             };
-            tracing::info!(model = %name, "model loaded");
-            eprintln!("model {name} loaded from {}", m.path);
-            let worker = ModelQueue::start(&name, Box::new(loaded.pipeline), queue);
-            state.install(&name, Arc::new(worker), loaded.rules);
+            state.install(&name, Arc::new(running.queue), running.rules);
             // Receipts name the weights by hash; large models take a while to hash.
-            let weights = crate::hash::weight_files(&loaded.files);
-            match crate::hash::weights_hash(&weights, &hash_cache) {
-                Ok(hash) => state.set_hash(&name, hash),
-                Err(e) => tracing::warn!(model = %name, "hashing the weights failed: {e:#}"),
+            if let Some(hash) = crate::load::weights_hash(&config, &running.files) {
+                state.set_hash(&name, hash);
             }
         });
     }
-    Ok(())
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
@@ -212,6 +202,9 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     keep_private(&config.data_dir)?;
+    if args.role == crate::cluster::Role::Worker {
+        return crate::cluster::run_worker(config, shutdown_signal()).await;
+    }
     let db = open_db(&config, addr).await?;
     let blobs = config
         .storage
@@ -232,7 +225,10 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}"))?;
     eprintln!("pictor listening on http://{}", listener.local_addr()?);
-    load_models(&config, &state)?;
+    match args.role {
+        crate::cluster::Role::Api => crate::cluster::serve_shared_models(&config, &state).await?,
+        _ => load_models(&config, &state),
+    }
     pictor_api::spawn_sweeper(
         state.clone(),
         Duration::from_secs(config.sweep_interval_secs.max(1)),

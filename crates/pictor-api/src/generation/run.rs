@@ -31,6 +31,10 @@ pub(super) async fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiErro
                 retry_after,
             },
             SubmitError::Closed => ApiError::shutting_down(),
+            SubmitError::Unavailable(why) => ApiError::Unavailable {
+                message: format!("{why}; retry shortly."),
+                retry_after: std::time::Duration::from_secs(2),
+            },
         })
 }
 

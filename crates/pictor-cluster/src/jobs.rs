@@ -1,0 +1,319 @@
+//! The job table's statements, written once: insert, claim, renew, finish, cancel, reap,
+//! and the workers' advertisements. Times are the database's clock in milliseconds
+//! (`NOW_MS`), so nodes never compare their own clocks.
+
+use sqlx::{PgPool, Row};
+
+use crate::{Advertised, Result};
+
+/// The database's clock, Unix milliseconds.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The channel that wakes workers (payload: the model).
+pub(crate) const JOBS_CHANNEL: &str = "pictor_jobs";
+/// The channel of job events for API nodes (payload: see `events`).
+pub(crate) const EVENTS_CHANNEL: &str = "pictor_events";
+
+/// A claimed job.
+pub(crate) struct Claimed {
+    pub id: String,
+    pub model: String,
+    pub request: String,
+    pub attempts: i64,
+    /// Milliseconds it waited before this run.
+    pub waited_ms: i64,
+}
+
+/// A job as an API node reads it back.
+pub(crate) struct JobRow {
+    pub state: String,
+    pub result: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Queues a job for `model`; wakes the workers.
+pub(crate) async fn insert(
+    pool: &PgPool,
+    id: &str,
+    model: &str,
+    request: &str,
+    max_attempts: i64,
+    timeout_ms: i64,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "INSERT INTO jobs (id, model, state, request, max_attempts, created_at, deadline)
+         VALUES ($1, $2, 'queued', $3, $4, {NOW_MS}, {NOW_MS} + $5)"
+    ))
+    .bind(id)
+    .bind(model)
+    .bind(request)
+    .bind(max_attempts)
+    .bind(timeout_ms)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(JOBS_CHANNEL)
+        .bind(model)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Jobs of `model` waiting and running.
+pub(crate) async fn depth(pool: &PgPool, model: &str) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) FILTER (WHERE state = 'queued'), COUNT(*) FILTER (WHERE state = 'running')
+         FROM jobs WHERE model = $1 AND state IN ('queued', 'running')",
+    )
+    .bind(model)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Claims the oldest waiting job of one of `models` for `worker`, leased for `lease_ms`.
+pub(crate) async fn claim(
+    pool: &PgPool,
+    worker: &str,
+    models: &[String],
+    lease_ms: i64,
+) -> Result<Option<Claimed>> {
+    let row = sqlx::query(&format!(
+        "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1,
+             leased_until = {NOW_MS} + $2, started_at = {NOW_MS}
+         WHERE id = (SELECT id FROM jobs
+                     WHERE state = 'queued' AND model = ANY($3) AND deadline > {NOW_MS}
+                     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING id, model, request, attempts, started_at - created_at AS waited"
+    ))
+    .bind(worker)
+    .bind(lease_ms)
+    .bind(models)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(Claimed {
+            id: r.try_get("id")?,
+            model: r.try_get("model")?,
+            request: r.try_get("request")?,
+            attempts: r.try_get("attempts")?,
+            waited_ms: r.try_get("waited")?,
+        })
+    })
+    .transpose()
+}
+
+/// Renews `worker`'s lease on job `id`; `None` when it lost the job (reaped), else whether
+/// its caller asked to cancel.
+pub(crate) async fn renew(
+    pool: &PgPool,
+    id: &str,
+    worker: &str,
+    lease_ms: i64,
+) -> Result<Option<bool>> {
+    let row = sqlx::query(&format!(
+        "UPDATE jobs SET leased_until = {NOW_MS} + $3
+         WHERE id = $1 AND worker = $2 AND state = 'running'
+         RETURNING cancel_requested"
+    ))
+    .bind(id)
+    .bind(worker)
+    .bind(lease_ms)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| Ok(r.try_get::<i64, _>(0)? != 0)).transpose()
+}
+
+/// Ends `worker`'s run of job `id` as `state` with `result` or `error`, once: a worker
+/// that lost the job (its lease expired and another took it) changes nothing. Tells the
+/// API nodes. Returns whether this run's outcome was recorded.
+pub(crate) async fn finish(
+    pool: &PgPool,
+    id: &str,
+    worker: &str,
+    state: &str,
+    result: Option<&str>,
+    error: Option<&str>,
+) -> Result<bool> {
+    let mut tx = pool.begin().await?;
+    let done = sqlx::query(&format!(
+        "UPDATE jobs SET state = $3, result = $4, error = $5, finished_at = {NOW_MS},
+             leased_until = NULL
+         WHERE id = $1 AND worker = $2 AND state = 'running'"
+    ))
+    .bind(id)
+    .bind(worker)
+    .bind(state)
+    .bind(result)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 1 {
+        notify_done(&mut tx, id).await?;
+    }
+    tx.commit().await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn notify_done(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(format!("done:{id}"))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Gives job `id` back to the queue (a worker stopping), not counting the run.
+pub(crate) async fn hand_back(pool: &PgPool, id: &str, worker: &str, model: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'queued', worker = NULL, leased_until = NULL,
+             attempts = GREATEST(attempts - 1, 0)
+         WHERE id = $1 AND worker = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(JOBS_CHANNEL)
+        .bind(model)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The caller left: a waiting job is cancelled at once, a running one is flagged for its
+/// worker (which stops before its next step).
+pub(crate) async fn cancel(pool: &PgPool, id: &str) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE jobs SET cancel_requested = 1,
+             state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END,
+             finished_at = CASE WHEN state = 'queued' THEN {NOW_MS} ELSE finished_at END
+         WHERE id = $1 AND state IN ('queued', 'running')"
+    ))
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A job's state, result and error.
+pub(crate) async fn read(pool: &PgPool, id: &str) -> Result<Option<JobRow>> {
+    let row = sqlx::query("SELECT state, result, error FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(JobRow {
+            state: r.try_get("state")?,
+            result: r.try_get("result")?,
+            error: r.try_get("error")?,
+        })
+    })
+    .transpose()
+}
+
+/// Hands expired leases to another worker (or fails a job that ran `max_attempts` times)
+/// and fails waiting jobs past their deadline; tells whoever waits. Returns how many jobs
+/// were requeued and how many failed.
+pub(crate) async fn reap(pool: &PgPool) -> Result<(u64, u64)> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(&format!(
+        "UPDATE jobs SET
+             state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+             error = CASE WHEN attempts >= max_attempts
+                 THEN 'its worker stopped during each of its ' || attempts || ' runs'
+                 ELSE error END,
+             finished_at = CASE WHEN attempts >= max_attempts THEN {NOW_MS} ELSE NULL END,
+             worker = NULL, leased_until = NULL
+         WHERE state = 'running' AND leased_until < {NOW_MS}
+         RETURNING id, state, model"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let late = sqlx::query(&format!(
+        "UPDATE jobs SET state = 'failed', error = 'it waited past its deadline',
+             finished_at = {NOW_MS}
+         WHERE state = 'queued' AND deadline <= {NOW_MS} RETURNING id"
+    ))
+    .fetch_all(&mut *tx)
+    .await?;
+    let (mut requeued, mut failed) = (0, late.len() as u64);
+    for row in &rows {
+        let id: String = row.try_get("id")?;
+        let state: String = row.try_get("state")?;
+        if state == "queued" {
+            requeued += 1;
+            let model: String = row.try_get("model")?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(JOBS_CHANNEL)
+                .bind(model)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            failed += 1;
+            notify_done(&mut tx, &id).await?;
+        }
+    }
+    for row in &late {
+        notify_done(&mut tx, &row.try_get::<String, _>("id")?).await?;
+    }
+    tx.commit().await?;
+    Ok((requeued, failed))
+}
+
+/// Records that `worker` is alive and serves `models`.
+pub(crate) async fn advertise(pool: &PgPool, worker: &str, models: &[Advertised]) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO workers (id, models, seen_at) VALUES ($1, $2, {NOW_MS})
+         ON CONFLICT (id) DO UPDATE SET models = EXCLUDED.models, seen_at = EXCLUDED.seen_at"
+    ))
+    .bind(worker)
+    .bind(serde_json::to_string(models)?)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Removes `worker`'s advertisement (it stops).
+pub(crate) async fn retire(pool: &PgPool, worker: &str) -> Result<()> {
+    sqlx::query("DELETE FROM workers WHERE id = $1")
+        .bind(worker)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The models of workers seen within the last 10 seconds, one entry per model name.
+pub(crate) async fn advertised(pool: &PgPool) -> Result<Vec<Advertised>> {
+    let rows = sqlx::query(&format!(
+        "SELECT models FROM workers WHERE seen_at > {NOW_MS} - 10000 ORDER BY id"
+    ))
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<Advertised> = Vec::new();
+    for row in rows {
+        let models: Vec<Advertised> = serde_json::from_str(&row.try_get::<String, _>(0)?)?;
+        for m in models {
+            if !out.iter().any(|o| o.name == m.name) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Workers seen within the last 10 seconds.
+pub(crate) async fn workers_alive(pool: &PgPool) -> Result<i64> {
+    let row = sqlx::query(&format!(
+        "SELECT COUNT(*) FROM workers WHERE seen_at > {NOW_MS} - 10000"
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(row.try_get(0)?)
+}

@@ -1,0 +1,144 @@
+//! What travels between nodes, and where: a job's request and result as JSON in its row,
+//! and its images (an edit's input, previews, results) as lossless PNGs in the store under
+//! `jobs/<id>/`. Receipts and the client's format are the API node's business: a worker's
+//! PNGs are plain pixels.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pictor_core::{EditInput, GenerationRequest, Phases, PromptInfo, RgbImage};
+use pictor_image::{DecodeLimits, Format};
+use pictor_store::Blobs;
+use serde::{Deserialize, Serialize};
+
+use crate::{ClusterError, Result};
+
+/// A job's request, as its row holds it.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct JobRequest {
+    /// The engine request (its edit's pixels are in the store).
+    pub request: GenerationRequest,
+    /// The edit's settings, when the job edits an image.
+    pub edit: Option<EditSettings>,
+}
+
+/// An edit, but for its pixels.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct EditSettings {
+    pub strength: f64,
+    pub image_sha256: String,
+    pub masked: bool,
+}
+
+/// A job's result, as its row holds it (the images are in the store).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct JobResult {
+    pub prompt: PromptInfo,
+    pub phases: Phases,
+    /// Milliseconds the job waited before its worker started it.
+    pub queued_ms: u64,
+    /// Milliseconds its worker ran it.
+    pub ran_ms: u64,
+    pub images: usize,
+}
+
+fn input(id: &str) -> String {
+    format!("jobs/{id}/input.png")
+}
+
+fn mask(id: &str) -> String {
+    format!("jobs/{id}/mask.png")
+}
+
+/// The store name of image `i` of job `id`'s result.
+pub(crate) fn result(id: &str, i: usize) -> String {
+    format!("jobs/{id}/{i}.png")
+}
+
+/// The store name of a preview.
+pub(crate) fn preview(id: &str, image: usize, index: usize) -> String {
+    format!("jobs/{id}/preview-{image}-{index}.png")
+}
+
+/// Every name job `id` may have written.
+pub(crate) fn all(id: &str, images: usize, previews: usize) -> Vec<String> {
+    let mut names = vec![input(id), mask(id)];
+    for i in 0..images {
+        names.push(result(id, i));
+        names.extend((0..previews).map(|p| preview(id, i, p)));
+    }
+    names
+}
+
+/// `image` as a lossless PNG.
+pub(crate) fn png(image: &RgbImage) -> Result<Bytes> {
+    pictor_image::encode(image, Format::Png, 100, "")
+        .map(Bytes::from)
+        .map_err(|e| ClusterError::Image(e.to_string()))
+}
+
+/// Pixels back from a PNG another node wrote.
+pub(crate) fn pixels(bytes: &[u8]) -> Result<RgbImage> {
+    let limits = DecodeLimits {
+        max_pixels: 1 << 28,
+        max_side: 1 << 16,
+    };
+    pictor_image::decode(bytes, limits)
+        .map(|d| d.image)
+        .map_err(|e| ClusterError::Image(e.to_string()))
+}
+
+/// Puts an edit's pixels in the store (the mask as a grey image, 255 = repaint) and
+/// returns the request as its row will hold it.
+pub(crate) async fn put_request(
+    blobs: &Blobs,
+    id: &str,
+    request: &GenerationRequest,
+) -> Result<String> {
+    let edit = match &request.edit {
+        None => None,
+        Some(edit) => {
+            blobs
+                .put(&input(id), png(&edit.image)?, "image/png")
+                .await?;
+            if let Some(m) = &edit.mask {
+                let grey = RgbImage {
+                    width: edit.image.width,
+                    height: edit.image.height,
+                    pixels: m.iter().flat_map(|&v| [v, v, v]).collect(),
+                };
+                blobs.put(&mask(id), png(&grey)?, "image/png").await?;
+            }
+            Some(EditSettings {
+                strength: edit.strength,
+                image_sha256: edit.image_sha256.clone(),
+                masked: edit.mask.is_some(),
+            })
+        }
+    };
+    Ok(serde_json::to_string(&JobRequest {
+        request: request.clone(),
+        edit,
+    })?)
+}
+
+/// The engine request of a job's row, its edit's pixels read back from the store.
+pub(crate) async fn get_request(blobs: &Blobs, id: &str, row: &str) -> Result<GenerationRequest> {
+    let JobRequest { mut request, edit } = serde_json::from_str(row)?;
+    if let Some(edit) = edit {
+        let image = pixels(&blobs.get(&input(id)).await?)?;
+        let mask = if edit.masked {
+            let grey = pixels(&blobs.get(&mask(id)).await?)?;
+            Some(grey.pixels.chunks(3).map(|p| p[0]).collect())
+        } else {
+            None
+        };
+        request.edit = Some(Arc::new(EditInput {
+            image,
+            mask,
+            strength: edit.strength,
+            image_sha256: edit.image_sha256,
+        }));
+    }
+    Ok(request)
+}

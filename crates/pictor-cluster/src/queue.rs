@@ -1,0 +1,275 @@
+//! An API node's queue for one model: jobs go into the shared table, and each caller's
+//! ticket is answered from its job's row and the store.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use pictor_core::{Generation, GenerationRequest, PartMemory, PipelineError};
+use pictor_sched::{BoxFuture, JobError, JobQueue, Outcome, Preview, Reply, SubmitError, Ticket};
+
+use crate::{
+    Cluster, ClusterError,
+    events::{Event, Subscription},
+    jobs,
+    objects::{self, JobResult},
+};
+
+/// How a model's shared queue admits and bounds jobs.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    /// Jobs of the model that may wait across the cluster; more are refused (429).
+    pub depth: usize,
+    /// Longest a job may take from admission to its result.
+    pub timeout: Duration,
+    /// Runs a job gets before it fails (a worker dying mid-job costs one).
+    pub max_attempts: u32,
+}
+
+/// A model's queue shared by the cluster: what an API node holds instead of a local one.
+pub struct SharedQueue {
+    cluster: Cluster,
+    model: String,
+    options: QueueOptions,
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    closed: AtomicBool,
+    /// Exponentially weighted mean of job seconds, for `Retry-After`.
+    mean_secs: Arc<Mutex<Option<f64>>>,
+}
+
+fn unavailable(e: ClusterError) -> SubmitError {
+    tracing::warn!(error = %e, "the shared queue is out of reach");
+    SubmitError::Unavailable("The cluster's queue is unavailable".into())
+}
+
+impl SharedQueue {
+    /// The shared queue of `model`.
+    pub fn new(cluster: &Cluster, model: &str, options: QueueOptions) -> Self {
+        Self {
+            cluster: cluster.clone(),
+            model: model.to_string(),
+            options,
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            mean_secs: Arc::default(),
+        }
+    }
+
+    fn retry_after(&self, waiting: i64, running: i64) -> Duration {
+        let mean = self
+            .mean_secs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or(1.0);
+        let per_place = mean * (waiting + 1) as f64 / running.max(1) as f64;
+        Duration::from_secs_f64(per_place.clamp(1.0, 60.0))
+    }
+
+    async fn admit(&self, req: GenerationRequest) -> Result<Ticket, SubmitError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(SubmitError::Closed);
+        }
+        let pool = &self.cluster.pool;
+        let (waiting, running) = jobs::depth(pool, &self.model).await.map_err(unavailable)?;
+        self.waiting.store(waiting as usize, Ordering::Relaxed);
+        self.running.store(running as usize, Ordering::Relaxed);
+        if waiting as usize >= self.options.depth {
+            return Err(SubmitError::Overloaded {
+                retry_after: self.retry_after(waiting, running),
+            });
+        }
+        let id = format!("job_{}", hex::encode(rand::random::<[u8; 12]>()));
+        let row = objects::put_request(&self.cluster.blobs, &id, &req)
+            .await
+            .map_err(unavailable)?;
+        // Subscribed before the row exists, so no event of the job is missed.
+        let events = self.cluster.events.subscribe(&id);
+        let timeout = self.options.timeout;
+        jobs::insert(
+            pool,
+            &id,
+            &self.model,
+            &row,
+            i64::from(self.options.max_attempts.max(1)),
+            timeout.as_millis() as i64,
+        )
+        .await
+        .map_err(unavailable)?;
+        let (ticket, reply) = pictor_sched::ticket(req.previews > 0);
+        let follow = Follow {
+            cluster: self.cluster.clone(),
+            id,
+            images: req.n,
+            previews: req.previews,
+            timeout,
+            mean_secs: Arc::clone(&self.mean_secs),
+        };
+        tokio::spawn(follow.run(events, reply));
+        Ok(ticket)
+    }
+}
+
+impl JobQueue for SharedQueue {
+    fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        Box::pin(self.admit(req))
+    }
+
+    fn memory(&self) -> &[PartMemory] {
+        &[]
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    fn shutdown(&self, _grace: Duration) -> BoxFuture<'_, bool> {
+        // Jobs run on the workers; the API's own drain waits for its callers.
+        self.close();
+        Box::pin(async { true })
+    }
+}
+
+/// One admitted job, followed for its caller.
+struct Follow {
+    cluster: Cluster,
+    id: String,
+    images: usize,
+    previews: usize,
+    timeout: Duration,
+    mean_secs: Arc<Mutex<Option<f64>>>,
+}
+
+/// How often a waiting caller's departure is noticed and written back.
+const CANCEL_CHECK: Duration = Duration::from_millis(100);
+/// How often the row is read when no notification came.
+const POLL: Duration = Duration::from_secs(1);
+
+impl Follow {
+    async fn run(self, mut events: Subscription, reply: Reply) {
+        let started = Instant::now();
+        let mut poll = tokio::time::interval(POLL);
+        let mut check = tokio::time::interval(CANCEL_CHECK);
+        loop {
+            tokio::select! {
+                event = events.rx.recv() => match event {
+                    Some(Event::Preview { image, index, step }) => {
+                        self.preview(&reply, image, index, step).await;
+                    }
+                    Some(Event::Done) => break,
+                    None => {}
+                },
+                _ = poll.tick() => {
+                    if let Ok(Some(row)) = jobs::read(&self.cluster.pool, &self.id).await
+                        && !matches!(row.state.as_str(), "queued" | "running")
+                    {
+                        break;
+                    }
+                }
+                _ = check.tick() => {
+                    let timed_out = started.elapsed() > self.timeout;
+                    if reply.cancelled() || timed_out {
+                        if let Err(e) = jobs::cancel(&self.cluster.pool, &self.id).await {
+                            tracing::warn!(job = %self.id, error = %e, "cancelling a job");
+                        }
+                        if timed_out {
+                            reply.finish(Err(JobError::TimedOut(self.timeout)));
+                        }
+                        self.clean_up();
+                        return;
+                    }
+                }
+            }
+        }
+        let result = self.result().await;
+        if let Ok(outcome) = &result {
+            let secs = outcome.ran.as_secs_f64();
+            let mut mean = self.mean_secs.lock().unwrap_or_else(|e| e.into_inner());
+            *mean = Some(mean.map_or(secs, |m| 0.8 * m + 0.2 * secs));
+        }
+        reply.finish(result);
+        self.clean_up();
+    }
+
+    async fn preview(&self, reply: &Reply, image: usize, index: usize, step: usize) {
+        let name = objects::preview(&self.id, image, index);
+        match self.cluster.blobs.get(&name).await {
+            Ok(bytes) => match objects::pixels(&bytes) {
+                Ok(pixels) => reply.preview(Preview {
+                    image,
+                    index,
+                    step,
+                    pixels,
+                }),
+                Err(e) => tracing::warn!(job = %self.id, error = %e, "reading a preview"),
+            },
+            Err(e) => tracing::warn!(job = %self.id, error = %e, "fetching a preview"),
+        }
+    }
+
+    /// The ended job's outcome, its images read from the store.
+    async fn result(&self) -> Result<Outcome, JobError> {
+        let failed = |why: String| JobError::Engine(Arc::new(PipelineError::Failed(why.into())));
+        let row = match jobs::read(&self.cluster.pool, &self.id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return Err(failed("the job's record is gone".into())),
+            Err(e) => return Err(failed(format!("reading the job's record: {e}"))),
+        };
+        match row.state.as_str() {
+            "done" => {}
+            "cancelled" => return Err(JobError::Cancelled),
+            _ => {
+                let why = row.error.unwrap_or_else(|| "the job failed".into());
+                return Err(failed(why));
+            }
+        }
+        let read = async {
+            let result: JobResult = serde_json::from_str(row.result.as_deref().unwrap_or(""))?;
+            let mut images = Vec::with_capacity(result.images);
+            for i in 0..result.images {
+                let bytes = self
+                    .cluster
+                    .blobs
+                    .get(&objects::result(&self.id, i))
+                    .await?;
+                images.push(objects::pixels(&bytes)?);
+            }
+            Ok::<_, ClusterError>(Outcome {
+                generation: Generation {
+                    images,
+                    prompt: result.prompt,
+                    phases: result.phases,
+                },
+                queued: Duration::from_millis(result.queued_ms),
+                ran: Duration::from_millis(result.ran_ms),
+            })
+        };
+        read.await
+            .map_err(|e| failed(format!("reading the job's result: {e}")))
+    }
+
+    /// Deletes the job's objects once read (best effort: the store's own lifecycle rules
+    /// may also expire `jobs/`).
+    fn clean_up(&self) {
+        let blobs = self.cluster.blobs.clone();
+        let names = objects::all(&self.id, self.images, self.previews);
+        tokio::spawn(async move {
+            for name in names {
+                let _ = blobs.delete(&name).await;
+            }
+        });
+    }
+}

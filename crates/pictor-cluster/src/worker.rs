@@ -1,0 +1,312 @@
+//! A worker node: it advertises the models it holds, claims their jobs under a lease it
+//! renews while they run, runs them on its local queues, and writes their images to the
+//! store and their outcome to the row once. Every worker also reaps expired leases. On
+//! shutdown it stops claiming, lets running jobs finish within the grace period, and hands
+//! back what is left.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use pictor_core::ModelRules;
+use pictor_sched::{JobError, JobQueue, Outcome};
+use sqlx::postgres::PgListener;
+use tokio::{sync::watch, task::JoinSet};
+
+use crate::{
+    Advertised, Cluster, Result,
+    jobs::{self, Claimed, EVENTS_CHANNEL, JOBS_CHANNEL},
+    objects::{self, JobResult},
+};
+
+/// A model this worker holds.
+pub struct WorkerModel {
+    /// Its configured name (what jobs name).
+    pub name: String,
+    /// Its local queue.
+    pub queue: Arc<dyn JobQueue>,
+    /// The rules it is served by (advertised to the API nodes).
+    pub rules: ModelRules,
+    /// A short hash of its weights, for receipts.
+    pub hash: Option<String>,
+    /// Jobs of it run (or wait on its local queue) at once: its batch size, so that
+    /// compatible jobs are denoised together.
+    pub capacity: usize,
+}
+
+/// How a worker holds its jobs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// A job whose worker has not renewed its lease for this long goes to another worker.
+    pub lease: Duration,
+    /// How often the lease is renewed and a cancellation looked for (a cancelled job stops
+    /// within this and one denoising step).
+    pub heartbeat: Duration,
+    /// Time running jobs get to finish on shutdown before they are handed back.
+    pub grace: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+            heartbeat: Duration::from_millis(250),
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A worker node.
+pub struct Worker {
+    cluster: Cluster,
+    models: HashMap<String, WorkerModel>,
+    options: WorkerOptions,
+}
+
+/// How a run of a job ended.
+enum Ended {
+    Outcome(Result<Outcome, JobError>),
+    /// Its caller asked to cancel.
+    Cancelled,
+    /// Another worker holds it now (this one's lease expired).
+    Lost,
+    /// This worker is stopping.
+    Stopping,
+}
+
+impl Worker {
+    /// A worker for `models`.
+    pub fn new(cluster: Cluster, models: Vec<WorkerModel>, options: WorkerOptions) -> Self {
+        Self {
+            cluster,
+            models: models.into_iter().map(|m| (m.name.clone(), m)).collect(),
+            options,
+        }
+    }
+
+    fn advertised(&self) -> Vec<Advertised> {
+        self.models
+            .values()
+            .map(|m| Advertised {
+                name: m.name.clone(),
+                rules: m.rules.clone(),
+                hash: m.hash.clone(),
+            })
+            .collect()
+    }
+
+    /// Claims and runs jobs until `shutdown` resolves, then stops as the module says.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let this = Arc::new(self);
+        let (stop_tx, stop) = watch::channel(false);
+        let housekeeping = tokio::spawn(Arc::clone(&this).housekeeping(stop.clone()));
+        let mut wake = PgListener::connect_with(&this.cluster.pool).await?;
+        wake.listen(JOBS_CHANNEL).await?;
+        let mut running: JoinSet<String> = JoinSet::new();
+        let mut per_model: HashMap<String, usize> = HashMap::new();
+        tokio::pin!(shutdown);
+        loop {
+            // Claim while some model has room.
+            loop {
+                let free: Vec<String> = this
+                    .models
+                    .values()
+                    .filter(|m| per_model.get(&m.name).copied().unwrap_or(0) < m.capacity)
+                    .map(|m| m.name.clone())
+                    .collect();
+                if free.is_empty() {
+                    break;
+                }
+                let lease = this.options.lease.as_millis() as i64;
+                match jobs::claim(&this.cluster.pool, &this.cluster.node, &free, lease).await {
+                    Ok(Some(job)) => {
+                        *per_model.entry(job.model.clone()).or_default() += 1;
+                        running.spawn(Arc::clone(&this).run_job(job, stop.clone()));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming a job failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                done = running.join_next(), if !running.is_empty() => {
+                    if let Some(Ok(model)) = done
+                        && let Some(n) = per_model.get_mut(&model)
+                    {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                note = wake.recv() => {
+                    if let Err(e) = note {
+                        tracing::warn!(error = %e, "job wake-ups: connection lost");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        // Stopping: claim nothing more, let the running jobs finish within the grace
+        // period, then hand back what is left.
+        if let Err(e) = jobs::retire(&this.cluster.pool, &this.cluster.node).await {
+            tracing::warn!(error = %e, "retiring the worker");
+        }
+        let drained = tokio::time::timeout(this.options.grace, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            let _ = stop_tx.send(true);
+            while running.join_next().await.is_some() {}
+        }
+        housekeeping.abort();
+        Ok(())
+    }
+
+    /// Advertises the models and reaps expired leases every two seconds.
+    async fn housekeeping(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let advertised = self.advertised();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let pool = &self.cluster.pool;
+            if let Err(e) = jobs::advertise(pool, &self.cluster.node, &advertised).await {
+                tracing::warn!(error = %e, "advertising the worker's models");
+            }
+            match jobs::reap(pool).await {
+                Ok((0, 0)) => {}
+                Ok((requeued, failed)) => {
+                    metrics::counter!("pictor_leases_expired_total").increment(requeued + failed);
+                    metrics::counter!("pictor_jobs_retried_total").increment(requeued);
+                    tracing::info!(requeued, failed, "reaped jobs whose worker stopped");
+                }
+                Err(e) => tracing::warn!(error = %e, "reaping expired leases"),
+            }
+        }
+    }
+
+    /// Runs one claimed job; returns its model, whatever happened.
+    async fn run_job(self: Arc<Self>, job: Claimed, stop: watch::Receiver<bool>) -> String {
+        let model = job.model.clone();
+        if let Err(e) = Arc::clone(&self).try_run(&job, stop).await {
+            tracing::warn!(job = %job.id, error = %e, "running a claimed job failed");
+            let why = format!("its worker failed: {e}");
+            let pool = &self.cluster.pool;
+            let _ = jobs::finish(
+                pool,
+                &job.id,
+                &self.cluster.node,
+                "failed",
+                None,
+                Some(&why),
+            )
+            .await;
+        }
+        model
+    }
+
+    async fn try_run(
+        self: Arc<Self>,
+        job: &Claimed,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let (pool, node, blobs) = (&self.cluster.pool, &self.cluster.node, &self.cluster.blobs);
+        let Some(model) = self.models.get(&job.model) else {
+            jobs::hand_back(pool, &job.id, node, &job.model).await?;
+            return Ok(());
+        };
+        tracing::info!(job = %job.id, model = %job.model, attempt = job.attempts, "running a job");
+        let req = objects::get_request(blobs, &job.id, &job.request).await?;
+        let mut ticket = match model.queue.submit(req).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "the local queue refused a job");
+                jobs::hand_back(pool, &job.id, node, &job.model).await?;
+                return Ok(());
+            }
+        };
+        let lease = self.options.lease.as_millis() as i64;
+        let started = std::time::Instant::now();
+        let run = async {
+            while let Some(p) = ticket.next_preview().await {
+                let name = objects::preview(&job.id, p.image, p.index);
+                let published = async {
+                    blobs
+                        .put(&name, objects::png(&p.pixels)?, "image/png")
+                        .await?;
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(EVENTS_CHANNEL)
+                        .bind(format!(
+                            "preview:{}:{}:{}:{}",
+                            job.id, p.image, p.index, p.step
+                        ))
+                        .execute(pool)
+                        .await?;
+                    Ok::<_, crate::ClusterError>(())
+                };
+                if let Err(e) = published.await {
+                    tracing::warn!(job = %job.id, error = %e, "publishing a preview");
+                }
+            }
+            ticket.wait().await
+        };
+        tokio::pin!(run);
+        let mut beat = tokio::time::interval(self.options.heartbeat);
+        let ended = loop {
+            tokio::select! {
+                outcome = &mut run => break Ended::Outcome(outcome),
+                _ = beat.tick() => match jobs::renew(pool, &job.id, node, lease).await {
+                    Ok(Some(false)) => {}
+                    Ok(Some(true)) => break Ended::Cancelled,
+                    Ok(None) => break Ended::Lost,
+                    // The database is away: keep running; the result is written if it
+                    // comes back within the lease.
+                    Err(e) => tracing::warn!(job = %job.id, error = %e, "renewing a lease"),
+                },
+                _ = stop.changed() => break Ended::Stopping,
+            }
+        };
+        // Leaving the loop early drops the ticket, which cancels the local job.
+        match ended {
+            Ended::Outcome(Ok(outcome)) => {
+                for (i, image) in outcome.generation.images.iter().enumerate() {
+                    blobs
+                        .put(
+                            &objects::result(&job.id, i),
+                            objects::png(image)?,
+                            "image/png",
+                        )
+                        .await?;
+                }
+                let result = JobResult {
+                    prompt: outcome.generation.prompt.clone(),
+                    phases: outcome.generation.phases,
+                    queued_ms: job.waited_ms.max(0) as u64 + outcome.queued.as_millis() as u64,
+                    ran_ms: outcome.ran.as_millis() as u64,
+                    images: outcome.generation.images.len(),
+                };
+                let row = serde_json::to_string(&result)?;
+                if !jobs::finish(pool, &job.id, node, "done", Some(&row), None).await? {
+                    tracing::info!(job = %job.id, "another worker took the job first; result dropped");
+                }
+            }
+            Ended::Outcome(Err(JobError::Cancelled)) | Ended::Cancelled => {
+                jobs::finish(pool, &job.id, node, "cancelled", None, None).await?;
+            }
+            Ended::Outcome(Err(e)) => {
+                let why = e.to_string();
+                jobs::finish(pool, &job.id, node, "failed", None, Some(&why)).await?;
+            }
+            Ended::Lost => tracing::info!(job = %job.id, "lost the lease; another worker runs it"),
+            Ended::Stopping => {
+                tracing::info!(job = %job.id, "stopping: handing the job back");
+                jobs::hand_back(pool, &job.id, node, &job.model).await?;
+            }
+        }
+        tracing::debug!(job = %job.id, secs = started.elapsed().as_secs_f64(), "job ended");
+        Ok(())
+    }
+}
