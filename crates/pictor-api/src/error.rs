@@ -265,6 +265,7 @@ impl From<crate::ratelimit::Refused> for ApiError {
                 retry_after,
                 headers,
             },
+            Refused::Unreachable(e) => e.into(),
         }
     }
 }

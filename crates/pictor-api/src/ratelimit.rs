@@ -1,10 +1,12 @@
-//! Per-key rate limits: requests and images per minute, kept as token buckets in memory,
-//! reported in OpenAI's `x-ratelimit-*` headers.
+//! Per-key rate limits: requests and images per minute, kept as token buckets (in memory,
+//! or in the database for API nodes that share them), reported in OpenAI's
+//! `x-ratelimit-*` headers.
 //!
 //! A limit of `L` per minute is a bucket of `L` tokens refilled at `L / 60` per second: a
 //! burst of `L` is allowed, then one every `60 / L` seconds. A request costs one request
 //! token and `n` image tokens; it is admitted only when both buckets hold enough, and then
-//! takes from both. The counts are per server process (a restart refills them).
+//! takes from both. In memory the counts are per server process (a restart refills them);
+//! shared, they are the cluster's, on the database's clock.
 
 use std::{
     collections::HashMap,
@@ -36,6 +38,8 @@ pub enum Refused {
         /// The `x-ratelimit-*` headers.
         headers: RateHeaders,
     },
+    /// The shared buckets could not be read.
+    Unreachable(pictor_store::StoreError),
 }
 
 /// The `x-ratelimit-*` headers for one response.
@@ -51,33 +55,28 @@ impl RateHeaders {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
+/// A bucket: tokens left at `at` seconds (on the limiter's clock).
+type Bucket = pictor_store::BucketState;
+
+fn full(limit: u32, now: f64) -> Bucket {
+    Bucket {
+        tokens: f64::from(limit),
+        at: now,
+    }
 }
 
-impl Bucket {
-    fn full(limit: u32, now: Instant) -> Self {
-        Self {
-            tokens: f64::from(limit),
-            updated: now,
-        }
-    }
+/// Tokens at `now`, after refilling at `limit / 60` per second.
+fn refill(b: &mut Bucket, limit: u32, now: f64) {
+    let rate = f64::from(limit) / 60.0;
+    let elapsed = (now - b.at).max(0.0);
+    b.tokens = (b.tokens + elapsed * rate).min(f64::from(limit));
+    b.at = now;
+}
 
-    /// Tokens now, after refilling at `limit / 60` per second.
-    fn refill(&mut self, limit: u32, now: Instant) {
-        let rate = f64::from(limit) / 60.0;
-        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(limit));
-        self.updated = now;
-    }
-
-    /// How long until `cost` tokens are there.
-    fn wait_for(&self, limit: u32, cost: f64) -> Duration {
-        let rate = f64::from(limit) / 60.0;
-        Duration::from_secs_f64(((cost - self.tokens) / rate).max(0.0))
-    }
+/// How long until `cost` tokens are there.
+fn wait_for(b: &Bucket, limit: u32, cost: f64) -> Duration {
+    let rate = f64::from(limit) / 60.0;
+    Duration::from_secs_f64(((cost - b.tokens) / rate).max(0.0))
 }
 
 /// One kind of limit: its header suffix, the key's limit and the request's cost.
@@ -87,10 +86,26 @@ struct Kind {
     cost: f64,
 }
 
-/// Token buckets per key.
-#[derive(Default)]
-pub struct Limiter {
-    buckets: Mutex<HashMap<String, [Option<Bucket>; 2]>>,
+/// Token buckets per key: this process's, or the cluster's in the database.
+pub enum Limiter {
+    /// In memory, on this process's monotonic clock.
+    Memory {
+        /// Buckets by key id.
+        buckets: Mutex<HashMap<String, pictor_store::Buckets>>,
+        /// The clock's zero.
+        epoch: Instant,
+    },
+    /// In the database, shared by every API node.
+    Shared(pictor_store::Db),
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self::Memory {
+            buckets: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 /// Go-style durations, as OpenAI writes its reset headers: `250ms`, `1.5s`, `6m0s`.
@@ -120,21 +135,10 @@ fn header(name: String, value: String) -> Option<(HeaderName, HeaderValue)> {
 impl Limiter {
     /// Admits a request for `images` images from `key`, taking its tokens; or refuses it
     /// with 429 (`retry_after` is when enough tokens will be back) or, when `images` alone
-    /// exceeds the per-minute limit, 400 on `n`.
-    pub fn admit(&self, key: &ApiKey, images: usize) -> Result<RateHeaders, Refused> {
-        let kinds = [
-            Kind {
-                name: "requests",
-                limit: key.limits.requests_per_minute,
-                cost: 1.0,
-            },
-            Kind {
-                name: "images",
-                limit: key.limits.images_per_minute,
-                cost: images as f64,
-            },
-        ];
-        if kinds.iter().all(|k| k.limit.is_none()) {
+    /// exceeds the per-minute limit, 400 on `n`. Shared buckets that cannot be reached
+    /// refuse with 503.
+    pub async fn admit(&self, key: &ApiKey, images: usize) -> Result<RateHeaders, Refused> {
+        if key.limits.requests_per_minute.is_none() && key.limits.images_per_minute.is_none() {
             return Ok(RateHeaders::default());
         }
         if let Some(limit) = key.limits.images_per_minute
@@ -142,64 +146,98 @@ impl Limiter {
         {
             return Err(Refused::TooManyImages { images, limit });
         }
-        let now = Instant::now();
-        let mut all = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let buckets = all.entry(key.id.clone()).or_default();
-        let mut refused = None;
-        for (kind, slot) in kinds.iter().zip(buckets.iter_mut()) {
-            let Some(limit) = kind.limit else {
-                *slot = None;
-                continue;
-            };
-            let bucket = slot.get_or_insert_with(|| Bucket::full(limit, now));
-            bucket.refill(limit, now);
-            if bucket.tokens + 1e-9 < kind.cost && refused.is_none() {
-                refused = Some((kind.name, limit, bucket.wait_for(limit, kind.cost)));
+        match self {
+            Self::Memory { buckets, epoch } => {
+                let now = epoch.elapsed().as_secs_f64();
+                let mut all = buckets.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = all.entry(key.id.clone()).or_default();
+                let (after, answer) = decide(key, images, now, *slot);
+                *slot = after;
+                answer
             }
-        }
-        if refused.is_none() {
-            for (kind, bucket) in kinds.iter().zip(buckets.iter_mut()) {
-                if let Some(b) = bucket {
-                    b.tokens = (b.tokens - kind.cost).max(0.0);
-                }
-            }
-        }
-        let mut headers = Vec::new();
-        for (kind, bucket) in kinds.iter().zip(buckets.iter()) {
-            let (Some(limit), Some(b)) = (kind.limit, bucket) else {
-                continue;
-            };
-            let to_full = b.wait_for(limit, f64::from(limit));
-            headers.extend(
-                [
-                    header(
-                        format!("x-ratelimit-limit-{}", kind.name),
-                        limit.to_string(),
-                    ),
-                    header(
-                        format!("x-ratelimit-remaining-{}", kind.name),
-                        (b.tokens + 1e-9).floor().to_string(),
-                    ),
-                    header(
-                        format!("x-ratelimit-reset-{}", kind.name),
-                        go_duration(to_full),
-                    ),
-                ]
-                .into_iter()
-                .flatten(),
-            );
-        }
-        let headers = RateHeaders(headers);
-        match refused {
-            None => Ok(headers),
-            Some((kind, limit, retry_after)) => Err(Refused::Limited {
-                kind,
-                limit,
-                retry_after: retry_after.max(Duration::from_millis(1)),
-                headers,
-            }),
+            Self::Shared(db) => db
+                .with_rate_buckets(&key.id, |now, b| decide(key, images, now, b))
+                .await
+                .map_err(Refused::Unreachable)?,
         }
     }
+}
+
+/// The admission of `images` images from `key` at `now` against `buckets`: the buckets
+/// after it, and the answer.
+fn decide(
+    key: &ApiKey,
+    images: usize,
+    now: f64,
+    mut buckets: pictor_store::Buckets,
+) -> (pictor_store::Buckets, Result<RateHeaders, Refused>) {
+    let kinds = [
+        Kind {
+            name: "requests",
+            limit: key.limits.requests_per_minute,
+            cost: 1.0,
+        },
+        Kind {
+            name: "images",
+            limit: key.limits.images_per_minute,
+            cost: images as f64,
+        },
+    ];
+    let mut refused = None;
+    for (kind, slot) in kinds.iter().zip(buckets.iter_mut()) {
+        let Some(limit) = kind.limit else {
+            *slot = None;
+            continue;
+        };
+        let bucket = slot.get_or_insert_with(|| full(limit, now));
+        refill(bucket, limit, now);
+        if bucket.tokens + 1e-9 < kind.cost && refused.is_none() {
+            refused = Some((kind.name, limit, wait_for(bucket, limit, kind.cost)));
+        }
+    }
+    if refused.is_none() {
+        for (kind, bucket) in kinds.iter().zip(buckets.iter_mut()) {
+            if let Some(b) = bucket {
+                b.tokens = (b.tokens - kind.cost).max(0.0);
+            }
+        }
+    }
+    let mut headers = Vec::new();
+    for (kind, bucket) in kinds.iter().zip(buckets.iter()) {
+        let (Some(limit), Some(b)) = (kind.limit, bucket) else {
+            continue;
+        };
+        let to_full = wait_for(b, limit, f64::from(limit));
+        headers.extend(
+            [
+                header(
+                    format!("x-ratelimit-limit-{}", kind.name),
+                    limit.to_string(),
+                ),
+                header(
+                    format!("x-ratelimit-remaining-{}", kind.name),
+                    (b.tokens + 1e-9).floor().to_string(),
+                ),
+                header(
+                    format!("x-ratelimit-reset-{}", kind.name),
+                    go_duration(to_full),
+                ),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+    }
+    let headers = RateHeaders(headers);
+    let answer = match refused {
+        None => Ok(headers),
+        Some((kind, limit, retry_after)) => Err(Refused::Limited {
+            kind,
+            limit,
+            retry_after: retry_after.max(Duration::from_millis(1)),
+            headers,
+        }),
+    };
+    (buckets, answer)
 }
 
 #[cfg(test)]
@@ -229,15 +267,15 @@ mod tests {
             .unwrap_or_else(|| panic!("no {name}"))
     }
 
-    #[test]
-    fn requests_per_minute_allow_a_burst_then_refuse_with_the_wait() {
+    #[tokio::test]
+    async fn requests_per_minute_allow_a_burst_then_refuse_with_the_wait() {
         let l = Limiter::default();
         let k = key(Some(2), None);
-        let first = l.admit(&k, 1).expect("first");
+        let first = l.admit(&k, 1).await.expect("first");
         assert_eq!(value(&first, "x-ratelimit-limit-requests"), "2");
         assert_eq!(value(&first, "x-ratelimit-remaining-requests"), "1");
-        assert!(l.admit(&k, 1).is_ok());
-        match l.admit(&k, 1) {
+        assert!(l.admit(&k, 1).await.is_ok());
+        match l.admit(&k, 1).await {
             Err(Refused::Limited {
                 kind,
                 retry_after,
@@ -255,26 +293,26 @@ mod tests {
             other => panic!("expected a rate limit, got {other:?}"),
         }
         assert!(
-            l.admit(&key(None, None), 1).is_ok(),
+            l.admit(&key(None, None), 1).await.is_ok(),
             "no limits, no headers"
         );
     }
 
-    #[test]
-    fn images_count_n_and_a_refusal_takes_nothing() {
+    #[tokio::test]
+    async fn images_count_n_and_a_refusal_takes_nothing() {
         let l = Limiter::default();
         let k = key(Some(10), Some(4));
-        assert!(l.admit(&k, 3).is_ok());
+        assert!(l.admit(&k, 3).await.is_ok());
         assert!(matches!(
-            l.admit(&k, 2),
+            l.admit(&k, 2).await,
             Err(Refused::Limited { kind: "images", .. })
         ));
         // The refused request did not spend a request token.
-        let ok = l.admit(&k, 1).expect("one image fits");
+        let ok = l.admit(&k, 1).await.expect("one image fits");
         assert_eq!(value(&ok, "x-ratelimit-remaining-requests"), "8");
         assert_eq!(value(&ok, "x-ratelimit-remaining-images"), "0");
         assert!(matches!(
-            l.admit(&k, 5),
+            l.admit(&k, 5).await,
             Err(Refused::TooManyImages {
                 images: 5,
                 limit: 4

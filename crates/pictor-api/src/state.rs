@@ -36,6 +36,9 @@ pub struct ApiConfig {
     /// `url` responses are presigned GETs of the image store (S3) instead of this
     /// server's own signed links.
     pub presigned_links: bool,
+    /// Per-key rate limits are kept in the database, shared by every API node, instead
+    /// of in this process's memory.
+    pub shared_rate_limits: bool,
     /// Serve requests without a key while no key exists (only ever true on loopback).
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.
@@ -202,7 +205,11 @@ impl AppState {
         Self(Arc::new(Inner {
             replays,
             retries,
-            limiter: crate::ratelimit::Limiter::default(),
+            limiter: if config.shared_rate_limits {
+                crate::ratelimit::Limiter::Shared(db.clone())
+            } else {
+                crate::ratelimit::Limiter::default()
+            },
             db,
             blobs,
             signer: Signer::new(signing_key),

@@ -13,6 +13,7 @@
 
 mod blobs;
 mod keys;
+mod rates;
 #[cfg(test)]
 mod testing;
 
@@ -26,6 +27,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 
 pub use blobs::{Blobs, S3Options};
 pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
+pub use rates::{BucketState, Buckets};
 
 /// Errors from the stores.
 #[derive(Debug, thiserror::Error)]

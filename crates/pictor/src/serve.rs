@@ -88,7 +88,11 @@ async fn shutdown_signal() {
 }
 
 /// The API's settings for a server listening on `addr`.
-fn api_config(config: &Config, addr: SocketAddr) -> anyhow::Result<ApiConfig> {
+fn api_config(
+    config: &Config,
+    addr: SocketAddr,
+    role: crate::cluster::Role,
+) -> anyhow::Result<ApiConfig> {
     Ok(ApiConfig {
         public_url: config
             .public_url
@@ -119,6 +123,8 @@ fn api_config(config: &Config, addr: SocketAddr) -> anyhow::Result<ApiConfig> {
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
         presigned_links: config.storage.presigned_links()?,
+        // API nodes count one budget per key across the cluster.
+        shared_rate_limits: role == crate::cluster::Role::Api,
     })
 }
 
@@ -220,7 +226,7 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let key = signing_key(&config.data_dir)?;
-    let state = AppState::new(api_config(&config, addr)?, db, blobs, key, specs);
+    let state = AppState::new(api_config(&config, addr, args.role)?, db, blobs, key, specs);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import openai
 import pytest
 from openai import OpenAI
 
@@ -112,3 +113,20 @@ def test_a_worker_killed_mid_job_loses_nothing(cluster):
     t.join(timeout=120)
     assert size_of(base64.b64decode(result["image"])) == (256, 256)
     assert sql(cluster, "SELECT attempts, state FROM jobs ORDER BY created_at DESC LIMIT 1") == "2|done"
+
+
+def test_a_keys_rate_limit_is_one_budget_across_api_nodes(cluster):
+    pictor = os.environ.get("PICTOR_BIN", str(HERE.parents[2] / "target" / "debug" / "pictor"))
+    env = {**os.environ, "PICTOR_DATABASE_URL": cluster["database"],
+           "PICTOR_DATA_DIR": cluster["dir"] + "/keys"}
+    limited = subprocess.run([pictor, "keys", "create", "--name", "limited", "--rpm", "2"],
+                             check=True, capture_output=True, text=True, env=env).stdout.strip()
+    kw = dict(model=MODEL, prompt="a dot", size="32x32", response_format="b64_json",
+              extra_body={"steps": 1})
+    nodes = [OpenAI(base_url=a["url"] + "/v1", api_key=limited, max_retries=0)
+             for a in cluster["apis"]]
+    nodes[0].images.generate(**kw)
+    nodes[1].images.generate(**kw)
+    with pytest.raises(openai.RateLimitError) as e:
+        nodes[0].images.generate(**kw)
+    assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"

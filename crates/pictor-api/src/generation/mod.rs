@@ -84,7 +84,7 @@ async fn start(
     // A random seed any client can carry exactly, as the seeds they send must be.
     let job = Job::new(request, slot, key, rand::random::<u32>().into(), source)?;
     let rate = match job.key() {
-        Some(key) => state.0.limiter.admit(key, job.engine().n)?,
+        Some(key) => state.0.limiter.admit(key, job.engine().n).await?,
         None => Default::default(),
     };
     let mut response = answer(state, job, headers, fingerprint)
