@@ -36,9 +36,10 @@ pub struct ApiConfig {
     /// `url` responses are presigned GETs of the image store (S3) instead of this
     /// server's own signed links.
     pub presigned_links: bool,
-    /// Per-key rate limits are kept in the database, shared by every API node, instead
-    /// of in this process's memory.
-    pub shared_rate_limits: bool,
+    /// This server is one of a cluster's API nodes: per-key rate limits, `Idempotency-Key`
+    /// runs and SDK-retry attach are kept in the database (and response bodies in the
+    /// image store), shared by every node, instead of in this process's memory.
+    pub shared_state: bool,
     /// Serve requests without a key while no key exists (only ever true on loopback).
     pub open_when_no_keys: bool,
     /// How long an `Idempotency-Key`'s response is replayed.
@@ -159,6 +160,8 @@ pub(crate) struct Inner {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set when the shutdown's grace period is over: requests still waiting answer 503.
     pub cut_off: tokio::sync::watch::Sender<bool>,
+    /// This node's name in shared records.
+    pub node: String,
     /// Permits for upload bodies held in memory at once (`uploads.max_concurrent`).
     pub uploads: Arc<tokio::sync::Semaphore>,
 }
@@ -166,7 +169,7 @@ pub(crate) struct Inner {
 /// Memory for stored `Idempotency-Key` responses (base64 images are large).
 const REPLAY_BYTES: usize = 256 << 20;
 /// How long a finished job waits for an SDK retry to collect it, and the memory for them.
-const RETRY_TTL: Duration = Duration::from_secs(120);
+pub(crate) const RETRY_TTL: Duration = Duration::from_secs(120);
 const RETRY_BYTES: usize = 64 << 20;
 
 /// The state every handler shares; cheap to clone.
@@ -205,7 +208,7 @@ impl AppState {
         Self(Arc::new(Inner {
             replays,
             retries,
-            limiter: if config.shared_rate_limits {
+            limiter: if config.shared_state {
                 crate::ratelimit::Limiter::Shared(db.clone())
             } else {
                 crate::ratelimit::Limiter::default()
@@ -219,6 +222,7 @@ impl AppState {
             keyed: AtomicBool::new(false),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             cut_off: tokio::sync::watch::Sender::new(false),
+            node: format!("api-{}", hex::encode(rand::random::<[u8; 6]>())),
             uploads: Arc::new(tokio::sync::Semaphore::new(config.uploads.max_concurrent)),
             config,
         }))

@@ -22,6 +22,17 @@ pub(crate) struct JobRequest {
     pub edit: Option<EditSettings>,
 }
 
+impl JobRequest {
+    /// Job `id`'s request as its row holds it, if the job exists.
+    pub(crate) async fn read(pool: &sqlx::PgPool, id: &str) -> Result<Option<Self>> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT request FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+        row.map(|(r,)| Ok(serde_json::from_str(&r)?)).transpose()
+    }
+}
+
 /// An edit, but for its pixels.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct EditSettings {

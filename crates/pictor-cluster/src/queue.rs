@@ -90,28 +90,44 @@ impl SharedQueue {
             .map_err(unavailable)?;
         // Subscribed before the row exists, so no event of the job is missed.
         let events = self.cluster.events.subscribe(&id);
-        let timeout = self.options.timeout;
         jobs::insert(
             pool,
             &id,
             &self.model,
             &row,
             i64::from(self.options.max_attempts.max(1)),
-            timeout.as_millis() as i64,
+            self.options.timeout.as_millis() as i64,
         )
         .await
         .map_err(unavailable)?;
-        let (ticket, reply) = pictor_sched::ticket(req.previews > 0);
+        Ok(self.follow(id, events, req.n, req.previews))
+    }
+
+    /// A ticket answered from job `id`'s row and objects.
+    fn follow(&self, id: String, events: Subscription, images: usize, previews: usize) -> Ticket {
+        let (ticket, reply) = pictor_sched::ticket(previews > 0);
+        let ticket = ticket.for_job(&id);
         let follow = Follow {
             cluster: self.cluster.clone(),
             id,
-            images: req.n,
-            previews: req.previews,
-            timeout,
+            images,
+            previews,
+            timeout: self.options.timeout,
             mean_secs: Arc::clone(&self.mean_secs),
         };
         tokio::spawn(follow.run(events, reply));
-        Ok(ticket)
+        ticket
+    }
+
+    async fn adopt(&self, id: &str, previews: usize) -> Result<Ticket, SubmitError> {
+        let events = self.cluster.events.subscribe(id);
+        let row = objects::JobRequest::read(&self.cluster.pool, id)
+            .await
+            .map_err(unavailable)?;
+        let Some(request) = row else {
+            return Err(SubmitError::Unavailable(format!("The job {id} is gone")));
+        };
+        Ok(self.follow(id.to_string(), events, request.request.n, previews))
     }
 }
 
@@ -140,6 +156,11 @@ impl JobQueue for SharedQueue {
         // Jobs run on the workers; the API's own drain waits for its callers.
         self.close();
         Box::pin(async { true })
+    }
+
+    fn attach(&self, id: &str, previews: usize) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        let id = id.to_string();
+        Box::pin(async move { self.adopt(&id, previews).await })
     }
 }
 

@@ -139,6 +139,16 @@ pub trait JobQueue: Send + Sync {
     fn close(&self);
     /// Closes, then waits up to `grace` for admitted jobs; returns whether they finished.
     fn shutdown(&self, grace: Duration) -> BoxFuture<'_, bool>;
+    /// A ticket for job `id`, already admitted by another caller (a cluster's API node
+    /// that stopped), carrying `previews` previews; only queues whose jobs have ids can.
+    fn attach(&self, id: &str, previews: usize) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        let _ = (id, previews);
+        Box::pin(async {
+            Err(SubmitError::Unavailable(
+                "This queue's jobs cannot be attached to".into(),
+            ))
+        })
+    }
 }
 
 impl JobQueue for ModelQueue {
@@ -241,6 +251,7 @@ impl ModelQueue {
                 previews,
                 result: None,
                 cancel,
+                job: None,
             }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);

@@ -18,9 +18,22 @@ pub struct Ticket {
     /// The result, when it arrived while waiting for a preview.
     pub(crate) result: Option<Result<Outcome, JobError>>,
     pub(crate) cancel: Arc<AtomicBool>,
+    /// The job's id where it runs elsewhere (a cluster's job row).
+    pub(crate) job: Option<String>,
 }
 
 impl Ticket {
+    /// The job's id where it runs elsewhere, so that another caller can attach to it.
+    pub fn job(&self) -> Option<&str> {
+        self.job.as_deref()
+    }
+
+    /// This ticket, naming its remote job `id`.
+    pub fn for_job(mut self, id: &str) -> Self {
+        self.job = Some(id.to_string());
+        self
+    }
+
     /// The next preview, in the order the engine made them; `None` once the job has
     /// finished (or failed) and every preview was handed out. The worker sends a job's
     /// previews before its result, so none is lost.
@@ -103,6 +116,7 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
             previews: previews_rx,
             result: None,
             cancel: Arc::clone(&cancel),
+            job: None,
         },
         Reply {
             result,

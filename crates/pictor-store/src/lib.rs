@@ -14,6 +14,7 @@
 mod blobs;
 mod keys;
 mod rates;
+mod replays;
 #[cfg(test)]
 mod testing;
 
@@ -28,6 +29,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 pub use blobs::{Blobs, S3Options};
 pub use keys::{ApiKey, KeyLimits, NewKey, Usage};
 pub use rates::{BucketState, Buckets};
+pub use replays::ReplayEntry;
 
 /// Errors from the stores.
 #[derive(Debug, thiserror::Error)]

@@ -123,8 +123,8 @@ fn api_config(
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
         presigned_links: config.storage.presigned_links()?,
-        // API nodes count one budget per key across the cluster.
-        shared_rate_limits: role == crate::cluster::Role::Api,
+        // API nodes share rate limits and detached runs across the cluster.
+        shared_state: role == crate::cluster::Role::Api,
     })
 }
 

@@ -130,3 +130,33 @@ def test_a_keys_rate_limit_is_one_budget_across_api_nodes(cluster):
     with pytest.raises(openai.RateLimitError) as e:
         nodes[0].images.generate(**kw)
     assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_keyed_request_outlives_its_api_node(cluster):
+    # Last in this module: it kills API node 0. A long job with an Idempotency-Key starts
+    # on node 0, which dies mid-job; the same request to node 1 attaches to that job once
+    # node 0 has stopped beating, instead of rendering again.
+    kw = dict(model=MODEL, prompt="patient", size="256x256", response_format="b64_json",
+              extra_body={"steps": 150, "seed": 9},
+              extra_headers={"Idempotency-Key": "outlives-its-node"})
+    before = int(sql(cluster, "SELECT COUNT(*) FROM jobs"))
+
+    def first_attempt():
+        try:
+            client(cluster, 0, max_retries=0).images.generate(**kw)
+        except openai.APIError:
+            pass
+
+    t = threading.Thread(target=first_attempt)
+    t.start()
+    for _ in range(200):
+        if int(sql(cluster, "SELECT COUNT(*) FROM jobs")) > before:
+            break
+        time.sleep(0.05)
+    os.kill(cluster["apis"][0]["pid"], signal.SIGKILL)
+    t.join(timeout=30)
+    r = client(cluster, 1, max_retries=0, timeout=180).images.generate(**kw)
+    assert size_of(base64.b64decode(r.data[0].b64_json)) == (256, 256)
+    assert int(sql(cluster, "SELECT COUNT(*) FROM jobs")) == before + 1, "rendered once"
+    again = client(cluster, 1, max_retries=0).images.generate(**kw)
+    assert again.data[0].b64_json == r.data[0].b64_json

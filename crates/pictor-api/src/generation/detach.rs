@@ -7,7 +7,8 @@
 //!   on purpose still draws new images.
 //!
 //! A detached job keeps running when its client leaves (that is the point: the retry
-//! collects it); the queue's deadline still bounds it.
+//! collects it); the queue's deadline still bounds it. A cluster's API nodes record these
+//! runs in the database instead (`shared`), so a retry reaching another node attaches too.
 
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ use crate::{
 
 /// Which table a detached run is recorded in.
 #[derive(Clone, Copy)]
-enum Table {
+pub(super) enum Table {
     /// By `Idempotency-Key` (kept `idempotency_ttl_secs`).
     Keys,
     /// By request body, for SDK retries (kept two minutes).
@@ -36,13 +37,31 @@ enum Table {
 
 /// A detached run's identity.
 pub(super) struct Detached {
-    table: Table,
+    pub(super) table: Table,
     /// Who and what: the API key and the idempotency key or the body's hash.
-    scope: String,
+    pub(super) scope: String,
     /// The body's hash (a different body under the same idempotency key is a conflict).
-    fingerprint: String,
+    pub(super) fingerprint: String,
     /// Render anew even if the table holds a run for this scope (an SDK's first attempt).
-    fresh: bool,
+    pub(super) fresh: bool,
+}
+
+impl Table {
+    /// How long a finished run is replayed.
+    pub(super) fn ttl(self, state: &AppState) -> std::time::Duration {
+        match self {
+            Self::Keys => state.0.config.idempotency_ttl,
+            Self::Retries => crate::state::RETRY_TTL,
+        }
+    }
+
+    /// Its name in shared records.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Self::Keys => "key",
+            Self::Retries => "retry",
+        }
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -120,7 +139,7 @@ fn replays(state: &AppState, table: Table) -> &Replays {
     }
 }
 
-fn replay(stored: &[u8]) -> Response {
+pub(super) fn replay(stored: &[u8]) -> Response {
     (
         [
             (header::CONTENT_TYPE, "application/json"),
@@ -137,6 +156,9 @@ fn replay(stored: &[u8]) -> Response {
 /// Runs `job` detached from the connection, recorded in its table: replays a finished run,
 /// waits for a running one, or runs it and records the answer.
 pub(super) async fn run(state: AppState, job: Job, d: Detached) -> Result<Response, ApiError> {
+    if state.0.config.shared_state {
+        return super::shared::run(state, job, d).await;
+    }
     let Detached {
         table,
         scope,

@@ -16,6 +16,7 @@
 mod detach;
 mod job;
 mod run;
+mod shared;
 mod source;
 mod stream;
 

@@ -94,7 +94,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
         connections: opts.connections.clone(),
         uploads: opts.uploads.clone(),
         presigned_links: false,
-        shared_rate_limits: false,
+        shared_state: false,
         metrics_require_key: opts.metrics_require_key,
         model_hints: vec![(
             "FLUX.1-schnell".into(),
