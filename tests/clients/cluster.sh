@@ -3,7 +3,8 @@
 # API nodes and workers as separate `pictor` processes on loopback (`pictor serve --role
 # api|worker`), on a database and a store prefix of their own. Prints, one per line:
 # `KEY <key>`, `DIR <dir>`, `DATABASE <url>`, then `API <url> <pid>` and
-# `WORKER <pid> <log>` for each process. The caller kills the PIDs.
+# `WORKER <pid> <log> <url>` (its /healthz and /metrics) for each process. The caller
+# kills the PIDs.
 # Usage: cluster.sh [API_NODES] [WORKERS]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -36,9 +37,10 @@ echo "DIR $dir"
 echo "DATABASE $PICTOR_DATABASE_URL"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for i in $(seq 1 "$workers"); do
+  port="$(free_port)"
   PICTOR_DATA_DIR="$dir/worker$i" "$bin" --config "$dir/pictor.toml" serve --role worker \
-    > "$dir/worker$i.log" 2>&1 &
-  echo "WORKER $! $dir/worker$i.log"
+    --listen "127.0.0.1:$port" > "$dir/worker$i.log" 2>&1 &
+  echo "WORKER $! $dir/worker$i.log http://127.0.0.1:$port"
 done
 urls=()
 for i in $(seq 1 "$apis"); do

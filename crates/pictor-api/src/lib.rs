@@ -12,7 +12,7 @@
 //! `pictor-image`.
 //!
 //! The boundary is what this file exports: [`router`] builds the routes over an
-//! [`AppState`]; [`serve`] runs them on a listener until a shutdown signal, then drains the
+//! [`AppState`] ([`node_router`] the few a worker node serves); [`serve`] runs them on a listener until a shutdown signal, then drains the
 //! model queues; [`spawn_sweeper`] deletes expired images; [`openapi_json`] is the document.
 
 #![deny(missing_docs)]
@@ -123,6 +123,16 @@ pub fn router(state: AppState) -> Router {
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, RandomId))
         .with_state(state)
+}
+
+/// What a cluster's worker node serves over HTTP: `GET /healthz` and `GET /metrics`
+/// (Prometheus text, no key: bind it where only the operator reaches).
+pub fn node_router() -> Router {
+    metrics::install();
+    Router::new()
+        .route("/healthz", get(routes::health::healthz))
+        .route("/metrics", get(routes::health::node_metrics))
+        .fallback(not_found)
 }
 
 /// Deletes expired images every `every` until the process ends.

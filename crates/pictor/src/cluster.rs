@@ -118,8 +118,23 @@ pub async fn run_worker(
         grace: Duration::from_secs(config.shutdown_grace_secs),
         ..WorkerOptions::default()
     };
+    // Its health and metrics, where the operator reaches them (`listen`).
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    eprintln!(
+        "worker serving /healthz and /metrics on http://{}",
+        listener.local_addr()?
+    );
+    let http = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, pictor_api::node_router()).await {
+            tracing::warn!(error = %e, "the worker's HTTP endpoint stopped");
+        }
+    });
     eprintln!("worker running jobs for {} model(s)", models.len());
-    Worker::new(cluster, models, options).run(shutdown).await?;
+    let ran = Worker::new(cluster, models, options).run(shutdown).await;
+    http.abort();
+    ran?;
     eprintln!("worker stopped");
     Ok(())
 }

@@ -32,7 +32,7 @@ def cluster():
         if kind == "API":
             info["apis"].append({"url": rest[0], "pid": int(rest[1])})
         elif kind == "WORKER":
-            info["workers"].append({"pid": int(rest[0]), "log": rest[1]})
+            info["workers"].append({"pid": int(rest[0]), "log": rest[1], "url": rest[2]})
         else:
             info[kind.lower()] = rest[0]
     yield info
@@ -113,6 +113,17 @@ def test_a_worker_killed_mid_job_loses_nothing(cluster):
     t.join(timeout=120)
     assert size_of(base64.b64decode(result["image"])) == (256, 256)
     assert sql(cluster, "SELECT attempts, state FROM jobs ORDER BY created_at DESC LIMIT 1") == "2|done"
+    # The survivor reaped the lease and says so; the API nodes count the live workers.
+    survivor = cluster["workers"][0]["url"]
+    with urllib.request.urlopen(survivor + "/metrics") as f:
+        text = f.read().decode()
+    assert "pictor_leases_expired_total 1" in text and "pictor_jobs_retried_total 1" in text
+    with urllib.request.urlopen(survivor + "/healthz") as f:
+        assert f.status == 200
+    api = urllib.request.Request(cluster["apis"][1]["url"] + "/metrics",
+                                 headers={"Authorization": "Bearer " + cluster["key"]})
+    with urllib.request.urlopen(api) as f:
+        assert "pictor_workers_alive" in f.read().decode()
 
 
 def test_a_keys_rate_limit_is_one_budget_across_api_nodes(cluster):

@@ -36,14 +36,20 @@ pub(crate) async fn metrics(
                 .set((q.waiting() + q.running()) as f64);
         }
     }
+    Ok(node_metrics().await)
+}
+
+/// `GET /metrics` of any node: the process's memory, then every metric in Prometheus
+/// text. A worker serves it without a key: it listens where only its operator reaches.
+pub(crate) async fn node_metrics() -> impl IntoResponse {
     if let Some((rss, peak)) = process_memory() {
         ::metrics::gauge!("pictor_process_resident_bytes").set(rss as f64);
         ::metrics::gauge!("pictor_process_peak_resident_bytes").set(peak as f64);
     }
-    Ok((
+    (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics::render(),
-    ))
+    )
 }
 
 /// This process's resident and peak resident memory in bytes (`VmRSS`, `VmHWM`), where
