@@ -1,6 +1,6 @@
 //! What travels between nodes, and where: a job's request and result as JSON in its row,
 //! and its images (an edit's input, previews, results) as lossless PNGs in the store under
-//! `jobs/<id>/`. Receipts and the client's format are the API node's business: a worker's
+//! `jobs/<id>/` (in the database while the store is out of reach). Receipts and the client's format are the API node's business: a worker's
 //! PNGs are plain pixels.
 
 use std::sync::Arc;
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use pictor_core::{EditInput, GenerationRequest, Phases, PromptInfo, RgbImage};
 use pictor_image::{DecodeLimits, Format};
-use pictor_store::Blobs;
 use serde::{Deserialize, Serialize};
 
 use crate::{ClusterError, Result};
@@ -99,26 +98,72 @@ pub(crate) fn pixels(bytes: &[u8]) -> Result<RgbImage> {
         .map_err(|e| ClusterError::Image(e.to_string()))
 }
 
+impl crate::Cluster {
+    /// Stores `bytes` as `name` for another node: in the image store, or, while it is out
+    /// of reach, in the database (so `b64_json` answers survive the store being down).
+    pub(crate) async fn put_object(&self, name: &str, bytes: Bytes) -> Result<()> {
+        match self.blobs.put(name, bytes.clone(), "image/png").await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(error = %e, "the image store is down: passing pixels through the database");
+                sqlx::query(
+                    "INSERT INTO job_objects (name, bytes) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE SET bytes = EXCLUDED.bytes",
+                )
+                .bind(name)
+                .bind(bytes.as_ref())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads what another node stored as `name` (the database first: it only holds what
+    /// was put while the store was down).
+    pub(crate) async fn get_object(&self, name: &str) -> Result<Bytes> {
+        let row: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT bytes FROM job_objects WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        match row {
+            Some((bytes,)) => Ok(Bytes::from(bytes)),
+            None => Ok(self.blobs.get(name).await?),
+        }
+    }
+
+    /// Deletes `names` wherever they are (best effort).
+    pub(crate) async fn delete_objects(&self, names: &[String]) {
+        let _ = sqlx::query("DELETE FROM job_objects WHERE name = ANY($1)")
+            .bind(names)
+            .execute(&self.pool)
+            .await;
+        for name in names {
+            let _ = self.blobs.delete(name).await;
+        }
+    }
+}
+
 /// Puts an edit's pixels in the store (the mask as a grey image, 255 = repaint) and
 /// returns the request as its row will hold it.
 pub(crate) async fn put_request(
-    blobs: &Blobs,
+    cluster: &crate::Cluster,
     id: &str,
     request: &GenerationRequest,
 ) -> Result<String> {
     let edit = match &request.edit {
         None => None,
         Some(edit) => {
-            blobs
-                .put(&input(id), png(&edit.image)?, "image/png")
-                .await?;
+            cluster.put_object(&input(id), png(&edit.image)?).await?;
             if let Some(m) = &edit.mask {
                 let grey = RgbImage {
                     width: edit.image.width,
                     height: edit.image.height,
                     pixels: m.iter().flat_map(|&v| [v, v, v]).collect(),
                 };
-                blobs.put(&mask(id), png(&grey)?, "image/png").await?;
+                cluster.put_object(&mask(id), png(&grey)?).await?;
             }
             Some(EditSettings {
                 strength: edit.strength,
@@ -134,12 +179,16 @@ pub(crate) async fn put_request(
 }
 
 /// The engine request of a job's row, its edit's pixels read back from the store.
-pub(crate) async fn get_request(blobs: &Blobs, id: &str, row: &str) -> Result<GenerationRequest> {
+pub(crate) async fn get_request(
+    cluster: &crate::Cluster,
+    id: &str,
+    row: &str,
+) -> Result<GenerationRequest> {
     let JobRequest { mut request, edit } = serde_json::from_str(row)?;
     if let Some(edit) = edit {
-        let image = pixels(&blobs.get(&input(id)).await?)?;
+        let image = pixels(&cluster.get_object(&input(id)).await?)?;
         let mask = if edit.masked {
-            let grey = pixels(&blobs.get(&mask(id)).await?)?;
+            let grey = pixels(&cluster.get_object(&mask(id)).await?)?;
             Some(grey.pixels.chunks(3).map(|p| p[0]).collect())
         } else {
             None

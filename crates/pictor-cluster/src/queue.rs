@@ -85,7 +85,7 @@ impl SharedQueue {
             });
         }
         let id = format!("job_{}", hex::encode(rand::random::<[u8; 12]>()));
-        let row = objects::put_request(&self.cluster.blobs, &id, &req)
+        let row = objects::put_request(&self.cluster, &id, &req)
             .await
             .map_err(unavailable)?;
         // Subscribed before the row exists, so no event of the job is missed.
@@ -227,7 +227,7 @@ impl Follow {
 
     async fn preview(&self, reply: &Reply, image: usize, index: usize, step: usize) {
         let name = objects::preview(&self.id, image, index);
-        match self.cluster.blobs.get(&name).await {
+        match self.cluster.get_object(&name).await {
             Ok(bytes) => match objects::pixels(&bytes) {
                 Ok(pixels) => reply.preview(Preview {
                     image,
@@ -263,8 +263,7 @@ impl Follow {
             for i in 0..result.images {
                 let bytes = self
                     .cluster
-                    .blobs
-                    .get(&objects::result(&self.id, i))
+                    .get_object(&objects::result(&self.id, i))
                     .await?;
                 images.push(objects::pixels(&bytes)?);
             }
@@ -285,12 +284,8 @@ impl Follow {
     /// Deletes the job's objects once read (best effort: the store's own lifecycle rules
     /// may also expire `jobs/`).
     fn clean_up(&self) {
-        let blobs = self.cluster.blobs.clone();
+        let cluster = self.cluster.clone();
         let names = objects::all(&self.id, self.images, self.previews);
-        tokio::spawn(async move {
-            for name in names {
-                let _ = blobs.delete(&name).await;
-            }
-        });
+        tokio::spawn(async move { cluster.delete_objects(&names).await });
     }
 }

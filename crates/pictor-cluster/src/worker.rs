@@ -213,13 +213,13 @@ impl Worker {
         job: &Claimed,
         mut stop: watch::Receiver<bool>,
     ) -> Result<()> {
-        let (pool, node, blobs) = (&self.cluster.pool, &self.cluster.node, &self.cluster.blobs);
+        let (pool, node, cluster) = (&self.cluster.pool, &self.cluster.node, &self.cluster);
         let Some(model) = self.models.get(&job.model) else {
             jobs::hand_back(pool, &job.id, node, &job.model).await?;
             return Ok(());
         };
         tracing::info!(job = %job.id, model = %job.model, attempt = job.attempts, "running a job");
-        let req = objects::get_request(blobs, &job.id, &job.request).await?;
+        let req = objects::get_request(cluster, &job.id, &job.request).await?;
         let mut ticket = match model.queue.submit(req).await {
             Ok(t) => t,
             Err(e) => {
@@ -234,9 +234,7 @@ impl Worker {
             while let Some(p) = ticket.next_preview().await {
                 let name = objects::preview(&job.id, p.image, p.index);
                 let published = async {
-                    blobs
-                        .put(&name, objects::png(&p.pixels)?, "image/png")
-                        .await?;
+                    cluster.put_object(&name, objects::png(&p.pixels)?).await?;
                     sqlx::query("SELECT pg_notify($1, $2)")
                         .bind(EVENTS_CHANNEL)
                         .bind(format!(
@@ -273,12 +271,8 @@ impl Worker {
         match ended {
             Ended::Outcome(Ok(outcome)) => {
                 for (i, image) in outcome.generation.images.iter().enumerate() {
-                    blobs
-                        .put(
-                            &objects::result(&job.id, i),
-                            objects::png(image)?,
-                            "image/png",
-                        )
+                    cluster
+                        .put_object(&objects::result(&job.id, i), objects::png(image)?)
                         .await?;
                 }
                 let result = JobResult {

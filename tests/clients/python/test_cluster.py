@@ -143,6 +143,25 @@ def test_a_keys_rate_limit_is_one_budget_across_api_nodes(cluster):
     assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+def test_with_the_store_down_url_answers_503_and_b64_json_still_works(cluster):
+    services = str(HERE.parents[2] / "scripts" / "services")
+    subprocess.run([services, "down", "s3"], check=True, capture_output=True)
+    try:
+        c = client(cluster, 1, max_retries=0, timeout=120)
+        kw = dict(model=MODEL, prompt="no store", size="32x32", extra_body={"steps": 1})
+        r = c.images.generate(response_format="b64_json", **kw)
+        assert size_of(base64.b64decode(r.data[0].b64_json)) == (32, 32)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.images.generate(response_format="url", **kw)
+        assert e.value.status_code == 503 and e.value.code == "unavailable"
+    finally:
+        subprocess.run([services, "up", "s3"], check=True, capture_output=True)
+    r = client(cluster, 1).images.generate(model=MODEL, prompt="store back", size="32x32",
+                                           extra_body={"steps": 1})
+    with urllib.request.urlopen(r.data[0].url) as f:
+        assert size_of(f.read()) == (32, 32)
+
+
 def test_a_keyed_request_outlives_its_api_node(cluster):
     # Last in this module: it kills API node 0. A long job with an Idempotency-Key starts
     # on node 0, which dies mid-job; the same request to node 1 attaches to that job once

@@ -128,11 +128,17 @@ async fn own(
             let response = run::finish(&state, &job, ticket).await?;
             let body = serde_json::to_vec(&response).map_err(|e| ApiError::Internal(e.into()))?;
             let key = format!("replays/{}.json", hex::encode(rand::random::<[u8; 16]>()));
-            state
+            if let Err(e) = state
                 .0
                 .blobs
                 .put(&key, body.clone().into(), "application/json")
-                .await?;
+                .await
+            {
+                // The answer matters more than its replay: give it, unrecorded.
+                tracing::warn!(error = %e, "storing a response for replay failed");
+                let _ = db.replay_forget(&scope).await;
+                return Ok(body);
+            }
             let expires_ms = now_ms() + ttl_ms;
             // Indexed like a stored image, so the sweeper deletes it when it expires.
             db.add_image(&key, "application/json", expires_ms / 1000 + 1)
