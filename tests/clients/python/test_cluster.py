@@ -162,6 +162,23 @@ def test_with_the_store_down_url_answers_503_and_b64_json_still_works(cluster):
         assert size_of(f.read()) == (32, 32)
 
 
+def test_postgresql_restarted_clients_see_503_at_most_then_service_resumes(cluster):
+    services = str(HERE.parents[2] / "scripts" / "services")
+    kw = dict(model=MODEL, prompt="after the restart", size="32x32", response_format="b64_json",
+              extra_body={"steps": 1})
+    subprocess.run([services, "down", "postgres"], check=True, capture_output=True)
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(cluster, 1, max_retries=0).images.generate(**kw)
+        assert e.value.status_code == 503
+    finally:
+        subprocess.run([services, "up", "postgres"], check=True, capture_output=True)
+    # Both API nodes and the worker reconnect on their own.
+    for node in (0, 1):
+        r = client(cluster, node, max_retries=3).images.generate(**kw)
+        assert size_of(base64.b64decode(r.data[0].b64_json)) == (32, 32)
+
+
 def test_a_keyed_request_outlives_its_api_node(cluster):
     # Last in this module: it kills API node 0. A long job with an Idempotency-Key starts
     # on node 0, which dies mid-job; the same request to node 1 attaches to that job once
