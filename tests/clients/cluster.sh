@@ -2,7 +2,8 @@
 # Starts a cluster for the client tests: PostgreSQL and S3 through scripts/services, then
 # API nodes and workers as separate `pictor` processes on loopback (`pictor serve --role
 # api|worker`), on a database and a store prefix of their own. Prints, one per line:
-# `KEY <key>`, `DIR <dir>`, `DATABASE <url>`, then `API <url> <pid>` and
+# `KEY <key>`, `DIR <dir>`, `DATABASE <url>`, `ENV <NAME>=<value>` (what a node of
+# this cluster needs in its environment), then `API <url> <pid>` and
 # `WORKER <pid> <log> <url>` (its /healthz and /metrics) for each process. The caller
 # kills the PIDs.
 # Usage: cluster.sh [API_NODES] [WORKERS]
@@ -35,6 +36,11 @@ key="$(PICTOR_DATA_DIR="$dir/keys" "$bin" --config "$dir/pictor.toml" keys creat
 echo "KEY $key"
 echo "DIR $dir"
 echo "DATABASE $PICTOR_DATABASE_URL"
+# What a node of this cluster needs in its environment (to start more of them).
+for var in PICTOR_DATABASE_URL PICTOR_STORAGE__URL PICTOR_STORAGE__ENDPOINT \
+  PICTOR_STORAGE__REGION AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY; do
+  echo "ENV $var=${!var}"
+done
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for i in $(seq 1 "$workers"); do
   port="$(free_port)"

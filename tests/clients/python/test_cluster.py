@@ -33,6 +33,9 @@ def cluster():
             info["apis"].append({"url": rest[0], "pid": int(rest[1])})
         elif kind == "WORKER":
             info["workers"].append({"pid": int(rest[0]), "log": rest[1], "url": rest[2]})
+        elif kind == "ENV":
+            name, _, value = rest[0].partition("=")
+            info.setdefault("env", {})[name] = value
         else:
             info[kind.lower()] = rest[0]
     yield info

@@ -1,0 +1,111 @@
+"""Faults under load, with real processes: 100 requests, each with its own
+Idempotency-Key, from 8 clients against 2 API nodes and 3 workers, while 3 workers are
+killed with SIGKILL (each replaced) and one API node is killed and restarted. Every
+accepted request is answered with its image, and no request is rendered as two jobs."""
+
+import base64
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+from openai import OpenAI
+
+from pngs import size_of
+from test_cluster import HERE, MODEL, cluster as _cluster  # noqa: F401 (the fixture)
+
+PICTOR = os.environ.get("PICTOR_BIN", str(HERE.parents[2] / "target" / "debug" / "pictor"))
+REQUESTS = 100
+
+
+def start(cluster, role, name, listen):
+    env = {**os.environ, **cluster["env"], "PICTOR_DATA_DIR": f"{cluster['dir']}/{name}"}
+    log = open(f"{cluster['dir']}/{name}.log", "w")
+    return subprocess.Popen([PICTOR, "--config", f"{cluster['dir']}/pictor.toml", "serve",
+                             "--role", role, "--listen", listen], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_ready(url):
+    for _ in range(300):
+        try:
+            with urllib_open(url + "/readyz"):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come back")
+
+
+def urllib_open(url):
+    import urllib.request
+    return urllib.request.urlopen(url, timeout=2)
+
+
+def test_nothing_accepted_is_lost_and_nothing_is_rendered_twice(_cluster):
+    cluster = _cluster
+    rng = random.Random(7)
+    workers = [w["pid"] for w in cluster["workers"]]
+    extra = []
+    # A third worker, so that two remain while one is being replaced.
+    extra.append(start(cluster, "worker", "worker3", "127.0.0.1:0"))
+    time.sleep(1.0)
+    before = int(subprocess.run(["psql", cluster["database"], "-tAc", "SELECT COUNT(*) FROM jobs"],
+                                check=True, capture_output=True, text=True).stdout)
+    done = []
+    failures = []
+    progress = threading.Event()
+
+    def one(i):
+        key = f"soak-{i}"
+        for attempt in range(6):
+            # A client that cannot reach one node retries on the other with the same key.
+            node = cluster["apis"][(i + attempt) % 2]["url"]
+            c = OpenAI(base_url=node + "/v1", api_key=cluster["key"], max_retries=2, timeout=120)
+            try:
+                r = c.images.generate(model=MODEL, prompt=f"soak {i}", size="64x64",
+                                      response_format="b64_json",
+                                      extra_body={"steps": 24, "seed": i},
+                                      extra_headers={"Idempotency-Key": key})
+                assert size_of(base64.b64decode(r.data[0].b64_json)) == (64, 64)
+                done.append(i)
+                if len(done) % 10 == 0:
+                    progress.set()
+                return
+            except (openai.APIConnectionError, openai.InternalServerError, openai.APIStatusError):
+                time.sleep(0.5)
+        failures.append(i)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(one, i) for i in range(REQUESTS)]
+        # Three worker kills, each replaced, and one API node killed and restarted.
+        for n, at in enumerate((15, 35, 55)):
+            while len(done) < at:
+                time.sleep(0.05)
+            victim = rng.choice(workers)
+            os.kill(victim, signal.SIGKILL)
+            workers.remove(victim)
+            extra.append(start(cluster, "worker", f"worker-new{n}", "127.0.0.1:0"))
+            workers.append(extra[-1].pid)
+            if n == 1:
+                api = cluster["apis"][0]
+                os.kill(api["pid"], signal.SIGKILL)
+                restarted = start(cluster, "api", "api1-again", api["url"].removeprefix("http://"))
+                extra.append(restarted)
+                api["pid"] = restarted.pid
+        for f in futures:
+            f.result()
+    try:
+        assert failures == [], f"requests never answered: {failures}"
+        assert sorted(done) == list(range(REQUESTS))
+        jobs = int(subprocess.run(["psql", cluster["database"], "-tAc",
+                                   "SELECT COUNT(*) FROM jobs"],
+                                  check=True, capture_output=True, text=True).stdout)
+        assert jobs - before == REQUESTS, "one job per request, whatever failed"
+    finally:
+        for p in extra:
+            p.kill()
