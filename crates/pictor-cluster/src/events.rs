@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{PgPool, postgres::PgListener};
+use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 
 use crate::jobs::EVENTS_CHANNEL;
@@ -66,12 +66,12 @@ fn parse(payload: &str) -> Option<(&str, Event)> {
 
 impl Events {
     /// Starts listening (reconnecting as needed) for the life of the process.
-    pub(crate) fn start(pool: PgPool) -> Self {
+    pub(crate) fn start(url: String) -> Self {
         let subscribers: Subscribers = Arc::default();
         let handed = Arc::clone(&subscribers);
         tokio::spawn(async move {
             loop {
-                let mut listener = match PgListener::connect_with(&pool).await {
+                let mut listener = match PgListener::connect(&url).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::warn!(error = %e, "job events: cannot connect; retrying");

@@ -126,6 +126,19 @@ pub(crate) async fn renew(
     row.map(|r| Ok(r.try_get::<i64, _>(0)? != 0)).transpose()
 }
 
+/// Whether `worker` still holds job `id` (`None`: it lost it), and whether its caller
+/// asked to cancel; reads only.
+pub(crate) async fn check(pool: &PgPool, id: &str, worker: &str) -> Result<Option<bool>> {
+    let row = sqlx::query(
+        "SELECT cancel_requested FROM jobs WHERE id = $1 AND worker = $2 AND state = 'running'",
+    )
+    .bind(id)
+    .bind(worker)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| Ok(r.try_get::<i64, _>(0)? != 0)).transpose()
+}
+
 /// Ends `worker`'s run of job `id` as `state` with `result` or `error`, once: a worker
 /// that lost the job (its lease expired and another took it) changes nothing. Tells the
 /// API nodes. Returns whether this run's outcome was recorded.

@@ -65,6 +65,8 @@ pub struct Advertised {
 #[derive(Clone)]
 pub struct Cluster {
     pool: PgPool,
+    /// For listeners, which hold a connection of their own outside the pool.
+    url: String,
     blobs: Blobs,
     node: String,
     events: events::Events,
@@ -74,17 +76,29 @@ impl Cluster {
     /// Connects to the cluster's PostgreSQL at `database_url` (already migrated) and image
     /// `blobs`, as the node called `node`.
     pub async fn connect(database_url: &str, blobs: Blobs, node: &str) -> Result<Self> {
+        Self::connect_with(database_url, blobs, node, 16).await
+    }
+
+    /// [`Cluster::connect`] with at most `connections` pooled connections (besides one
+    /// listening for events).
+    pub async fn connect_with(
+        database_url: &str,
+        blobs: Blobs,
+        node: &str,
+        connections: u32,
+    ) -> Result<Self> {
         if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
             return Err(ClusterError::NotPostgres(database_url.to_string()));
         }
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(connections.max(1))
             .acquire_timeout(Duration::from_secs(5))
             .connect(database_url)
             .await?;
-        let events = events::Events::start(pool.clone());
+        let events = events::Events::start(database_url.to_string());
         Ok(Self {
             pool,
+            url: database_url.to_string(),
             blobs,
             node: node.to_string(),
             events,

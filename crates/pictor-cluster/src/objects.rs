@@ -70,9 +70,14 @@ pub(crate) fn preview(id: &str, image: usize, index: usize) -> String {
     format!("jobs/{id}/preview-{image}-{index}.png")
 }
 
-/// Every name job `id` may have written.
-pub(crate) fn all(id: &str, images: usize, previews: usize) -> Vec<String> {
-    let mut names = vec![input(id), mask(id)];
+/// Every name job `id` may have written: its results, its previews, and an edit's input
+/// and mask.
+pub(crate) fn all(id: &str, images: usize, previews: usize, edit: bool) -> Vec<String> {
+    let mut names = if edit {
+        vec![input(id), mask(id)]
+    } else {
+        Vec::new()
+    };
     for i in 0..images {
         names.push(result(id, i));
         names.extend((0..previews).map(|p| preview(id, i, p)));
@@ -120,9 +125,13 @@ impl crate::Cluster {
         }
     }
 
-    /// Reads what another node stored as `name` (the database first: it only holds what
-    /// was put while the store was down).
+    /// Reads what another node stored as `name`: from the store, else from the database
+    /// (which holds only what was put while the store was down).
     pub(crate) async fn get_object(&self, name: &str) -> Result<Bytes> {
+        let stored = match self.blobs.get(name).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(e) => e,
+        };
         let row: Option<(Vec<u8>,)> =
             sqlx::query_as("SELECT bytes FROM job_objects WHERE name = $1")
                 .bind(name)
@@ -130,7 +139,7 @@ impl crate::Cluster {
                 .await?;
         match row {
             Some((bytes,)) => Ok(Bytes::from(bytes)),
-            None => Ok(self.blobs.get(name).await?),
+            None => Err(stored.into()),
         }
     }
 

@@ -100,11 +100,18 @@ impl SharedQueue {
         )
         .await
         .map_err(unavailable)?;
-        Ok(self.follow(id, events, req.n, req.previews))
+        Ok(self.follow(id, events, req.n, req.previews, req.edit.is_some()))
     }
 
     /// A ticket answered from job `id`'s row and objects.
-    fn follow(&self, id: String, events: Subscription, images: usize, previews: usize) -> Ticket {
+    fn follow(
+        &self,
+        id: String,
+        events: Subscription,
+        images: usize,
+        previews: usize,
+        edit: bool,
+    ) -> Ticket {
         let (ticket, reply) = pictor_sched::ticket(previews > 0);
         let ticket = ticket.for_job(&id);
         let follow = Follow {
@@ -112,6 +119,7 @@ impl SharedQueue {
             id,
             images,
             previews,
+            edit,
             timeout: self.options.timeout,
             mean_secs: Arc::clone(&self.mean_secs),
         };
@@ -127,7 +135,14 @@ impl SharedQueue {
         let Some(request) = row else {
             return Err(SubmitError::Unavailable(format!("The job {id} is gone")));
         };
-        Ok(self.follow(id.to_string(), events, request.request.n, previews))
+        let images = request.request.n;
+        Ok(self.follow(
+            id.to_string(),
+            events,
+            images,
+            previews,
+            request.edit.is_some(),
+        ))
     }
 }
 
@@ -170,6 +185,8 @@ struct Follow {
     id: String,
     images: usize,
     previews: usize,
+    /// The job edits an image (its input is in the store too).
+    edit: bool,
     timeout: Duration,
     mean_secs: Arc<Mutex<Option<f64>>>,
 }
@@ -285,7 +302,7 @@ impl Follow {
     /// may also expire `jobs/`).
     fn clean_up(&self) {
         let cluster = self.cluster.clone();
-        let names = objects::all(&self.id, self.images, self.previews);
+        let names = objects::all(&self.id, self.images, self.previews, self.edit);
         tokio::spawn(async move { cluster.delete_objects(&names).await });
     }
 }

@@ -37,8 +37,8 @@ pub struct WorkerModel {
 pub struct WorkerOptions {
     /// A job whose worker has not renewed its lease for this long goes to another worker.
     pub lease: Duration,
-    /// How often the lease is renewed and a cancellation looked for (a cancelled job stops
-    /// within this and one denoising step).
+    /// How often a cancellation is looked for (a cancelled job stops within this and one
+    /// denoising step); the lease is renewed every third of `lease`.
     pub heartbeat: Duration,
     /// Time running jobs get to finish on shutdown before they are handed back.
     pub grace: Duration,
@@ -98,7 +98,7 @@ impl Worker {
         let this = Arc::new(self);
         let (stop_tx, stop) = watch::channel(false);
         let housekeeping = tokio::spawn(Arc::clone(&this).housekeeping(stop.clone()));
-        let mut wake = PgListener::connect_with(&this.cluster.pool).await?;
+        let mut wake = PgListener::connect(&this.cluster.url).await?;
         wake.listen(JOBS_CHANNEL).await?;
         let mut running: JoinSet<String> = JoinSet::new();
         let mut per_model: HashMap<String, usize> = HashMap::new();
@@ -253,17 +253,29 @@ impl Worker {
         };
         tokio::pin!(run);
         let mut beat = tokio::time::interval(self.options.heartbeat);
+        // The lease is rewritten a few times per lease; in between, each beat only reads
+        // whether the job was cancelled (a read costs the database no commit).
+        let renew_every = self.options.lease / 3;
+        let mut renewed = std::time::Instant::now();
         let ended = loop {
             tokio::select! {
                 outcome = &mut run => break Ended::Outcome(outcome),
-                _ = beat.tick() => match jobs::renew(pool, &job.id, node, lease).await {
-                    Ok(Some(false)) => {}
-                    Ok(Some(true)) => break Ended::Cancelled,
-                    Ok(None) => break Ended::Lost,
-                    // The database is away: keep running; the result is written if it
-                    // comes back within the lease.
-                    Err(e) => tracing::warn!(job = %job.id, error = %e, "renewing a lease"),
-                },
+                _ = beat.tick() => {
+                    let checked = if renewed.elapsed() >= renew_every {
+                        renewed = std::time::Instant::now();
+                        jobs::renew(pool, &job.id, node, lease).await
+                    } else {
+                        jobs::check(pool, &job.id, node).await
+                    };
+                    match checked {
+                        Ok(Some(false)) => {}
+                        Ok(Some(true)) => break Ended::Cancelled,
+                        Ok(None) => break Ended::Lost,
+                        // The database is away: keep running; the result is written if
+                        // it comes back within the lease.
+                        Err(e) => tracing::warn!(job = %job.id, error = %e, "renewing a lease"),
+                    }
+                }
                 _ = stop.changed() => break Ended::Stopping,
             }
         };
