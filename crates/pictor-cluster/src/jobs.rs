@@ -52,11 +52,7 @@ pub(crate) async fn insert(
     .bind(timeout_ms)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(JOBS_CHANNEL)
-        .bind(model)
-        .execute(&mut *tx)
-        .await?;
+    notify(&mut *tx, JOBS_CHANNEL, model).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -170,13 +166,22 @@ pub(crate) async fn finish(
     Ok(done.rows_affected() == 1)
 }
 
-async fn notify_done(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
+/// Sends `payload` on `channel` (delivered when the transaction commits).
+pub(crate) async fn notify(
+    conn: impl sqlx::PgExecutor<'_>,
+    channel: &str,
+    payload: &str,
+) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(EVENTS_CHANNEL)
-        .bind(format!("done:{id}"))
-        .execute(tx)
+        .bind(channel)
+        .bind(payload)
+        .execute(conn)
         .await?;
     Ok(())
+}
+
+async fn notify_done(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
+    notify(tx, EVENTS_CHANNEL, &format!("done:{id}")).await
 }
 
 /// Gives job `id` back to the queue (a worker stopping), not counting the run.
@@ -191,11 +196,7 @@ pub(crate) async fn hand_back(pool: &PgPool, id: &str, worker: &str, model: &str
     .bind(worker)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(JOBS_CHANNEL)
-        .bind(model)
-        .execute(&mut *tx)
-        .await?;
+    notify(&mut *tx, JOBS_CHANNEL, model).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -263,11 +264,7 @@ pub(crate) async fn reap(pool: &PgPool) -> Result<(u64, u64)> {
         if state == "queued" {
             requeued += 1;
             let model: String = row.try_get("model")?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(JOBS_CHANNEL)
-                .bind(model)
-                .execute(&mut *tx)
-                .await?;
+            notify(&mut *tx, JOBS_CHANNEL, &model).await?;
         } else {
             failed += 1;
             notify_done(&mut tx, &id).await?;

@@ -235,14 +235,12 @@ impl Worker {
                 let name = objects::preview(&job.id, p.image, p.index);
                 let published = async {
                     cluster.put_object(&name, objects::png(&p.pixels)?).await?;
-                    sqlx::query("SELECT pg_notify($1, $2)")
-                        .bind(EVENTS_CHANNEL)
-                        .bind(format!(
-                            "preview:{}:{}:{}:{}",
-                            job.id, p.image, p.index, p.step
-                        ))
-                        .execute(pool)
-                        .await?;
+                    jobs::notify(
+                        pool,
+                        EVENTS_CHANNEL,
+                        &format!("preview:{}:{}:{}:{}", job.id, p.image, p.index, p.step),
+                    )
+                    .await?;
                     Ok::<_, crate::ClusterError>(())
                 };
                 if let Err(e) = published.await {

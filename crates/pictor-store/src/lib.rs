@@ -197,6 +197,27 @@ impl Db {
         Self::connect(&format!("sqlite://{}", path.display())).await
     }
 
+    /// The value of setting `name`, made by `fresh` and stored the first time: every node
+    /// of a cluster gets the same (the first writer wins).
+    pub async fn shared_setting(
+        &self,
+        name: &str,
+        fresh: impl FnOnce() -> String,
+    ) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh())
+        .execute(&self.pool)
+        .await?;
+        let (value,): (String,) = sqlx::query_as("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
     /// Records a stored image's expiry.
     pub async fn add_image(&self, id: &str, content_type: &str, expires_at: i64) -> Result<()> {
         sqlx::query(
@@ -258,6 +279,15 @@ mod tests {
     async fn the_image_index_on_sqlite_and_postgres() -> Result<()> {
         images_expire(Db::connect("sqlite::memory:").await?).await?;
         images_expire(testing::fresh_postgres().await?).await
+    }
+
+    #[tokio::test]
+    async fn a_shared_setting_is_made_once_for_every_node() -> Result<()> {
+        let a = testing::fresh_postgres().await?;
+        let first = a.shared_setting("k", || "one".into()).await?;
+        let second = a.shared_setting("k", || "two".into()).await?;
+        assert_eq!((first.as_str(), second.as_str()), ("one", "one"));
+        Ok(())
     }
 
     #[tokio::test]

@@ -225,7 +225,19 @@ pub async fn run(mut config: Config, args: Args) -> anyhow::Result<()> {
             created: now_unix(),
         })
         .collect();
-    let key = signing_key(&config.data_dir)?;
+    // API nodes sign image links with one key, so any node serves a link another made.
+    let key = match args.role {
+        crate::cluster::Role::Api => {
+            let shared = db
+                .shared_setting(
+                    "url-signing-key",
+                    || hex::encode(rand::random::<[u8; 32]>()),
+                )
+                .await?;
+            hex::decode(shared).context("the shared URL-signing key is not hex")?
+        }
+        _ => signing_key(&config.data_dir)?,
+    };
     let state = AppState::new(api_config(&config, addr, args.role)?, db, blobs, key, specs);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
