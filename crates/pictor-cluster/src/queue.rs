@@ -40,7 +40,12 @@ pub struct SharedQueue {
     closed: AtomicBool,
     /// Exponentially weighted mean of job seconds, for `Retry-After`.
     mean_secs: Arc<Mutex<Option<f64>>>,
+    /// When a live worker was last seen serving the model.
+    served_at: Mutex<Option<Instant>>,
 }
+
+/// How long a sighting of a worker serving the model is trusted before looking again.
+const SERVED_FOR: Duration = Duration::from_secs(2);
 
 fn unavailable(e: ClusterError) -> SubmitError {
     tracing::warn!(error = %e, "the shared queue is out of reach");
@@ -58,6 +63,7 @@ impl SharedQueue {
             running: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             mean_secs: Arc::default(),
+            served_at: Mutex::new(None),
         }
     }
 
@@ -71,9 +77,30 @@ impl SharedQueue {
         Duration::from_secs_f64(per_place.clamp(1.0, 60.0))
     }
 
+    /// Whether a live worker serves the model (looked up at most every `SERVED_FOR`).
+    async fn served(&self) -> Result<bool, SubmitError> {
+        let seen = *self.served_at.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.is_some_and(|at| at.elapsed() < SERVED_FOR) {
+            return Ok(true);
+        }
+        let models = self.cluster.advertised().await.map_err(unavailable)?;
+        let served = models.iter().any(|m| m.name == self.model);
+        if served {
+            *self.served_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+        Ok(served)
+    }
+
     async fn admit(&self, req: GenerationRequest) -> Result<Ticket, SubmitError> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(SubmitError::Closed);
+        }
+        // With no live worker for the model, say so now rather than at the deadline.
+        if !self.served().await? {
+            return Err(SubmitError::Unavailable(format!(
+                "No live worker serves the model `{}` right now",
+                self.model
+            )));
         }
         let pool = &self.cluster.pool;
         let (waiting, running) = jobs::depth(pool, &self.model).await.map_err(unavailable)?;

@@ -53,6 +53,7 @@ def test_nothing_accepted_is_lost_and_nothing_is_rendered_twice(_cluster):
     extra = []
     # A third worker, so that two remain while one is being replaced.
     extra.append(start(cluster, "worker", "worker3", "127.0.0.1:0"))
+    workers.append(extra[-1].pid)
     time.sleep(1.0)
     before = int(subprocess.run(["psql", cluster["database"], "-tAc", "SELECT COUNT(*) FROM jobs"],
                                 check=True, capture_output=True, text=True).stdout)
@@ -106,6 +107,27 @@ def test_nothing_accepted_is_lost_and_nothing_is_rendered_twice(_cluster):
                                    "SELECT COUNT(*) FROM jobs"],
                                   check=True, capture_output=True, text=True).stdout)
         assert jobs - before == REQUESTS, "one job per request, whatever failed"
+        # Every worker stopped (SIGTERM: they retire at once): a request is told so now,
+        # not at its deadline.
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in extra:
+            if p.pid in workers:
+                p.wait(timeout=30)
+        time.sleep(1)
+        c = OpenAI(base_url=cluster["apis"][1]["url"] + "/v1", api_key=cluster["key"],
+                   max_retries=0, timeout=30)
+        started = time.time()
+        try:
+            c.images.generate(model=MODEL, prompt="anyone?", size="32x32",
+                              extra_body={"steps": 1})
+            raise AssertionError("served with no worker")
+        except openai.InternalServerError as e:
+            assert e.status_code == 503 and "No live worker" in e.message, e.message
+        assert time.time() - started < 5
     finally:
         for p in extra:
             p.kill()
