@@ -33,6 +33,10 @@ type Subscribers = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>>;
 #[derive(Clone)]
 pub(crate) struct Events {
     subscribers: Subscribers,
+    url: Arc<str>,
+    /// The listener starts with the first subscription: a worker, which never
+    /// subscribes, holds no idle connection for it.
+    started: Arc<std::sync::Once>,
 }
 
 /// A job's events until it is dropped.
@@ -65,10 +69,18 @@ fn parse(payload: &str) -> Option<(&str, Event)> {
 }
 
 impl Events {
-    /// Starts listening (reconnecting as needed) for the life of the process.
-    pub(crate) fn start(url: String) -> Self {
-        let subscribers: Subscribers = Arc::default();
-        let handed = Arc::clone(&subscribers);
+    /// The events of the cluster at `url`; nothing is listened to until a job subscribes.
+    pub(crate) fn new(url: &str) -> Self {
+        Self {
+            subscribers: Arc::default(),
+            url: Arc::from(url),
+            started: Arc::new(std::sync::Once::new()),
+        }
+    }
+
+    /// Listens (reconnecting as needed) for the life of the process.
+    fn listen(&self) {
+        let (url, handed) = (Arc::clone(&self.url), Arc::clone(&self.subscribers));
         tokio::spawn(async move {
             loop {
                 let mut listener = match PgListener::connect(&url).await {
@@ -103,11 +115,12 @@ impl Events {
                 }
             }
         });
-        Self { subscribers }
     }
 
-    /// Job `id`'s events from now on.
+    /// Job `id`'s events from now on (the first subscription starts the listener; an
+    /// event sent before it listens is caught by the subscriber's polling).
     pub(crate) fn subscribe(&self, id: &str) -> Subscription {
+        self.started.call_once(|| self.listen());
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers
             .lock()

@@ -95,7 +95,7 @@ impl Cluster {
             .acquire_timeout(Duration::from_secs(5))
             .connect(database_url)
             .await?;
-        let events = events::Events::start(database_url.to_string());
+        let events = events::Events::new(database_url);
         Ok(Self {
             pool,
             url: database_url.to_string(),

@@ -218,46 +218,44 @@ struct Follow {
     mean_secs: Arc<Mutex<Option<f64>>>,
 }
 
-/// How often a waiting caller's departure is noticed and written back.
-const CANCEL_CHECK: Duration = Duration::from_millis(100);
 /// How often the row is read when no notification came.
 const POLL: Duration = Duration::from_secs(1);
 
 impl Follow {
-    async fn run(self, mut events: Subscription, reply: Reply) {
-        let started = Instant::now();
+    async fn run(self, mut events: Subscription, mut reply: Reply) {
         let mut poll = tokio::time::interval(POLL);
-        let mut check = tokio::time::interval(CANCEL_CHECK);
-        loop {
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let timed_out = loop {
             tokio::select! {
                 event = events.rx.recv() => match event {
                     Some(Event::Preview { image, index, step }) => {
                         self.preview(&reply, image, index, step).await;
                     }
-                    Some(Event::Done) => break,
+                    Some(Event::Done) => break None,
                     None => {}
                 },
                 _ = poll.tick() => {
                     if let Ok(Some(row)) = jobs::read(&self.cluster.pool, &self.id).await
                         && !matches!(row.state.as_str(), "queued" | "running")
                     {
-                        break;
+                        break None;
                     }
                 }
-                _ = check.tick() => {
-                    let timed_out = started.elapsed() > self.timeout;
-                    if reply.cancelled() || timed_out {
-                        if let Err(e) = jobs::cancel(&self.cluster.pool, &self.id).await {
-                            tracing::warn!(job = %self.id, error = %e, "cancelling a job");
-                        }
-                        if timed_out {
-                            reply.finish(Err(JobError::TimedOut(self.timeout)));
-                        }
-                        self.clean_up();
-                        return;
-                    }
-                }
+                // The caller left (its ticket dropped): the job is cancelled at once.
+                () = reply.left() => break Some(false),
+                () = &mut deadline => break Some(true),
             }
+        };
+        if let Some(timed_out) = timed_out {
+            if let Err(e) = jobs::cancel(&self.cluster.pool, &self.id).await {
+                tracing::warn!(job = %self.id, error = %e, "cancelling a job");
+            }
+            if timed_out {
+                reply.finish(Err(JobError::TimedOut(self.timeout)));
+            }
+            self.clean_up();
+            return;
         }
         let result = self.result().await;
         if let Ok(outcome) = &result {

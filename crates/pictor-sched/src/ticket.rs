@@ -78,7 +78,6 @@ impl Drop for Ticket {
 pub struct Reply {
     result: oneshot::Sender<Result<Outcome, JobError>>,
     previews: Option<mpsc::UnboundedSender<Preview>>,
-    cancel: Arc<AtomicBool>,
 }
 
 impl Reply {
@@ -94,9 +93,9 @@ impl Reply {
         let _ = self.result.send(result);
     }
 
-    /// Whether the caller dropped its ticket (it went away): the job should stop.
-    pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed) || self.result.is_closed()
+    /// Resolves when the caller drops its ticket (it went away): the job should stop.
+    pub async fn left(&mut self) {
+        self.result.closed().await;
     }
 }
 
@@ -109,19 +108,17 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
     } else {
         (None, None)
     };
-    let cancel = Arc::new(AtomicBool::new(false));
     (
         Ticket {
             rx,
             previews: previews_rx,
             result: None,
-            cancel: Arc::clone(&cancel),
+            cancel: Arc::new(AtomicBool::new(false)),
             job: None,
         },
         Reply {
             result,
             previews: previews_tx,
-            cancel,
         },
     )
 }

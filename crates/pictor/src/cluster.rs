@@ -26,7 +26,7 @@ pub enum Role {
 /// Jobs get this many runs before they fail (a worker dying mid-job costs one).
 const MAX_ATTEMPTS: u32 = 3;
 
-/// Connects this node to the cluster: PostgreSQL (migrated) and the S3 store.
+/// Connects this node to the cluster: PostgreSQL (migrated by the caller) and the S3 store.
 async fn connect(config: &Config, role: &str) -> anyhow::Result<Cluster> {
     let url = config.database_url();
     if !url.starts_with("postgres") {
@@ -39,7 +39,6 @@ async fn connect(config: &Config, role: &str) -> anyhow::Result<Cluster> {
             "--role {role} needs an image store shared by the cluster: set [storage] url = \"s3://bucket/prefix\""
         );
     }
-    Db::connect(&url).await.context("migrating the database")?;
     let blobs = config
         .storage
         .open(&config.data_dir)
@@ -97,6 +96,10 @@ pub async fn run_worker(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cluster = connect(&config, "worker").await?;
+    // An API node migrates when it opens its database; a worker opens none but this.
+    Db::connect(&config.database_url())
+        .await
+        .context("migrating the database")?;
     let mut models = Vec::new();
     for (name, m) in config.models.clone() {
         let config = config.clone();

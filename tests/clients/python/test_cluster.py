@@ -182,6 +182,23 @@ def test_postgresql_restarted_clients_see_503_at_most_then_service_resumes(clust
         assert size_of(base64.b64decode(r.data[0].b64_json)) == (32, 32)
 
 
+def test_a_client_that_leaves_cancels_its_job_on_the_worker(cluster):
+    # A plain client (not an SDK attempt, which runs detached) gives up after a second.
+    body = ('{"model": "%s", "prompt": "abandoned", "size": "256x256", "steps": 200}' % MODEL)
+    req = urllib.request.Request(cluster["apis"][1]["url"] + "/v1/images/generations",
+                                 body.encode(), {"Authorization": "Bearer " + cluster["key"],
+                                                 "Content-Type": "application/json"})
+    with pytest.raises(OSError):
+        urllib.request.urlopen(req, timeout=1)
+    state = ""
+    for _ in range(100):
+        state = sql(cluster, "SELECT state FROM jobs WHERE request LIKE '%abandoned%'")
+        if state == "cancelled":
+            break
+        time.sleep(0.1)
+    assert state == "cancelled"
+
+
 def test_a_keyed_request_outlives_its_api_node(cluster):
     # Last in this module: it kills API node 0. A long job with an Idempotency-Key starts
     # on node 0, which dies mid-job; the same request to node 1 attaches to that job once
