@@ -1,11 +1,12 @@
 //! Bench (not a test) of the coordination layer alone: the PostgreSQL queue, the workers'
 //! claims and leases, the API side's tickets and the store, with no model. Each worker runs
-//! a bench-only `Sleeper` pipeline that waits a fixed 200 ms per job and draws a 16×16
-//! grey image; it is never registered as a servable model.
+//! a bench-only `Sleeper` pipeline that waits a fixed 200 ms per job and draws an image; it
+//! is never registered as a servable model.
 //!
 //! (b) jobs/s at 1, 4, 16 and 64 workers against 2 API-side queues, against the ideal
-//!     (workers / 0.2 s);
-//! (c) the latency the cluster adds to one job over a local queue, p50 and p99.
+//!     (workers / 0.2 s), 25 jobs per worker (`PICTOR_BENCH_JOBS_PER_WORKER`);
+//! (c) the latency the cluster adds to one job over a local queue, p50 and p99, with a
+//!     small image (it travels in the job's row) and a large one (through the store).
 //!
 //! Needs PostgreSQL and S3: it starts them with `scripts/services up`.
 //! Run: `cargo bench -p pictor-cluster --bench coordination`.
@@ -27,8 +28,42 @@ use tokio::sync::watch;
 const JOB: Duration = Duration::from_millis(200);
 const MODEL: &str = "sleeper";
 
-/// Bench-only: waits `JOB` per request, draws grey.
-struct Sleeper;
+/// Bench-only: waits `JOB` per request, draws a `side`² image: flat grey (its PNG small
+/// enough to travel in the job's row) or noise (a PNG past that bound, through the store).
+#[derive(Clone, Copy)]
+struct Sleeper {
+    side: usize,
+    noise: bool,
+}
+
+/// The (b) and first (c) image: 16² grey.
+const SMALL: Sleeper = Sleeper {
+    side: 16,
+    noise: false,
+};
+/// The second (c) image: 512² noise, about 770 KiB as PNG, as large as a real result.
+const LARGE: Sleeper = Sleeper {
+    side: 512,
+    noise: true,
+};
+
+impl Sleeper {
+    fn image(&self) -> RgbImage {
+        let len = self.side * self.side * 3;
+        let pixels = if self.noise {
+            (0..len)
+                .map(|i| ((i * 2_654_435_761) >> 13) as u8)
+                .collect()
+        } else {
+            vec![128; len]
+        };
+        RgbImage {
+            width: self.side,
+            height: self.side,
+            pixels,
+        }
+    }
+}
 
 impl Pipeline for Sleeper {
     fn rules(&self) -> ModelRules {
@@ -56,14 +91,7 @@ impl Pipeline for Sleeper {
             .map(|r| {
                 std::thread::sleep(JOB);
                 Generation {
-                    images: vec![
-                        RgbImage {
-                            width: 16,
-                            height: 16,
-                            pixels: vec![128; 16 * 16 * 3],
-                        };
-                        r.n
-                    ],
+                    images: vec![self.image(); r.n],
                     prompt: Default::default(),
                     phases: Default::default(),
                 }
@@ -109,6 +137,15 @@ fn request() -> GenerationRequest {
     }
 }
 
+/// Jobs per worker in (b) (`PICTOR_BENCH_JOBS_PER_WORKER`, default 25: five seconds of
+/// work each, so the start and the tail weigh little).
+fn per_worker() -> usize {
+    std::env::var("PICTOR_BENCH_JOBS_PER_WORKER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -126,15 +163,19 @@ impl Setup {
             .expect("PostgreSQL")
     }
 
-    /// `n` workers with one Sleeper each; returns the handle that stops them.
-    async fn workers(&self, n: usize) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>) {
+    /// `n` workers with one `sleeper` each; returns the handle that stops them.
+    async fn workers(
+        &self,
+        n: usize,
+        sleeper: Sleeper,
+    ) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>) {
         let (stop, stopped) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..n {
             let cluster = self.cluster(&format!("bench-worker-{i}"), 2).await;
             let queue = ModelQueue::start(
                 MODEL,
-                Box::new(Sleeper),
+                Box::new(sleeper),
                 QueueConfig {
                     depth: 4,
                     timeout: Duration::from_secs(600),
@@ -144,7 +185,7 @@ impl Setup {
             let model = WorkerModel {
                 name: MODEL.into(),
                 queue: Arc::new(queue),
-                rules: Sleeper.rules(),
+                rules: sleeper.rules(),
                 hash: None,
                 capacity: 1,
             };
@@ -166,9 +207,9 @@ impl Setup {
 async fn throughput(setup: &Setup, apis: &[Arc<SharedQueue>], workers: usize) -> (usize, f64) {
     let db = Db::connect(&setup.url).await.expect("db");
     let _ = db; // migrated
-    let (stop, handles) = setup.workers(workers).await;
+    let (stop, handles) = setup.workers(workers, SMALL).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let jobs = (workers * 8).max(16);
+    let jobs = (workers * per_worker()).max(16);
     let start = Instant::now();
     let mut waits = Vec::new();
     // Clients submit at once, as many clients would.
@@ -187,6 +228,45 @@ async fn throughput(setup: &Setup, apis: &[Arc<SharedQueue>], workers: usize) ->
         let _ = h.await;
     }
     (jobs, jobs as f64 / secs)
+}
+
+/// p50 and p99 of a job's time past `JOB`, on a local queue and through the cluster.
+async fn added_latency(
+    setup: &Setup,
+    api: &SharedQueue,
+    sleeper: Sleeper,
+) -> Vec<(&'static str, f64, f64)> {
+    let local = ModelQueue::start(
+        MODEL,
+        Box::new(sleeper),
+        QueueConfig {
+            depth: 4,
+            timeout: Duration::from_secs(60),
+            batch_images: 1,
+        },
+    );
+    let (stop, handles) = setup.workers(1, sleeper).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rows = Vec::new();
+    for (label, queue) in [
+        ("local", &local as &dyn JobQueue),
+        ("cluster", api as &dyn JobQueue),
+    ] {
+        let mut added = Vec::new();
+        for _ in 0..50 {
+            let start = Instant::now();
+            let ticket = queue.submit(request()).await.expect("admitted");
+            ticket.wait().await.expect("outcome");
+            added.push((start.elapsed().as_secs_f64() - JOB.as_secs_f64()) * 1000.0);
+        }
+        added.sort_by(f64::total_cmp);
+        rows.push((label, percentile(&added, 0.5), percentile(&added, 0.99)));
+    }
+    let _ = stop.send(true);
+    for h in handles {
+        let _ = h.await;
+    }
+    rows
 }
 
 fn main() {
@@ -258,44 +338,23 @@ fn main() {
             "(c) latency added to one {} ms job (50 jobs each, one at a time)",
             JOB.as_millis()
         );
-        let local = ModelQueue::start(
-            MODEL,
-            Box::new(Sleeper),
-            QueueConfig {
-                depth: 4,
-                timeout: Duration::from_secs(60),
-                batch_images: 1,
-            },
-        );
-        let (stop, handles) = setup.workers(1).await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let mut rows = Vec::new();
-        for (label, queue) in [
-            ("local", &local as &dyn JobQueue),
-            ("cluster", apis[0].as_ref() as &dyn JobQueue),
-        ] {
-            let mut added = Vec::new();
-            for _ in 0..50 {
-                let start = Instant::now();
-                let ticket = queue.submit(request()).await.expect("admitted");
-                ticket.wait().await.expect("outcome");
-                added.push((start.elapsed().as_secs_f64() - JOB.as_secs_f64()) * 1000.0);
-            }
-            added.sort_by(f64::total_cmp);
-            rows.push((label, percentile(&added, 0.5), percentile(&added, 0.99)));
-        }
-        let _ = stop.send(true);
-        for h in handles {
-            let _ = h.await;
-        }
-        println!("queue    p50 ms  p99 ms");
-        for (label, p50, p99) in &rows {
-            println!("{label:<7}  {p50:>6.1}  {p99:>6.1}");
-        }
+        let large = pictor_image::encode(&LARGE.image(), pictor_image::Format::Png, 100, "");
+        let large = large.expect("a PNG").len();
+        assert!(large > 256 * 1024, "the large image goes through the store");
         println!(
-            "added by the cluster: p50 {:.1} ms, p99 {:.1} ms",
-            rows[1].1 - rows[0].1,
-            rows[1].2 - rows[0].2
+            "image             queue    p50 ms  p99 ms  (large PNG: {} KiB)",
+            large / 1024
         );
+        for (label, sleeper) in [("16² grey (row)", SMALL), ("512² noise (S3)", LARGE)] {
+            let rows = added_latency(&setup, &apis[0], sleeper).await;
+            for (queue, p50, p99) in &rows {
+                println!("{label:<16}  {queue:<7}  {p50:>6.1}  {p99:>6.1}");
+            }
+            println!(
+                "{label:<16}  added by the cluster: p50 {:.1} ms, p99 {:.1} ms",
+                rows[1].1 - rows[0].1,
+                rows[1].2 - rows[0].2
+            );
+        }
     });
 }

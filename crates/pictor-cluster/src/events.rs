@@ -1,7 +1,8 @@
 //! Job events for an API node: one `LISTEN pictor_events` connection per node, each
 //! notification handed to the job it names (`done:<id>` or
 //! `preview:<id>:<image>:<index>:<step>`). Notifications sent while the connection was
-//! down are lost; whoever waits also polls, so a lost one only delays.
+//! down are lost; one poll per node a second finds the followed jobs that ended anyway,
+//! so a lost one only delays.
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,10 @@ use std::{
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
 
-use crate::jobs::EVENTS_CHANNEL;
+use crate::jobs::{self, EVENTS_CHANNEL};
+
+/// How often the followed jobs' rows are read when no notification came.
+const POLL: Duration = Duration::from_secs(1);
 
 /// What happened to a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +38,7 @@ type Subscribers = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>>;
 pub(crate) struct Events {
     subscribers: Subscribers,
     url: Arc<str>,
+    pool: sqlx::PgPool,
     /// The listener starts with the first subscription: a worker, which never
     /// subscribes, holds no idle connection for it.
     started: Arc<std::sync::Once>,
@@ -70,12 +75,45 @@ fn parse(payload: &str) -> Option<(&str, Event)> {
 
 impl Events {
     /// The events of the cluster at `url`; nothing is listened to until a job subscribes.
-    pub(crate) fn new(url: &str) -> Self {
+    pub(crate) fn new(url: &str, pool: sqlx::PgPool) -> Self {
         Self {
             subscribers: Arc::default(),
             url: Arc::from(url),
+            pool,
             started: Arc::new(std::sync::Once::new()),
         }
+    }
+
+    /// Once a second, tells each followed job that ended without a notification.
+    fn poll(&self) {
+        let (pool, handed) = (self.pool.clone(), Arc::clone(&self.subscribers));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POLL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ids: Vec<String> = handed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                match jobs::ended(&pool, &ids).await {
+                    Ok(ended) => {
+                        let subs = handed.lock().unwrap_or_else(|e| e.into_inner());
+                        for id in ended {
+                            if let Some(tx) = subs.get(&id) {
+                                let _ = tx.send(Event::Done);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "job events: polling"),
+                }
+            }
+        });
     }
 
     /// Listens (reconnecting as needed) for the life of the process.
@@ -117,10 +155,13 @@ impl Events {
         });
     }
 
-    /// Job `id`'s events from now on (the first subscription starts the listener; an
-    /// event sent before it listens is caught by the subscriber's polling).
+    /// Job `id`'s events from now on (the first subscription starts the listener and the
+    /// poll; an end sent before it listens is caught by the poll).
     pub(crate) fn subscribe(&self, id: &str) -> Subscription {
-        self.started.call_once(|| self.listen());
+        self.started.call_once(|| {
+            self.listen();
+            self.poll();
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers
             .lock()

@@ -20,6 +20,8 @@ pub(crate) struct Claimed {
     pub model: String,
     pub request: String,
     pub attempts: i64,
+    /// Images it makes.
+    pub images: i64,
     /// Milliseconds it waited before this run.
     pub waited_ms: i64,
 }
@@ -31,62 +33,89 @@ pub(crate) struct JobRow {
     pub error: Option<String>,
 }
 
-/// Queues a job for `model`; wakes the workers.
-pub(crate) async fn insert(
-    pool: &PgPool,
-    id: &str,
-    model: &str,
-    request: &str,
-    max_attempts: i64,
-    timeout_ms: i64,
-) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(&format!(
-        "INSERT INTO jobs (id, model, state, request, max_attempts, created_at, deadline)
-         VALUES ($1, $2, 'queued', $3, $4, {NOW_MS}, {NOW_MS} + $5)"
-    ))
-    .bind(id)
-    .bind(model)
-    .bind(request)
-    .bind(max_attempts)
-    .bind(timeout_ms)
-    .execute(&mut *tx)
-    .await?;
-    notify(&mut *tx, JOBS_CHANNEL, model).await?;
-    tx.commit().await?;
-    Ok(())
+/// What admitting a job found.
+pub(crate) struct Admitted {
+    /// Whether the job was queued (the model's waiting jobs were under the bound).
+    pub queued: bool,
+    /// Jobs of the model waiting (counted up to the bound) and running before it.
+    pub waiting: i64,
+    pub running: i64,
 }
 
-/// Jobs of `model` waiting and running.
-pub(crate) async fn depth(pool: &PgPool, model: &str) -> Result<(i64, i64)> {
-    let row = sqlx::query(
-        "SELECT COUNT(*) FILTER (WHERE state = 'queued'), COUNT(*) FILTER (WHERE state = 'running')
-         FROM jobs WHERE model = $1 AND state IN ('queued', 'running')",
-    )
-    .bind(model)
+/// A job to queue.
+pub(crate) struct NewJob<'a> {
+    pub id: &'a str,
+    pub model: &'a str,
+    pub request: &'a str,
+    /// Images it makes (a worker claims no more than its batch holds).
+    pub images: i64,
+    pub max_attempts: i64,
+    pub timeout_ms: i64,
+}
+
+/// Queues `job` unless `depth` jobs of its model already wait (one statement), then wakes
+/// the workers.
+pub(crate) async fn admit(pool: &PgPool, job: &NewJob<'_>, depth: i64) -> Result<Admitted> {
+    let row = sqlx::query(&format!(
+        "WITH depth AS (
+             SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM jobs
+                         WHERE state = 'queued' AND model = $2 LIMIT $7) AS w) AS waiting,
+                    (SELECT COUNT(*) FROM jobs
+                         WHERE state = 'running' AND model = $2) AS running),
+         queued AS (
+             INSERT INTO jobs (id, model, state, request, images, max_attempts, created_at,
+                               deadline)
+             SELECT $1, $2, 'queued', $3, $4, $5, {NOW_MS}, {NOW_MS} + $6
+             FROM depth WHERE waiting < $7
+             RETURNING id)
+         SELECT waiting, running, (SELECT COUNT(*) FROM queued) AS queued FROM depth"
+    ))
+    .bind(job.id)
+    .bind(job.model)
+    .bind(job.request)
+    .bind(job.images)
+    .bind(job.max_attempts)
+    .bind(job.timeout_ms)
+    .bind(depth)
     .fetch_one(pool)
     .await?;
-    Ok((row.try_get(0)?, row.try_get(1)?))
+    let queued = row.try_get::<i64, _>("queued")? == 1;
+    if queued {
+        notify(pool, JOBS_CHANNEL, job.model).await?;
+    }
+    Ok(Admitted {
+        queued,
+        waiting: row.try_get("waiting")?,
+        running: row.try_get("running")?,
+    })
 }
 
-/// Claims the oldest waiting job of one of `models` for `worker`, leased for `lease_ms`.
+/// Claims for `worker`, leased for `lease_ms`, the oldest waiting job of one of `models`
+/// whose images fit the room that model has (`rooms`, in the same order). Each model's
+/// oldest is read in index order (a join instead sorted every waiting job on each claim).
 pub(crate) async fn claim(
     pool: &PgPool,
     worker: &str,
     models: &[String],
+    rooms: &[i64],
     lease_ms: i64,
 ) -> Result<Option<Claimed>> {
     let row = sqlx::query(&format!(
         "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1,
              leased_until = {NOW_MS} + $2, started_at = {NOW_MS}
-         WHERE id = (SELECT id FROM jobs
-                     WHERE state = 'queued' AND model = ANY($3) AND deadline > {NOW_MS}
-                     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING id, model, request, attempts, started_at - created_at AS waited"
+         WHERE id = (SELECT oldest.id FROM UNNEST($3::TEXT[], $4::BIGINT[]) AS free(model, room)
+                     CROSS JOIN LATERAL (
+                         SELECT j.id, j.created_at FROM jobs j
+                         WHERE j.state = 'queued' AND j.model = free.model
+                           AND j.images <= free.room AND j.deadline > {NOW_MS}
+                         ORDER BY j.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) AS oldest
+                     ORDER BY oldest.created_at LIMIT 1)
+         RETURNING id, model, request, attempts, images, started_at - created_at AS waited"
     ))
     .bind(worker)
     .bind(lease_ms)
     .bind(models)
+    .bind(rooms)
     .fetch_optional(pool)
     .await?;
     row.map(|r| {
@@ -95,6 +124,7 @@ pub(crate) async fn claim(
             model: r.try_get("model")?,
             request: r.try_get("request")?,
             attempts: r.try_get("attempts")?,
+            images: r.try_get("images")?,
             waited_ms: r.try_get("waited")?,
         })
     })
@@ -136,8 +166,8 @@ pub(crate) async fn check(pool: &PgPool, id: &str, worker: &str) -> Result<Optio
 }
 
 /// Ends `worker`'s run of job `id` as `state` with `result` or `error`, once: a worker
-/// that lost the job (its lease expired and another took it) changes nothing. Tells the
-/// API nodes. Returns whether this run's outcome was recorded.
+/// that lost the job (its lease expired and another took it) changes nothing. Then tells
+/// the API nodes. Returns whether this run's outcome was recorded.
 pub(crate) async fn finish(
     pool: &PgPool,
     id: &str,
@@ -146,8 +176,7 @@ pub(crate) async fn finish(
     result: Option<&str>,
     error: Option<&str>,
 ) -> Result<bool> {
-    let mut tx = pool.begin().await?;
-    let done = sqlx::query(&format!(
+    let ended = sqlx::query(&format!(
         "UPDATE jobs SET state = $3, result = $4, error = $5, finished_at = {NOW_MS},
              leased_until = NULL
          WHERE id = $1 AND worker = $2 AND state = 'running'"
@@ -157,16 +186,22 @@ pub(crate) async fn finish(
     .bind(state)
     .bind(result)
     .bind(error)
-    .execute(&mut *tx)
-    .await?;
-    if done.rows_affected() == 1 {
-        notify_done(&mut tx, id).await?;
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    if ended {
+        notify_done(pool, id).await?;
     }
-    tx.commit().await?;
-    Ok(done.rows_affected() == 1)
+    Ok(ended)
 }
 
-/// Sends `payload` on `channel` (delivered when the transaction commits).
+/// Sends `payload` on `channel`, in a statement of its own after the change it tells of
+/// has committed. PostgreSQL serialises the commits of notifying transactions; one that
+/// writes nothing commits without flushing the log, so the lock is held only briefly.
+/// (Notifying inside the writing transaction held it across the flush, and at 64 workers
+/// that queue was most of a job's overhead.) A notification lost to a crash in between is
+/// caught by the pollers.
 pub(crate) async fn notify(
     conn: impl sqlx::PgExecutor<'_>,
     channel: &str,
@@ -180,13 +215,12 @@ pub(crate) async fn notify(
     Ok(())
 }
 
-async fn notify_done(tx: &mut sqlx::PgConnection, id: &str) -> Result<()> {
-    notify(tx, EVENTS_CHANNEL, &format!("done:{id}")).await
+async fn notify_done(conn: impl sqlx::PgExecutor<'_>, id: &str) -> Result<()> {
+    notify(conn, EVENTS_CHANNEL, &format!("done:{id}")).await
 }
 
 /// Gives job `id` back to the queue (a worker stopping), not counting the run.
 pub(crate) async fn hand_back(pool: &PgPool, id: &str, worker: &str, model: &str) -> Result<()> {
-    let mut tx = pool.begin().await?;
     sqlx::query(
         "UPDATE jobs SET state = 'queued', worker = NULL, leased_until = NULL,
              attempts = GREATEST(attempts - 1, 0)
@@ -194,11 +228,9 @@ pub(crate) async fn hand_back(pool: &PgPool, id: &str, worker: &str, model: &str
     )
     .bind(id)
     .bind(worker)
-    .execute(&mut *tx)
+    .execute(pool)
     .await?;
-    notify(&mut *tx, JOBS_CHANNEL, model).await?;
-    tx.commit().await?;
-    Ok(())
+    notify(pool, JOBS_CHANNEL, model).await
 }
 
 /// The caller left: a waiting job is cancelled at once, a running one is flagged for its
@@ -257,6 +289,7 @@ pub(crate) async fn reap(pool: &PgPool) -> Result<(u64, u64)> {
     ))
     .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let (mut requeued, mut failed) = (0, late.len() as u64);
     for row in &rows {
         let id: String = row.try_get("id")?;
@@ -264,16 +297,15 @@ pub(crate) async fn reap(pool: &PgPool) -> Result<(u64, u64)> {
         if state == "queued" {
             requeued += 1;
             let model: String = row.try_get("model")?;
-            notify(&mut *tx, JOBS_CHANNEL, &model).await?;
+            notify(pool, JOBS_CHANNEL, &model).await?;
         } else {
             failed += 1;
-            notify_done(&mut tx, &id).await?;
+            notify_done(pool, &id).await?;
         }
     }
     for row in &late {
-        notify_done(&mut tx, &row.try_get::<String, _>("id")?).await?;
+        notify_done(pool, &row.try_get::<String, _>("id")?).await?;
     }
-    tx.commit().await?;
     Ok((requeued, failed))
 }
 
@@ -326,4 +358,39 @@ pub(crate) async fn workers_alive(pool: &PgPool) -> Result<i64> {
     .fetch_one(pool)
     .await?;
     Ok(row.try_get(0)?)
+}
+
+/// Which of `ids` have ended (done, failed or cancelled): one read for every job a node
+/// follows, the fallback when a notification was lost.
+pub(crate) async fn ended(pool: &PgPool, ids: &[String]) -> Result<Vec<String>> {
+    let rows = sqlx::query(
+        "SELECT id FROM jobs WHERE id = ANY($1) AND state NOT IN ('queued', 'running')",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// Deletes up to `limit` jobs that ended more than `retention_ms` ago; returns each one's
+/// id and request (to find what it left in the store).
+pub(crate) async fn sweep(
+    pool: &PgPool,
+    retention_ms: i64,
+    limit: i64,
+) -> Result<Vec<(String, String, Option<String>)>> {
+    let rows = sqlx::query(&format!(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs
+             WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < {NOW_MS} - $1
+             LIMIT $2 FOR UPDATE SKIP LOCKED)
+         RETURNING id, request, result"
+    ))
+    .bind(retention_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect()
 }

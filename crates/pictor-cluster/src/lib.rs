@@ -7,16 +7,21 @@
 //! holds loaded models, claims jobs for them with `FOR UPDATE SKIP LOCKED` under a lease it
 //! renews while the job runs, runs them on its local queue, writes the images to the store
 //! and the result to the row once; a reaper hands expired leases to another worker, at most
-//! `max_attempts` runs per job. `LISTEN/NOTIFY` wakes workers and waiting API nodes, with
-//! polling as the fallback, so a lost notification only delays.
+//! `max_attempts` runs per job. `LISTEN/NOTIFY` wakes idle workers and waiting API nodes,
+//! with polling as the fallback, so a lost notification only delays. Workers also sweep
+//! the rows of jobs that ended long ago.
 //!
 //! What it is not: no HTTP (the API crate answers clients), no tensors (workers run
-//! whatever `Pipeline` their queues hold), and no image bytes in the database.
+//! whatever `Pipeline` their queues hold), and no large images in the database (a small
+//! result travels in its row; pixels go through the database only while the store is down).
 
 mod events;
+mod housekeeping;
 mod jobs;
 mod objects;
 mod queue;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::time::Duration;
@@ -95,7 +100,7 @@ impl Cluster {
             .acquire_timeout(Duration::from_secs(5))
             .connect(database_url)
             .await?;
-        let events = events::Events::new(database_url);
+        let events = events::Events::new(database_url, pool.clone());
         Ok(Self {
             pool,
             url: database_url.to_string(),

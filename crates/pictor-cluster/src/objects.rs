@@ -1,7 +1,9 @@
 //! What travels between nodes, and where: a job's request and result as JSON in its row,
 //! and its images (an edit's input, previews, results) as lossless PNGs in the store under
-//! `jobs/<id>/` (in the database while the store is out of reach). Receipts and the client's format are the API node's business: a worker's
-//! PNGs are plain pixels.
+//! `jobs/<id>/` (in the database while the store is out of reach). A result image small
+//! enough (`INLINE_MAX`) travels in the row instead, which spares the store two round
+//! trips. Receipts and the client's format are the API node's business: a worker's PNGs
+//! are plain pixels.
 
 use std::sync::Arc;
 
@@ -50,6 +52,19 @@ pub(crate) struct JobResult {
     /// Milliseconds its worker ran it.
     pub ran_ms: u64,
     pub images: usize,
+    /// Image `i`'s PNG in base64 when it travels in the row; `None` (or absent): it is in
+    /// the store.
+    #[serde(default)]
+    pub inline: Vec<Option<String>>,
+}
+
+/// The largest result PNG that travels in the job's row rather than the store.
+pub(crate) const INLINE_MAX: usize = 64 * 1024;
+
+impl JobResult {
+    fn is_inline(&self, i: usize) -> bool {
+        self.inline.get(i).is_some_and(Option::is_some)
+    }
 }
 
 fn input(id: &str) -> String {
@@ -70,19 +85,83 @@ pub(crate) fn preview(id: &str, image: usize, index: usize) -> String {
     format!("jobs/{id}/preview-{image}-{index}.png")
 }
 
-/// Every name job `id` may have written: its results, its previews, and an edit's input
-/// and mask.
-pub(crate) fn all(id: &str, images: usize, previews: usize, edit: bool) -> Vec<String> {
+/// Every name job `id` may have written to the store: its results (but those that
+/// travelled in the row), its previews, and an edit's input and mask.
+pub(crate) fn all(
+    id: &str,
+    images: usize,
+    previews: usize,
+    edit: bool,
+    result: Option<&JobResult>,
+) -> Vec<String> {
     let mut names = if edit {
         vec![input(id), mask(id)]
     } else {
         Vec::new()
     };
     for i in 0..images {
-        names.push(result(id, i));
+        if !result.is_some_and(|r| r.is_inline(i)) {
+            names.push(self::result(id, i));
+        }
         names.extend((0..previews).map(|p| preview(id, i, p)));
     }
     names
+}
+
+/// What a swept job left in the store, from its row's request and result.
+pub(crate) fn left_by(id: &str, request: &str, result: Option<&str>) -> Vec<String> {
+    let Ok(JobRequest { request, edit }) = serde_json::from_str(request) else {
+        return Vec::new();
+    };
+    let result: Option<JobResult> = result.and_then(|r| serde_json::from_str(r).ok());
+    all(
+        id,
+        request.n,
+        request.previews,
+        edit.is_some(),
+        result.as_ref(),
+    )
+}
+
+/// Result `images`: the small ones as base64 for the row, the others put in the store.
+pub(crate) async fn put_results(
+    cluster: &crate::Cluster,
+    id: &str,
+    images: &[RgbImage],
+) -> Result<Vec<Option<String>>> {
+    use base64::Engine as _;
+    let mut inline = Vec::with_capacity(images.len());
+    for (i, image) in images.iter().enumerate() {
+        let bytes = png(image)?;
+        if bytes.len() <= INLINE_MAX {
+            inline.push(Some(
+                base64::engine::general_purpose::STANDARD.encode(&bytes),
+            ));
+        } else {
+            cluster.put_object(&result(id, i), bytes).await?;
+            inline.push(None);
+        }
+    }
+    Ok(inline)
+}
+
+/// Result image `i` of job `id`: from the row or from the store.
+pub(crate) async fn get_result(
+    cluster: &crate::Cluster,
+    id: &str,
+    result: &JobResult,
+    i: usize,
+) -> Result<RgbImage> {
+    use base64::Engine as _;
+    match result.inline.get(i) {
+        Some(Some(b64)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| ClusterError::Image(e.to_string()))?;
+            pixels(&bytes)
+        }
+        _ => pixels(&cluster.get_object(&self::result(id, i)).await?),
+    }
 }
 
 /// `image` as a lossless PNG.

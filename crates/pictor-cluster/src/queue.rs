@@ -40,8 +40,9 @@ pub struct SharedQueue {
     closed: AtomicBool,
     /// Exponentially weighted mean of job seconds, for `Retry-After`.
     mean_secs: Arc<Mutex<Option<f64>>>,
-    /// When a live worker was last seen serving the model.
-    served_at: Mutex<Option<Instant>>,
+    /// When a live worker was last seen serving the model (an async lock: a burst of
+    /// requests after a quiet spell waits for one lookup instead of making one each).
+    served_at: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// How long a sighting of a worker serving the model is trusted before looking again.
@@ -63,7 +64,7 @@ impl SharedQueue {
             running: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             mean_secs: Arc::default(),
-            served_at: Mutex::new(None),
+            served_at: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -79,14 +80,14 @@ impl SharedQueue {
 
     /// Whether a live worker serves the model (looked up at most every `SERVED_FOR`).
     async fn served(&self) -> Result<bool, SubmitError> {
-        let seen = *self.served_at.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.served_at.lock().await;
         if seen.is_some_and(|at| at.elapsed() < SERVED_FOR) {
             return Ok(true);
         }
         let models = self.cluster.advertised().await.map_err(unavailable)?;
         let served = models.iter().any(|m| m.name == self.model);
         if served {
-            *self.served_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            *seen = Some(Instant::now());
         }
         Ok(served)
     }
@@ -102,31 +103,39 @@ impl SharedQueue {
                 self.model
             )));
         }
-        let pool = &self.cluster.pool;
-        let (waiting, running) = jobs::depth(pool, &self.model).await.map_err(unavailable)?;
-        self.waiting.store(waiting as usize, Ordering::Relaxed);
-        self.running.store(running as usize, Ordering::Relaxed);
-        if waiting as usize >= self.options.depth {
-            return Err(SubmitError::Overloaded {
-                retry_after: self.retry_after(waiting, running),
-            });
-        }
         let id = format!("job_{}", hex::encode(rand::random::<[u8; 12]>()));
         let row = objects::put_request(&self.cluster, &id, &req)
             .await
             .map_err(unavailable)?;
         // Subscribed before the row exists, so no event of the job is missed.
         let events = self.cluster.events.subscribe(&id);
-        jobs::insert(
-            pool,
-            &id,
-            &self.model,
-            &row,
-            i64::from(self.options.max_attempts.max(1)),
-            self.options.timeout.as_millis() as i64,
-        )
-        .await
-        .map_err(unavailable)?;
+        let job = jobs::NewJob {
+            id: &id,
+            model: &self.model,
+            request: &row,
+            images: req.n as i64,
+            max_attempts: i64::from(self.options.max_attempts.max(1)),
+            timeout_ms: self.options.timeout.as_millis() as i64,
+        };
+        let depth = self.options.depth as i64;
+        let admitted = jobs::admit(&self.cluster.pool, &job, depth)
+            .await
+            .map_err(unavailable)?;
+        let waiting = admitted.waiting + i64::from(admitted.queued);
+        self.waiting.store(waiting as usize, Ordering::Relaxed);
+        self.running
+            .store(admitted.running as usize, Ordering::Relaxed);
+        if !admitted.queued {
+            // An edit's pixels were put for nothing.
+            if req.edit.is_some() {
+                let cluster = self.cluster.clone();
+                let names = objects::all(&id, 0, 0, true, None);
+                tokio::spawn(async move { cluster.delete_objects(&names).await });
+            }
+            return Err(SubmitError::Overloaded {
+                retry_after: self.retry_after(admitted.waiting, admitted.running),
+            });
+        }
         Ok(self.follow(id, events, req.n, req.previews, req.edit.is_some()))
     }
 
@@ -218,53 +227,54 @@ struct Follow {
     mean_secs: Arc<Mutex<Option<f64>>>,
 }
 
-/// How often the row is read when no notification came.
-const POLL: Duration = Duration::from_secs(1);
-
 impl Follow {
     async fn run(self, mut events: Subscription, mut reply: Reply) {
-        let mut poll = tokio::time::interval(POLL);
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
-        let timed_out = loop {
+        let ended = loop {
             tokio::select! {
                 event = events.rx.recv() => match event {
                     Some(Event::Preview { image, index, step }) => {
                         self.preview(&reply, image, index, step).await;
                     }
-                    Some(Event::Done) => break None,
+                    Some(Event::Done) => {
+                        // Read the row; an event it does not bear out is ignored.
+                        if let Some(ended) = self.result().await {
+                            break Ok(ended);
+                        }
+                    }
                     None => {}
                 },
-                _ = poll.tick() => {
-                    if let Ok(Some(row)) = jobs::read(&self.cluster.pool, &self.id).await
-                        && !matches!(row.state.as_str(), "queued" | "running")
-                    {
-                        break None;
-                    }
-                }
                 // The caller left (its ticket dropped): the job is cancelled at once.
-                () = reply.left() => break Some(false),
-                () = &mut deadline => break Some(true),
+                () = reply.left() => break Err(false),
+                () = &mut deadline => break Err(true),
             }
         };
-        if let Some(timed_out) = timed_out {
-            if let Err(e) = jobs::cancel(&self.cluster.pool, &self.id).await {
-                tracing::warn!(job = %self.id, error = %e, "cancelling a job");
+        let (result, row) = match ended {
+            Ok(ended) => ended,
+            Err(timed_out) => {
+                self.given_up(reply, timed_out).await;
+                return;
             }
-            if timed_out {
-                reply.finish(Err(JobError::TimedOut(self.timeout)));
-            }
-            self.clean_up();
-            return;
-        }
-        let result = self.result().await;
+        };
         if let Ok(outcome) = &result {
             let secs = outcome.ran.as_secs_f64();
             let mut mean = self.mean_secs.lock().unwrap_or_else(|e| e.into_inner());
             *mean = Some(mean.map_or(secs, |m| 0.8 * m + 0.2 * secs));
         }
         reply.finish(result);
-        self.clean_up();
+        self.clean_up(row.as_ref());
+    }
+
+    /// The caller left or the deadline passed: the job is cancelled.
+    async fn given_up(&self, reply: Reply, timed_out: bool) {
+        if let Err(e) = jobs::cancel(&self.cluster.pool, &self.id).await {
+            tracing::warn!(job = %self.id, error = %e, "cancelling a job");
+        }
+        if timed_out {
+            reply.finish(Err(JobError::TimedOut(self.timeout)));
+        }
+        self.clean_up(None);
     }
 
     async fn preview(&self, reply: &Reply, image: usize, index: usize, step: usize) {
@@ -283,51 +293,63 @@ impl Follow {
         }
     }
 
-    /// The ended job's outcome, its images read from the store.
-    async fn result(&self) -> Result<Outcome, JobError> {
+    /// The ended job's outcome, its images read from the row or the store, and the result
+    /// as its row holds it; `None` while the job is still waiting or running.
+    async fn result(&self) -> Option<(Result<Outcome, JobError>, Option<JobResult>)> {
         let failed = |why: String| JobError::Engine(Arc::new(PipelineError::Failed(why.into())));
         let row = match jobs::read(&self.cluster.pool, &self.id).await {
             Ok(Some(row)) => row,
-            Ok(None) => return Err(failed("the job's record is gone".into())),
-            Err(e) => return Err(failed(format!("reading the job's record: {e}"))),
+            Ok(None) => return Some((Err(failed("the job's record is gone".into())), None)),
+            Err(e) => {
+                let why = format!("reading the job's record: {e}");
+                return Some((Err(failed(why)), None));
+            }
         };
         match row.state.as_str() {
             "done" => {}
-            "cancelled" => return Err(JobError::Cancelled),
+            "queued" | "running" => return None,
+            "cancelled" => return Some((Err(JobError::Cancelled), None)),
             _ => {
                 let why = row.error.unwrap_or_else(|| "the job failed".into());
-                return Err(failed(why));
+                return Some((Err(failed(why)), None));
             }
         }
+        let result: JobResult = match serde_json::from_str(row.result.as_deref().unwrap_or("")) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("reading the job's result: {e}");
+                return Some((Err(failed(why)), None));
+            }
+        };
         let read = async {
-            let result: JobResult = serde_json::from_str(row.result.as_deref().unwrap_or(""))?;
             let mut images = Vec::with_capacity(result.images);
             for i in 0..result.images {
-                let bytes = self
-                    .cluster
-                    .get_object(&objects::result(&self.id, i))
-                    .await?;
-                images.push(objects::pixels(&bytes)?);
+                images.push(objects::get_result(&self.cluster, &self.id, &result, i).await?);
             }
             Ok::<_, ClusterError>(Outcome {
                 generation: Generation {
                     images,
-                    prompt: result.prompt,
+                    prompt: result.prompt.clone(),
                     phases: result.phases,
                 },
                 queued: Duration::from_millis(result.queued_ms),
                 ran: Duration::from_millis(result.ran_ms),
             })
         };
-        read.await
-            .map_err(|e| failed(format!("reading the job's result: {e}")))
+        let outcome = read
+            .await
+            .map_err(|e| failed(format!("reading the job's result: {e}")));
+        Some((outcome, Some(result)))
     }
 
-    /// Deletes the job's objects once read (best effort: the store's own lifecycle rules
-    /// may also expire `jobs/`).
-    fn clean_up(&self) {
+    /// Deletes what the job left in the store once read (best effort: the workers' sweep
+    /// and the store's own lifecycle rules catch what is missed).
+    fn clean_up(&self, result: Option<&JobResult>) {
+        let names = objects::all(&self.id, self.images, self.previews, self.edit, result);
+        if names.is_empty() {
+            return;
+        }
         let cluster = self.cluster.clone();
-        let names = objects::all(&self.id, self.images, self.previews, self.edit);
         tokio::spawn(async move { cluster.delete_objects(&names).await });
     }
 }

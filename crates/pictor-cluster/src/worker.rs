@@ -1,8 +1,9 @@
 //! A worker node: it advertises the models it holds, claims their jobs under a lease it
 //! renews while they run, runs them on its local queues, and writes their images to the
-//! store and their outcome to the row once. Every worker also reaps expired leases. On
-//! shutdown it stops claiming, lets running jobs finish within the grace period, and hands
-//! back what is left.
+//! store and their outcome to the row once. It listens for new jobs only while it has room
+//! (a busy worker claims again as soon as a job ends). Every worker also reaps expired
+//! leases and sweeps long-ended jobs. On shutdown it stops claiming, lets running jobs
+//! finish within the grace period, and hands back what is left.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use sqlx::postgres::PgListener;
 use tokio::{sync::watch, task::JoinSet};
 
 use crate::{
-    Advertised, Cluster, Result,
+    Advertised, Cluster, Result, housekeeping,
     jobs::{self, Claimed, EVENTS_CHANNEL, JOBS_CHANNEL},
     objects::{self, JobResult},
 };
@@ -27,8 +28,9 @@ pub struct WorkerModel {
     pub rules: ModelRules,
     /// A short hash of its weights, for receipts.
     pub hash: Option<String>,
-    /// Jobs of it run (or wait on its local queue) at once: its batch size, so that
-    /// compatible jobs are denoised together.
+    /// Images of it in the jobs it holds at once: its batch size, so that compatible jobs
+    /// are denoised together and none waits here while another worker idles. An idle
+    /// model takes a job of any size.
     pub capacity: usize,
 }
 
@@ -42,6 +44,8 @@ pub struct WorkerOptions {
     pub heartbeat: Duration,
     /// Time running jobs get to finish on shutdown before they are handed back.
     pub grace: Duration,
+    /// How long an ended job's row is kept (for late readers) before it is swept.
+    pub retention: Duration,
 }
 
 impl Default for WorkerOptions {
@@ -50,6 +54,7 @@ impl Default for WorkerOptions {
             lease: Duration::from_secs(10),
             heartbeat: Duration::from_millis(250),
             grace: Duration::from_secs(30),
+            retention: Duration::from_secs(3600),
         }
     }
 }
@@ -97,47 +102,72 @@ impl Worker {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let this = Arc::new(self);
         let (stop_tx, stop) = watch::channel(false);
-        let housekeeping = tokio::spawn(Arc::clone(&this).housekeeping(stop.clone()));
+        let housekeeping = tokio::spawn(housekeeping::run(
+            this.cluster.clone(),
+            this.advertised(),
+            this.options.retention,
+            stop.clone(),
+        ));
         let mut wake = PgListener::connect(&this.cluster.url).await?;
-        wake.listen(JOBS_CHANNEL).await?;
-        let mut running: JoinSet<String> = JoinSet::new();
-        let mut per_model: HashMap<String, usize> = HashMap::new();
+        let mut listening = false;
+        let mut running: JoinSet<(String, usize)> = JoinSet::new();
+        let mut held: HashMap<String, usize> = HashMap::new();
         tokio::pin!(shutdown);
         loop {
             // Claim while some model has room.
+            let mut room_left = false;
             loop {
-                let free: Vec<String> = this
-                    .models
-                    .values()
-                    .filter(|m| per_model.get(&m.name).copied().unwrap_or(0) < m.capacity)
-                    .map(|m| m.name.clone())
-                    .collect();
-                if free.is_empty() {
+                let (models, rooms) = this.rooms(&held);
+                if models.is_empty() {
                     break;
                 }
                 let lease = this.options.lease.as_millis() as i64;
-                match jobs::claim(&this.cluster.pool, &this.cluster.node, &free, lease).await {
+                let (pool, node) = (&this.cluster.pool, &this.cluster.node);
+                match jobs::claim(pool, node, &models, &rooms, lease).await {
                     Ok(Some(job)) => {
-                        *per_model.entry(job.model.clone()).or_default() += 1;
+                        let images = job.images.max(1) as usize;
+                        *held.entry(job.model.clone()).or_default() += images;
                         running.spawn(Arc::clone(&this).run_job(job, stop.clone()));
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming a job failed");
+                    Ok(None) => {
+                        room_left = true;
                         break;
                     }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming a job failed");
+                        room_left = true;
+                        break;
+                    }
+                }
+            }
+            // Wake-ups only while there is room: then claim once more, for a job queued
+            // before the listener was on.
+            if room_left != listening {
+                let changed = if room_left {
+                    wake.listen(JOBS_CHANNEL).await
+                } else {
+                    wake.unlisten(JOBS_CHANNEL).await
+                };
+                match changed {
+                    Ok(()) => {
+                        listening = room_left;
+                        if listening {
+                            continue;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "job wake-ups: (un)listening"),
                 }
             }
             tokio::select! {
                 () = &mut shutdown => break,
                 done = running.join_next(), if !running.is_empty() => {
-                    if let Some(Ok(model)) = done
-                        && let Some(n) = per_model.get_mut(&model)
+                    if let Some(Ok((model, images))) = done
+                        && let Some(n) = held.get_mut(&model)
                     {
-                        *n = n.saturating_sub(1);
+                        *n = n.saturating_sub(images);
                     }
                 }
-                note = wake.recv() => {
+                note = wake.recv(), if listening => {
                     if let Err(e) = note {
                         tracing::warn!(error = %e, "job wake-ups: connection lost");
                         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -163,34 +193,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Advertises the models and reaps expired leases every two seconds.
-    async fn housekeeping(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let advertised = self.advertised();
-        let mut tick = tokio::time::interval(Duration::from_secs(2));
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.changed() => return,
-            }
-            let pool = &self.cluster.pool;
-            if let Err(e) = jobs::advertise(pool, &self.cluster.node, &advertised).await {
-                tracing::warn!(error = %e, "advertising the worker's models");
-            }
-            match jobs::reap(pool).await {
-                Ok((0, 0)) => {}
-                Ok((requeued, failed)) => {
-                    metrics::counter!("pictor_leases_expired_total").increment(requeued + failed);
-                    metrics::counter!("pictor_jobs_retried_total").increment(requeued);
-                    tracing::info!(requeued, failed, "reaped jobs whose worker stopped");
-                }
-                Err(e) => tracing::warn!(error = %e, "reaping expired leases"),
-            }
-        }
+    /// The models with room for another job, and that room in images (unbounded for an
+    /// idle model).
+    fn rooms(&self, held: &HashMap<String, usize>) -> (Vec<String>, Vec<i64>) {
+        self.models
+            .values()
+            .filter_map(|m| match held.get(&m.name).copied().unwrap_or(0) {
+                0 => Some((m.name.clone(), i64::MAX)),
+                used if used < m.capacity => Some((m.name.clone(), (m.capacity - used) as i64)),
+                _ => None,
+            })
+            .unzip()
     }
 
-    /// Runs one claimed job; returns its model, whatever happened.
-    async fn run_job(self: Arc<Self>, job: Claimed, stop: watch::Receiver<bool>) -> String {
-        let model = job.model.clone();
+    /// Runs one claimed job; returns its model and images, whatever happened.
+    async fn run_job(
+        self: Arc<Self>,
+        job: Claimed,
+        stop: watch::Receiver<bool>,
+    ) -> (String, usize) {
+        let held = (job.model.clone(), job.images.max(1) as usize);
         if let Err(e) = Arc::clone(&self).try_run(&job, stop).await {
             tracing::warn!(job = %job.id, error = %e, "running a claimed job failed");
             let why = format!("its worker failed: {e}");
@@ -205,7 +227,7 @@ impl Worker {
             )
             .await;
         }
-        model
+        held
     }
 
     async fn try_run(
@@ -250,7 +272,8 @@ impl Worker {
             ticket.wait().await
         };
         tokio::pin!(run);
-        let mut beat = tokio::time::interval(self.options.heartbeat);
+        let first = tokio::time::Instant::now() + self.options.heartbeat;
+        let mut beat = tokio::time::interval_at(first, self.options.heartbeat);
         // The lease is rewritten a few times per lease; in between, each beat only reads
         // whether the job was cancelled (a read costs the database no commit).
         let renew_every = self.options.lease / 3;
@@ -280,17 +303,15 @@ impl Worker {
         // Leaving the loop early drops the ticket, which cancels the local job.
         match ended {
             Ended::Outcome(Ok(outcome)) => {
-                for (i, image) in outcome.generation.images.iter().enumerate() {
-                    cluster
-                        .put_object(&objects::result(&job.id, i), objects::png(image)?)
-                        .await?;
-                }
+                let images = &outcome.generation.images;
+                let inline = objects::put_results(cluster, &job.id, images).await?;
                 let result = JobResult {
                     prompt: outcome.generation.prompt.clone(),
                     phases: outcome.generation.phases,
                     queued_ms: job.waited_ms.max(0) as u64 + outcome.queued.as_millis() as u64,
                     ran_ms: outcome.ran.as_millis() as u64,
-                    images: outcome.generation.images.len(),
+                    images: images.len(),
+                    inline,
                 };
                 let row = serde_json::to_string(&result)?;
                 if !jobs::finish(pool, &job.id, node, "done", Some(&row), None).await? {

@@ -15,8 +15,8 @@ mod blobs;
 mod keys;
 mod rates;
 mod replays;
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::{
     path::Path,

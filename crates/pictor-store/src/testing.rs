@@ -1,5 +1,6 @@
-//! PostgreSQL and S3 for the tests: those `scripts/services` starts (or finds running),
-//! with a fresh database per test.
+//! PostgreSQL and S3 for the tests (this crate's, and others' through the `testing`
+//! feature): those `scripts/services` starts (or finds running), with a fresh database per
+//! test.
 
 use std::process::Command;
 
@@ -26,7 +27,7 @@ fn exported(env: &str, name: &str) -> Option<String> {
 }
 
 /// The test S3 server's bucket (its credentials put in this process's environment).
-pub(crate) async fn s3() -> crate::S3Options {
+pub async fn s3() -> crate::S3Options {
     services(&["up", "s3"]);
     let env = services(&["env"]);
     for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
@@ -42,7 +43,12 @@ pub(crate) async fn s3() -> crate::S3Options {
 }
 
 /// A new, empty database on the test PostgreSQL server, migrated.
-pub(crate) async fn fresh_postgres() -> Result<Db> {
+pub async fn fresh_postgres() -> Result<Db> {
+    Db::connect(&fresh_postgres_url().await?).await
+}
+
+/// The URL of a new database on the test PostgreSQL server, migrated.
+pub async fn fresh_postgres_url() -> Result<String> {
     services(&["up", "postgres"]);
     let env = services(&["env"]);
     let url =
@@ -53,5 +59,7 @@ pub(crate) async fn fresh_postgres() -> Result<Db> {
         .execute(&admin.pool)
         .await?;
     let (base, _) = url.rsplit_once('/').expect("a database URL has a path");
-    Db::connect(&format!("{base}/{name}")).await
+    let url = format!("{base}/{name}");
+    Db::connect(&url).await?;
+    Ok(url)
 }
