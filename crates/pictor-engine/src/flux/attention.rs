@@ -9,7 +9,9 @@ use candle_nn::RmsNorm;
 /// The epsilon of FLUX's query and key RMS norms.
 pub(super) const QK_NORM_EPS: f64 = 1e-6;
 
-/// The rotary table `(b, l, dim/2, 2, 2)` of positions `pos` `(b, l)` along one axis.
+/// The rotary table `(b, l, dim/2, 2, 2)` of positions `pos` `(b, l)` along one axis, in
+/// f32 whatever the compute dtype (as diffusers builds it): in bf16, `pos · freq` keeps 8
+/// bits, and the cosine of position 100 is already off by up to 0.2.
 pub(super) fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Result<Tensor> {
     let dev = pos.device();
     let inv_freq: Vec<f32> = (0..dim)
@@ -17,23 +19,31 @@ pub(super) fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Resul
         .map(|i| 1f32 / (theta as f64).powf(i as f64 / dim as f64) as f32)
         .collect();
     let n = inv_freq.len();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, n), dev)?.to_dtype(pos.dtype())?;
-    let freqs = pos.unsqueeze(2)?.broadcast_mul(&inv_freq)?;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, 1, n), dev)?;
+    let freqs = pos
+        .to_dtype(DType::F32)?
+        .unsqueeze(2)?
+        .broadcast_mul(&inv_freq)?;
     let (cos, sin) = (freqs.cos()?, freqs.sin()?);
     let out = Tensor::stack(&[&cos, &sin.neg()?, &sin, &cos], 3)?;
     let (b, n, d, _) = out.dims4()?;
     out.reshape((b, n, d, 2, 2))
 }
 
+/// Rotates `x` `(b, h, l, d)` by the f32 table `freq_cis`, in f32, and answers in `x`'s
+/// dtype (diffusers' `apply_rotary_emb` does the same).
 fn apply_rope(x: &Tensor, freq_cis: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
     let dims = x.dims();
     let (b, h, l, d) = x.dims4()?;
-    let x = x.reshape((b, h, l, d / 2, 2))?;
+    let x = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
     let x0 = x.narrow(D::Minus1, 0, 1)?;
     let x1 = x.narrow(D::Minus1, 1, 1)?;
     let fr0 = freq_cis.get_on_dim(D::Minus1, 0)?;
     let fr1 = freq_cis.get_on_dim(D::Minus1, 1)?;
-    (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?.reshape(dims.to_vec())
+    (fr0.broadcast_mul(&x0)? + fr1.broadcast_mul(&x1)?)?
+        .reshape(dims.to_vec())?
+        .to_dtype(dtype)
 }
 
 /// Most attention scores held at once by [`AttentionKernel::Blocks`] by default, in
@@ -242,6 +252,43 @@ mod tests {
         let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
         let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// In bf16 the rotary embedding is the f32 result rounded once, at positions far past
+    /// those bf16 holds exactly, and its table is the f64 cosine and sine to f32 precision.
+    #[test]
+    fn rope_is_computed_in_f32_for_bf16_activations() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (h, l, d) = (2, 700, 16);
+        let pos = Tensor::arange(0u32, l as u32, &dev)?
+            .to_dtype(DType::F32)?
+            .reshape((1, l))?;
+        let pe = rope(&pos, d, 10_000)?;
+        assert_eq!(pe.dtype(), DType::F32);
+        let table = pe.flatten_all()?.to_vec1::<f32>()?;
+        for (p, row) in table.chunks(d / 2 * 4).enumerate() {
+            for (i, rot) in row.chunks(4).enumerate() {
+                let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / d as f64);
+                let want = [angle.cos(), -angle.sin(), angle.sin(), angle.cos()];
+                for (got, want) in rot.iter().zip(want) {
+                    assert!(
+                        (f64::from(*got) - want).abs() < 1e-4,
+                        "position {p}, pair {i}"
+                    );
+                }
+            }
+        }
+        let pe = pe.unsqueeze(1)?;
+        let x = Tensor::randn(0f32, 1.0, (1, h, l, d), &dev)?.to_dtype(DType::BF16)?;
+        let want = apply_rope(&x.to_dtype(DType::F32)?, &pe)?;
+        let got = apply_rope(&x, &pe)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        // One rounding to bf16: within 2⁻⁸ of the value.
+        let err = (got.to_dtype(DType::F32)? - &want)?.abs()?;
+        let bound = ((want.abs()? * (1.0 / 256.0))? + 1e-6)?;
+        let over = err.gt(&bound)?.to_dtype(DType::F32)?.sum_all()?;
+        assert_eq!(over.to_scalar::<f32>()?, 0.0);
+        Ok(())
     }
 
     /// The fused CPU kernel against candle's ops: two streams with their own norms (text

@@ -150,8 +150,10 @@ impl Transformer {
         } else {
             pooled.repeat((b, 1))?
         };
-        let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), dtype, &self.device)?;
-        let img_ids = sampling::image_ids(b, latent_hw.0, latent_hw.1, dtype, &self.device)?;
+        // Positions in f32 whatever the dtype: bf16 holds integers exactly only to 256.
+        let txt_ids = Tensor::zeros((b, txt.dim(1)?, 3), DType::F32, &self.device)?;
+        let (h, w) = latent_hw;
+        let img_ids = sampling::image_ids(b, h, w, DType::F32, &self.device)?;
         let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
         let img = img.to_dtype(dtype)?;
         let v = self
