@@ -48,6 +48,19 @@ const LARGE: Sleeper = Sleeper {
 };
 
 impl Sleeper {
+    /// A local queue running this sleeper, one job at a time.
+    fn queue(self) -> ModelQueue {
+        ModelQueue::start(
+            MODEL,
+            Box::new(self),
+            QueueConfig {
+                depth: 4,
+                timeout: Duration::from_secs(600),
+                batch_images: 1,
+            },
+        )
+    }
+
     fn image(&self) -> RgbImage {
         let len = self.side * self.side * 3;
         let pixels = if self.noise {
@@ -163,28 +176,15 @@ impl Setup {
             .expect("PostgreSQL")
     }
 
-    /// `n` workers with one `sleeper` each; returns the handle that stops them.
-    async fn workers(
-        &self,
-        n: usize,
-        sleeper: Sleeper,
-    ) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>) {
+    /// `n` workers with one `sleeper` each.
+    async fn workers(&self, n: usize, sleeper: Sleeper) -> Workers {
         let (stop, stopped) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..n {
             let cluster = self.cluster(&format!("bench-worker-{i}"), 2).await;
-            let queue = ModelQueue::start(
-                MODEL,
-                Box::new(sleeper),
-                QueueConfig {
-                    depth: 4,
-                    timeout: Duration::from_secs(600),
-                    batch_images: 1,
-                },
-            );
             let model = WorkerModel {
                 name: MODEL.into(),
-                queue: Arc::new(queue),
+                queue: Arc::new(sleeper.queue()),
                 rules: sleeper.rules(),
                 hash: None,
                 capacity: 1,
@@ -200,14 +200,28 @@ impl Setup {
                 }
             }));
         }
-        (stop, handles)
+        Workers { stop, handles }
+    }
+}
+
+/// Running bench workers.
+struct Workers {
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Stops them and waits until each has.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for h in self.handles {
+            let _ = h.await;
+        }
     }
 }
 
 async fn throughput(setup: &Setup, apis: &[Arc<SharedQueue>], workers: usize) -> (usize, f64) {
-    let db = Db::connect(&setup.url).await.expect("db");
-    let _ = db; // migrated
-    let (stop, handles) = setup.workers(workers, SMALL).await;
+    let running = setup.workers(workers, SMALL).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let jobs = (workers * per_worker()).max(16);
     let start = Instant::now();
@@ -223,10 +237,7 @@ async fn throughput(setup: &Setup, apis: &[Arc<SharedQueue>], workers: usize) ->
         w.await.expect("join").expect("a job's outcome");
     }
     let secs = start.elapsed().as_secs_f64();
-    let _ = stop.send(true);
-    for h in handles {
-        let _ = h.await;
-    }
+    running.stop().await;
     (jobs, jobs as f64 / secs)
 }
 
@@ -236,16 +247,8 @@ async fn added_latency(
     api: &SharedQueue,
     sleeper: Sleeper,
 ) -> Vec<(&'static str, f64, f64)> {
-    let local = ModelQueue::start(
-        MODEL,
-        Box::new(sleeper),
-        QueueConfig {
-            depth: 4,
-            timeout: Duration::from_secs(60),
-            batch_images: 1,
-        },
-    );
-    let (stop, handles) = setup.workers(1, sleeper).await;
+    let local = sleeper.queue();
+    let running = setup.workers(1, sleeper).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut rows = Vec::new();
     for (label, queue) in [
@@ -262,10 +265,7 @@ async fn added_latency(
         added.sort_by(f64::total_cmp);
         rows.push((label, percentile(&added, 0.5), percentile(&added, 0.99)));
     }
-    let _ = stop.send(true);
-    for h in handles {
-        let _ = h.await;
-    }
+    running.stop().await;
     rows
 }
 

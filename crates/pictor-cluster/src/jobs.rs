@@ -20,8 +20,8 @@ pub(crate) struct Claimed {
     pub model: String,
     pub request: String,
     pub attempts: i64,
-    /// Images it makes.
-    pub images: i64,
+    /// Images it makes (at least one).
+    pub images: usize,
     /// Milliseconds it waited before this run.
     pub waited_ms: i64,
 }
@@ -124,7 +124,7 @@ pub(crate) async fn claim(
             model: r.try_get("model")?,
             request: r.try_get("request")?,
             attempts: r.try_get("attempts")?,
-            images: r.try_get("images")?,
+            images: r.try_get::<i64, _>("images")?.max(1) as usize,
             waited_ms: r.try_get("waited")?,
         })
     })
@@ -373,7 +373,7 @@ pub(crate) async fn ended(pool: &PgPool, ids: &[String]) -> Result<Vec<String>> 
 }
 
 /// Deletes up to `limit` jobs that ended more than `retention_ms` ago; returns each one's
-/// id and request (to find what it left in the store).
+/// id, request and result (to find what it left in the store).
 pub(crate) async fn sweep(
     pool: &PgPool,
     retention_ms: i64,

@@ -222,6 +222,16 @@ impl crate::Cluster {
         }
     }
 
+    /// Deletes `names` in the background (best effort: the workers' sweep and the store's
+    /// own lifecycle rules catch what is missed).
+    pub(crate) fn delete_objects_later(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let cluster = self.clone();
+        tokio::spawn(async move { cluster.delete_objects(&names).await });
+    }
+
     /// Deletes `names` wherever they are (best effort).
     pub(crate) async fn delete_objects(&self, names: &[String]) {
         let _ = sqlx::query("DELETE FROM job_objects WHERE name = ANY($1)")

@@ -128,9 +128,8 @@ impl SharedQueue {
         if !admitted.queued {
             // An edit's pixels were put for nothing.
             if req.edit.is_some() {
-                let cluster = self.cluster.clone();
                 let names = objects::all(&id, 0, 0, true, None);
-                tokio::spawn(async move { cluster.delete_objects(&names).await });
+                self.cluster.delete_objects_later(names);
             }
             return Err(SubmitError::Overloaded {
                 retry_after: self.retry_after(admitted.waiting, admitted.running),
@@ -342,14 +341,9 @@ impl Follow {
         Some((outcome, Some(result)))
     }
 
-    /// Deletes what the job left in the store once read (best effort: the workers' sweep
-    /// and the store's own lifecycle rules catch what is missed).
+    /// Deletes what the job left in the store once read.
     fn clean_up(&self, result: Option<&JobResult>) {
         let names = objects::all(&self.id, self.images, self.previews, self.edit, result);
-        if names.is_empty() {
-            return;
-        }
-        let cluster = self.cluster.clone();
-        tokio::spawn(async move { cluster.delete_objects(&names).await });
+        self.cluster.delete_objects_later(names);
     }
 }

@@ -125,8 +125,7 @@ impl Worker {
                 let (pool, node) = (&this.cluster.pool, &this.cluster.node);
                 match jobs::claim(pool, node, &models, &rooms, lease).await {
                     Ok(Some(job)) => {
-                        let images = job.images.max(1) as usize;
-                        *held.entry(job.model.clone()).or_default() += images;
+                        *held.entry(job.model.clone()).or_default() += job.images;
                         running.spawn(Arc::clone(&this).run_job(job, stop.clone()));
                     }
                     Ok(None) => {
@@ -212,7 +211,7 @@ impl Worker {
         job: Claimed,
         stop: watch::Receiver<bool>,
     ) -> (String, usize) {
-        let held = (job.model.clone(), job.images.max(1) as usize);
+        let held = (job.model.clone(), job.images);
         if let Err(e) = Arc::clone(&self).try_run(&job, stop).await {
             tracing::warn!(job = %job.id, error = %e, "running a claimed job failed");
             let why = format!("its worker failed: {e}");

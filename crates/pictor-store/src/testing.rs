@@ -44,11 +44,16 @@ pub async fn s3() -> crate::S3Options {
 
 /// A new, empty database on the test PostgreSQL server, migrated.
 pub async fn fresh_postgres() -> Result<Db> {
-    Db::connect(&fresh_postgres_url().await?).await
+    Ok(fresh().await?.1)
 }
 
 /// The URL of a new database on the test PostgreSQL server, migrated.
 pub async fn fresh_postgres_url() -> Result<String> {
+    Ok(fresh().await?.0)
+}
+
+/// A new database on the test PostgreSQL server: its URL, and the pool that migrated it.
+async fn fresh() -> Result<(String, Db)> {
     services(&["up", "postgres"]);
     let env = services(&["env"]);
     let url =
@@ -60,6 +65,6 @@ pub async fn fresh_postgres_url() -> Result<String> {
         .await?;
     let (base, _) = url.rsplit_once('/').expect("a database URL has a path");
     let url = format!("{base}/{name}");
-    Db::connect(&url).await?;
-    Ok(url)
+    let db = Db::connect(&url).await?;
+    Ok((url, db))
 }

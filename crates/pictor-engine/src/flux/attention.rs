@@ -10,8 +10,8 @@ use candle_nn::RmsNorm;
 pub(super) const QK_NORM_EPS: f64 = 1e-6;
 
 /// The rotary table `(b, l, dim/2, 2, 2)` of positions `pos` `(b, l)` along one axis, in
-/// f32 whatever the compute dtype (as diffusers builds it): in bf16, `pos · freq` keeps 8
-/// bits, and the cosine of position 100 is already off by up to 0.2.
+/// f32 whatever the compute dtype (as diffusers builds it): bf16 spaces numbers between 64
+/// and 128 by 0.5, so an angle there could be off by a quarter of a radian.
 pub(super) fn rope(pos: &Tensor, dim: usize, theta: usize) -> candle_core::Result<Tensor> {
     let dev = pos.device();
     let inv_freq: Vec<f32> = (0..dim)
