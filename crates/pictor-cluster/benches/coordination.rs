@@ -107,6 +107,7 @@ impl Pipeline for Sleeper {
                     images: vec![self.image(); r.n],
                     prompt: Default::default(),
                     phases: Default::default(),
+                    device: String::new(),
                 }
             })
             .collect())

@@ -47,6 +47,9 @@ pub(crate) struct EditSettings {
 pub(crate) struct JobResult {
     pub prompt: PromptInfo,
     pub phases: Phases,
+    /// Where the worker ran it ([`pictor_core::Generation::device`]).
+    #[serde(default)]
+    pub device: String,
     /// Milliseconds the job waited before its worker started it.
     pub queued_ms: u64,
     /// Milliseconds its worker ran it.

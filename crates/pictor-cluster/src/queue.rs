@@ -330,6 +330,7 @@ impl Follow {
                     images,
                     prompt: result.prompt.clone(),
                     phases: result.phases,
+                    device: result.device.clone(),
                 },
                 queued: Duration::from_millis(result.queued_ms),
                 ran: Duration::from_millis(result.ran_ms),

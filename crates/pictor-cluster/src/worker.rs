@@ -307,6 +307,7 @@ impl Worker {
                 let result = JobResult {
                     prompt: outcome.generation.prompt.clone(),
                     phases: outcome.generation.phases,
+                    device: outcome.generation.device.clone(),
                     queued_ms: job.waited_ms.max(0) as u64 + outcome.queued.as_millis() as u64,
                     ran_ms: outcome.ran.as_millis() as u64,
                     images: images.len(),

@@ -136,6 +136,9 @@ pub struct Generation {
     pub prompt: PromptInfo,
     /// Time per phase.
     pub phases: Phases,
+    /// Where it ran and in which dtype: `cpu f32`, `cuda:0 (NVIDIA H100 80GB HBM3) bf16`
+    /// (empty when the pipeline does not say).
+    pub device: String,
 }
 
 /// One part of a loaded model and the memory it takes.
@@ -151,6 +154,9 @@ pub struct PartMemory {
     /// Whether it stays loaded between requests (false: loaded for each request's phase
     /// and freed after it, because everything together exceeds the budget).
     pub resident: bool,
+    /// Where it runs: `cpu`, or `cuda:0 (NVIDIA H100 80GB HBM3)`. A model on a GPU too
+    /// small for all of it keeps its T5 encoder on the CPU.
+    pub device: String,
 }
 
 /// A loaded model that turns prompts into images.
@@ -167,6 +173,12 @@ pub trait Pipeline: Send {
     /// Each part's memory, once loaded (empty when the pipeline does not say).
     fn memory(&self) -> Vec<PartMemory> {
         Vec::new()
+    }
+
+    /// Where it runs and in which dtype, as [`Generation::device`] spells it (`None` when
+    /// the pipeline does not say).
+    fn device(&self) -> Option<String> {
+        None
     }
 
     /// Generates `req.n` images. `progress` is called after each phase and each denoising

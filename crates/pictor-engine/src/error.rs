@@ -63,6 +63,10 @@ pub enum EngineError {
         /// Which part, its size, the budget, and what to do.
         message: String,
     },
+    /// The device asked for cannot be used (no CUDA in this build, no driver, no such
+    /// GPU, a driver too old).
+    #[error("{0}")]
+    Device(String),
     /// The caller cancelled the generation.
     #[error("generation cancelled")]
     Cancelled,

@@ -2,7 +2,7 @@
 //! read (`prompt`, then a line `Steps: …, Seed: …, Size: WxH, Model: …`), and its parser,
 //! so an image can be reproduced from its own file (`pictor generate --from-image`).
 
-use pictor_core::{Dimensions, GenerationRequest, PromptInfo};
+use pictor_core::{Dimensions, Generation, GenerationRequest};
 
 use crate::{Error, Result};
 
@@ -27,20 +27,23 @@ pub struct Receipt {
     pub strength: Option<f64>,
     /// For an edit: the SHA-256 (hex) of the input image's file.
     pub input_sha256: Option<String>,
+    /// Where it was drawn and in which dtype (`cuda:0 (NVIDIA H100 80GB HBM3) bf16`), when
+    /// known: the same seed gives the same image on the same device and dtype.
+    pub device: Option<String>,
 }
 
 impl Receipt {
     /// The receipt of image `index` of `req`'s result: the prompt its encoder really saw,
-    /// its own seed (`seed + index`), steps and size, and the model that drew it.
+    /// its own seed (`seed + index`), steps and size, and the model and device that drew it.
     pub fn new(
         req: &GenerationRequest,
-        prompt: &PromptInfo,
+        generation: &Generation,
         index: usize,
         model: &str,
         model_hash: Option<&str>,
     ) -> Self {
         Self {
-            prompt: prompt.encoded.clone(),
+            prompt: generation.prompt.encoded.clone(),
             steps: req.steps,
             seed: req.seed.wrapping_add(index as u64),
             width: req.width,
@@ -49,13 +52,14 @@ impl Receipt {
             model_hash: model_hash.map(str::to_string),
             strength: req.edit.as_ref().map(|e| e.strength),
             input_sha256: req.edit.as_ref().map(|e| e.image_sha256.clone()),
+            device: Some(generation.device.clone()).filter(|d| !d.is_empty()),
         }
     }
 
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
-            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}{}{}Model: {}, Version: pictor {}",
+            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}{}{}{}Model: {}, Version: pictor {}",
             self.prompt,
             self.steps,
             self.seed,
@@ -71,6 +75,10 @@ impl Receipt {
             self.model_hash
                 .as_ref()
                 .map(|h| format!("Model hash: {h}, "))
+                .unwrap_or_default(),
+            self.device
+                .as_ref()
+                .map(|d| format!("Device: {}, ", d.replace(", ", " ")))
                 .unwrap_or_default(),
             self.model,
             env!("CARGO_PKG_VERSION")
@@ -96,6 +104,7 @@ impl Receipt {
             model_hash: field("Model hash"),
             strength: field("Denoising strength").and_then(|s| s.parse().ok()),
             input_sha256: field("Input SHA256"),
+            device: field("Device"),
         })
     }
 
@@ -203,6 +212,7 @@ mod tests {
             model_hash: Some("0123abcdef".into()),
             strength: None,
             input_sha256: None,
+            device: Some("cuda:0 (NVIDIA H100 80GB HBM3) bf16".into()),
         };
         assert_eq!(Receipt::parse(&r.to_parameters()), Some(r.clone()));
         let edit = Receipt {
@@ -227,6 +237,7 @@ mod tests {
             model_hash: None,
             strength: Some(0.5),
             input_sha256: Some("cd".repeat(32)),
+            device: None,
         };
         let img = pictor_core::RgbImage {
             width: 16,

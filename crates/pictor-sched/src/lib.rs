@@ -131,6 +131,10 @@ pub trait JobQueue: Send + Sync {
     fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>>;
     /// Each part of the model and its memory (empty where the model runs elsewhere).
     fn memory(&self) -> &[PartMemory];
+    /// Where the model runs, as [`Pipeline::device`] says (`None` where it runs elsewhere).
+    fn device(&self) -> Option<&str> {
+        None
+    }
     /// Jobs waiting (not counting those running).
     fn waiting(&self) -> usize;
     /// Jobs running.
@@ -161,6 +165,10 @@ impl JobQueue for ModelQueue {
         ModelQueue::memory(self)
     }
 
+    fn device(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+
     fn waiting(&self) -> usize {
         ModelQueue::waiting(self)
     }
@@ -183,6 +191,8 @@ pub struct ModelQueue {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// What the pipeline said it holds, before it moved to its thread.
     memory: Vec<PartMemory>,
+    /// Where the pipeline said it runs.
+    device: Option<String>,
     stats: Arc<Stats>,
     config: QueueConfig,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -196,6 +206,7 @@ impl ModelQueue {
         let worker_stats = Arc::clone(&stats);
         let worker_config = config.clone();
         let memory = pipeline.memory();
+        let device = pipeline.device();
         let worker = std::thread::Builder::new()
             .name(format!("model-{name}"))
             .spawn(move || Worker::new(pipeline, rx, worker_stats, worker_config).run())
@@ -203,6 +214,7 @@ impl ModelQueue {
         Self {
             tx: Mutex::new(Some(tx)),
             memory,
+            device,
             stats,
             config,
             worker: Mutex::new(Some(worker)),

@@ -81,6 +81,7 @@ impl Pipeline for Gated {
                     tokens: 0,
                 },
                 phases: Phases::default(),
+                device: "test".into(),
             })
             .collect())
     }

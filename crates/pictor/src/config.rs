@@ -144,7 +144,10 @@ pub struct ModelConfig {
     pub aliases: Vec<String>,
     /// `auto`, `f32`, `bf16` or `f16`.
     pub dtype: String,
-    /// CUDA device number, if any.
+    /// Where it runs: `auto` (the first CUDA GPU when this build has CUDA and the machine
+    /// a driver and a GPU, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// CUDA device number: the same as `device = "cuda:N"`.
     pub cuda: Option<usize>,
     /// Most images denoised together, from one request or several compatible ones.
     pub max_batch: usize,
@@ -178,6 +181,7 @@ impl Default for ModelConfig {
             path: String::new(),
             aliases: Vec::new(),
             dtype: "auto".into(),
+            device: "auto".into(),
             cuda: None,
             max_batch: 4,
             default_size: None,
@@ -193,6 +197,21 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// Where it runs, from `device` and its shorthand `cuda`.
+    pub fn device(&self) -> anyhow::Result<pictor_engine::DeviceChoice> {
+        use pictor_engine::DeviceChoice;
+        let device: DeviceChoice = self.device.parse().map_err(anyhow::Error::msg)?;
+        match (self.cuda, device) {
+            (None, device) => Ok(device),
+            (Some(n), DeviceChoice::Auto) => Ok(DeviceChoice::Cuda(n)),
+            (Some(n), other) if other == DeviceChoice::Cuda(n) => Ok(other),
+            (Some(n), _) => anyhow::bail!(
+                "`cuda = {n}` and `device = \"{}\"` disagree: keep one",
+                self.device
+            ),
+        }
+    }
+
     /// The model's own `rules` with the ones this configuration changes.
     pub fn rules(&self, own: pictor_core::ModelRules) -> pictor_core::ModelRules {
         pictor_core::ModelRules {
@@ -440,5 +459,29 @@ mod tests {
             assert!(c.models.contains_key("pictor-tiny"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn device_and_its_cuda_shorthand_agree_or_are_refused() {
+        use pictor_engine::DeviceChoice;
+        let model = |device: &str, cuda: Option<usize>| ModelConfig {
+            device: device.into(),
+            cuda,
+            ..ModelConfig::default()
+        };
+        assert_eq!(model("auto", None).device().unwrap(), DeviceChoice::Auto);
+        assert_eq!(model("cpu", None).device().unwrap(), DeviceChoice::Cpu);
+        assert_eq!(
+            model("auto", Some(1)).device().unwrap(),
+            DeviceChoice::Cuda(1)
+        );
+        assert_eq!(
+            model("cuda:1", Some(1)).device().unwrap(),
+            DeviceChoice::Cuda(1)
+        );
+        let err = model("cpu", Some(0)).device().unwrap_err().to_string();
+        assert!(err.contains("disagree"), "{err}");
+        let err = model("gpu0", None).device().unwrap_err().to_string();
+        assert!(err.contains("unknown device `gpu0`"), "{err}");
     }
 }

@@ -53,8 +53,12 @@ pub struct Args {
     /// configuration's for a configured model, else auto.
     #[arg(long, value_parser = dtype)]
     dtype: Option<String>,
-    /// Run on CUDA GPU number N (needs a build with --features cuda).
-    #[arg(long, value_name = "N")]
+    /// Where to run: auto (the first CUDA GPU when there is one and this build has CUDA,
+    /// else the CPU), cpu, cuda or cuda:N; default the configuration's, else auto.
+    #[arg(long, value_parser = device)]
+    device: Option<String>,
+    /// Run on CUDA GPU number N: the same as --device cuda:N.
+    #[arg(long, value_name = "N", conflicts_with = "device")]
     cuda: Option<usize>,
     /// Most images denoised together (default 4, or the configuration's).
     #[arg(long)]
@@ -63,6 +67,11 @@ pub struct Args {
     /// made once into the data folder's cache when they are not GGUF already.
     #[arg(long, value_name = "TYPE")]
     quantize: Option<String>,
+}
+
+fn device(s: &str) -> Result<String, String> {
+    s.parse::<pictor_engine::DeviceChoice>()
+        .map(|_| s.to_string())
 }
 
 fn dtype(s: &str) -> Result<String, String> {
@@ -136,7 +145,13 @@ fn model(args: &Args, config: &Config) -> ModelConfig {
     let mut model = config.model(&args.model);
     model.dtype = args.dtype.clone().unwrap_or(model.dtype);
     model.max_batch = args.max_batch.unwrap_or(model.max_batch);
-    model.cuda = args.cuda.or(model.cuda);
+    if let Some(device) = args
+        .device
+        .clone()
+        .or(args.cuda.map(|n| format!("cuda:{n}")))
+    {
+        (model.device, model.cuda) = (device, None);
+    }
     model.quantize = args.quantize.clone().or(model.quantize);
     model
 }
@@ -195,7 +210,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     let generation = render(&mut pipeline, &req)?;
     for (i, image) in generation.images.iter().enumerate() {
         let path = output_path(&args.output, i, req.n);
-        let receipt = Receipt::new(&req, &generation.prompt, i, &args.model, None);
+        let receipt = Receipt::new(&req, &generation, i, &args.model, None);
         save(image, &receipt, &path)?;
         println!(
             "wrote {} ({}x{}, seed {})",

@@ -9,7 +9,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Context;
 use pictor_core::{ModelRules, Pipeline};
 use pictor_engine::{
-    DTypeChoice, DeviceChoice, ModelFiles,
+    DTypeChoice, ModelFiles,
     flux::{FluxOptions, FluxPipeline},
 };
 use pictor_sched::{ModelQueue, QueueConfig};
@@ -42,7 +42,9 @@ pub fn load(
     }
     let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
     let options = FluxOptions {
-        device: m.cuda.map_or(DeviceChoice::Cpu, DeviceChoice::Cuda),
+        device: m
+            .device()
+            .with_context(|| format!("models.{name}.device"))?,
         dtype,
         max_batch: m.max_batch,
         memory_budget,
@@ -77,8 +79,9 @@ pub(crate) fn start_model(
     m: &crate::config::ModelConfig,
 ) -> anyhow::Result<Running> {
     let loaded = crate::load::load(name, m, &config.data_dir, config.memory_budget()?)?;
-    tracing::info!(model = %name, "model loaded");
-    eprintln!("model {name} loaded from {}", m.path);
+    let device = loaded.pipeline.device().unwrap_or_default();
+    tracing::info!(model = %name, %device, "model loaded");
+    eprintln!("model {name} loaded from {} on {device}", m.path);
     let queue = QueueConfig {
         depth: config.limits.queue_depth,
         timeout: Duration::from_secs(config.limits.request_timeout_secs),

@@ -9,6 +9,7 @@ mod keys;
 mod load;
 mod models;
 mod quantized;
+mod selfcheck;
 mod serve;
 mod shipped;
 
@@ -42,6 +43,9 @@ enum Command {
     /// Write a quantized GGUF copy of a transformer or T5 encoder (streams tensor by
     /// tensor: memory stays at one tensor).
     Quantize(models::QuantizeArgs),
+    /// Check this build on a device against diffusers' numbers for a tiny fixture (text
+    /// encoders, one transformer step, the final latents, the pixels); prints JSON.
+    Selfcheck(selfcheck::Args),
     /// Apply the database migrations (SQLite or PostgreSQL, as `database_url` says);
     /// `serve` and `keys` also apply them when they open the database.
     Migrate,
@@ -71,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
         Command::Migrate => block_on(cli.config.as_deref(), keys::migrate),
         Command::Models(m) => models::run(m),
+        Command::Selfcheck(args) => selfcheck::run(args),
         Command::Quantize(q) => models::quantize_command(q),
     };
     match result {

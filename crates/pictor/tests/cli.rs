@@ -210,6 +210,9 @@ fn serve_answers_and_exits_0_on_sigterm() {
                 let names: Vec<&str> = parts.iter().filter_map(|p| p["part"].as_str()).collect();
                 assert_eq!(names, ["clip", "t5", "transformer", "vae"], "{models}");
                 assert!(parts.iter().all(|p| p["bytes"].as_u64().unwrap_or(0) > 0 && p["resident"] == true));
+                // A build without CUDA runs `device = "auto"` on the CPU, and says so.
+                assert_eq!(models["data"][0]["device"], "cpu f32", "{models}");
+                assert!(parts.iter().all(|p| p["device"] == "cpu"), "{models}");
                 let metrics = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
                 assert!(metrics.contains("pictor_model_memory_bytes{"), "{metrics}");
                 assert!(metrics.contains("pictor_process_resident_bytes"), "{metrics}");
@@ -692,4 +695,61 @@ fn migrate_prepares_the_configured_database_and_refuses_an_unknown_one() {
         !run.status.success() && said.contains("postgres://"),
         "{said}"
     );
+}
+
+/// `pictor selfcheck` runs the fixture's stages against diffusers' numbers and reports
+/// them as JSON; it fails where a stage is out of bounds, or the device cannot be used.
+#[test]
+fn selfcheck_reports_every_stage_and_fails_out_of_bounds() {
+    let out = pictor().arg("selfcheck").arg(fixture()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["device"], "cpu f32");
+    assert_eq!(report["passed"], true);
+    let stages: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "clip_pooled",
+            "t5_hidden",
+            "transformer_step0",
+            "final_latents",
+            "pixels"
+        ]
+    );
+    for s in report["stages"].as_array().unwrap() {
+        assert!(
+            s["max_abs_diff"].as_f64().unwrap() <= s["bound"].as_f64().unwrap(),
+            "{s}"
+        );
+        assert!(s["reference_max_abs"].as_f64().unwrap() > 0.5, "{s}");
+    }
+
+    let strict = pictor()
+        .args(["selfcheck", "--max-relative", "1e-12"])
+        .arg(fixture())
+        .output()
+        .unwrap();
+    assert!(!strict.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&strict.stdout).unwrap();
+    assert_eq!(report["passed"], false);
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("out of bounds on cpu f32"));
+
+    let gpu = pictor()
+        .args(["selfcheck", "--device", "cuda:0"])
+        .arg(fixture())
+        .output()
+        .unwrap();
+    assert!(!gpu.status.success());
+    let why = String::from_utf8_lossy(&gpu.stderr);
+    assert!(why.contains("cannot use cuda:0"), "{why}");
 }

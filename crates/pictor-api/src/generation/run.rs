@@ -99,7 +99,7 @@ async fn respond(
     let format = job.output_format();
     let mut data = Vec::with_capacity(generation.images.len());
     for (i, image) in generation.images.iter().enumerate() {
-        let receipt = Receipt::new(job.engine(), &generation.prompt, i, job.model(), model_hash);
+        let receipt = Receipt::new(job.engine(), generation, i, job.model(), model_hash);
         let bytes =
             pictor_image::encode(image, format, job.compression(), &receipt.to_parameters())?;
         let (url, b64_json) = match job.response_format() {
@@ -123,6 +123,7 @@ async fn respond(
             model_hash: receipt.model_hash,
             strength: receipt.strength,
             input_image_sha256: receipt.input_sha256,
+            device: receipt.device,
             timings,
         });
     }

@@ -40,6 +40,10 @@ pub struct ImageData {
     /// Extension, edits and variations: the SHA-256 (hex) of the input image's file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub input_image_sha256: Option<String>,
+    /// Extension: where it was drawn and in which dtype (`cpu f32`,
+    /// `cuda:0 (NVIDIA H100 80GB HBM3) bf16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Extension: where the time went.
     pub timings: Timings,
 }
@@ -166,6 +170,10 @@ pub struct Model {
     /// Memory per part once loaded (a Pictor extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<Vec<ModelPart>>,
+    /// Where it runs and in which dtype (`cpu f32`, `cuda:0 (NVIDIA H100 80GB HBM3) bf16`),
+    /// once loaded on this node (a Pictor extension; absent where workers run it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// What the model accepts, once loaded (a Pictor extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<ModelRulesView>,
@@ -223,6 +231,9 @@ pub struct ModelPart {
     /// Whether it stays loaded between requests (false: loaded per request, because the
     /// whole model exceeds the memory budget).
     pub resident: bool,
+    /// Where it runs: `cpu` or `cuda:0 (NVIDIA H100 80GB HBM3)` (a model too big for its
+    /// GPU keeps T5 on the CPU).
+    pub device: String,
 }
 
 impl From<&pictor_core::PartMemory> for ModelPart {
@@ -232,6 +243,7 @@ impl From<&pictor_core::PartMemory> for ModelPart {
             bytes: p.bytes,
             storage: p.storage.clone(),
             resident: p.resident,
+            device: p.device.clone(),
         }
     }
 }

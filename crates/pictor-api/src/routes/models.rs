@@ -27,6 +27,7 @@ fn entries(state: &AppState) -> Vec<Model> {
             ready: loaded.is_some(),
             hash: slot.hash().map(str::to_string),
             memory: loaded.map(|l| l.memory.clone()),
+            device: loaded.and_then(|l| l.queue.device().map(str::to_string)),
             rules: loaded.map(|l| (&l.rules).into()),
         };
         out.push(entry(&spec.name, None));

@@ -244,6 +244,10 @@ async fn every_image_carries_its_receipt() {
         );
         assert_eq!(item["model"], MODEL);
         assert_eq!(item["model_hash"], "0123abcdef");
+        assert_eq!(
+            item["device"], "cpu f32",
+            "where it was drawn, in which dtype"
+        );
         assert_eq!(item["prompt_truncated"], false);
         let png_bytes = base64::engine::general_purpose::STANDARD
             .decode(item["b64_json"].as_str().unwrap())
@@ -262,6 +266,7 @@ async fn every_image_carries_its_receipt() {
         assert!(text.starts_with("a green star\n"), "{text}");
         assert!(
             text.contains("Model hash: 0123abcdef")
+                && text.contains("Device: cpu f32")
                 && text.contains(&format!("Seed: {}", 1 + i))
                 && text.contains("Steps: 2")
                 && text.contains("Size: 64x48"),

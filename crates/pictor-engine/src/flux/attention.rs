@@ -181,8 +181,12 @@ fn attention_in_blocks(
     // The 1/√d scale goes on the queries, not on the scores: l·d elements instead of l²
     // (35× fewer at 1024²), and candle's scalar multiply runs on one thread.
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let q = (apply_rope(q, pe)? * scale)?.contiguous()?;
-    let k = apply_rope(k, pe)?.contiguous()?;
+    // q and k (rotated, scaled) in f32, and so the scores and their softmax, whatever the
+    // compute dtype, as flash attention keeps them: rounded to bf16, a score of 20 could
+    // be off by 0.06 and its weight by 6 %. The weights go back to the compute dtype for
+    // the product with v (accumulated in f32 by the GEMM), as flash attention does too.
+    let q = (apply_rope(q, pe)?.to_dtype(DType::F32)? * scale)?.contiguous()?;
+    let k = apply_rope(k, pe)?.to_dtype(DType::F32)?.contiguous()?;
     let (b, h, l, d) = q.dims4()?;
     let q = q.reshape((b * h, l, d))?;
     let kt = k.reshape((b * h, l, d))?.t()?;
@@ -191,7 +195,8 @@ fn attention_in_blocks(
     let mut blocks = Vec::with_capacity(l.div_ceil(rows));
     for start in (0..l).step_by(rows) {
         let q = q.narrow(1, start, rows.min(l - start))?;
-        blocks.push(candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?.matmul(&v)?);
+        let weights = candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?;
+        blocks.push(weights.to_dtype(v.dtype())?.matmul(&v)?);
     }
     let out = if blocks.len() == 1 {
         blocks.remove(0)
@@ -252,6 +257,43 @@ mod tests {
         let blocks = attention_in_blocks(&q, &k, &v, &pe, 6 * 37 * 5).unwrap();
         let diff = (whole - blocks).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    /// In bf16 the scores and their softmax are taken in f32: with scores in the tens (as
+    /// FLUX's are), attention on bf16 inputs is within bf16's rounding of the output of
+    /// attention in f32 on the same (rounded) inputs, where bf16 scores would be ~10×
+    /// further off.
+    #[test]
+    fn bf16_attention_keeps_scores_in_f32() -> candle_core::Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (b, h, l, d) = (1, 2, 64, 32);
+        let round = |t: Tensor| t.to_dtype(DType::BF16);
+        let q = round(Tensor::randn(0f32, 3.0, (b, h, l, d), &dev)?)?;
+        let k = round(Tensor::randn(0f32, 3.0, (b, h, l, d), &dev)?)?;
+        let v = round(Tensor::randn(0f32, 1.0, (b, h, l, d), &dev)?)?;
+        // Position 0 everywhere: the rotation is the identity, so rounding its output
+        // (which diffusers does too) does not blur what is measured.
+        let ids = Tensor::zeros((1, l), DType::F32, &dev)?;
+        let pe = rope(&ids, d, 10_000)?.unsqueeze(1)?;
+        let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+        let exact = attention_in_blocks(&f32_of(&q)?, &f32_of(&k)?, &f32_of(&v)?, &pe, 1 << 20)?;
+        let ours = attention_in_blocks(&q, &k, &v, &pe, 1 << 20)?.to_dtype(DType::F32)?;
+        let err = (&ours - &exact)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        // The same attention with its scores rounded to bf16 before the softmax.
+        let scale = 1.0 / (d as f64).sqrt();
+        let (qr, kr) = (apply_rope(&q, &pe)?, apply_rope(&k, &pe)?);
+        let scores = ((qr.matmul(&kr.t()?)? * scale)?).to_dtype(DType::BF16)?;
+        let rough = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .matmul(&f32_of(&v)?)?
+            .transpose(1, 2)?
+            .flatten_from(2)?;
+        let rough_err = (&rough - &exact)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 0.02, "bf16 attention off by {err}");
+        assert!(
+            rough_err > 4.0 * err,
+            "bf16 scores: {rough_err}, f32 scores: {err}"
+        );
+        Ok(())
     }
 
     /// In bf16 the rotary embedding is the f32 result rounded once, at positions far past

@@ -1,8 +1,10 @@
 //! Planning a pipeline's memory before loading it: each part's bytes, estimated from the
-//! file headers, against a budget. Everything resident when it fits; otherwise staged
-//! (the T5 encoder and the transformer take turns, the small parts stay); otherwise a
-//! refusal that names the part, its size and the budget, so a model that cannot fit is
-//! never loaded into the arms of the OOM killer.
+//! file headers, against a budget. On the CPU: everything resident when it fits; otherwise
+//! staged (the T5 encoder and the transformer take turns, the small parts stay). On a GPU
+//! (its free memory as the budget): everything on it when it fits; otherwise T5 on the
+//! CPU, which runs once per prompt. Otherwise a refusal that names the part, its size and
+//! the budget, so a model that cannot fit is never loaded into the arms of the OOM killer
+//! or a CUDA out-of-memory error in the middle of a request.
 
 use candle_core::DType;
 pub use pictor_core::PartMemory;
@@ -17,13 +19,26 @@ use crate::{
 /// FLUX transformer peaks around 0.5 GB over its weights; 1 GiB leaves room for a batch).
 pub const WORKING_BYTES: u64 = 1 << 30;
 
-/// What [`plan`] decided.
+/// Memory for activations, scratch and cuBLAS's workspace on a GPU on top of the weights
+/// (a batch of four 1024² images through the full FLUX transformer in bf16, its attention
+/// scores in f32 blocks of 256 MB, and the autoencoder decoding one 1024² image).
+pub const GPU_WORKING_BYTES: u64 = 3 << 30;
+
+/// What a model loaded onto a GPU with `free` bytes free may take: all but 5 % (at least
+/// 512 MiB), left for fragmentation and whatever else shares the GPU.
+pub fn gpu_budget(free: u64) -> u64 {
+    free.saturating_sub((free / 20).max(512 << 20))
+}
+
+/// What [`plan`] and [`plan_gpu`] decided.
 #[derive(Debug, Clone)]
 pub struct MemoryPlan {
     /// Every part, in load order.
     pub parts: Vec<PartMemory>,
     /// T5 and the transformer take turns.
     pub staged: bool,
+    /// On a GPU too small for everything: T5 runs on the CPU, in this dtype.
+    pub t5_on_host: Option<DType>,
 }
 
 impl MemoryPlan {
@@ -69,13 +84,14 @@ fn estimate(part: &Part, kind: &str, name: &'static str, dtype: DType) -> Result
     let storage = if gguf {
         stored
     } else {
-        format!("{} (stored {stored})", format!("{dtype:?}").to_lowercase())
+        format!("{} (stored {stored})", crate::device::dtype_name(dtype))
     };
     Ok(PartMemory {
         part: name,
         bytes,
         storage,
         resident: true,
+        device: "cpu".into(),
     })
 }
 
@@ -94,6 +110,7 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
         return Ok(MemoryPlan {
             parts,
             staged: false,
+            t5_on_host: None,
         });
     };
     let all = clip + t5 + transformer + vae + WORKING_BYTES;
@@ -101,6 +118,7 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
         return Ok(MemoryPlan {
             parts,
             staged: false,
+            t5_on_host: None,
         });
     }
     let small = clip + vae + WORKING_BYTES;
@@ -109,31 +127,15 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
         ("t5", t5, &files.t5),
     ] {
         if small + bytes > budget {
-            let label = if name == "t5" {
-                "T5 encoder"
-            } else {
-                "FLUX transformer"
-            };
-            let storage = &parts
-                .iter()
-                .find(|p| p.part == name)
-                .map(|p| p.storage.clone())
-                .unwrap_or_default();
-            let path = file
-                .files
-                .first()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            return Err(EngineError::OutOfMemory {
-                message: format!(
-                    "the {label} needs {} in memory ({storage}, from {path}); with the CLIP encoder, the autoencoder and {} of working memory that is {}, over the memory budget of {}. Make a smaller copy once with `pictor quantize {path} --to q8_0` (or q4_k){}, or raise memory_budget in the config",
-                    human_bytes(bytes),
-                    human_bytes(WORKING_BYTES),
-                    human_bytes(small + bytes),
-                    human_bytes(budget),
-                    if name == "t5" { " --part t5" } else { "" },
-                ),
-            });
+            return Err(too_big(
+                &parts,
+                name,
+                file,
+                small,
+                budget,
+                "the memory budget",
+                "raise memory_budget in the config",
+            ));
         }
     }
     for p in &mut parts {
@@ -147,7 +149,108 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
     Ok(MemoryPlan {
         parts,
         staged: true,
+        t5_on_host: None,
     })
+}
+
+/// The refusal for part `name` (of `file`), which with `others` bytes beside it exceeds
+/// `budget`, naming the budget and the other remedy.
+fn too_big(
+    parts: &[PartMemory],
+    name: &str,
+    file: &Part,
+    others: u64,
+    budget: u64,
+    budget_name: &str,
+    remedy: &str,
+) -> EngineError {
+    let part = parts.iter().find(|p| p.part == name);
+    let bytes = part.map_or(0, |p| p.bytes);
+    let storage = part.map(|p| p.storage.as_str()).unwrap_or_default();
+    let label = if name == "t5" {
+        "T5 encoder"
+    } else {
+        "FLUX transformer"
+    };
+    let path = file
+        .files
+        .first()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    EngineError::OutOfMemory {
+        message: format!(
+            "the {label} needs {} ({storage}, from {path}); with what must stay beside it that is {}, over {budget_name} of {}. Make a smaller copy once with `pictor quantize {path} --to q8_0` (or q4_k){}, or {remedy}",
+            human_bytes(bytes),
+            human_bytes(others + bytes),
+            human_bytes(budget),
+            if name == "t5" { " --part t5" } else { "" },
+        ),
+    }
+}
+
+/// Fits the parts of `files`, computing in `dtype`, onto GPU `device` with `budget` bytes
+/// free: all of them when they fit with [`GPU_WORKING_BYTES`]; otherwise T5 on the CPU
+/// (in f32, or bf16 when f32 exceeds `host_budget`) and the rest on the GPU.
+pub fn plan_gpu(
+    files: &ModelFiles,
+    dtype: DType,
+    device: &str,
+    budget: u64,
+    host_budget: Option<u64>,
+) -> Result<MemoryPlan> {
+    let mut plan = plan(files, dtype, None)?;
+    let by = |name: &str| plan.bytes(name);
+    let (clip, t5, transformer, vae) = (by("clip"), by("t5"), by("transformer"), by("vae"));
+    for p in &mut plan.parts {
+        p.device = device.to_string();
+    }
+    if clip + t5 + transformer + vae + GPU_WORKING_BYTES <= budget {
+        return Ok(plan);
+    }
+    let on_gpu = clip + vae + GPU_WORKING_BYTES;
+    if on_gpu + transformer > budget {
+        return Err(too_big(
+            &plan.parts,
+            "transformer",
+            &files.transformer,
+            on_gpu,
+            budget,
+            &format!("the memory free on {device}"),
+            "use a GPU with more memory",
+        ));
+    }
+    let fits = |p: &PartMemory| host_budget.is_none_or(|b| p.bytes + WORKING_BYTES <= b);
+    let f32_t5 = estimate(&files.t5, "T5 encoder", "t5", DType::F32)?;
+    let bf16_t5 = estimate(&files.t5, "T5 encoder", "t5", DType::BF16)?;
+    let (host_dtype, host_t5) = if fits(&f32_t5) {
+        (DType::F32, f32_t5)
+    } else if fits(&bf16_t5) {
+        (DType::BF16, bf16_t5)
+    } else {
+        return Err(too_big(
+            &[bf16_t5],
+            "t5",
+            &files.t5,
+            WORKING_BYTES,
+            host_budget.unwrap_or_default(),
+            &format!(
+                "the memory budget of the CPU it moves to (it does not fit on {device} beside the transformer)"
+            ),
+            "raise memory_budget in the config",
+        ));
+    };
+    tracing::warn!(
+        gpu = device,
+        free = %human_bytes(budget),
+        "the model does not fit whole on the GPU: T5 will run on the CPU"
+    );
+    for p in &mut plan.parts {
+        if p.part == "t5" {
+            *p = host_t5.clone();
+        }
+    }
+    plan.t5_on_host = Some(host_dtype);
+    Ok(plan)
 }
 
 /// What this machine has, less a margin for the system and the server itself: total

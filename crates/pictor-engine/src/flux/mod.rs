@@ -24,6 +24,7 @@ pub(crate) mod model;
 pub use attention::{AttentionKernel, set_attention_kernel};
 pub use model::{set_mlp_block_elements, tensor_names};
 pub mod sampling;
+pub mod selfcheck;
 pub mod transformer;
 pub mod vae;
 
@@ -100,6 +101,11 @@ pub struct FluxPipeline {
     plan: memory::MemoryPlan,
     device: Device,
     dtype: DType,
+    /// Where T5 runs and in which dtype: the pipeline's, or the CPU's when the GPU is too
+    /// small for everything.
+    t5_on: (Device, DType),
+    /// [`Generation::device`] for every result.
+    ran_on: String,
     options: FluxOptions,
 }
 
@@ -110,14 +116,29 @@ impl FluxPipeline {
     pub fn load(files: &ModelFiles, options: FluxOptions) -> Result<Self> {
         let device = options.device.open()?;
         let dtype = options.dtype.resolve(&device);
-        let plan = memory::plan(files, dtype, options.memory_budget)?;
+        let described = crate::device::describe(&device);
+        let plan = match crate::device::free_memory(&device) {
+            Some(free) => memory::plan_gpu(
+                files,
+                dtype,
+                &described,
+                memory::gpu_budget(free),
+                options.memory_budget,
+            )?,
+            None => memory::plan(files, dtype, options.memory_budget)?,
+        };
         validate(files)?;
+        let ran_on = format!("{described} {}", crate::device::dtype_name(dtype));
         tracing::info!(
-            ?dtype,
-            ?device,
+            device = %ran_on,
             staged = plan.staged,
+            t5_on_host = plan.t5_on_host.is_some(),
             "loading FLUX.1-schnell"
         );
+        let t5_on = match plan.t5_on_host {
+            Some(host_dtype) => (Device::Cpu, host_dtype),
+            None => (device.clone(), dtype),
+        };
         let clip = ClipEncoder::load(&files.clip, dtype, &device)?;
         let text = TextEncoders {
             clip_tokenizer: match &files.clip_tokenizer {
@@ -129,7 +150,7 @@ impl FluxPipeline {
                 None => FixedLengthTokenizer::builtin_t5(options.max_sequence_length)?,
             },
             clip,
-            t5: Some(T5Encoder::load(&files.t5, dtype, &device)?),
+            t5: Some(T5Encoder::load(&files.t5, t5_on.1, &t5_on.0)?),
         };
         let mut text = text;
         if plan.staged {
@@ -146,6 +167,8 @@ impl FluxPipeline {
             plan,
             device,
             dtype,
+            t5_on,
+            ran_on,
             options,
         })
     }
@@ -159,7 +182,8 @@ impl FluxPipeline {
     fn stage_t5(&mut self) -> Result<()> {
         if self.text.t5.is_none() {
             self.denoiser.unload_transformer();
-            self.text.t5 = Some(T5Encoder::load(&self.files.t5, self.dtype, &self.device)?);
+            let (device, dtype) = &self.t5_on;
+            self.text.t5 = Some(T5Encoder::load(&self.files.t5, *dtype, device)?);
             crate::heap::release_freed_memory();
         }
         Ok(())
@@ -248,6 +272,10 @@ impl Pipeline for FluxPipeline {
 
     fn memory(&self) -> Vec<PartMemory> {
         self.plan.parts.clone()
+    }
+
+    fn device(&self) -> Option<String> {
+        Some(self.ran_on.clone())
     }
 
     fn generate_batch(
@@ -387,6 +415,7 @@ impl FluxPipeline {
                 images,
                 prompt: emb.prompt,
                 phases,
+                device: self.ran_on.clone(),
             })
             .collect())
     }

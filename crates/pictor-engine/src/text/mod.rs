@@ -195,15 +195,9 @@ impl ClipEncoder {
     }
 }
 
-enum T5Model {
-    Dense(Box<candle_t5::T5EncoderModel>),
-    Quantized(Box<t5::QuantizedT5>),
-}
-
 /// The T5 encoder (v1.1, gated GELU).
 pub struct T5Encoder {
-    model: T5Model,
-    device: Device,
+    model: t5::T5,
 }
 
 /// The name of T5's first query weight, by which its prefix in a bundle is found.
@@ -269,32 +263,20 @@ impl T5Encoder {
         let model = match open_t5(part, device)? {
             T5Weights::Dense(weights) => {
                 let config = t5_config(part, &|n| weights.shape(n))?;
-                let vb = weights.var_builder(dtype, device);
-                let model = candle_t5::T5EncoderModel::load(vb, &config)
-                    .map_err(|e| EngineError::load("t5", e))?;
-                T5Model::Dense(Box::new(model))
+                t5::T5::load_dense(&weights.var_builder(dtype, device), &config)?
             }
             T5Weights::Quantized(weights) => {
                 let config = t5_config(part, &|n| weights.shape(n))?;
-                T5Model::Quantized(Box::new(t5::QuantizedT5::load(&weights, &config)?))
+                t5::T5::load_quantized(&weights, &config)?
             }
         };
-        Ok(Self {
-            model,
-            device: device.clone(),
-        })
+        Ok(Self { model })
     }
 
     /// The last hidden states `(1, ids.len(), d_model)`, with no attention mask, as
     /// FluxPipeline calls it.
     pub fn hidden(&mut self, ids: &[u32]) -> Result<Tensor> {
-        match &mut self.model {
-            T5Model::Dense(model) => {
-                let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-                Ok(model.forward(&input)?)
-            }
-            T5Model::Quantized(model) => model.forward(ids),
-        }
+        self.model.forward(ids)
     }
 }
 
@@ -330,7 +312,12 @@ impl TextEncoders {
             .t5
             .as_mut()
             .ok_or_else(|| EngineError::load("t5", "staged out while encoding"))?;
-        let sequence = t5.hidden(&t5_tokens.ids)?;
+        // T5 may run elsewhere (on the CPU beside a GPU too small for it): its states go
+        // where CLIP's, the transformer's, are.
+        let sequence = t5
+            .hidden(&t5_tokens.ids)?
+            .to_device(pooled.device())?
+            .to_dtype(pooled.dtype())?;
         Ok(Embeddings {
             sequence,
             pooled,

@@ -1,6 +1,7 @@
 //! The memory budget: everything resident when it fits, T5 and the transformer taking
 //! turns when only one of them fits beside the small parts (same images), and a refusal
-//! naming the part, its size and the budget when even that cannot fit. The autoencoder's
+//! naming the part, its size and the budget when even that cannot fit. On a GPU: all of it
+//! there, or T5 on the CPU, or a refusal naming the GPU. The autoencoder's
 //! share covers the encoder that edits load, and an edit runs staged as it runs resident.
 
 use candle_core::DType;
@@ -8,7 +9,7 @@ use pictor_engine::{
     Control, EditInput, EngineError, GenerationRequest, ModelFiles, Pipeline, RgbImage,
     flux::{
         FluxOptions, FluxPipeline,
-        memory::{WORKING_BYTES, plan},
+        memory::{GPU_WORKING_BYTES, WORKING_BYTES, plan, plan_gpu},
     },
 };
 
@@ -143,5 +144,55 @@ fn budget_decides_resident_staged_or_refused() {
     assert!(
         text.contains(&pictor_engine::inspect::human_bytes(too_small)),
         "names the budget: {text}"
+    );
+}
+
+/// On a GPU the budget is its free memory: everything there when it fits, T5 moved to the
+/// CPU (in f32, or bf16 when the CPU's budget is short) when only the rest fits, and a
+/// refusal naming the GPU when the transformer cannot fit beside the small parts.
+#[test]
+fn gpu_plan_moves_t5_to_the_cpu_before_refusing() {
+    let files = ModelFiles::from_dir(&fixture()).unwrap();
+    let gpu = "cuda:0 (Test GPU)";
+    let est = plan(&files, DType::BF16, None).unwrap();
+    let b = |p: &str| est.bytes(p);
+    let rest = GPU_WORKING_BYTES + b("clip") + b("vae") + b("transformer");
+
+    let whole = plan_gpu(&files, DType::BF16, gpu, rest + b("t5"), Some(0)).unwrap();
+    assert_eq!(whole.t5_on_host, None);
+    assert!(whole.parts.iter().all(|p| p.device == gpu && p.resident));
+
+    let moved = plan_gpu(&files, DType::BF16, gpu, rest + b("t5") - 1, None).unwrap();
+    assert_eq!(moved.t5_on_host, Some(DType::F32));
+    let t5_f32 = plan(&files, DType::F32, None).unwrap().bytes("t5");
+    for p in &moved.parts {
+        let (device, bytes) = if p.part == "t5" {
+            ("cpu", t5_f32)
+        } else {
+            (gpu, b(p.part))
+        };
+        assert_eq!((p.device.as_str(), p.bytes), (device, bytes), "{}", p.part);
+    }
+    assert!(
+        !moved.staged,
+        "nothing takes turns: T5 stays loaded on the CPU"
+    );
+
+    // The CPU's budget holds T5 in bf16 but not in f32.
+    let host = WORKING_BYTES + b("t5");
+    let short = plan_gpu(&files, DType::BF16, gpu, rest, Some(host)).unwrap();
+    assert_eq!(short.t5_on_host, Some(DType::BF16));
+    let err = plan_gpu(&files, DType::BF16, gpu, rest, Some(host - 1)).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("T5 encoder") && text.contains(gpu), "{text}");
+
+    let err = plan_gpu(&files, DType::BF16, gpu, rest - 1, None).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, EngineError::OutOfMemory { .. }), "{text}");
+    assert!(
+        text.contains("FLUX transformer")
+            && text.contains(&format!("free on {gpu}"))
+            && text.contains(&pictor_engine::inspect::human_bytes(rest - 1)),
+        "{text}"
     );
 }

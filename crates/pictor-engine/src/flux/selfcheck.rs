@@ -1,0 +1,104 @@
+//! Checking this build on a device against diffusers' own numbers: a fixture folder made by
+//! `tools/make_tiny_flux.py` (a tiny FLUX.1-schnell with `reference.safetensors`, the
+//! tensors diffusers computed from it, and `reference.json`, the prompt and size) is loaded
+//! on the device and dtype asked for, and each stage is run from the reference's own inputs
+//! and compared: the two text encoders, one transformer step, every step to the final
+//! latents, and the decoded pixels. `pictor selfcheck` prints the result; a GPU machine
+//! without a Rust toolchain runs it from the built binary (`bench/gpu.sh`).
+
+use std::{collections::HashMap, path::Path};
+
+use candle_core::{DType, Device, Tensor};
+use pictor_core::{Control, PromptInfo};
+
+use super::{FluxOptions, FluxPipeline, sampling};
+use crate::{
+    error::{EngineError, Result},
+    layout::ModelFiles,
+    text::Embeddings,
+};
+
+/// One stage's distance from diffusers.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageDiff {
+    /// `clip_pooled`, `t5_hidden`, `transformer_step0`, `final_latents` or `pixels`.
+    pub stage: &'static str,
+    /// Largest absolute difference from the reference.
+    pub max_abs_diff: f32,
+    /// The reference's own largest absolute value, for scale.
+    pub reference_max_abs: f32,
+}
+
+/// Loads the fixture in `dir` with `options` and compares every stage with its reference;
+/// answers where it ran (as [`pictor_core::Generation::device`] says) and each stage.
+pub fn run(dir: &Path, options: FluxOptions) -> Result<(String, Vec<StageDiff>)> {
+    let file = |name: &str| dir.join(name);
+    let reference: HashMap<String, Tensor> =
+        candle_core::safetensors::load(file("reference.safetensors"), &Device::Cpu)
+            .map_err(|e| EngineError::file(file("reference.safetensors"), e))?;
+    let setup: serde_json::Value = std::fs::read_to_string(file("reference.json"))
+        .map_err(|e| EngineError::file(file("reference.json"), e))
+        .and_then(|t| {
+            serde_json::from_str(&t).map_err(|e| EngineError::file(file("reference.json"), e))
+        })?;
+    let text = |key: &str| setup.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+    let number = |key: &str| {
+        setup
+            .get(key)
+            .and_then(|v| v.as_u64())
+            .map(|n| n as usize)
+            .ok_or_else(|| EngineError::file(file("reference.json"), format!("no `{key}`")))
+    };
+    let (height, width, steps) = (
+        number("height")?,
+        number("width")?,
+        number("num_inference_steps")?,
+    );
+    let mut pipeline = FluxPipeline::load(&ModelFiles::from_dir(dir)?, options)?;
+    let device = pipeline.device.clone();
+    let want = |name: &str| -> Result<Tensor> {
+        let t = reference.get(name).ok_or_else(|| {
+            EngineError::file(file("reference.safetensors"), format!("no `{name}`"))
+        })?;
+        Ok(t.to_device(&device)?)
+    };
+    let mut out = Vec::new();
+    let mut compare = |stage: &'static str, got: &Tensor, name: &str| -> Result<()> {
+        let want = want(name)?;
+        out.push(StageDiff {
+            stage,
+            max_abs_diff: max_abs(&(got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?)?,
+            reference_max_abs: max_abs(&want)?,
+        });
+        Ok(())
+    };
+
+    let emb = pipeline.encode_prompt(text("prompt"))?;
+    compare("clip_pooled", &emb.pooled, "clip_pooled")?;
+    compare("t5_hidden", &emb.sequence, "t5_hidden")?;
+    // The later stages start from the reference's own inputs, so each stage's error is
+    // its own.
+    let emb = Embeddings {
+        sequence: want("t5_hidden")?,
+        pooled: want("clip_pooled")?,
+        prompt: PromptInfo::default(),
+    };
+    let noise = want("noise")?;
+    let (_, _, h, w) = noise.dims4()?;
+    let denoiser = pipeline.denoiser();
+    let velocity = denoiser.velocity(&sampling::pack(&noise)?, &emb, 1.0, (h, w))?;
+    compare("transformer_step0", &velocity, "transformer_out_step0")?;
+    let latents = denoiser.denoise(&noise, &emb, steps, |_| Ok(Control::Continue))?;
+    compare("final_latents", &latents, "final_latents")?;
+    let pixels = denoiser.decode(&want("final_latents")?, height, width)?;
+    compare("pixels", &pixels, "image")?;
+    Ok((pipeline.ran_on.clone(), out))
+}
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
+}
