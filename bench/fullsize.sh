@@ -68,7 +68,10 @@ run() { # label model-dir [extra generate flags]
   rm -f "$out"
 }
 
-if have_sources && [ ! -f "$CACHE/flux-full-bf16.done" ]; then
+# PICTOR_FULLSIZE_FILES_ONLY=1: make the files (for bench/cpu_vs_sdcpp.sh), run nothing.
+files_only=${PICTOR_FULLSIZE_FILES_ONLY:-}
+
+if [ -z "$files_only" ] && have_sources && [ ! -f "$CACHE/flux-full-bf16.done" ]; then
   run bf16 "$SRC" --dtype bf16 && touch "$CACHE/flux-full-bf16.done"
 fi
 
@@ -92,6 +95,7 @@ for t in "${TYPES[@]}"; do
 done
 [ "$PRUNE" = 1 ] && rm -f "$SRC/flux1-schnell.safetensors"
 
+[ -n "$files_only" ] && exit 0
 for t in "${TYPES[@]}"; do
   run "$t" "$CACHE/flux-full-$t"
 done

@@ -198,9 +198,9 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     )?;
     let loaded = started.elapsed().as_secs_f64();
     eprintln!(
-        "loaded {} in {loaded:.2}s ({:?})",
+        "loaded {} in {loaded:.2}s on {}",
         args.model,
-        pipeline.dtype()
+        pipeline.device().unwrap_or_default()
     );
 
     let req = request(&args, &rules)?;

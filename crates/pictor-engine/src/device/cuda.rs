@@ -73,3 +73,8 @@ pub(super) fn free_memory(device: &Device) -> Option<u64> {
     let (free, _total) = context(device)?.mem_get_info().ok()?;
     u64::try_from(free).ok()
 }
+
+/// Whether f32 matrix products may use TF32 tensor cores.
+pub(super) fn set_tf32(on: bool) {
+    candle_core::cuda_backend::set_gemm_reduced_precision_f32(on);
+}

@@ -30,6 +30,8 @@ mod cuda {
     pub(super) fn free_memory(_: &Device) -> Option<u64> {
         None
     }
+
+    pub(super) fn set_tf32(_: bool) {}
 }
 
 /// Where to run.
@@ -97,6 +99,17 @@ pub fn describe(device: &Device) -> String {
             None => format!("cuda:{gpu_id}"),
         },
         DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Chooses how f32 matrix products run on a GPU for a model computing in `dtype`: in
+/// bf16 or f16 on tensor cores in TF32, whose 10-bit mantissa holds bf16 values (the
+/// attention's q and k, see `flux::attention`) exactly and which accumulates in f32, so
+/// the scores are those flash attention computes; in f32 in full f32, held to the CPU's
+/// 1e-4. The setting is the process's (candle's): the last model loaded decides.
+pub fn set_f32_products(device: &Device, dtype: DType) {
+    if device.is_cuda() {
+        cuda::set_tf32(dtype != DType::F32);
     }
 }
 

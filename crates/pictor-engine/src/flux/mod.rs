@@ -135,6 +135,7 @@ impl FluxPipeline {
             t5_on_host = plan.t5_on_host.is_some(),
             "loading FLUX.1-schnell"
         );
+        crate::device::set_f32_products(&device, dtype);
         let t5_on = match plan.t5_on_host {
             Some(host_dtype) => (Device::Cpu, host_dtype),
             None => (device.clone(), dtype),
