@@ -50,7 +50,9 @@ for t in "${TYPES[@]}"; do
             --clip_l "$dir/clip_l.safetensors" --vae "$vae" -p "$PROMPT" --cfg-scale 1.0 \
             --sampling-method euler --steps 4 -W 512 -H 512 -t "$threads" --seed 1 \
             -o "$CACHE/sdcpp-sd-$t.png" -v > "$out" 2>&1; then
-            line=$(grep -iE "loading tensors completed|get_learned_condition completed|sampling completed|decode_first_stage completed|generate_image completed" "$out" | sed -E 's/^\[[A-Z]+ *\] *[a-z_.]+:[0-9]+ *- *//' | tr '\n' ';')
+            # Weights load lazily, per phase: the diffusion model's load is inside
+            # "sampling"; the progress bar's last s/it is its mean over the steps.
+            line="$(grep -aiE "loading tensors completed|get_learned_condition completed|sampling completed|decode_first_stage completed|generate_image completed" "$out" | sed -E 's/^\[[A-Z]+ *\] *[a-z_.]+:[0-9]+ *- *//' | tr '\n' ';') last progress $(grep -aoE '[0-9.]+s/it' "$out" | tail -1)"
         else
             line="FAILED: $(grep -iE 'error|fail' "$out" | head -3 | tr '\n' ' ')"
             cp "$out" "$CACHE/sdcpp-failed-$t.log"

@@ -48,15 +48,28 @@ EOF
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 found=$(printf '%s' "$libs" | tr ':' '\n' | while read -r d; do ls "$d" 2>/dev/null; done | grep -E '^lib(cublas|cublasLt|curand)\.so' | sort -u | tr '\n' ' ')
 say "CUDA libraries from PyTorch: ${found:-none}"
-case "$found" in *libcublas.so.13*) ;; *) say "no libcublas.so.13 there: Pictor's GPU runs will fail (PyTorch built for another CUDA)";; esac
+case "$found" in
+    *libcublas.so.13*) ;;
+    *) say "no libcublas.so.13 there (PyTorch built for another CUDA): Pictor will try the cuBLAS it finds, untested";;
+esac
 
-# 3. diffusers and transformers from the kit's wheels, unpacked onto PYTHONPATH in front of
-#    PyTorch's own packages (no pip or venv needed).
+# 3. diffusers and transformers from the kit's wheels (the versions the fixtures were made
+#    with), unpacked onto PYTHONPATH in front of PyTorch's own packages (no pip or venv
+#    needed); what they import comes from the kit only where the machine lacks it.
 mkdir -p "$work/site"
 "$python" - "$kit/wheels" "$work/site" <<'EOF'
-import glob, os, sys, zipfile
+import glob, importlib.metadata as md, os, sys, zipfile
+core = {"diffusers", "transformers", "tokenizers", "safetensors", "huggingface_hub"}
 for wheel in sorted(glob.glob(os.path.join(sys.argv[1], "*.whl"))):
+    name = os.path.basename(wheel).split("-")[0].lower()
+    if name not in core:
+        try:
+            md.version(name)
+            continue  # the machine's own
+        except md.PackageNotFoundError:
+            pass
     zipfile.ZipFile(wheel).extractall(sys.argv[2])
+    print("gpu.sh: from the kit:", os.path.basename(wheel))
 EOF
 export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 "$python" -c 'import diffusers, transformers, torch; print("diffusers", diffusers.__version__, "torch", torch.__version__, "cuda", torch.version.cuda)' \

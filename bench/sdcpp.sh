@@ -23,7 +23,8 @@ ggml_commit=$(git --git-dir="$sd_git" ls-tree HEAD ggml | awk '{print $3}')
 git --git-dir="$ggml_git" cat-file -e "$ggml_commit^{commit}" \
     || { echo "sdcpp.sh: $ggml_git lacks ggml commit $ggml_commit" >&2; exit 1; }
 
-if [ "$(cat "$cache/VERSION" 2>/dev/null)" != "sd $sd_commit ggml $ggml_commit" ]; then
+version="sd $sd_commit ggml $ggml_commit"
+if [ "$(cat "$src/.version" 2> /dev/null)" != "$version" ]; then
     rm -rf "$src" && mkdir -p "$src/ggml"
     # Every file the snapshot holds: a snapshot may lack some large ones (sample images
     # and videos), which the build does not need.
@@ -40,18 +41,20 @@ if [ "$(cat "$cache/VERSION" 2>/dev/null)" != "sd $sd_commit ggml $ggml_commit" 
     }
     extract "$sd_git" "$sd_commit" "$src"
     extract "$ggml_git" "$ggml_commit" "$src/ggml"
-    # A snapshot lacks the tokenizer vocabularies compiled into sd.cpp (large generated
-    # headers). T5's is made from the tokenizer.json Pictor embeds (FLUX.1's, the one its
-    # T5 uses too); those of models not benchmarked here are left empty.
-    python3 - "$src/src/tokenizers/vocab" "$(pwd)/crates/pictor-engine/assets/flux-tokenizers/tokenizer_2/tokenizer.json" <<'EOF'
-import os, re, sys
+    echo "$version" > "$src/.version"
+fi
+# A snapshot lacks the tokenizer vocabularies compiled into sd.cpp (large generated
+# headers). T5's is made from the tokenizer.json Pictor embeds (FLUX.1's, which Pictor's
+# T5 reads too), its Metaspace pre-tokenizer also spelt the older way sd.cpp reads
+# (`add_prefix_space`); those of models not benchmarked here are left empty.
+python3 - "$src/src/tokenizers/vocab" "$(pwd)/crates/pictor-engine/assets/flux-tokenizers/tokenizer_2/tokenizer.json" <<'EOF'
+import json, os, re, sys
 vocab, t5_json = sys.argv[1], sys.argv[2]
 cpp = open(os.path.join(vocab, "vocab.cpp")).read()
-headers = re.findall(r'#include "([a-z0-9_]+\.hpp)"', cpp)
 symbols = re.findall(r"reinterpret_cast<const char\*>\(([a-z0-9_]+_str)\)", cpp)
-for header in headers:
+for header in re.findall(r'#include "([a-z0-9_]+\.hpp)"', cpp):
     path = os.path.join(vocab, header)
-    if os.path.exists(path):
+    if os.path.exists(path) and not os.path.exists(path + ".made"):
         continue
     stem = header[: -len(".hpp")].replace("_merges", "").replace("_vocab", "")
     owned = [s for s in symbols if s.startswith(stem.replace("qwen", "qwen2") + "_") or s.startswith(stem + "_")]
@@ -61,17 +64,24 @@ for header in headers:
         owned = [s for s in owned if "merges" in s]
     elif "vocab" in header:
         owned = [s for s in owned if "vocab" in s]
-    data = open(t5_json, "rb").read() if header == "t5.hpp" else b"\0"
-    with open(path, "w") as f:
-        for sym in owned:
-            f.write(f"static const unsigned char {sym}[] = {{{','.join(map(hex, data))}}};\n")
-    print(f"made {header}: {', '.join(owned)} ({len(data)} bytes)")
+    data = b"\0"
+    if header == "t5.hpp":
+        tokenizer = json.load(open(t5_json))
+        pre = tokenizer["pre_tokenizer"]
+        pre.setdefault("add_prefix_space", pre.get("prepend_scheme", "always") != "never")
+        data = json.dumps(tokenizer, ensure_ascii=False).encode()
+    text = "".join(f"static const unsigned char {sym}[] = {{{','.join(map(hex, data))}}};\n" for sym in owned)
+    if not os.path.exists(path) or open(path).read() != text:
+        open(path, "w").write(text)
+        open(path + ".made", "w").write("")
+        print(f"made {header}: {', '.join(owned)} ({len(data)} bytes)")
 EOF
+if [ ! -x "$cache/bin/sd-cli" ] || [ "$(cat "$cache/VERSION" 2> /dev/null)" != "$version" ] || [ -n "$(find "$src" -newer "$cache/bin/sd-cli" -name '*.hpp' -print -quit)" ]; then
     cmake -S "$src" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DSD_WEBP=OFF -DSD_WEBM=OFF -DSD_SERVER_BUILD_FRONTEND=OFF > "$cache/cmake.log" 2>&1
     cmake --build "$cache/build" -j"$(nproc)" --target sd-cli > "$cache/build.log" 2>&1
     mkdir -p "$cache/bin"
     cp "$cache/build/bin/sd-cli" "$cache/bin/sd-cli"
-    echo "sd $sd_commit ggml $ggml_commit" > "$cache/VERSION"
+    echo "$version" > "$cache/VERSION"
 fi
 echo "sd-cli: $cache/bin/sd-cli ($(cat "$cache/VERSION"))"
