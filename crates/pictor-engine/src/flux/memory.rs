@@ -131,10 +131,12 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
                 &parts,
                 name,
                 file,
-                small,
-                budget,
-                "the memory budget",
-                "raise memory_budget in the config",
+                beside(clip + vae, WORKING_BYTES),
+                Limit {
+                    bytes: budget,
+                    name: "the memory budget",
+                    remedy: "raise memory_budget in the config",
+                },
             ));
         }
     }
@@ -153,16 +155,36 @@ pub fn plan(files: &ModelFiles, dtype: DType, budget: Option<u64>) -> Result<Mem
     })
 }
 
-/// The refusal for part `name` (of `file`), which with `others` bytes beside it exceeds
-/// `budget`, naming the budget and the other remedy.
+/// A budget a part did not fit: its bytes, how the refusal names it, and the remedy
+/// beside quantizing.
+struct Limit<'a> {
+    bytes: u64,
+    name: &'a str,
+    remedy: &'a str,
+}
+
+/// What stays beside a part, in bytes: CLIP and the autoencoder (where they share the
+/// device with it) and `working` bytes of working memory.
+fn beside(small_parts: u64, working: u64) -> (String, u64) {
+    let what = if small_parts > 0 {
+        format!(
+            "the CLIP encoder, the autoencoder and {} of working memory",
+            human_bytes(working)
+        )
+    } else {
+        format!("{} of working memory", human_bytes(working))
+    };
+    (what, small_parts + working)
+}
+
+/// The refusal for part `name` (of `file`), which with what stays beside it exceeds
+/// `limit`.
 fn too_big(
     parts: &[PartMemory],
     name: &str,
     file: &Part,
-    others: u64,
-    budget: u64,
-    budget_name: &str,
-    remedy: &str,
+    (beside, others): (String, u64),
+    limit: Limit,
 ) -> EngineError {
     let part = parts.iter().find(|p| p.part == name);
     let bytes = part.map_or(0, |p| p.bytes);
@@ -179,11 +201,13 @@ fn too_big(
         .unwrap_or_default();
     EngineError::OutOfMemory {
         message: format!(
-            "the {label} needs {} ({storage}, from {path}); with what must stay beside it that is {}, over {budget_name} of {}. Make a smaller copy once with `pictor quantize {path} --to q8_0` (or q4_k){}, or {remedy}",
+            "the {label} needs {} in memory ({storage}, from {path}); with {beside} that is {}, over {} of {}. Make a smaller copy once with `pictor quantize {path} --to q8_0` (or q4_k){}, or {}",
             human_bytes(bytes),
             human_bytes(others + bytes),
-            human_bytes(budget),
+            limit.name,
+            human_bytes(limit.bytes),
             if name == "t5" { " --part t5" } else { "" },
+            limit.remedy,
         ),
     }
 }
@@ -213,10 +237,12 @@ pub fn plan_gpu(
             &plan.parts,
             "transformer",
             &files.transformer,
-            on_gpu,
-            budget,
-            &format!("the memory free on {device}"),
-            "use a GPU with more memory",
+            beside(clip + vae, GPU_WORKING_BYTES),
+            Limit {
+                bytes: budget,
+                name: &format!("the memory free on {device}"),
+                remedy: "use a GPU with more memory",
+            },
         ));
     }
     let fits = |p: &PartMemory| host_budget.is_none_or(|b| p.bytes + WORKING_BYTES <= b);
@@ -231,12 +257,14 @@ pub fn plan_gpu(
             &[bf16_t5],
             "t5",
             &files.t5,
-            WORKING_BYTES,
-            host_budget.unwrap_or_default(),
-            &format!(
-                "the memory budget of the CPU it moves to (it does not fit on {device} beside the transformer)"
-            ),
-            "raise memory_budget in the config",
+            beside(0, WORKING_BYTES),
+            Limit {
+                bytes: host_budget.unwrap_or_default(),
+                name: &format!(
+                    "the memory budget of the CPU it moves to (it does not fit on {device} beside the transformer)"
+                ),
+                remedy: "raise memory_budget in the config",
+            },
         ));
     };
     tracing::warn!(
