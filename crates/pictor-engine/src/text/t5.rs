@@ -333,12 +333,10 @@ impl T5 {
                 .to_dtype(dtype)?)
         };
         let dtype = vb.dtype();
-        // The table in f32: a row per token, read once per prompt.
-        let embedding = Embedding::Dense(get(
-            "shared.weight",
-            &[cfg.vocab_size, cfg.d_model],
-            DType::F32,
-        )?);
+        // The table in the weights' dtype (as the memory plan counts it); the rows a prompt
+        // reads are widened to f32.
+        let embedding =
+            Embedding::Dense(get("shared.weight", &[cfg.vocab_size, cfg.d_model], dtype)?);
         Self::build(
             cfg,
             embedding,
