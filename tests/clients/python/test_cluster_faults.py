@@ -117,7 +117,20 @@ def test_nothing_accepted_is_lost_and_nothing_is_rendered_twice(_cluster):
         for p in extra:
             if p.pid in workers:
                 p.wait(timeout=30)
-        time.sleep(1)
+        # The workers killed with SIGKILL above stay advertised until their last heartbeat
+        # is 10 s old, and an API node trusts a lookup that found one for 2 s: wait for
+        # both, so that what is probed is a cluster with no live worker.
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            live = int(subprocess.run(
+                ["psql", cluster["database"], "-tAc",
+                 "SELECT COUNT(*) FROM workers WHERE seen_at > "
+                 "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT - 10000"],
+                check=True, capture_output=True, text=True).stdout)
+            if live == 0:
+                break
+            time.sleep(0.2)
+        time.sleep(2.5)
         c = OpenAI(base_url=cluster["apis"][1]["url"] + "/v1", api_key=cluster["key"],
                    max_retries=0, timeout=30)
         started = time.time()
