@@ -253,7 +253,7 @@ fn main() -> anyhow::Result<()> {
                     })
                 }
                 "t5" => {
-                    let mut t5 = T5Encoder::load(&files.t5, dtype, &dev)?;
+                    let t5 = T5Encoder::load(&files.t5, dtype, &dev)?;
                     let ids: Vec<u32> = (0..256u32).map(|i| 3 + i % 500).collect();
                     Box::new(move || {
                         t5.hidden(&ids)?;

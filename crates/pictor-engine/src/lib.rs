@@ -36,9 +36,7 @@ pub mod quantize;
 pub mod text;
 pub mod weights;
 
-pub use device::{
-    DTypeChoice, DeviceChoice, describe as describe_device, free_memory as device_free_memory,
-};
+pub use device::{DTypeChoice, DeviceChoice};
 pub use error::{EngineError, Result};
 pub use image::{to_rgb8, to_unit_range};
 pub use layout::{ModelFiles, Part, hf_hub_cache_dir};

@@ -35,20 +35,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         dtype,
         ..FluxOptions::default()
     };
-    let (ran_on, stages) = pictor_engine::flux::selfcheck::run(&args.fixture, options)
+    let report = pictor_engine::flux::selfcheck::run(&args.fixture, options)
         .with_context(|| format!("checking against {}", args.fixture.display()))?;
-    let f32_run = ran_on.ends_with(" f32");
-    let bound = |stage: &str, reference_max_abs: f32| match args.max_relative {
-        Some(fraction) => Some(fraction * reference_max_abs),
-        None if f32_run && stage == "pixels" => Some(1e-3),
-        None if f32_run => Some(1e-4),
-        None => None,
-    };
+    let ran_on = &report.ran_on;
     let mut failed = Vec::new();
-    let rows: Vec<serde_json::Value> = stages
+    let rows: Vec<serde_json::Value> = report
+        .stages
         .iter()
         .map(|s| {
-            let bound = bound(s.stage, s.reference_max_abs);
+            let bound = report.bound(s, args.max_relative);
             if bound.is_some_and(|b| s.max_abs_diff > b) {
                 failed.push(s.stage);
             }

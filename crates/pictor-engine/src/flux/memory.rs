@@ -6,7 +6,7 @@
 //! the budget, so a model that cannot fit is never loaded into the arms of the OOM killer
 //! or a CUDA out-of-memory error in the middle of a request.
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 pub use pictor_core::PartMemory;
 
 use crate::{
@@ -42,6 +42,15 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// Where T5 runs and in which dtype, for a pipeline on `device` computing in `dtype`:
+    /// there, or on the CPU when the plan moved it off a GPU too small for everything.
+    pub fn t5_placement(&self, device: &Device, dtype: DType) -> (Device, DType) {
+        match self.t5_on_host {
+            Some(host_dtype) => (Device::Cpu, host_dtype),
+            None => (device.clone(), dtype),
+        }
+    }
+
     /// Bytes of one part.
     pub fn bytes(&self, part: &str) -> u64 {
         self.parts

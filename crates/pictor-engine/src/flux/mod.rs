@@ -101,9 +101,6 @@ pub struct FluxPipeline {
     plan: memory::MemoryPlan,
     device: Device,
     dtype: DType,
-    /// Where T5 runs and in which dtype: the pipeline's, or the CPU's when the GPU is too
-    /// small for everything.
-    t5_on: (Device, DType),
     /// [`Generation::device`] for every result.
     ran_on: String,
     options: FluxOptions,
@@ -136,10 +133,7 @@ impl FluxPipeline {
             "loading FLUX.1-schnell"
         );
         crate::device::set_f32_products(&device, dtype);
-        let t5_on = match plan.t5_on_host {
-            Some(host_dtype) => (Device::Cpu, host_dtype),
-            None => (device.clone(), dtype),
-        };
+        let (t5_device, t5_dtype) = plan.t5_placement(&device, dtype);
         let clip = ClipEncoder::load(&files.clip, dtype, &device)?;
         let text = TextEncoders {
             clip_tokenizer: match &files.clip_tokenizer {
@@ -151,7 +145,7 @@ impl FluxPipeline {
                 None => FixedLengthTokenizer::builtin_t5(options.max_sequence_length)?,
             },
             clip,
-            t5: Some(T5Encoder::load(&files.t5, t5_on.1, &t5_on.0)?),
+            t5: Some(T5Encoder::load(&files.t5, t5_dtype, &t5_device)?),
         };
         let mut text = text;
         if plan.staged {
@@ -168,7 +162,6 @@ impl FluxPipeline {
             plan,
             device,
             dtype,
-            t5_on,
             ran_on,
             options,
         })
@@ -183,8 +176,8 @@ impl FluxPipeline {
     fn stage_t5(&mut self) -> Result<()> {
         if self.text.t5.is_none() {
             self.denoiser.unload_transformer();
-            let (device, dtype) = &self.t5_on;
-            self.text.t5 = Some(T5Encoder::load(&self.files.t5, *dtype, device)?);
+            let (device, dtype) = self.plan.t5_placement(&self.device, self.dtype);
+            self.text.t5 = Some(T5Encoder::load(&self.files.t5, dtype, &device)?);
             crate::heap::release_freed_memory();
         }
         Ok(())

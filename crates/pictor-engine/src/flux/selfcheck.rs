@@ -18,6 +18,37 @@ use crate::{
     text::Embeddings,
 };
 
+/// How far an f32 run's text embeddings, transformer outputs and latents may be from
+/// diffusers' (the bound the test suite holds the CPU to).
+pub const F32_TOLERANCE: f32 = 1e-4;
+/// How far an f32 run's decoded pixels (0..1) may be from diffusers'.
+pub const F32_PIXEL_TOLERANCE: f32 = 1e-3;
+
+/// What [`run`] found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Where it ran, as [`pictor_core::Generation::device`] says.
+    pub ran_on: String,
+    /// Every stage, in order.
+    pub stages: Vec<StageDiff>,
+    /// The run computed in f32.
+    f32: bool,
+}
+
+impl Report {
+    /// The bound `stage` is held to: `max_relative` of its reference's largest value when
+    /// given; otherwise, for an f32 run, the test suite's ([`F32_TOLERANCE`],
+    /// [`F32_PIXEL_TOLERANCE`] for pixels); otherwise none.
+    pub fn bound(&self, stage: &StageDiff, max_relative: Option<f32>) -> Option<f32> {
+        match max_relative {
+            Some(fraction) => Some(fraction * stage.reference_max_abs),
+            None if self.f32 && stage.stage == "pixels" => Some(F32_PIXEL_TOLERANCE),
+            None if self.f32 => Some(F32_TOLERANCE),
+            None => None,
+        }
+    }
+}
+
 /// One stage's distance from diffusers.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StageDiff {
@@ -29,9 +60,8 @@ pub struct StageDiff {
     pub reference_max_abs: f32,
 }
 
-/// Loads the fixture in `dir` with `options` and compares every stage with its reference;
-/// answers where it ran (as [`pictor_core::Generation::device`] says) and each stage.
-pub fn run(dir: &Path, options: FluxOptions) -> Result<(String, Vec<StageDiff>)> {
+/// Loads the fixture in `dir` with `options` and compares every stage with its reference.
+pub fn run(dir: &Path, options: FluxOptions) -> Result<Report> {
     let file = |name: &str| dir.join(name);
     let reference: HashMap<String, Tensor> =
         candle_core::safetensors::load(file("reference.safetensors"), &Device::Cpu)
@@ -92,7 +122,11 @@ pub fn run(dir: &Path, options: FluxOptions) -> Result<(String, Vec<StageDiff>)>
     compare("final_latents", &latents, "final_latents")?;
     let pixels = denoiser.decode(&want("final_latents")?, height, width)?;
     compare("pixels", &pixels, "image")?;
-    Ok((pipeline.ran_on.clone(), out))
+    Ok(Report {
+        ran_on: pipeline.ran_on.clone(),
+        stages: out,
+        f32: pipeline.dtype == DType::F32,
+    })
 }
 
 fn max_abs(t: &Tensor) -> Result<f32> {

@@ -275,7 +275,7 @@ impl T5Encoder {
 
     /// The last hidden states `(1, ids.len(), d_model)`, with no attention mask, as
     /// FluxPipeline calls it.
-    pub fn hidden(&mut self, ids: &[u32]) -> Result<Tensor> {
+    pub fn hidden(&self, ids: &[u32]) -> Result<Tensor> {
         self.model.forward(ids)
     }
 }
@@ -310,7 +310,7 @@ impl TextEncoders {
         let pooled = self.clip.pooled(&clip_tokens.ids)?;
         let t5 = self
             .t5
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| EngineError::load("t5", "staged out while encoding"))?;
         // T5 may run elsewhere (on the CPU beside a GPU too small for it): its states go
         // where CLIP's, the transformer's, are.

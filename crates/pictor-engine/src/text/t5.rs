@@ -351,7 +351,7 @@ impl T5 {
     }
 
     /// transformers' `_relative_position_bucket`, bidirectional, computed in f32 as
-    /// candle's dense T5 does (so both paths pick the same bucket at the boundaries).
+    /// transformers computes it (so the same bucket is picked at the boundaries).
     fn bucket(&self, relative: i64) -> u32 {
         let buckets = (self.cfg.relative_attention_num_buckets / 2) as u32;
         let max_exact = buckets / 2;

@@ -12,10 +12,11 @@ use pictor_engine::{
     text::Embeddings,
 };
 
-/// How far the transformer's outputs and latents may be from diffusers'.
-pub const STEP_TOL: f32 = 1e-4;
-/// How far decoded pixels (0..1) may be from diffusers'.
-pub const PIXEL_TOL: f32 = 1e-3;
+/// How far the transformer's outputs and latents may be from diffusers', and how far
+/// decoded pixels (0..1) may be: the bounds `pictor selfcheck` holds an f32 run to.
+pub use pictor_engine::flux::selfcheck::{
+    F32_PIXEL_TOLERANCE as PIXEL_TOL, F32_TOLERANCE as STEP_TOL,
+};
 
 /// The tiny FLUX.1-schnell made by `tools/make_tiny_flux.py`.
 pub fn fixture() -> PathBuf {

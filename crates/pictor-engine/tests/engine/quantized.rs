@@ -25,7 +25,7 @@ fn convert(part: &Part, component: Component, target: Target, out: &Path) -> Pat
 }
 
 fn t5_hidden(part: &Part, ids: &[u32]) -> Tensor {
-    let mut t5 = T5Encoder::load(part, DType::F32, &Device::Cpu).expect("t5 loads");
+    let t5 = T5Encoder::load(part, DType::F32, &Device::Cpu).expect("t5 loads");
     t5.hidden(ids).expect("t5 runs")
 }
 
