@@ -2,7 +2,7 @@
 """The PyTorch/diffusers twin of `cargo bench -p pictor-engine --bench components`: times one
 FLUX component loaded from the same folder with the same inputs and prints one JSON line.
 
-    python bench/diffusers_part.py --model DIR --part transformer|t5|clip|vae|matmul \
+    python bench/diffusers_part.py --model DIR --part transformer|t5|clip|vae|matmul|linear \
         --size 512 --reps 3 --dtype f32|bf16 --threads 2
 """
 
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shape", default="1280,3072,3072", help="linear: m,k,n")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -51,6 +52,13 @@ def main() -> None:
         x = torch.randn(a.size, a.size, generator=g).to(dtype)
         y = torch.randn(a.size, a.size, generator=g).to(dtype)
         run = lambda: x @ y  # noqa: E731
+    elif a.part == "linear":
+        # x·Wᵀ as a transformer layer runs it, W stored (n, k): the twin of Pictor's
+        # `--part linear --kernel pictor`.
+        m_, k_, n_ = (int(v) for v in a.shape.split(","))
+        x = torch.randn(1, m_, k_, generator=g).to(dtype)
+        w = (torch.randn(n_, k_, generator=g) * 0.02).to(dtype)
+        run = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
     elif a.part == "transformer":
         from diffusers import FluxTransformer2DModel
         m = FluxTransformer2DModel.from_pretrained(a.model, subfolder="transformer", torch_dtype=dtype).eval()

@@ -6,7 +6,7 @@ For every part, size and dtype it runs the two engines in alternating separate p
 (`--rounds` each, so slow drift hits both), takes the median of their medians, and prints:
 seconds, the ratio Pictor/diffusers, each process's peak RSS, the bytes of the part's
 weights, the part's FLOPs and the fraction of the machine's matmul roofline (a 4096³
-matmul timed by each engine in the same run). The transformer is built at reduced depth;
+x·Wᵀ timed through each engine's own layer kernel in the same run). The transformer is built at reduced depth;
 its per-block time and an estimate for the real 19 + 38 blocks are printed too.
 
     python bench/engine.py [--parts transformer,vae,t5,clip] [--sizes 512,1024]
@@ -97,10 +97,12 @@ def main() -> None:
                    cwd=ROOT, check=True)
     py = sys.executable
 
-    def engines(part: str, size: int, dtype: str) -> dict:
+    def engines(part: str, size: int, dtype: str, extra: list[str] | None = None,
+                pictor_extra: list[str] | None = None) -> dict:
         args = ["--model", str(model), "--part", part, "--size", str(size), "--reps", str(a.reps),
-                "--dtype", dtype]
-        pictor = ["cargo", "bench", "-q", "-p", "pictor-engine", "--bench", "components", "--", *args]
+                "--dtype", dtype, *(extra or [])]
+        pictor = ["cargo", "bench", "-q", "-p", "pictor-engine", "--bench", "components", "--", *args,
+                  *(pictor_extra or [])]
         torch = [py, str(HERE / "diffusers_part.py"), *args, "--threads", str(a.threads)]
         got: dict = {"pictor": [], "diffusers": []}
         for r in range(a.rounds):
@@ -111,10 +113,12 @@ def main() -> None:
 
     raw, rows = [], []
     for dtype in a.dtypes.split(","):
-        roof = engines("matmul", 4096, dtype)
+        # Each engine's own layer kernel: Pictor's takes f32 activations and the weight in
+        # `dtype`, as its transformer runs it.
+        roof = engines("linear", 4096, dtype, ["--shape", "4096,4096,4096"], ["--kernel", "pictor"])
         raw.append(roof)
         peak = {e: 2 * 4096 ** 3 / statistics.median(r["median"] for r in roof[e]) for e in roof}
-        print(f"[{dtype}] matmul 4096³: pictor {peak['pictor'] / 1e9:.0f} GFLOP/s, "
+        print(f"[{dtype}] linear 4096³: pictor {peak['pictor'] / 1e9:.0f} GFLOP/s, "
               f"diffusers {peak['diffusers'] / 1e9:.0f} GFLOP/s", flush=True)
         for part in a.parts.split(","):
             for size in ([int(s) for s in a.sizes.split(",")] if part in ("transformer", "vae") else [0]):

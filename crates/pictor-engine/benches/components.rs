@@ -6,6 +6,9 @@
 //!     --model DIR --part transformer|t5|clip|vae|matmul --size 512 --reps 3 --dtype f32|bf16 \
 //!     [--attention blocks|whole|flash]   (transformer: scores in 256 MB query blocks, the
 //!                                         default; all at once; candle-nn's flash kernel)
+//! cargo bench -p pictor-engine --bench components -- --part linear --shape M,K,N \
+//!     --dtype f32|bf16 [--kernel pictor|candle]   (x·Wᵀ, x (M, K) f32 into Pictor's
+//!                                         kernel, or both in --dtype into candle's)
 //! cargo bench -p pictor-engine --bench components -- --part gelu --kernel pictor|candle \
 //!     --size 512                         (the MLP activation of one full-width block:
 //!                                         (size/16)² + 256 tokens × 12288, f32)
@@ -143,13 +146,24 @@ fn main() -> anyhow::Result<()> {
                 .map(str::parse)
                 .collect::<Result<_, _>>()?;
             anyhow::ensure!(dims.len() == 3, "--shape wants m,k,n");
-            let x = Tensor::randn(0f32, 1.0, (1, dims[0], dims[1]), &dev)?.to_dtype(dtype)?;
+            // `--kernel pictor`: f32 activations through Pictor's kernel, the weight in
+            // `--dtype` (bf16: native bf16 products where the CPU has them, unless
+            // PICTOR_CPU_BF16=off); otherwise candle's matmul with both in `--dtype`.
+            let x = Tensor::randn(0f32, 1.0, (1, dims[0], dims[1]), &dev)?;
             let w = Tensor::randn(0f32, 0.02, (dims[2], dims[1]), &dev)?.to_dtype(dtype)?;
-            let mm = candle_core::quantized::QMatMul::Tensor(w);
-            Box::new(move || {
-                x.apply(&mm)?;
-                Ok(())
-            })
+            if get("kernel", "candle") == "pictor" {
+                Box::new(move || {
+                    pictor_engine::ops::linear(&[&x], &w, None)?;
+                    Ok(())
+                })
+            } else {
+                let x = x.to_dtype(dtype)?;
+                let mm = candle_core::quantized::QMatMul::Tensor(w);
+                Box::new(move || {
+                    x.apply(&mm)?;
+                    Ok(())
+                })
+            }
         }
         "attention" => {
             // One single block's attention at `--size`: q/k/v of 24 heads of 128 from a

@@ -24,6 +24,12 @@ pub const F32_TOLERANCE: f32 = 1e-4;
 /// How far an f32 run's decoded pixels (0..1) may be from diffusers'.
 pub const F32_PIXEL_TOLERANCE: f32 = 1e-3;
 
+/// How far a bf16 or f16 run may be from diffusers' f32 numbers at any stage, as a fraction
+/// of the reference's largest value. Measured on the CPU in bf16 with native bf16 products:
+/// the worst stage is T5's hidden states, 1.8 % off (transformers' own T5 in bf16 lands
+/// 2.3 % off on this fixture); one transformer step 0.4 %, the final latents 0.2 %.
+pub const HALF_RELATIVE: f32 = 0.03;
+
 /// What [`run`] found.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -37,14 +43,15 @@ pub struct Report {
 
 impl Report {
     /// The bound `stage` is held to: `max_relative` of its reference's largest value when
-    /// given; otherwise, for an f32 run, the test suite's ([`F32_TOLERANCE`],
-    /// [`F32_PIXEL_TOLERANCE`] for pixels); otherwise none.
-    pub fn bound(&self, stage: &StageDiff, max_relative: Option<f32>) -> Option<f32> {
+    /// given; otherwise the test suite's: for an f32 run [`F32_TOLERANCE`]
+    /// ([`F32_PIXEL_TOLERANCE`] for pixels), for a half-precision one [`HALF_RELATIVE`] of
+    /// the reference's largest value.
+    pub fn bound(&self, stage: &StageDiff, max_relative: Option<f32>) -> f32 {
         match max_relative {
-            Some(fraction) => Some(fraction * stage.reference_max_abs),
-            None if self.f32 && stage.stage == "pixels" => Some(F32_PIXEL_TOLERANCE),
-            None if self.f32 => Some(F32_TOLERANCE),
-            None => None,
+            Some(fraction) => fraction * stage.reference_max_abs,
+            None if self.f32 && stage.stage == "pixels" => F32_PIXEL_TOLERANCE,
+            None if self.f32 => F32_TOLERANCE,
+            None => HALF_RELATIVE * stage.reference_max_abs,
         }
     }
 }

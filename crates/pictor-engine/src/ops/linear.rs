@@ -14,6 +14,7 @@
 //! full and multiply on its slower half-precision path.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -95,6 +96,25 @@ pub fn linear(xs: &[&Tensor], w: &Tensor, bias: Option<&Tensor>) -> candle_core:
         let src = data(&held.0, held.1)?;
         if m > 0 && src.len() < (m - 1) * row_stride + k {
             candle_core::bail!("pictor-linear: input shorter than its layout");
+        }
+        if let Weight::Bf16(w) = weight
+            && super::dpbf16::available()
+        {
+            let ops = super::dpbf16::Operands {
+                x: src,
+                m,
+                row_stride,
+                k,
+                w: w.reinterpret_cast(),
+                n,
+                k_total,
+                col,
+            };
+            // The output holds the bias, or zeros: the products add to it.
+            super::dpbf16::add_products(&mut out, &ops)?;
+            started = true;
+            col += k;
+            continue;
         }
         // Blocks of the input's columns: all of them for an f32 weight, read in place
         // (element (kk, j) of Wᵀ is w[j·k_total + col + kk]); for a half one, as many as
@@ -209,7 +229,8 @@ mod tests {
 
     /// Against candle's matmul in f32: two column-block inputs (one a strided view), with
     /// and without a bias, for f32 weights and for bf16/f16 weights (against their f32
-    /// widening), with the input wider than one block of the scratch.
+    /// widening, and for bf16 on a CPU with native bf16 products against the input rounded
+    /// to bf16 too), with the input wider than one block of the scratch.
     #[test]
     fn linear_matches_candle_for_each_weight_dtype() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -222,7 +243,11 @@ mod tests {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let w = Tensor::randn(0f32, 0.05, (n, k1 + k2), &dev)?.to_dtype(dtype)?;
             let w32 = w.to_dtype(DType::F32)?;
-            let x = Tensor::cat(&[&x1, &x2], D::Minus1)?;
+            let mut x = Tensor::cat(&[&x1, &x2], D::Minus1)?;
+            if dtype == DType::BF16 && super::super::dpbf16::available() {
+                // The native bf16 products take the activations rounded to bf16.
+                x = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            }
             let want = x.broadcast_matmul(&w32.t()?)?;
             for bias in [None, Some(&bias)] {
                 let want = match bias {

@@ -20,6 +20,7 @@
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
 mod attention;
+mod dpbf16;
 mod gelu;
 mod linear;
 mod modulate;

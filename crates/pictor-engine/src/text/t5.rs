@@ -189,6 +189,12 @@ impl Linear {
     /// `x` (f32) through the layer, in the weights' dtype; the answer in f32.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            // On the CPU, Pictor's kernel takes the f32 input as it is: bf16 weights on the
+            // native bf16 products where the CPU has them (the input rounded to bf16, as
+            // below), else widened block by block.
+            Self::Dense(m) if crate::ops::linear_is_fast(x, m.weight()) => {
+                Ok(crate::ops::linear(&[x], m.weight(), m.bias())?)
+            }
             Self::Dense(m) => Ok(m
                 .forward(&x.to_dtype(m.weight().dtype())?)?
                 .to_dtype(DType::F32)?),

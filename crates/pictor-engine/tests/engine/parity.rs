@@ -82,6 +82,30 @@ fn text_encoders_in_bf16_stay_within_bf16_rounding() {
     assert!(d_hidden <= 0.08, "T5 hidden in bf16 differs by {d_hidden}");
 }
 
+/// `pictor selfcheck --dtype bf16` on the CPU, with native bf16 products where this CPU has
+/// them: every stage stays within the half-precision bound the check holds such runs to.
+#[test]
+fn bf16_on_the_cpu_stays_within_the_selfcheck_bound() {
+    let options = pictor_engine::flux::FluxOptions {
+        dtype: pictor_engine::DTypeChoice::Bf16,
+        ..Default::default()
+    };
+    let report = pictor_engine::flux::selfcheck::run(&fixture(), options).expect("checks");
+    for stage in &report.stages {
+        let bound = report.bound(stage, None);
+        eprintln!(
+            "{}: max |Δ| {:.2e} of {:.2} (bound {bound:.2e})",
+            stage.stage, stage.max_abs_diff, stage.reference_max_abs
+        );
+        assert!(
+            stage.max_abs_diff <= bound,
+            "{} is {} off, over {bound}",
+            stage.stage,
+            stage.max_abs_diff
+        );
+    }
+}
+
 #[test]
 fn long_prompt_is_truncated_and_reported() {
     let s = setup();
