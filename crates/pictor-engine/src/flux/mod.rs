@@ -132,6 +132,12 @@ impl FluxPipeline {
             t5_on_host = plan.t5_on_host.is_some(),
             "loading FLUX.1-schnell"
         );
+        if options.dtype == DTypeChoice::Auto && device.is_cpu() && crate::ops::native_bf16() {
+            tracing::info!(
+                "this CPU has native bf16 dot products: dtype = \"bf16\" runs dense weights \
+                 about twice as fast as f32, in half the memory"
+            );
+        }
         crate::device::set_f32_products(&device, dtype);
         let (t5_device, t5_dtype) = plan.t5_placement(&device, dtype);
         let clip = ClipEncoder::load(&files.clip, dtype, &device)?;

@@ -15,7 +15,9 @@
 //!   the output per (image, group), groups in parallel.
 //!
 //! The transformer's kernels are in [`flux_attention`], [`gelu`](gelu()), [`norm_modulate`],
-//! [`gated_residual`] and [`linear`](linear()); each module's header says what it replaces.
+//! [`gated_residual`] and [`linear`](linear()), whose bf16 weights multiply on the CPU's
+//! native bf16 dot products where it has them (`dpbf16`); each module's header says what
+//! it replaces.
 //!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
@@ -27,6 +29,7 @@ mod modulate;
 mod winograd;
 
 pub use attention::{QkvPart, flux_attention};
+pub(crate) use dpbf16::available as native_bf16;
 pub use gelu::gelu;
 pub(crate) use gelu::gelu_in_place;
 pub use linear::{is_fast as linear_is_fast, linear};

@@ -416,7 +416,8 @@ impl T5 {
             let attn = attn.transpose(1, 2)?.reshape((b, l, h * dk))?;
             x = (x + block.o.forward(&attn)?)?;
             let n = rms_norm(&x, &block.ffn_norm, eps)?;
-            let gated = Activation::NewGelu.forward(&block.gate.forward(&n)?)?;
+            // NewGelu is GELU's tanh form: Pictor's kernel on the CPU, candle's elsewhere.
+            let gated = crate::ops::gelu_in_place(block.gate.forward(&n)?)?;
             let ff = block.down.forward(&(gated * block.up.forward(&n)?)?)?;
             x = (x + ff)?;
             for linear in block.linears() {
