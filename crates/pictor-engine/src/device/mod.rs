@@ -144,7 +144,7 @@ impl DTypeChoice {
     ///
     /// `Auto` is f32 on CPU: the same seed then gives the same image on every CPU, within
     /// 1e-4 of diffusers' f32 numbers. An explicit bf16 halves the weights' memory and, on
-    /// a CPU with native bf16 dot products, runs the transformer about 2.3× faster than
+    /// a CPU with native bf16 dot products, runs the transformer about twice as fast as
     /// f32 (BENCHMARKS.md), 0.2 % off f32's final latents on the test fixture. On CUDA
     /// `Auto` is bf16, the dtype FLUX was trained and published in.
     pub fn resolve(self, device: &Device) -> DType {
