@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Build a tiny, randomly initialised FLUX.1-schnell pipeline plus reference outputs.
+"""Build a tiny, randomly initialised FLUX.1-schnell (or, with --variant dev, FLUX.1-dev)
+pipeline plus reference outputs.
 
 What it makes (in --out, e.g. tests/data/tiny-flux-schnell):
 
@@ -25,7 +26,11 @@ BFL single-file loading) is tested without the 30+ GB real checkpoint.
 Everything is deterministic (fixed seeds, one CPU thread): running the script
 twice gives byte-identical files.
 
-Usage:  python tools/make_tiny_flux.py --out tests/data/tiny-flux-schnell
+FLUX.1-dev differs by its guidance embedding (`guidance_in`), its schedule shifted by image
+size, a guidance scale of 3.5 and 512 T5 tokens; the text encoders, tokenizers and
+autoencoder are the same files as schnell's (same seeds).
+
+Usage:  python tools/make_tiny_flux.py [--variant schnell|dev] --out tests/data/tiny-flux-schnell
 (with the venv made by tools/setup-venv.sh)
 """
 
@@ -97,8 +102,17 @@ PROMPT = "a small red circle on a blue background in the top left"
 PUNCT_PROMPT = "  A Yellow STAR, top-right:   on a green   backdrop!  "
 WIDTH, HEIGHT = 80, 48
 STEPS = 4
-GUIDANCE = 0.0
-MAX_SEQ_LEN = 256
+
+# What differs between the two FLUX.1 variants (--variant): FLUX.1-dev has a guidance
+# embedding, a schedule shifted by image size (diffusers' `use_dynamic_shifting`, BFL's
+# `shift=True`), a guidance scale (3.5 by default) and 512 T5 tokens.
+VARIANTS = {
+    "schnell": {"name": "FLUX.1-schnell", "file": "flux1-schnell", "guidance_embeds": False,
+                "dynamic_shift": False, "shift": 1.0, "guidance": 0.0, "max_seq_len": 256},
+    "dev": {"name": "FLUX.1-dev", "file": "flux1-dev", "guidance_embeds": True,
+            "dynamic_shift": True, "shift": 3.0, "guidance": 3.5, "max_seq_len": 512},
+}
+V = VARIANTS["schnell"]  # set by main()
 
 CLIP_NUM_MERGES = 480  # -> vocab 256 + 256 + merges + 2 specials
 T5_VOCAB_SIZE = 600
@@ -195,7 +209,7 @@ def build_long_prompt() -> str:
     """A deterministic prompt long enough to be truncated by both encoders."""
     rng = random.Random(SEED_LONG_PROMPT)
     parts = []
-    for _ in range(45):
+    for _ in range(45 if V["max_seq_len"] <= 256 else 90):
         parts.append(
             f"a {rng.choice(SIZES)} {rng.choice(COLOURS)} {rng.choice(SHAPES)} {rng.choice(PLACES)}"
         )
@@ -328,7 +342,7 @@ def tokenize_like_flux(pipe_or_tokenizers, prompt: str) -> tuple[torch.Tensor, t
     tok, tok2 = pipe_or_tokenizers
     clip = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_overflowing_tokens=False, return_length=False, return_tensors="pt").input_ids
-    t5 = tok2(prompt, padding="max_length", max_length=MAX_SEQ_LEN, truncation=True,
+    t5 = tok2(prompt, padding="max_length", max_length=V['max_seq_len'], truncation=True,
               return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
     return clip, t5
 
@@ -469,7 +483,7 @@ def make_transformer() -> FluxTransformer2DModel:
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
-        guidance_embeds=False,
+        guidance_embeds=V["guidance_embeds"],
         axes_dims_rope=(4, 14, 14),
     ).eval()
     reinit_(model, SEED_TRANSFORMER)
@@ -501,8 +515,8 @@ def make_vae() -> AutoencoderKL:
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=False,
+        shift=V["shift"],
+        use_dynamic_shifting=V["dynamic_shift"],
         base_shift=0.5,
         max_shift=1.15,
         base_image_seq_len=256,
@@ -584,6 +598,9 @@ def diffusers_to_bfl_transformer(sd: dict[str, torch.Tensor], num_layers: int, n
     mv("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
     mv("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
     mv("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
+    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
+        mv("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
+        mv("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
     for i in range(num_layers):
         s, d = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         mv(s + "norm1.linear", d + "img_mod.lin")
@@ -674,8 +691,8 @@ def save_and_verify_bfl(out: Path, transformer: FluxTransformer2DModel, vae: Aut
     cfg = transformer.config
     tsd = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
     bfl = diffusers_to_bfl_transformer(tsd, cfg.num_layers, cfg.num_single_layers)
-    safetensors.torch.save_file(bfl, str(out / "flux1-schnell.safetensors"))
-    loaded = safetensors.torch.load_file(str(out / "flux1-schnell.safetensors"))
+    safetensors.torch.save_file(bfl, str(out / (V["file"] + ".safetensors")))
+    loaded = safetensors.torch.load_file(str(out / (V["file"] + ".safetensors")))
 
     # The unmodified converter cannot split linear1 of a non-3072-wide model.
     try:
@@ -686,11 +703,11 @@ def save_and_verify_bfl(out: Path, transformer: FluxTransformer2DModel, vae: Aut
                      f"(inner_dim hard-coded to 3072): {str(e).splitlines()[0]}")
     inner = cfg.num_attention_heads * cfg.attention_head_dim
     conv = patched_flux_converter(inner)(dict(loaded))
-    assert_same_state_dict(conv, tsd, "flux1-schnell.safetensors")
+    assert_same_state_dict(conv, tsd, V["file"] + ".safetensors")
     # BFL files record neither RoPE axes nor group counts; these heads and this decoder
     # are not FLUX.1's, so each single file gets its diffusers config beside it.
-    shutil.copy(out / "transformer" / "config.json", out / "flux1-schnell.json")
-    facts.append(f"flux1-schnell.safetensors ({len(loaded)} tensors) -> diffusers' "
+    shutil.copy(out / "transformer" / "config.json", out / (V["file"] + ".json"))
+    facts.append(f"{V['file']}.safetensors ({len(loaded)} tensors) -> diffusers' "
                  f"convert_flux_transformer_checkpoint_to_diffusers (inner_dim={inner}) == transformer state dict, "
                  f"all {len(tsd)} tensors bit-exact")
 
@@ -772,8 +789,8 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
     packed = FluxPipeline._pack_latents(noise, 1, 16, lat_h, lat_w)
 
     image = pipe(
-        PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-        max_sequence_length=MAX_SEQ_LEN, latents=packed.clone(), output_type="pt",
+        PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=V['guidance'],
+        max_sequence_length=V['max_seq_len'], latents=packed.clone(), output_type="pt",
         callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
     ).images
     for h in hooks:
@@ -799,6 +816,8 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
     ref["img_ids"] = k0["img_ids"].float()
     ref["txt_ids"] = k0["txt_ids"].float()
     ref["transformer_timestep_step0"] = k0["timestep"].float()
+    if "guidance" in k0:  # FLUX.1-dev: the guidance scale as the transformer gets it
+        ref["transformer_guidance_step0"] = k0["guidance"].float()
     ref["transformer_out_step0"] = out0
     for i, lat in enumerate(step_latents):
         ref[f"latents_step{i}"] = lat
@@ -810,8 +829,8 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
 
     # Cross-check the uint8 image against diffusers' own PIL path.
     pil = pipe(
-        PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-        max_sequence_length=MAX_SEQ_LEN, latents=packed.clone(), output_type="pil",
+        PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=V['guidance'],
+        max_sequence_length=V['max_seq_len'], latents=packed.clone(), output_type="pil",
     ).images[0]
     assert np.array_equal(np.asarray(pil), u8[0]), "PIL path differs from round(x*255)"
 
@@ -823,7 +842,7 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
     eos_clip, eos_t5 = pipe.tokenizer.eos_token_id, pipe.tokenizer_2.eos_token_id
     assert l_clip[0, -1] == eos_clip and l_clip[0, 0] == pipe.tokenizer.bos_token_id
     assert l_t5[0, -1] == eos_t5 and (l_t5[0, :-1] != eos_t5).all()
-    t5_hidden_l, pooled_l, _ = pipe.encode_prompt(long_prompt, long_prompt, max_sequence_length=MAX_SEQ_LEN)
+    t5_hidden_l, pooled_l, _ = pipe.encode_prompt(long_prompt, long_prompt, max_sequence_length=V['max_seq_len'])
     ref["long_clip_input_ids"], ref["long_t5_input_ids"] = l_clip, l_t5
     ref["long_clip_pooled"], ref["long_t5_hidden"] = pooled_l, t5_hidden_l
 
@@ -831,7 +850,7 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
     ref["punct_clip_input_ids"], ref["punct_t5_input_ids"] = p_clip, p_t5
 
     # Also the prompt's encode_prompt must agree with what the __call__ saw.
-    t5h, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=MAX_SEQ_LEN)
+    t5h, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, max_sequence_length=V['max_seq_len'])
     assert torch.equal(t5h, ref["t5_hidden"]) and torch.equal(pooled, ref["clip_pooled"])
 
     # The encoder (image edits): a smooth random image in [-1, 1] (low-resolution noise,
@@ -862,8 +881,8 @@ def run_reference(out: Path, long_prompt: str) -> tuple[dict, dict]:
         "width": WIDTH,
         "height": HEIGHT,
         "num_inference_steps": STEPS,
-        "guidance_scale": GUIDANCE,
-        "max_sequence_length": MAX_SEQ_LEN,
+        "guidance_scale": V["guidance"],
+        "max_sequence_length": V["max_seq_len"],
         "batch_size": 1,
         "latent_shape_unpacked": list(noise.shape),
         "latent_shape_packed": list(packed.shape),
@@ -914,15 +933,18 @@ def write_readme(out: Path, meta: dict, facts: list[str], pipe_info: dict) -> No
         f"| `{k}` | {t['dtype']} | {t['shape']} | {t.get('std', '')} |" for k, t in meta["tensors"].items()
     )
     file_lines = "\n".join(f"| `{f}` | {sizes[f]:,} |" for f in files)
-    text = f"""# tiny-flux-schnell test fixture
+    variant = V["file"].removeprefix("flux1-")
+    guidance_note = ("has `guidance_in.{in,out}_layer` (diffusers' `time_text_embed.guidance_embedder`)"
+                     if V["guidance_embeds"] else "has no `guidance_in.*` (schnell)")
+    text = f"""# tiny-flux-{variant} test fixture
 
-A tiny, randomly initialised FLUX.1-schnell pipeline in the real file formats,
+A tiny, randomly initialised {V['name']} pipeline in the real file formats,
 plus reference outputs from diffusers' `FluxPipeline` (CPU, float32).
 Generated — do not edit by hand. Regenerate with:
 
 ```sh
 bash tools/setup-venv.sh                      # venv at ${{PICTOR_TOOLS_VENV:-$HOME/.cache/pictor/venv-tools}}
-~/.cache/pictor/venv-tools/bin/python tools/make_tiny_flux.py --out tests/data/tiny-flux-schnell
+~/.cache/pictor/venv-tools/bin/python tools/make_tiny_flux.py --variant {variant} --out tests/data/tiny-flux-{variant}
 ```
 
 The script is deterministic (fixed seeds, 1 CPU thread): re-running it gives
@@ -932,20 +954,20 @@ Library versions: python {v['python']}, torch {v['torch']}, diffusers {v['diffus
 transformers {v['transformers']}, tokenizers {v['tokenizers']}, safetensors {v['safetensors']},
 sentencepiece {v['sentencepiece']}, numpy {v['numpy']}, protobuf {v['protobuf']}.
 
-## Layout (same as black-forest-labs/FLUX.1-schnell)
+## Layout (same as black-forest-labs/{V['name']})
 
 | path | what |
 | --- | --- |
 | `model_index.json` | written by `FluxPipeline.save_pretrained` |
-| `scheduler/scheduler_config.json` | `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)` |
+| `scheduler/scheduler_config.json` | `FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift={V['shift']}, use_dynamic_shifting={V['dynamic_shift']}, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)` |
 | `tokenizer/` | CLIP byte-level BPE: `vocab.json`, `merges.txt`, `special_tokens_map.json`, `tokenizer_config.json` as `CLIPTokenizer.save_pretrained` writes them; **no `tokenizer.json`** (like the real repo). {pipe_info['clip_vocab']} entries = 256 bytes + 256 bytes+`</w>` + {pipe_info['clip_merges']} merges + `<\\|startoftext\\|>` ({pipe_info['clip_bos']}) + `<\\|endoftext\\|>` ({pipe_info['clip_eos']}, also pad/unk), the two highest ids as in real CLIP. model_max_length 77. |
 | `tokenizer_2/` | T5: SentencePiece unigram `spiece.model` (vocab {pipe_info['t5_vocab']}, pad=0, eos=1, unk=2, no bos, no extra_ids) + `tokenizer.json`, `special_tokens_map.json`, `tokenizer_config.json` from `T5TokenizerFast.save_pretrained` (legacy=True, model_max_length 512). |
 | `text_encoder/` | transformers `CLIPTextModel`: `config.json` + `model.safetensors`. hidden 32, intermediate 64, 2 layers, 2 heads, max_position_embeddings 77, quick_gelu, vocab {pipe_info['clip_vocab']}, `eos_token_id` = 2 (legacy argmax pooling like openai/clip-vit-large-patch14). |
 | `text_encoder_2/` | transformers `T5EncoderModel`, 2 shards + `model.safetensors.index.json`. d_model 32, d_kv 16, 2 heads, d_ff 64, 2 layers, gated-gelu (`dense_act_fn` gelu_new), 32 buckets, max distance 128, eps 1e-6, vocab {pipe_info['t5_vocab']}. Embedding keys in the files: {pipe_info['t5_embed_keys']} (transformers drops the tied alias `encoder.embed_tokens.weight` when saving). |
-| `transformer/` | diffusers `FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4,14,14))`, 2 shards + `diffusion_pytorch_model.safetensors.index.json`. |
+| `transformer/` | diffusers `FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds={V['guidance_embeds']}, axes_dims_rope=(4,14,14))`, 2 shards + `diffusion_pytorch_model.safetensors.index.json`. |
 | `vae/` | diffusers `AutoencoderKL` (4 blocks, block_out_channels (32,32,64,64), layers_per_block 1, 16 latent channels, 32 groups, scaling_factor 0.3611, shift_factor 0.1159, no quant convs, mid-block attention), single `diffusion_pytorch_model.safetensors`. |
-| `flux1-schnell.safetensors` | the same transformer in Black Forest Labs names (`img_in`, `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.adaLN_modulation.1` with [shift; scale], ...). |
-| `flux1-schnell.json`, `ae.json` | copies of `transformer/config.json` and `vae/config.json` beside the single files: BFL files record neither RoPE axes nor group counts, and these are not FLUX.1's, so a loader must be told. |
+| `{V['file']}.safetensors` | the same transformer in Black Forest Labs names (`img_in`, `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `final_layer.adaLN_modulation.1` with [shift; scale], ...). |
+| `{V['file']}.json`, `ae.json` | copies of `transformer/config.json` and `vae/config.json` beside the single files: BFL files record neither RoPE axes nor group counts, and these are not FLUX.1's, so a loader must be told. |
 | `ae.safetensors` | the same VAE in BFL/LDM names (`encoder.down.i.block.j`, `decoder.up.(3-k)`, `mid.attn_1.{{q,k,v,proj_out}}` as 1x1 conv weights [C,C,1,1], ...). |
 | `reference.safetensors` | reference tensors (below). |
 | `reference.json` | prompts, size, steps, scheduler sigmas/timesteps actually used, seeds, versions, tensor shapes and stds. |
@@ -961,7 +983,7 @@ were checked to give identical ids on all reference prompts.
 
 ## Notes for loaders
 
-- `flux1-schnell.safetensors` has no `guidance_in.*` (schnell). Inner dim is 64 and the MLP hidden dim 256, so
+- `{V['file']}.safetensors` {guidance_note}. Inner dim is 64 and the MLP hidden dim 256, so
   `single_blocks.N.linear1` has 3*64+256 = 448 rows: infer the split from shapes; diffusers' own converter
   hard-codes the real model's 3072 and cannot read this file unpatched (see below).
 - `final_layer.adaLN_modulation.1` is [shift; scale] (BFL) while diffusers' `norm_out.linear` is [scale; shift].
@@ -1026,7 +1048,10 @@ def prepare_out(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--variant", choices=sorted(VARIANTS), default="schnell")
     args = ap.parse_args()
+    global V
+    V = VARIANTS[args.variant]
     out: Path = args.out
     prepare_out(out)
 
