@@ -81,6 +81,7 @@ impl Sleeper {
 impl Pipeline for Sleeper {
     fn rules(&self) -> ModelRules {
         ModelRules {
+            family: "FLUX.1-schnell".into(),
             multiple: 16,
             min_side: 16,
             max_side: 16,
@@ -88,7 +89,7 @@ impl Pipeline for Sleeper {
             default_size: Dimensions::new(16, 16),
             default_steps: 1,
             max_steps: 1,
-            takes_guidance: false,
+            default_guidance: None,
             takes_negative_prompt: false,
         }
     }

@@ -16,6 +16,10 @@ pub struct GenerationRequest {
     pub height: usize,
     /// Number of denoising steps.
     pub steps: usize,
+    /// The guidance scale, for a model with a guidance input (`None`: the model's
+    /// default); a model without one refuses any ([`ModelRules::check`]).
+    #[serde(default)]
+    pub guidance: Option<f64>,
     /// Seed of the first image; image `i` uses `seed + i`, so any image of a batch can be
     /// reproduced alone.
     pub seed: u64,
@@ -206,8 +210,10 @@ pub trait Pipeline: Send {
     /// place this is decided (the scheduler groups by it, a pipeline refuses a batch that
     /// breaks it).
     fn compatible(&self, a: &GenerationRequest, b: &GenerationRequest) -> bool {
-        // An edit carries its own image: it runs in a batch of its own images only.
+        // An edit carries its own image: it runs in a batch of its own images only. The
+        // guidance scale conditions the whole batch.
         (a.width, a.height, a.steps) == (b.width, b.height, b.steps)
+            && a.guidance == b.guidance
             && a.edit.is_none()
             && b.edit.is_none()
     }

@@ -64,6 +64,10 @@ impl From<Dimensions> for String {
 /// may change the ranges and defaults by configuration, never the grid.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelRules {
+    /// The model family, as its weights say (`FLUX.1-schnell`, `FLUX.1-dev`); empty where
+    /// unknown (rules recorded before families were reported).
+    #[serde(default)]
+    pub family: String,
     /// Sides must be multiples of this (the network's patch grid).
     pub multiple: usize,
     /// Smallest side in pixels.
@@ -78,11 +82,15 @@ pub struct ModelRules {
     pub default_steps: usize,
     /// Most steps a request may ask for.
     pub max_steps: usize,
-    /// Whether the model has a guidance input.
-    pub takes_guidance: bool,
+    /// The guidance scale when a request gives none, for a model with a guidance input
+    /// (FLUX.1-dev's distilled guidance: 3.5); `None` for a model without one.
+    pub default_guidance: Option<f64>,
     /// Whether the model can use a negative prompt.
     pub takes_negative_prompt: bool,
 }
+
+/// The largest guidance scale a request may give (FLUX.1-dev is used at 1 to 10).
+pub const MAX_GUIDANCE: f64 = 30.0;
 
 /// Largest side anyone may ask of a network, served or not.
 const LARGEST_SIDE: usize = 1 << 14;
@@ -187,7 +195,27 @@ impl ModelRules {
         if req.n == 0 {
             return Err(Invalid::new("n", "Invalid 'n': 0; expected at least 1."));
         }
+        match (req.guidance, self.default_guidance) {
+            (Some(_), None) => {
+                return Err(Invalid::new(
+                    "guidance_scale",
+                    "This model has no guidance input and takes no guidance scale; omit 'guidance_scale' or send 0.",
+                ));
+            }
+            (Some(g), Some(_)) if !(0.0..=MAX_GUIDANCE).contains(&g) => {
+                return Err(Invalid::new(
+                    "guidance_scale",
+                    format!("Invalid 'guidance_scale': {g}; this model takes 0 to {MAX_GUIDANCE}."),
+                ));
+            }
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// Whether the model has a guidance input.
+    pub fn takes_guidance(&self) -> bool {
+        self.default_guidance.is_some()
     }
 
     /// Checks that the rules can serve their own defaults (`size: auto` at the default
@@ -207,6 +235,7 @@ impl ModelRules {
 mod tests {
     fn flux() -> ModelRules {
         ModelRules {
+            family: "FLUX.1-schnell".into(),
             multiple: 16,
             min_side: 256,
             max_side: 2048,
@@ -214,7 +243,7 @@ mod tests {
             default_size: Dimensions::new(1024, 1024),
             default_steps: 4,
             max_steps: 50,
-            takes_guidance: false,
+            default_guidance: None,
             takes_negative_prompt: false,
         }
     }
@@ -264,6 +293,7 @@ mod tests {
 
     fn rules() -> ModelRules {
         ModelRules {
+            family: "FLUX.1-schnell".into(),
             multiple: 16,
             min_side: 256,
             max_side: 2048,
@@ -271,7 +301,7 @@ mod tests {
             default_size: Dimensions::new(1024, 1024),
             default_steps: 4,
             max_steps: 50,
-            takes_guidance: false,
+            default_guidance: None,
             takes_negative_prompt: false,
         }
     }
@@ -304,6 +334,35 @@ mod tests {
             let e = r.check(&bad).expect_err("refused");
             assert_eq!(e.param, param, "{bad:?}");
             assert!(e.message.contains(needle), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn guidance_is_held_to_the_model() {
+        let guided = |g| GenerationRequest {
+            guidance: g,
+            ..req(256, 256, 4, 1)
+        };
+        let schnell = rules();
+        assert!(!schnell.takes_guidance());
+        assert_eq!(schnell.check(&guided(None)), Ok(()));
+        let e = schnell
+            .check(&guided(Some(3.5)))
+            .expect_err("no guidance input");
+        assert_eq!(e.param, "guidance_scale");
+        assert!(e.message.contains("takes no guidance"), "{}", e.message);
+        let dev = ModelRules {
+            default_guidance: Some(3.5),
+            ..rules()
+        };
+        assert!(dev.takes_guidance());
+        for ok in [None, Some(0.0), Some(3.5), Some(MAX_GUIDANCE)] {
+            assert_eq!(dev.check(&guided(ok)), Ok(()), "{ok:?}");
+        }
+        for bad in [-0.5, MAX_GUIDANCE + 0.1, f64::NAN, f64::INFINITY] {
+            let e = dev.check(&guided(Some(bad))).expect_err("out of range");
+            assert_eq!(e.param, "guidance_scale");
+            assert!(e.message.contains("0 to 30"), "{}", e.message);
         }
     }
 

@@ -262,7 +262,7 @@ fn main() -> anyhow::Result<()> {
                         prompt: Default::default(),
                     };
                     Box::new(move || {
-                        t.velocity(&img, &emb, 1.0, (h, w))?;
+                        t.velocity(&img, &emb, 1.0, None, (h, w))?;
                         Ok(())
                     })
                 }

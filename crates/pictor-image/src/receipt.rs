@@ -13,6 +13,9 @@ pub struct Receipt {
     pub prompt: String,
     /// Denoising steps.
     pub steps: usize,
+    /// The guidance scale, for a model with a guidance input (FLUX.1-dev's distilled
+    /// guidance; written as Forge does, `Distilled CFG Scale`).
+    pub guidance: Option<f64>,
     /// This image's seed.
     pub seed: u64,
     /// Width in pixels.
@@ -45,6 +48,7 @@ impl Receipt {
         Self {
             prompt: generation.prompt.encoded.clone(),
             steps: req.steps,
+            guidance: req.guidance,
             seed: req.seed.wrapping_add(index as u64),
             width: req.width,
             height: req.height,
@@ -59,9 +63,12 @@ impl Receipt {
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
-            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, Seed: {}, Size: {}x{}, {}{}{}{}Model: {}, Version: pictor {}",
+            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, {}Seed: {}, Size: {}x{}, {}{}{}{}Model: {}, Version: pictor {}",
             self.prompt,
             self.steps,
+            self.guidance
+                .map(|g| format!("Distilled CFG Scale: {g}, "))
+                .unwrap_or_default(),
             self.seed,
             self.width,
             self.height,
@@ -97,6 +104,7 @@ impl Receipt {
         Some(Self {
             prompt: prompt.to_string(),
             steps: field("Steps")?.parse().ok()?,
+            guidance: field("Distilled CFG Scale").and_then(|g| g.parse().ok()),
             seed: field("Seed")?.parse().ok()?,
             width,
             height,
@@ -205,6 +213,7 @@ mod tests {
         let r = Receipt {
             prompt: "a cat, on a mat\nin colour: red".into(),
             steps: 4,
+            guidance: None,
             seed: u64::MAX,
             width: 512,
             height: 256,
@@ -216,6 +225,7 @@ mod tests {
         };
         assert_eq!(Receipt::parse(&r.to_parameters()), Some(r.clone()));
         let edit = Receipt {
+            guidance: Some(3.5),
             strength: Some(0.75),
             input_sha256: Some("ab".repeat(32)),
             ..r
@@ -230,6 +240,7 @@ mod tests {
         let r = Receipt {
             prompt: "un café, s'il vous plaît — ☕".into(),
             steps: 3,
+            guidance: Some(2.25),
             seed: 42,
             width: 16,
             height: 8,

@@ -18,6 +18,7 @@ struct Gated {
 impl Pipeline for Gated {
     fn rules(&self) -> ModelRules {
         ModelRules {
+            family: "FLUX.1-schnell".into(),
             multiple: 1,
             min_side: 1,
             max_side: 64,
@@ -25,7 +26,7 @@ impl Pipeline for Gated {
             default_size: Dimensions::new(1, 1),
             default_steps: 1,
             max_steps: 100,
-            takes_guidance: false,
+            default_guidance: None,
             takes_negative_prompt: false,
         }
     }
@@ -101,6 +102,7 @@ fn named(prompt: &str, steps: usize) -> GenerationRequest {
         width: 16,
         height: 16,
         steps,
+        guidance: None,
         seed: 0,
         n: 1,
         previews: 0,

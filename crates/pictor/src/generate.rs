@@ -31,15 +31,19 @@ pub struct Args {
     /// Reproduce an image from the receipt in its own PNG, JPEG or WebP file (prompt, steps,
     /// seed, size);
     /// `--model` must name the model that drew it.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n", "guidance"])]
     from_image: Option<PathBuf>,
     /// Image size, WIDTHxHEIGHT, on the model's grid (multiples of 16 for FLUX); default the
     /// model's (1024x1024 for FLUX.1-schnell, 128x128 for pictor-tiny).
     #[arg(long)]
     size: Option<Dimensions>,
-    /// Denoising steps; default the model's (schnell is distilled for 4).
+    /// Denoising steps; default the model's (4 for schnell, which is distilled for them;
+    /// 28 for FLUX.1-dev).
     #[arg(long)]
     steps: Option<usize>,
+    /// Guidance scale, for a model with a guidance input (FLUX.1-dev: default 3.5).
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Seed of the first image; image i uses seed + i.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -117,6 +121,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
             width: r.width,
             height: r.height,
             steps: r.steps,
+            guidance: r.guidance,
             seed: r.seed,
             n: 1,
             previews: 0,
@@ -133,6 +138,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         width: size.width,
         height: size.height,
         steps: args.steps.unwrap_or(rules.default_steps),
+        guidance: args.guidance.or(rules.default_guidance),
         seed: args.seed,
         n: args.n,
         previews: 0,

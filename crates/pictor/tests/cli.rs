@@ -320,6 +320,56 @@ fn from_image_reproduces_an_image_bit_for_bit() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("parameters"));
 }
 
+/// FLUX.1-dev from the command line: `--guidance` reaches the image and its receipt, and
+/// `--from-image` reproduces it at that guidance; schnell refuses a guidance scale.
+#[test]
+fn guidance_runs_on_a_dev_model_and_is_refused_by_schnell() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fixture().with_file_name("tiny-flux-dev");
+    let out = dir.path().join("dev.png");
+    let run = generate(dev.to_str().unwrap(), &out, &["--guidance", "2"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let receipt = pictor_image::Receipt::from_image(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(receipt.guidance, Some(2.0));
+    let again = dir.path().join("again.png");
+    let run = pictor()
+        .args(["generate", "--model", dev.to_str().unwrap(), "--from-image"])
+        .arg(&out)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let a = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(a, image::open(&again).unwrap().to_rgb8(), "same pixels");
+    let default = dir.path().join("default.png");
+    let run = generate(dev.to_str().unwrap(), &default, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_ne!(a, image::open(&default).unwrap().to_rgb8(), "3.5 is not 2");
+
+    let run = generate(
+        fixture().to_str().unwrap(),
+        &dir.path().join("schnell.png"),
+        &["--guidance", "2"],
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("guidance"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn keys_carry_rate_limits_from_create_and_limit() {
     let dir = tempfile::tempdir().unwrap();

@@ -51,9 +51,25 @@ test('errors map to the SDK classes', async () => {
   await assert.rejects(client().images.generate({ model: 'no-such-model', prompt: 'x' }), OpenAI.NotFoundError);
 });
 
+test('a dev model takes guidance_scale in the body and says which it used', async () => {
+  const body = { model: 'tiny-flux-dev', prompt: 'a red circle', size: '64x64', response_format: 'b64_json', seed: 5, steps: 4 };
+  const guided = await client().images.generate({ ...body, guidance_scale: 2.5 });
+  const plain = await client().images.generate(body);
+  assert.equal(guided.data[0].guidance, 2.5);
+  assert.equal(plain.data[0].guidance, 3.5);
+  assert.notEqual(guided.data[0].b64_json, plain.data[0].b64_json);
+  await assert.rejects(client().images.generate({ model: MODEL, prompt: 'x', guidance_scale: 2 }), (e) => {
+    assert.ok(e instanceof OpenAI.BadRequestError);
+    assert.equal(e.param, 'guidance_scale');
+    return true;
+  });
+});
+
 async function imagesGenerated() {
   const text = await (await fetch(`${server.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith('pictor_images_generated_total'));
+  const line = text
+    .split('\n')
+    .find((l) => l.startsWith('pictor_images_generated_total') && l.includes(`model="${MODEL}"`));
   return line ? Number(line.split(' ').pop()) : 0;
 }
 

@@ -46,6 +46,25 @@ def test_same_seed_same_image(server):
     assert c.images.generate(**kw).data[0].b64_json == c.images.generate(**kw).data[0].b64_json
 
 
+def test_a_dev_model_takes_guidance_through_extra_body(server):
+    c = client(server)
+    kw = dict(model="tiny-flux-dev", prompt="a red circle", size="64x64", response_format="b64_json")
+    default = c.images.generate(**kw, extra_body={"seed": 5, "steps": 4}).data[0]
+    guided = c.images.generate(**kw, extra_body={"seed": 5, "steps": 4, "guidance_scale": 2.0}).data[0]
+    assert default.model_extra["guidance"] == 3.5
+    assert guided.model_extra["guidance"] == 2.0
+    assert default.b64_json != guided.b64_json
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(**kw, extra_body={"guidance_scale": 31})
+    assert e.value.param == "guidance_scale"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(model=MODEL, prompt="x", size="64x64", extra_body={"guidance_scale": 2.0})
+    assert e.value.param == "guidance_scale"
+    rules = {m.id: m.model_extra.get("rules") for m in c.models.list()}
+    assert rules["tiny-flux-dev"]["family"] == "FLUX.1-dev" and rules["tiny-flux-dev"]["default_guidance"] == 3.5
+    assert rules[MODEL]["family"] == "FLUX.1-schnell" and rules[MODEL]["guidance"] is False
+
+
 def test_bad_key_is_authentication_error(server):
     c = OpenAI(base_url=server["url"] + "/v1", api_key="sk-wrong")
     with pytest.raises(openai.AuthenticationError) as e:
@@ -73,12 +92,17 @@ def count_429(server):
     return 0.0
 
 
-def queue_depth(server):
+def model_metric(server, name, model=MODEL):
+    """A per-model metric of this file's model (the server serves two)."""
     with urllib.request.urlopen(server["url"] + "/metrics") as f:
         for line in f.read().decode().splitlines():
-            if line.startswith("pictor_queue_depth"):
+            if line.startswith(name) and f'model="{model}"' in line:
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def queue_depth(server):
+    return model_metric(server, "pictor_queue_depth")
 
 
 def test_sdk_retries_429_until_the_queue_drains(server):
@@ -102,11 +126,7 @@ def test_sdk_retries_429_until_the_queue_drains(server):
 
 
 def images_generated(server):
-    with urllib.request.urlopen(server["url"] + "/metrics") as f:
-        for line in f.read().decode().splitlines():
-            if line.startswith("pictor_images_generated_total"):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return model_metric(server, "pictor_images_generated_total")
 
 
 def test_stream_yields_partial_images_then_the_same_final_image(server):

@@ -112,12 +112,6 @@ impl Job {
             )),
             (Size::Auto, None) => rules.default_size,
         };
-        if !rules.takes_guidance && req.guidance_scale.is_some_and(|g| g != 0.0) {
-            return Err(ApiError::invalid(
-                "guidance_scale",
-                "This model is guidance-distilled and takes no guidance scale; omit 'guidance_scale' or send 0.",
-            ));
-        }
         if !rules.takes_negative_prompt
             && req
                 .negative_prompt
@@ -134,6 +128,12 @@ impl Job {
             width: size.width,
             height: size.height,
             steps: req.steps.unwrap_or_else(|| steps_for(rules, req.quality)),
+            // The model's default where it takes guidance; 0 stands for none where it
+            // takes none (any other value is refused by the rules' check below).
+            guidance: match rules.default_guidance {
+                Some(default) => Some(req.guidance_scale.unwrap_or(default)),
+                None => req.guidance_scale.filter(|&g| g != 0.0),
+            },
             seed: req.seed.unwrap_or(seed),
             n: req.n,
             previews: if req.stream { req.partial_images } else { 0 },
@@ -253,6 +253,7 @@ mod tests {
 
     fn rules(default_steps: usize) -> ModelRules {
         ModelRules {
+            family: "FLUX.1-schnell".into(),
             multiple: 16,
             min_side: 64,
             max_side: 512,
@@ -260,7 +261,7 @@ mod tests {
             default_size: Dimensions::new(128, 128),
             default_steps,
             max_steps: 100,
-            takes_guidance: false,
+            default_guidance: None,
             takes_negative_prompt: false,
         }
     }

@@ -118,7 +118,7 @@ async fn respond(
             steps: receipt.steps as u32,
             width: receipt.width as u32,
             height: receipt.height as u32,
-            guidance: None,
+            guidance: receipt.guidance,
             model: receipt.model,
             model_hash: receipt.model_hash,
             strength: receipt.strength,

@@ -66,7 +66,9 @@ pub struct CreateImageRequest {
     /// Extension: alias of `steps`.
     #[schema(minimum = 1, maximum = 1000)]
     pub num_inference_steps: Option<u32>,
-    /// Extension: refused (400) by models without a guidance input, such as FLUX.1-schnell.
+    /// Extension: the guidance scale, 0 to 30, for models with a guidance input (FLUX.1-dev:
+    /// default 3.5); refused (400) by models without one, such as FLUX.1-schnell (0 is taken
+    /// as none there).
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it, such as FLUX.1-schnell.
     pub negative_prompt: Option<String>,
@@ -143,7 +145,8 @@ pub struct EditImageRequest {
     /// without; see `input_fidelity`.
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub strength: Option<f64>,
-    /// Extension: refused (400) by models without a guidance input.
+    /// Extension: the guidance scale, 0 to 30, for models with a guidance input (FLUX.1-dev:
+    /// default 3.5); refused (400) by models without one (0 is taken as none there).
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it.
     pub negative_prompt: Option<String>,

@@ -26,7 +26,7 @@ pub struct ImageData {
     /// Extension: height in pixels.
     pub height: u32,
     /// Extension: the guidance scale used; `null` for models that take none (FLUX.1-schnell
-    /// is guidance-distilled).
+    /// has no guidance input).
     pub guidance: Option<f64>,
     /// Extension: the model that drew it (its configured name, not an alias).
     pub model: String,
@@ -182,6 +182,9 @@ pub struct Model {
 /// What a model accepts: the sizes it draws, its steps, which inputs apply.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ModelRulesView {
+    /// The model family its weights make (`FLUX.1-schnell`, `FLUX.1-dev`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub family: String,
     /// The size of `size: auto`, `WxH`.
     pub default_size: String,
     /// Smallest side in pixels.
@@ -198,6 +201,9 @@ pub struct ModelRulesView {
     pub max_steps: usize,
     /// Whether `guidance_scale` applies.
     pub guidance: bool,
+    /// The guidance scale a request without one runs at, where `guidance_scale` applies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_guidance: Option<f64>,
     /// Whether `negative_prompt` applies.
     pub negative_prompt: bool,
 }
@@ -205,6 +211,7 @@ pub struct ModelRulesView {
 impl From<&pictor_core::ModelRules> for ModelRulesView {
     fn from(r: &pictor_core::ModelRules) -> Self {
         Self {
+            family: r.family.clone(),
             default_size: r.default_size.to_string(),
             min_side: r.min_side,
             max_side: r.max_side,
@@ -212,7 +219,8 @@ impl From<&pictor_core::ModelRules> for ModelRulesView {
             max_pixels: r.max_pixels,
             default_steps: r.default_steps,
             max_steps: r.max_steps,
-            guidance: r.takes_guidance,
+            guidance: r.takes_guidance(),
+            default_guidance: r.default_guidance,
             negative_prompt: r.takes_negative_prompt,
         }
     }

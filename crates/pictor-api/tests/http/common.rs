@@ -22,6 +22,8 @@ pub struct Options {
     pub grace: Duration,
     pub max_n: usize,
     pub uploads: pictor_api::UploadLimits,
+    /// The fixture under `tests/data/` the model is loaded from.
+    pub fixture: &'static str,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             grace: Duration::from_secs(60),
             max_n: 10,
             uploads: pictor_api::UploadLimits::default(),
+            fixture: "tiny-flux-schnell",
         }
     }
 }
@@ -56,8 +59,10 @@ pub struct Server {
 
 pub const MODEL: &str = "tiny";
 
-fn fixture() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny-flux-schnell")
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(name)
 }
 
 pub async fn start(opts: Options) -> Server {
@@ -104,7 +109,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     let mut model_queue = None;
     if opts.load_model {
-        let files = ModelFiles::from_dir(&fixture()).unwrap();
+        let files = ModelFiles::from_dir(&fixture(opts.fixture)).unwrap();
         let pipeline = FluxPipeline::load(&files, FluxOptions::default()).unwrap();
         // The pipeline's own rules, adjusted as a configuration would.
         let rules = ModelRules {

@@ -165,6 +165,61 @@ async fn models_list_names_and_aliases_and_an_alias_generates() {
     assert_eq!(status, 200);
 }
 
+/// A FLUX.1-dev model (its tiny fixture): `/v1/models` names the family and its guidance,
+/// a request's `guidance_scale` runs and comes back in the answer and the receipt, its
+/// absence takes the model's 3.5, and a scale out of range is refused naming the field.
+#[tokio::test]
+async fn a_dev_model_takes_guidance_and_reports_it() {
+    let s = start(Options {
+        fixture: "tiny-flux-dev",
+        ..Options::default()
+    })
+    .await;
+    let models: serde_json::Value = s
+        .client
+        .get(format!("{}/v1/models/{MODEL}", s.url))
+        .bearer_auth(&s.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rules = &models["rules"];
+    assert_eq!(rules["family"], "FLUX.1-dev", "{models}");
+    assert_eq!(rules["guidance"], true);
+    assert_eq!(rules["default_guidance"], 3.5);
+    assert_eq!(rules["default_steps"], 28);
+
+    let mut body = small("a red circle");
+    body["guidance_scale"] = json!(2.0);
+    body["response_format"] = json!("b64_json");
+    let (status, _, guided) = s.generate(body.clone()).await;
+    assert_eq!(status, 200, "{guided}");
+    let image = &guided["data"][0];
+    assert_eq!(image["guidance"], 2.0);
+    let png = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        image["b64_json"].as_str().unwrap(),
+    )
+    .unwrap();
+    let receipt = pictor_image::Receipt::from_image(&png).unwrap();
+    assert_eq!(receipt.guidance, Some(2.0));
+
+    body.as_object_mut().unwrap().remove("guidance_scale");
+    let (status, _, default) = s.generate(body.clone()).await;
+    assert_eq!(status, 200, "{default}");
+    assert_eq!(default["data"][0]["guidance"], 3.5);
+    assert_ne!(default["data"][0]["b64_json"], image["b64_json"]);
+
+    for bad in [-1.0, 30.5] {
+        body["guidance_scale"] = json!(bad);
+        let (status, _, reply) = s.generate(body.clone()).await;
+        assert_eq!(status, 400, "{bad}: {reply}");
+        assert_eq!(reply["error"]["param"], "guidance_scale", "{reply}");
+    }
+}
+
 #[tokio::test]
 async fn an_open_loopback_server_needs_no_key_until_one_exists() {
     let s = start(Options {

@@ -162,10 +162,22 @@ impl Denoiser {
         img: &Tensor,
         emb: &Embeddings,
         sigma: f64,
+        guidance: Option<f64>,
         latent_hw: (usize, usize),
     ) -> Result<Tensor> {
         self.loaded_transformer()?
-            .velocity(img, emb, sigma, latent_hw)
+            .velocity(img, emb, sigma, guidance, latent_hw)
+    }
+
+    /// The sigmas of `steps` steps for latents `(h, w)`: schnell's [`sampling::schedule`],
+    /// or for a guidance-distilled transformer (FLUX.1-dev and its fine-tunes) the schedule
+    /// shifted by image size ([`sampling::shifted_schedule`]), as Black Forest Labs decide
+    /// it (every FLUX.1 model but schnell is shifted).
+    pub fn sigmas(&self, steps: usize, (h, w): (usize, usize)) -> Vec<f64> {
+        match self.transformer_arch().config.guidance_embed {
+            true => sampling::shifted_schedule(steps, (h / 2) * (w / 2)),
+            false => sampling::schedule(steps),
+        }
     }
 
     /// Decodes packed latents to pixels in `[0, 1]`; see [`Vae::decode`].
@@ -173,7 +185,8 @@ impl Denoiser {
         self.vae.decode(packed, height, width)
     }
 
-    /// Denoises `noise` `(b, latent channels, h, w)` for `steps` schnell steps; returns the
+    /// Denoises `noise` `(b, latent channels, h, w)` for `steps` steps ([`Self::sigmas`])
+    /// at the guidance scale `guidance` (for a model with a guidance embedding); returns the
     /// final packed latents `(b, tokens, 4 × latent channels)` in f32. The Euler update
     /// runs in f32 whatever the compute dtype, as diffusers' scheduler does. `on_step` sees
     /// the state before the first step (`step = 0`) and after each step; answering
@@ -183,12 +196,15 @@ impl Denoiser {
         noise: &Tensor,
         emb: &Embeddings,
         steps: usize,
+        guidance: Option<f64>,
         on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
-        self.run(noise, &sampling::schedule(steps), emb, None, on_step)
+        let (_, _, h, w) = noise.dims4()?;
+        let sigmas = self.sigmas(steps, (h, w));
+        self.run(noise, &sigmas, (emb, guidance), None, on_step)
     }
 
-    /// Image to image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` schnell steps,
+    /// Image to image, as diffusers' `FluxImg2ImgPipeline`: of the `steps` steps,
     /// the last `⌊steps · strength⌋` run (`strength` in (0, 1]), from the image's latents
     /// `(b, z, h, w)` (normalised: see `Encoder::encode`) noised to that step's sigma with
     /// `noise`. With a `mask` `(b, 1, h, w)` at latent resolution (1 = repaint, 0 = keep;
@@ -205,10 +221,12 @@ impl Denoiser {
         emb: &Embeddings,
         steps: usize,
         strength: f64,
+        guidance: Option<f64>,
         on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
         let start = img2img_start(steps, strength)?;
-        let sigmas = &sampling::schedule(steps)[start..];
+        let (_, _, h, w) = image_latents.dims4()?;
+        let sigmas = &self.sigmas(steps, (h, w))[start..];
         let image = image_latents.to_dtype(DType::F32)?;
         let noise = noise.to_dtype(DType::F32)?;
         let known = match mask {
@@ -228,19 +246,20 @@ impl Denoiser {
         self.run(
             &noised(&image, &noise, sigmas[0])?,
             sigmas,
-            emb,
+            (emb, guidance),
             known.as_ref(),
             on_step,
         )
     }
 
-    /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn;
-    /// with `known`, its kept region is put back after each step.
+    /// Euler steps from `start` `(b, z, h, w)` at `sigmas[0]` down each sigma in turn,
+    /// conditioned on the prompt's embeddings and the guidance scale; with `known`, its
+    /// kept region is put back after each step.
     fn run(
         &self,
         start: &Tensor,
         sigmas: &[f64],
-        emb: &Embeddings,
+        (emb, guidance): (&Embeddings, Option<f64>),
         known: Option<&Known>,
         mut on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
     ) -> Result<Tensor> {
@@ -258,7 +277,7 @@ impl Denoiser {
         for (i, pair) in sigmas.windows(2).enumerate() {
             let v = self
                 .loaded_transformer()?
-                .velocity(&x, emb, pair[0], (h, w))?;
+                .velocity(&x, emb, pair[0], guidance, (h, w))?;
             x = (x + (&v * (pair[1] - pair[0]))?)?;
             if let Some(known) = known {
                 x = known.merge(&x, pair[1])?;

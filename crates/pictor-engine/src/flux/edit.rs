@@ -86,6 +86,7 @@ pub(super) fn denoise(
     noise: &Tensor,
     emb: &Embeddings,
     steps: usize,
+    guidance: Option<f64>,
     on_step: impl FnMut(&StepState<'_>) -> Result<Control>,
 ) -> Result<Tensor> {
     let b = noise.dim(0)?;
@@ -102,6 +103,7 @@ pub(super) fn denoise(
         emb,
         steps,
         edit.strength,
+        guidance,
         on_step,
     )
 }

@@ -1,5 +1,6 @@
-//! FLUX.1-schnell: CLIP-L and T5 text encoders, the flux transformer, the schnell
-//! schedule and the flux autoencoder's decoder.
+//! FLUX.1 (schnell, and dev with its guidance-distilled fine-tunes: [`Variant`]): CLIP-L
+//! and T5 text encoders, the flux transformer, each variant's schedule and the flux
+//! autoencoder's decoder.
 //!
 //! The transformer is ours (`model.rs`, one network over dense or quantized layers), as is
 //! the decoder (`decoder.rs`, on faster CPU kernels); the text encoders are
@@ -44,21 +45,65 @@ use crate::{
     text::{ClipEncoder, Embeddings, FixedLengthTokenizer, T5Encoder, TextEncoders},
 };
 
-/// FLUX.1-schnell's rules: sides on a grid of 16 pixels (the autoencoder's 8× times the
-/// transformer's 2×2 patches), 256 to 2048 a side as Black Forest Labs serve it, at most
-/// 2048² pixels, 1024² by default; 4 steps (it is distilled for them), at most 50; no
-/// guidance and no negative prompt.
-pub fn schnell_rules() -> ModelRules {
-    ModelRules {
-        multiple: 16,
-        min_side: 256,
-        max_side: 2048,
-        max_pixels: 2048 * 2048,
-        default_size: Dimensions::new(1024, 1024),
-        default_steps: 4,
-        max_steps: 50,
-        takes_guidance: false,
-        takes_negative_prompt: false,
+/// The FLUX.1 variants, told apart by the transformer's weights: a guidance embedding
+/// (`guidance_in`) makes a guidance-distilled model, FLUX.1-dev or one of its fine-tunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// Timestep-distilled for 1 to 4 steps; no guidance; an unshifted schedule.
+    Schnell,
+    /// Guidance-distilled: a guidance scale as input, a schedule shifted by image size.
+    Dev,
+}
+
+impl Variant {
+    /// The variant of a transformer with this configuration.
+    pub fn of(config: &candle_transformers::models::flux::model::Config) -> Self {
+        if config.guidance_embed {
+            Self::Dev
+        } else {
+            Self::Schnell
+        }
+    }
+
+    /// The family name clients see (`/v1/models`, receipts' logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Schnell => "FLUX.1-schnell",
+            Self::Dev => "FLUX.1-dev",
+        }
+    }
+
+    /// Most T5 tokens per prompt, as Black Forest Labs and diffusers run each: 256 for
+    /// schnell, 512 for dev.
+    pub fn max_sequence_length(self) -> usize {
+        match self {
+            Self::Schnell => 256,
+            Self::Dev => 512,
+        }
+    }
+
+    /// The variant's rules: sides on a grid of 16 pixels (the autoencoder's 8× times the
+    /// transformer's 2×2 patches), 256 to 2048 a side as Black Forest Labs serve them, at
+    /// most 2048² pixels, 1024² by default; no negative prompt. Schnell takes 4 steps (it
+    /// is distilled for them), at most 50, and no guidance; dev 28 by default (diffusers'
+    /// default), at most 100, and a guidance scale of 3.5 by default.
+    pub fn rules(self) -> ModelRules {
+        let (default_steps, max_steps, default_guidance) = match self {
+            Self::Schnell => (4, 50, None),
+            Self::Dev => (28, 100, Some(3.5)),
+        };
+        ModelRules {
+            family: self.name().into(),
+            multiple: 16,
+            min_side: 256,
+            max_side: 2048,
+            max_pixels: 2048 * 2048,
+            default_size: Dimensions::new(1024, 1024),
+            default_steps,
+            max_steps,
+            default_guidance,
+            takes_negative_prompt: false,
+        }
     }
 }
 
@@ -69,9 +114,9 @@ pub struct FluxOptions {
     pub device: DeviceChoice,
     /// Compute dtype.
     pub dtype: DTypeChoice,
-    /// Most T5 tokens per prompt: 256 for schnell (diffusers' and BFL's value); a tokenizer
-    /// that declares a smaller `model_max_length` uses that.
-    pub max_sequence_length: usize,
+    /// Most T5 tokens per prompt (`None`: the variant's, [`Variant::max_sequence_length`]);
+    /// a tokenizer that declares a smaller `model_max_length` uses that.
+    pub max_sequence_length: Option<usize>,
     /// Most images denoised together through the transformer.
     pub max_batch: usize,
     /// Bytes the model may take (`None`: no limit); see [`memory::plan`].
@@ -83,14 +128,14 @@ impl Default for FluxOptions {
         Self {
             device: DeviceChoice::Cpu,
             dtype: DTypeChoice::Auto,
-            max_sequence_length: 256,
+            max_sequence_length: None,
             max_batch: 4,
             memory_budget: None,
         }
     }
 }
 
-/// A loaded FLUX.1-schnell pipeline.
+/// A loaded FLUX.1 pipeline.
 pub struct FluxPipeline {
     text: TextEncoders,
     /// Its transformer is staged out while T5 encodes (see [`memory::plan`]).
@@ -124,14 +169,18 @@ impl FluxPipeline {
             )?,
             None => memory::plan(files, dtype, options.memory_budget)?,
         };
-        validate(files)?;
+        let variant = Variant::of(&validate(files)?.transformer.config);
         let ran_on = format!("{described} {}", crate::device::dtype_name(dtype));
         tracing::info!(
             device = %ran_on,
             staged = plan.staged,
             t5_on_host = plan.t5_on_host.is_some(),
-            "loading FLUX.1-schnell"
+            "loading {}",
+            variant.name()
         );
+        let t5_length = options
+            .max_sequence_length
+            .unwrap_or(variant.max_sequence_length());
         if options.dtype == DTypeChoice::Auto && device.is_cpu() && crate::ops::native_bf16() {
             tracing::info!(
                 "this CPU has native bf16 dot products: dtype = \"bf16\" runs dense weights \
@@ -147,8 +196,8 @@ impl FluxPipeline {
                 None => FixedLengthTokenizer::builtin_clip(clip.max_positions())?,
             },
             t5_tokenizer: match &files.t5_tokenizer {
-                Some(path) => FixedLengthTokenizer::t5(path, options.max_sequence_length)?,
-                None => FixedLengthTokenizer::builtin_t5(options.max_sequence_length)?,
+                Some(path) => FixedLengthTokenizer::t5(path, t5_length)?,
+                None => FixedLengthTokenizer::builtin_t5(t5_length)?,
             },
             clip,
             t5: Some(T5Encoder::load(&files.t5, t5_dtype, &t5_device)?),
@@ -171,6 +220,11 @@ impl FluxPipeline {
             ran_on,
             options,
         })
+    }
+
+    /// Which FLUX.1 this is.
+    pub fn variant(&self) -> Variant {
+        Variant::of(&self.denoiser.transformer_arch().config)
     }
 
     /// Each part's memory and whether it stays loaded.
@@ -267,7 +321,7 @@ impl FluxPipeline {
 
 impl Pipeline for FluxPipeline {
     fn rules(&self) -> ModelRules {
-        schnell_rules()
+        self.variant().rules()
     }
 
     fn memory(&self) -> Vec<PartMemory> {
@@ -313,6 +367,8 @@ impl FluxPipeline {
             }
         }
         let (width, height, steps) = (first_req.width, first_req.height, first_req.steps);
+        // The model's default where the request leaves it (`pictor generate`'s callers).
+        let guidance = first_req.guidance.or(self.rules().default_guidance);
         if progress(Progress::Encoding) == Control::Cancel {
             return Err(EngineError::Cancelled);
         }
@@ -394,8 +450,18 @@ impl FluxPipeline {
             };
             let noise = Tensor::cat(&noise, 0)?;
             let latents = match &edit {
-                None => self.denoiser.denoise(&noise, &batch, steps, on_step)?,
-                Some(edit) => edit::denoise(&self.denoiser, edit, &noise, &batch, steps, on_step)?,
+                None => self
+                    .denoiser
+                    .denoise(&noise, &batch, steps, guidance, on_step)?,
+                Some(edit) => edit::denoise(
+                    &self.denoiser,
+                    edit,
+                    &noise,
+                    &batch,
+                    steps,
+                    guidance,
+                    on_step,
+                )?,
             };
             phases.denoise += started.elapsed();
             if progress(Progress::Decoding) == Control::Cancel {

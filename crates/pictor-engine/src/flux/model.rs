@@ -550,6 +550,10 @@ pub fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     linear("time_in.out_layer".into(), h, h, true);
     linear("vector_in.in_layer".into(), cfg.vec_in_dim, h, true);
     linear("vector_in.out_layer".into(), h, h, true);
+    if cfg.guidance_embed {
+        linear("guidance_in.in_layer".into(), 256, h, true);
+        linear("guidance_in.out_layer".into(), h, h, true);
+    }
     for i in 0..cfg.depth {
         for s in ["img", "txt"] {
             let p = format!("double_blocks.{i}.{s}");
@@ -592,6 +596,8 @@ pub(crate) struct FluxModel {
     txt_in: Linear,
     time_in: Mlp2,
     vector_in: Mlp2,
+    /// FLUX.1-dev's distilled guidance, embedded as the timestep is.
+    guidance_in: Option<Mlp2>,
     double: Vec<DoubleBlock>,
     single: Vec<SingleBlock>,
     final_linear: Linear,
@@ -614,6 +620,15 @@ impl FluxModel {
                 ("in_layer", "out_layer"),
                 (cfg.vec_in_dim, h, h),
             )?,
+            guidance_in: match cfg.guidance_embed {
+                true => Some(Mlp2::load(
+                    src,
+                    "guidance_in",
+                    ("in_layer", "out_layer"),
+                    (256, h, h),
+                )?),
+                false => None,
+            },
             double: (0..cfg.depth)
                 .map(|i| DoubleBlock::load(src, i, cfg, mlp))
                 .collect::<Result<_>>()?,
@@ -627,7 +642,9 @@ impl FluxModel {
     }
 
     /// The velocity for packed latents `img` `(b, l, in_channels)` given text states `txt`
-    /// `(b, l_txt, context)`, positions, timesteps `t` `(b)` and pooled vectors `y`.
+    /// `(b, l_txt, context)`, positions, timesteps `t` `(b)`, pooled vectors `y` and, for a
+    /// model with a guidance embedding, guidance scales `guidance` `(b)` (which it needs).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         img: &Tensor,
@@ -636,6 +653,7 @@ impl FluxModel {
         txt_ids: &Tensor,
         t: &Tensor,
         y: &Tensor,
+        guidance: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let dtype = img.dtype();
         let ids = Tensor::cat(&[txt_ids, img_ids], 1)?;
@@ -652,9 +670,16 @@ impl FluxModel {
         };
         let mut txt = txt.apply(&self.txt_in)?;
         let mut img = img.apply(&self.img_in)?;
-        let vec_ = self
+        let mut vec_ = self
             .time_in
             .silu_between(&timestep_embedding(t, 256, dtype)?)?;
+        match (&self.guidance_in, guidance) {
+            (Some(embed), Some(g)) => {
+                vec_ = (vec_ + embed.silu_between(&timestep_embedding(g, 256, dtype)?)?)?;
+            }
+            (Some(_), None) => candle_core::bail!("this transformer needs a guidance scale"),
+            (None, _) => {}
+        }
         let vec_ = (vec_ + self.vector_in.silu_between(y)?)?;
         for block in &self.double {
             (img, txt) = block.forward(img, txt, &vec_, &pe)?;
@@ -681,6 +706,14 @@ impl FluxModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn dev_has_the_780_tensors_of_the_bfl_file() {
+        let names = tensor_names(&Config::dev());
+        assert_eq!(names.len(), 780);
+        let params: usize = names.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(params, 11_901_408_320);
+    }
+
     #[test]
     fn schnell_has_the_776_tensors_of_the_bfl_file() {
         let names = tensor_names(&Config::schnell());

@@ -13,6 +13,28 @@ pub fn schedule(steps: usize) -> Vec<f64> {
     (0..=steps).map(|i| 1.0 - i as f64 / steps as f64).collect()
 }
 
+/// FLUX.1-dev's shift: `mu` grows linearly with the image's latent tokens, from 0.5 at 256
+/// to 1.15 at 4096 (diffusers' `calculate_shift` with FLUX.1-dev's scheduler config, BFL's
+/// `get_lin_function`).
+const BASE_SHIFT: (f64, f64) = (256.0, 0.5);
+const MAX_SHIFT: (f64, f64) = (4096.0, 1.15);
+
+/// The sigmas of a guidance-distilled FLUX.1 (dev) for an image of `tokens` latent tokens:
+/// [`schedule`]'s, each moved toward 1 by `e^mu / (e^mu + 1/sigma - 1)`, as diffusers'
+/// `FlowMatchEulerDiscreteScheduler` with `use_dynamic_shifting` and BFL's
+/// `get_schedule(shift=True)` do; the last stays 0.
+pub fn shifted_schedule(steps: usize, tokens: usize) -> Vec<f64> {
+    let slope = (MAX_SHIFT.1 - BASE_SHIFT.1) / (MAX_SHIFT.0 - BASE_SHIFT.0);
+    let mu = BASE_SHIFT.1 + slope * (tokens as f64 - BASE_SHIFT.0);
+    schedule(steps)
+        .into_iter()
+        .map(|s| match s {
+            0.0 => 0.0,
+            s => mu.exp() / (mu.exp() + (1.0 / s - 1.0)),
+        })
+        .collect()
+}
+
 /// Latent height and width for an image: 2 latent cells per 16 pixels.
 pub fn latent_dims(height: usize, width: usize) -> (usize, usize) {
     (2 * (height / 16), 2 * (width / 16))
@@ -54,6 +76,31 @@ mod tests {
     fn schnell_schedule_is_exact() {
         assert_eq!(schedule(4), vec![1.0, 0.75, 0.5, 0.25, 0.0]);
         assert_eq!(schedule(1), vec![1.0, 0.0]);
+    }
+
+    /// Against diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1-dev's config) through
+    /// `FluxPipeline`'s `calculate_shift`, printed by diffusers 0.35.2 for 28 steps at
+    /// 1024² (4096 tokens) and 4 steps at 512² (1024 tokens).
+    #[test]
+    fn dev_schedule_matches_diffusers() {
+        let at_1024 = shifted_schedule(28, 4096);
+        assert_eq!(at_1024.len(), 29);
+        for (i, want) in [
+            (0, 1.0),
+            (1, 0.988_408_6),
+            (14, 0.759_510_9),
+            (27, 0.104_720_9),
+        ] {
+            assert!((at_1024[i] - want).abs() < 1e-6, "{i}: {}", at_1024[i]);
+        }
+        assert_eq!(at_1024[28], 0.0);
+        let at_512 = shifted_schedule(4, 1024);
+        for (got, want) in at_512
+            .iter()
+            .zip([1.0, 0.849_234_8, 0.652_489_4, 0.384_944_7, 0.0])
+        {
+            assert!((got - want).abs() < 1e-6, "{got} for {want}");
+        }
     }
 
     #[test]

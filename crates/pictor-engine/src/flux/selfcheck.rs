@@ -123,9 +123,19 @@ pub fn run(dir: &Path, options: FluxOptions) -> Result<Report> {
     let noise = want("noise")?;
     let (_, _, h, w) = noise.dims4()?;
     let denoiser = pipeline.denoiser();
-    let velocity = denoiser.velocity(&sampling::pack(&noise)?, &emb, 1.0, (h, w))?;
+    // A guidance-distilled model runs at the reference's guidance scale.
+    let guidance = match pipeline.variant().rules().default_guidance {
+        Some(_) => Some(
+            setup
+                .get("guidance_scale")
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| EngineError::file(file("reference.json"), "no `guidance_scale`"))?,
+        ),
+        None => None,
+    };
+    let velocity = denoiser.velocity(&sampling::pack(&noise)?, &emb, 1.0, guidance, (h, w))?;
     compare("transformer_step0", &velocity, "transformer_out_step0")?;
-    let latents = denoiser.denoise(&noise, &emb, steps, |_| Ok(Control::Continue))?;
+    let latents = denoiser.denoise(&noise, &emb, steps, guidance, |_| Ok(Control::Continue))?;
     compare("final_latents", &latents, "final_latents")?;
     let pixels = denoiser.decode(&want("final_latents")?, height, width)?;
     compare("pixels", &pixels, "image")?;

@@ -126,12 +126,14 @@ impl Transformer {
     }
 
     /// One evaluation: the velocity for packed latents `img` `(b, tokens, 64)` at `sigma`,
-    /// returned in f32. `emb` holds one prompt (shared by the batch) or `b`.
+    /// returned in f32. `emb` holds one prompt (shared by the batch) or `b`; `guidance` is
+    /// the guidance scale of a model with a guidance embedding (which needs one).
     pub fn velocity(
         &self,
         img: &Tensor,
         emb: &Embeddings,
         sigma: f64,
+        guidance: Option<f64>,
         latent_hw: (usize, usize),
     ) -> Result<Tensor> {
         let b = img.dim(0)?;
@@ -156,9 +158,20 @@ impl Transformer {
         let img_ids = sampling::image_ids(b, h, w, DType::F32, &self.device)?;
         let t = Tensor::full(sigma as f32, b, &self.device)?.to_dtype(dtype)?;
         let img = img.to_dtype(dtype)?;
-        let v = self
-            .model
-            .forward(&img, &img_ids, &txt, &txt_ids, &t, &pooled)?;
+        // As diffusers and BFL pass it: in the compute dtype (3.5 is exact in bf16).
+        let guidance = match guidance {
+            Some(g) => Some(Tensor::full(g as f32, b, &self.device)?.to_dtype(dtype)?),
+            None => None,
+        };
+        let v = self.model.forward(
+            &img,
+            &img_ids,
+            &txt,
+            &txt_ids,
+            &t,
+            &pooled,
+            guidance.as_ref(),
+        )?;
         Ok(v.to_dtype(DType::F32)?)
     }
 }

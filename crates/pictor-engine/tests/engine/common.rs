@@ -108,6 +108,7 @@ pub fn step0_error(files: &ModelFiles) -> f32 {
             &pictor_engine::flux::sampling::pack(&noise).unwrap(),
             &reference_embeddings(&r),
             1.0,
+            None,
             (h, w),
         )
         .expect("velocity");

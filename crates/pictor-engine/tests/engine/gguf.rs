@@ -96,6 +96,7 @@ fn q8_0_gguf_transformer_stays_close_to_f32() {
             &sampling::pack(&other).unwrap(),
             &reference_embeddings(&r),
             1.0,
+            None,
             (6, 10),
         )
         .unwrap();

@@ -3,6 +3,7 @@
 
 mod comfy;
 mod common;
+mod dev;
 mod edit;
 mod gguf;
 mod loaders;

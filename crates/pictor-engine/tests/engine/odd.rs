@@ -65,6 +65,7 @@ fn first_velocity(d: &Denoiser, r: &std::collections::HashMap<String, Tensor>) -
         &sampling::pack(&noise).unwrap(),
         &embeddings(r),
         1.0,
+        None,
         (h, w),
     )
     .expect("velocity")
@@ -85,7 +86,7 @@ fn an_unseen_architecture_matches_diffusers_in_both_layouts() {
 
         let mut seen = Vec::new();
         let latents = d
-            .denoise(&tensor(&r, "noise"), &embeddings(&r), 3, |s| {
+            .denoise(&tensor(&r, "noise"), &embeddings(&r), 3, None, |s| {
                 seen.push(s.step);
                 Ok(Control::Continue)
             })
@@ -237,6 +238,7 @@ fn image_to_image_matches_diffusers_in_both_layouts() {
                 &embeddings(&r),
                 4,
                 0.6,
+                None,
                 |s| {
                     seen.push(s.step);
                     Ok(Control::Continue)
@@ -282,6 +284,7 @@ fn inpainting_matches_diffusers_in_both_layouts() {
                 &embeddings(&r),
                 4,
                 0.7,
+                None,
                 |_| Ok(Control::Continue),
             )
             .expect("inpaint");

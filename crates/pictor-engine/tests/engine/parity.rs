@@ -157,7 +157,7 @@ fn check_first_step(p: &FluxPipeline, label: &str) {
     );
     let v = p
         .denoiser()
-        .velocity(&packed, &emb, 1.0, (h, w))
+        .velocity(&packed, &emb, 1.0, None, (h, w))
         .expect("velocity");
     let want = tensor(&r, "transformer_out_step0");
     let d = max_abs_diff(&v, &want);
@@ -192,13 +192,13 @@ fn mlps_in_row_blocks_match_whole_ones() {
     (emb.sequence, emb.pooled) = (twice(&emb.sequence), twice(&emb.pooled));
     let whole = p
         .denoiser()
-        .velocity(&packed, &emb, 1.0, (h, w))
+        .velocity(&packed, &emb, 1.0, None, (h, w))
         .expect("velocity");
     // 3 rows of the fixture's hidden width per block: several blocks per image, the last
     // one short.
     let width = p.denoiser().transformer_arch().config.hidden_size * 4;
     pictor_engine::flux::set_mlp_block_elements(Some(3 * width));
-    let blocks = p.denoiser().velocity(&packed, &emb, 1.0, (h, w));
+    let blocks = p.denoiser().velocity(&packed, &emb, 1.0, None, (h, w));
     pictor_engine::flux::set_mlp_block_elements(None);
     let blocks = blocks.expect("velocity in row blocks");
     let d = max_abs_diff(&whole, &blocks);
@@ -212,7 +212,7 @@ fn mlps_in_row_blocks_match_whole_ones() {
     (emb.sequence, emb.pooled) = (second(&emb.sequence), second(&emb.pooled));
     let alone = p
         .denoiser()
-        .velocity(&second(&packed), &emb, 1.0, (h, w))
+        .velocity(&second(&packed), &emb, 1.0, None, (h, w))
         .expect("velocity");
     let d = max_abs_diff(&alone, &second(&blocks));
     assert!(
@@ -238,7 +238,7 @@ fn every_step_and_the_final_latents_match_within_1e4() {
     let mut seen = Vec::new();
     let latents = p
         .denoiser()
-        .denoise(&noise, &emb, s.steps, |state| {
+        .denoise(&noise, &emb, s.steps, None, |state| {
             seen.push(state.step);
             Ok(Control::Continue)
         })
@@ -297,7 +297,7 @@ fn prompt_to_pixels_matches_diffusers_end_to_end() {
     let emb = p.encode_prompt(&s.prompt).expect("encode");
     let latents = p
         .denoiser()
-        .denoise(&tensor(&r, "noise"), &emb, s.steps, |_| {
+        .denoise(&tensor(&r, "noise"), &emb, s.steps, None, |_| {
             Ok(Control::Continue)
         })
         .expect("denoise");
@@ -335,6 +335,7 @@ fn generate_is_deterministic_per_seed_and_reports_progress() {
         width: s.width,
         height: s.height,
         steps: 2,
+        guidance: None,
         seed: 7,
         n: 2,
         previews: 0,
@@ -427,6 +428,7 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
         width: s.width,
         height: s.height,
         steps: 4,
+        guidance: None,
         seed: 5,
         n: 2,
         previews: 2,
@@ -478,7 +480,7 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
     let mut clean = Vec::new();
     let latents = p
         .denoiser()
-        .denoise(&noise, &emb, 4, |state| {
+        .denoise(&noise, &emb, 4, None, |state| {
             clean.push(state.predicted_clean()?);
             Ok(Control::Continue)
         })
@@ -511,6 +513,7 @@ fn cancel_stops_between_steps() {
         width: s.width,
         height: s.height,
         steps: 4,
+        guidance: None,
         seed: 1,
         n: 1,
         previews: 0,
@@ -542,6 +545,7 @@ fn sizes_off_the_grid_are_rejected_with_the_field() {
         width: 80,
         height: 40,
         steps: 4,
+        guidance: None,
         seed: 0,
         n: 1,
         previews: 0,
@@ -573,6 +577,7 @@ fn a_batch_of_different_prompts_equals_each_alone() {
         width: s.width,
         height: s.height,
         steps: 2,
+        guidance: None,
         seed: 3,
         n: 2,
         previews: 0,
@@ -626,6 +631,7 @@ fn bf16_on_the_cpu_generates_close_to_f32() {
         width: s.width,
         height: s.height,
         steps: 4,
+        guidance: None,
         seed: 3,
         n: 1,
         previews: 0,

@@ -149,6 +149,7 @@ fn velocity(files: &ModelFiles, noise: &Tensor) -> Tensor {
             &sampling::pack(noise).unwrap(),
             &reference_embeddings(&reference()),
             1.0,
+            None,
             (h, w),
         )
         .expect("velocity")

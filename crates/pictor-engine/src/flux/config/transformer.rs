@@ -110,12 +110,6 @@ pub(crate) fn transformer(w: &dyn Shapes, part: &Part) -> Result<TransformerArch
     if let Some(file) = &file {
         file.check(part, &cfg, head_dim)?;
     }
-    if cfg.guidance_embed {
-        return Err(bad(
-            w,
-            "this transformer has a guidance embedding (FLUX.1-dev); only FLUX.1-schnell is supported so far".into(),
-        ));
-    }
     Ok(TransformerArch {
         config: cfg,
         head_dim,
@@ -177,8 +171,13 @@ impl std::fmt::Display for TransformerArch {
         let c = &self.config;
         write!(
             f,
-            "hidden {}, {} head{} of {}, RoPE axes {:?} ({}), {} double and {} single blocks, MLP {}×, \
-             {}-wide text in, {}-wide pooled vector in, {} latent channels in",
+            "{} ({}): hidden {}, {} head{} of {}, RoPE axes {:?} ({}), {} double and {} single \
+             blocks, MLP {}×, {}-wide text in, {}-wide pooled vector in, {} latent channels in",
+            crate::flux::Variant::of(c).name(),
+            match c.guidance_embed {
+                true => "guidance embedding",
+                false => "no guidance input",
+            },
             c.hidden_size,
             c.num_heads,
             if c.num_heads == 1 { "" } else { "s" },
