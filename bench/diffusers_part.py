@@ -73,8 +73,10 @@ def main() -> None:
         ids = ids.reshape(-1, 3).to(dtype)
         txt_ids = torch.zeros(256, 3).to(dtype)
         t = torch.ones(1).to(dtype)
+        # FLUX.1-dev's guidance embedding runs at its default scale, as Pictor's does.
+        guidance = torch.full([1], 3.5).to(dtype) if c.guidance_embeds else None
         run = lambda: m(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled,  # noqa: E731
-                        timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=None, return_dict=False)
+                        timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
     elif a.part == "t5":
         from transformers import T5EncoderModel
         m = T5EncoderModel.from_pretrained(a.model, subfolder="text_encoder_2", torch_dtype=dtype).eval()

@@ -10,7 +10,7 @@ x·Wᵀ timed through each engine's own layer kernel in the same run). The trans
 its per-block time and an estimate for the real 19 + 38 blocks are printed too.
 
     python bench/engine.py [--parts transformer,vae,t5,clip] [--sizes 512,1024]
-                           [--dtypes f32,bf16] [--rounds 2] [--reps 2] [--threads 2]
+                           [--dtypes f32,bf16] [--rounds 2] [--reps 2] [--threads 2] [--dev]
 
 Needs the tools venv (tools/setup-venv.sh); builds the bench binary with cargo.
 """
@@ -90,8 +90,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path, default=None, help="also write the raw runs here")
+    ap.add_argument("--dev", action="store_true",
+                    help="FLUX.1-dev's transformer (guidance embedding, run at guidance 3.5)")
     a = ap.parse_args()
-    model = a.model or make_fullwidth.make(make_fullwidth.default_dir(2, 4, 2), 2, 4, 2)
+    if a.model:
+        model = a.model
+    elif a.dev:
+        model = make_fullwidth.make_dev(make_fullwidth.default_dir(2, 4, 2, dev=True), 2, 4, 2)
+    else:
+        model = make_fullwidth.make(make_fullwidth.default_dir(2, 4, 2), 2, 4, 2)
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads), OMP_NUM_THREADS=str(a.threads))
     subprocess.run(["cargo", "bench", "-q", "-p", "pictor-engine", "--bench", "components", "--no-run"],
                    cwd=ROOT, check=True)

@@ -12,9 +12,12 @@ quality):
 * tokenizers and scheduler: copied from tests/data/tiny-flux-schnell (the benches feed
   token ids directly).
 
+With `--dev` the transformer has FLUX.1-dev's guidance embedding (`guidance_embeds`), in a
+folder of its own whose other parts link to the schnell folder's.
+
 The folder is cached outside the repository (default ~/.cache/pictor/bench/) and reused.
 
-    python bench/make_fullwidth.py [--out DIR] [--double 2] [--single 4] [--t5-layers 2]
+    python bench/make_fullwidth.py [--out DIR] [--double 2] [--single 4] [--t5-layers 2] [--dev]
 """
 
 from __future__ import annotations
@@ -28,14 +31,41 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def default_dir(double: int, single: int, t5_layers: int) -> Path:
-    return Path.home() / ".cache" / "pictor" / "bench" / f"flux-fullwidth-{double}d{single}s-t5x{t5_layers}"
+def default_dir(double: int, single: int, t5_layers: int, dev: bool = False) -> Path:
+    name = f"flux-fullwidth-{double}d{single}s-t5x{t5_layers}" + ("-dev" if dev else "")
+    return Path.home() / ".cache" / "pictor" / "bench" / name
+
+
+def transformer(double: int, single: int, dev: bool):
+    from diffusers import FluxTransformer2DModel
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
+                                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                  pooled_projection_dim=768, guidance_embeds=dev, axes_dims_rope=(16, 56, 56))
+
+
+def make_dev(out: Path, double: int, single: int, t5_layers: int) -> Path:
+    """The dev transformer beside links to the schnell folder's other parts (made first)."""
+    if (out / "model_index.json").exists():
+        return out
+    schnell = make(default_dir(double, single, t5_layers), double, single, t5_layers)
+    torch.manual_seed(0)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for sub in ("tokenizer", "tokenizer_2", "scheduler", "text_encoder", "text_encoder_2", "vae"):
+        (tmp / sub).symlink_to(schnell / sub)
+    model = transformer(double, single, dev=True).to(torch.bfloat16)
+    model.save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size="10GB")
+    print(f"wrote dev transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+    shutil.copy(schnell / "model_index.json", tmp / "model_index.json")
+    tmp.rename(out)
+    return out
 
 
 def make(out: Path, double: int, single: int, t5_layers: int) -> Path:
     if (out / "model_index.json").exists():
         return out
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     torch.manual_seed(0)
     tmp = out.with_name(out.name + ".tmp")
@@ -50,10 +80,7 @@ def make(out: Path, double: int, single: int, t5_layers: int) -> Path:
         model.to(bf16).save_pretrained(tmp / sub, safe_serialization=True, max_shard_size="10GB")
         print(f"wrote {sub}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
 
-    save(FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=double, num_single_layers=single,
-                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56)),
-         "transformer")
+    save(transformer(double, single, dev=False), "transformer")
     save(T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=t5_layers,
                                  num_heads=64, relative_attention_num_buckets=32,
                                  relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
@@ -79,10 +106,11 @@ def main() -> None:
     ap.add_argument("--double", type=int, default=2)
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--t5-layers", type=int, default=2)
+    ap.add_argument("--dev", action="store_true", help="FLUX.1-dev's guidance embedding")
     a = ap.parse_args()
-    out = a.out or default_dir(a.double, a.single, a.t5_layers)
+    out = a.out or default_dir(a.double, a.single, a.t5_layers, a.dev)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(make(out, a.double, a.single, a.t5_layers))
+    print((make_dev if a.dev else make)(out, a.double, a.single, a.t5_layers))
 
 
 if __name__ == "__main__":

@@ -261,8 +261,10 @@ fn main() -> anyhow::Result<()> {
                         pooled: Tensor::randn(0f32, 1.0, (1, cfg.vec_in_dim), &dev)?,
                         prompt: Default::default(),
                     };
+                    // FLUX.1-dev's guidance embedding runs at its default scale.
+                    let guidance = cfg.guidance_embed.then_some(3.5);
                     Box::new(move || {
-                        t.velocity(&img, &emb, 1.0, None, (h, w))?;
+                        t.velocity(&img, &emb, 1.0, guidance, (h, w))?;
                         Ok(())
                     })
                 }
