@@ -339,6 +339,12 @@ impl ModelFiles {
     }
 
     fn survey_file(file: &Path) -> Result<Survey> {
+        // Other families' checkpoints share some names with FLUX's parts (diffusers' block
+        // names, an SDXL file's LDM autoencoder): their own names are looked for first.
+        let names = sample_names(file);
+        if other_family(&names).is_some() {
+            return Err(unknown_layout(file, &names));
+        }
         match classify_file(file)? {
             Some(Kind::Transformer) => {}
             Some(other) => {
@@ -350,7 +356,7 @@ impl ModelFiles {
                     ),
                 });
             }
-            None => return Err(unknown_layout(file)),
+            None => return Err(unknown_layout(file, &names)),
         }
         let dir = match file.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
@@ -363,6 +369,9 @@ impl ModelFiles {
     /// `transformer`: a file the user named, and the other parts it bundles (ComfyUI's
     /// single-file checkpoints hold all four), which are taken from it.
     fn assemble(dir: &Path, transformer: Option<(&Path, Vec<Kind>)>) -> Result<Survey> {
+        if transformer.is_none() {
+            refuse_other_pipelines(dir)?;
+        }
         let top = TopLevel::scan(dir)?;
         let part = |folder: &str, kind: Kind| -> Result<Part> {
             if let Some((file, bundled)) = &transformer
@@ -395,10 +404,103 @@ impl ModelFiles {
     }
 }
 
-fn unknown_layout(path: &Path) -> EngineError {
+/// Tensor names that only other image model families' checkpoints have, and the family:
+/// what a file that is no FLUX part is, when it is one of these.
+const OTHER_FAMILIES: [(&str, &str); 7] = [
+    (
+        "input_blocks.0.0.weight",
+        "a Stable Diffusion 1.x/2.x or SDXL UNet (single-file checkpoint)",
+    ),
+    (
+        "time_embedding.linear_1.weight",
+        "a diffusers UNet (Stable Diffusion)",
+    ),
+    (
+        "joint_blocks.0.x_block.attn.qkv.weight",
+        "Stable Diffusion 3 (MMDiT)",
+    ),
+    (
+        "pos_embed.proj.weight",
+        "Stable Diffusion 3 or PixArt (diffusers)",
+    ),
+    ("txt_norm.weight", "Qwen-Image"),
+    ("distilled_guidance_layer.in_proj.weight", "Chroma"),
+    // ComfyUI's test for its Lumina 2 family, Z-Image's architecture.
+    (
+        "noise_refiner.0.attention.k_norm.weight",
+        "Z-Image or Lumina 2",
+    ),
+];
+
+/// The error for a weight file with no FLUX part: the family it belongs to when its names
+/// say, and a few of the names it holds.
+fn unknown_layout(path: &Path, names: &[String]) -> EngineError {
+    let family = other_family(names);
+    let sample: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+    let found = match family {
+        Some(family) => format!("it looks like {family}, which Pictor does not serve"),
+        None if sample.is_empty() => "it holds no tensors".into(),
+        None => format!(
+            "it holds {} tensors such as {}",
+            names.len(),
+            sample.join(", ")
+        ),
+    };
     EngineError::UnknownLayout {
         path: path.to_path_buf(),
-        message: "no FLUX transformer, autoencoder, CLIP or T5 tensor names found".into(),
+        message: format!(
+            "no FLUX transformer, autoencoder, CLIP or T5 tensor names found: {found}; Pictor \
+             serves FLUX.1 (schnell, dev and its fine-tunes)"
+        ),
+    }
+}
+
+/// The other family whose names `names` hold, if any.
+fn other_family(names: &[String]) -> Option<&'static str> {
+    names.iter().find_map(|n| {
+        OTHER_FAMILIES.iter().find_map(|(sign, family)| {
+            n.strip_suffix(sign)
+                .is_some_and(|p| p.is_empty() || p.ends_with('.'))
+                .then_some(*family)
+        })
+    })
+}
+
+/// A weight file's tensor names, sorted (none when its header cannot be read: the caller
+/// reports what it can).
+fn sample_names(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = if has_ext(path, "gguf") {
+        GgufFile::open(path)
+            .map(|g| g.names().map(str::to_string).collect())
+            .unwrap_or_default()
+    } else {
+        SafetensorFiles::open(&[path.to_path_buf()])
+            .map(|f| f.names().map(str::to_string).collect())
+            .unwrap_or_default()
+    };
+    names.sort();
+    names
+}
+
+/// A diffusers folder of another pipeline (its `model_index.json` names a class that is
+/// not FLUX's) is refused by that name, before its parts are looked at.
+fn refuse_other_pipelines(dir: &Path) -> Result<()> {
+    let index = dir.join("model_index.json");
+    let Ok(text) = std::fs::read_to_string(&index) else {
+        return Ok(());
+    };
+    let class = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|j| j.get("_class_name")?.as_str().map(str::to_string));
+    match class {
+        Some(class) if !class.starts_with("Flux") => Err(EngineError::UnknownLayout {
+            path: index,
+            message: format!(
+                "this folder holds a diffusers `{class}`, not a FLUX.1 pipeline; Pictor serves \
+                 FLUX.1 (schnell, dev and its fine-tunes)"
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -302,3 +302,78 @@ fn autoencoder_fields_the_decoder_does_not_implement_are_refused_by_name() {
     // The control: the fixture's own config, rewritten unchanged, loads.
     assert_eq!(with("norm_num_groups", serde_json::json!(32)), None);
 }
+
+/// Another family's checkpoint is refused with what it is, even where some of its names
+/// are FLUX's too (diffusers' block names, an SDXL file's LDM autoencoder); a file of no
+/// known family, with a few of its names; a diffusers folder of another pipeline, by its
+/// class.
+#[test]
+fn other_families_are_named_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = || Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let write = |file: &str, names: &[&str]| {
+        let path = dir.path().join(file);
+        let t: HashMap<String, Tensor> = names.iter().map(|n| (n.to_string(), tiny())).collect();
+        candle_core::safetensors::save(&t, &path).unwrap();
+        path
+    };
+    for (file, names, want) in [
+        (
+            "sdxl.safetensors",
+            &[
+                "model.diffusion_model.input_blocks.0.0.weight",
+                "first_stage_model.decoder.up.0.block.0.conv1.weight",
+            ][..],
+            "SDXL UNet",
+        ),
+        (
+            "sd3.safetensors",
+            &[
+                "pos_embed.proj.weight",
+                "transformer_blocks.0.attn.to_q.weight",
+            ],
+            "Stable Diffusion 3",
+        ),
+        (
+            "qwen.safetensors",
+            &["txt_norm.weight", "transformer_blocks.0.attn.to_q.weight"],
+            "Qwen-Image",
+        ),
+        (
+            "z-image.safetensors",
+            &[
+                "cap_embedder.1.weight",
+                "noise_refiner.0.attention.k_norm.weight",
+            ],
+            "Z-Image",
+        ),
+        (
+            "mystery.safetensors",
+            &[
+                "alpha.weight",
+                "beta.weight",
+                "gamma.weight",
+                "delta.weight",
+            ],
+            "such as alpha.weight, beta.weight, delta.weight",
+        ),
+    ] {
+        let path = write(file, names);
+        let msg = ModelFiles::resolve(path.to_str().unwrap())
+            .expect_err("not FLUX")
+            .to_string();
+        assert!(msg.contains(want), "{file}: {msg}");
+        assert!(msg.contains("Pictor serves FLUX.1"), "{file}: {msg}");
+    }
+    let folder = dir.path().join("sd3-folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(
+        folder.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
+    )
+    .unwrap();
+    let msg = ModelFiles::resolve(folder.to_str().unwrap())
+        .expect_err("not FLUX")
+        .to_string();
+    assert!(msg.contains("StableDiffusion3Pipeline"), "{msg}");
+}
