@@ -255,11 +255,16 @@ fn serve_answers_and_exits_0_on_sigterm() {
 /// seed and size, and the pixels come out the same.
 /// `pictor generate --from-image SRC -o OUT` with the fixture model.
 fn from_image(src: &Path, out: &Path) -> std::process::Output {
+    from_image_of(&fixture(), src, out)
+}
+
+/// `pictor generate --model MODEL --from-image SRC -o OUT`.
+fn from_image_of(model: &Path, src: &Path, out: &Path) -> std::process::Output {
     pictor()
         .args([
             "generate",
             "--model",
-            fixture().to_str().unwrap(),
+            model.to_str().unwrap(),
             "--from-image",
         ])
         .arg(src)
@@ -336,13 +341,7 @@ fn guidance_runs_on_a_dev_model_and_is_refused_by_schnell() {
     let receipt = pictor_image::Receipt::from_image(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(receipt.guidance, Some(2.0));
     let again = dir.path().join("again.png");
-    let run = pictor()
-        .args(["generate", "--model", dev.to_str().unwrap(), "--from-image"])
-        .arg(&out)
-        .arg("-o")
-        .arg(&again)
-        .output()
-        .unwrap();
+    let run = from_image_of(&dev, &out, &again);
     assert!(
         run.status.success(),
         "{}",

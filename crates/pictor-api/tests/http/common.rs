@@ -158,6 +158,19 @@ impl Server {
             .json(body)
     }
 
+    /// `GET path` with the key, as JSON.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn generate(&self, body: Value) -> (u16, reqwest::header::HeaderMap, Value) {
         let r = self.post(&body).send().await.unwrap();
         let status = r.status().as_u16();

@@ -141,16 +141,7 @@ async fn jpeg_and_webp_outputs_carry_the_receipt() {
 #[tokio::test]
 async fn models_list_names_and_aliases_and_an_alias_generates() {
     let s = start(Options::default()).await;
-    let r: serde_json::Value = s
-        .client
-        .get(format!("{}/v1/models", s.url))
-        .bearer_auth(&s.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = s.get_json("/v1/models").await;
     assert_eq!(r["object"], "list");
     let ids: Vec<&str> = r["data"]
         .as_array()
@@ -175,16 +166,7 @@ async fn a_dev_model_takes_guidance_and_reports_it() {
         ..Options::default()
     })
     .await;
-    let models: serde_json::Value = s
-        .client
-        .get(format!("{}/v1/models/{MODEL}", s.url))
-        .bearer_auth(&s.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = s.get_json(&format!("/v1/models/{MODEL}")).await;
     let rules = &models["rules"];
     assert_eq!(rules["family"], "FLUX.1-dev", "{models}");
     assert_eq!(rules["guidance"], true);
