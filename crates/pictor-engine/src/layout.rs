@@ -406,7 +406,7 @@ impl ModelFiles {
 
 /// Tensor names that only other image model families' checkpoints have, and the family:
 /// what a file that is no FLUX part is, when it is one of these.
-const OTHER_FAMILIES: [(&str, &str); 7] = [
+const OTHER_FAMILIES: [(&str, &str); 8] = [
     (
         "input_blocks.0.0.weight",
         "a Stable Diffusion 1.x/2.x or SDXL UNet (single-file checkpoint)",
@@ -425,11 +425,12 @@ const OTHER_FAMILIES: [(&str, &str); 7] = [
     ),
     ("txt_norm.weight", "Qwen-Image"),
     ("distilled_guidance_layer.in_proj.weight", "Chroma"),
-    // ComfyUI's test for its Lumina 2 family, Z-Image's architecture.
+    // ComfyUI's test for its Lumina 2 family, Z-Image's architecture, and diffusers' name.
     (
         "noise_refiner.0.attention.k_norm.weight",
         "Z-Image or Lumina 2",
     ),
+    ("noise_refiner.0.attention.norm_k.weight", "Z-Image"),
 ];
 
 /// The error for a weight file with no FLUX part: the family it belongs to when its names

@@ -365,6 +365,18 @@ fn other_families_are_named_not_loaded() {
         assert!(msg.contains(want), "{file}: {msg}");
         assert!(msg.contains("Pictor serves FLUX.1"), "{file}: {msg}");
     }
+    // The tiny Z-Image-Turbo (`tools/make_tiny_zimage.py`): its folder by its pipeline class,
+    // its transformer file by its names.
+    let zimage = fixture().with_file_name("tiny-z-image-turbo");
+    let msg = ModelFiles::resolve(zimage.to_str().unwrap())
+        .expect_err("not FLUX")
+        .to_string();
+    assert!(msg.contains("ZImagePipeline"), "{msg}");
+    let file = zimage.join("transformer/diffusion_pytorch_model.safetensors");
+    let msg = ModelFiles::resolve(file.to_str().unwrap())
+        .expect_err("not FLUX")
+        .to_string();
+    assert!(msg.contains("Z-Image"), "{msg}");
     let folder = dir.path().join("sd3-folder");
     std::fs::create_dir(&folder).unwrap();
     std::fs::write(
