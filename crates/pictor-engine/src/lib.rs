@@ -35,6 +35,7 @@ pub mod ops;
 pub mod quantize;
 pub mod text;
 pub mod weights;
+pub mod zimage;
 
 pub use device::{DTypeChoice, DeviceChoice};
 pub use error::{EngineError, Result};

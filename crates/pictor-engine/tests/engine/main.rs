@@ -12,3 +12,4 @@ mod memory;
 mod odd;
 mod parity;
 mod quantized;
+mod zimage;

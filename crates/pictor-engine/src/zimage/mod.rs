@@ -1,0 +1,46 @@
+//! Z-Image-Turbo (Tongyi-MAI), in progress: so far its transformer ([`transformer`]), its
+//! schedule ([`sigmas`]) and its prompt template ([`chat_prompt`]), held to diffusers' `ZImageTransformer2DModel` and `ZImagePipeline`
+//! on the tiny fixture. Not served yet: no
+//! pipeline, loader layouts, text encoder wiring or memory plan; the layout refuses
+//! Z-Image folders and files by name until they exist.
+//!
+//! Facts and sources: `shared/research/z-image-turbo.md`.
+
+pub mod transformer;
+
+/// What the text encoder reads for `prompt`: Qwen3's chat template for one user message
+/// with a generation prompt, as diffusers renders it with `enable_thinking=True` (no think
+/// block). Its tokens, without padding, are encoded; the features are the output of the
+/// encoder's last layer but one, before the final norm.
+pub fn chat_prompt(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+/// The sigmas of `steps` steps, as diffusers' `ZImagePipeline` (0.39 and later) makes them:
+/// `linspace(1, 1/steps, steps)`, each shifted to `shift·s / (1 + (shift - 1)·s)`
+/// (Z-Image-Turbo's scheduler: shift 3, no dynamic shifting), then 0. The transformer sees
+/// `1 - sigma`; each Euler step adds `(sigma_next - sigma) · -output`.
+pub fn sigmas(steps: usize, shift: f64) -> Vec<f64> {
+    let steps = steps.max(1);
+    (0..steps)
+        .map(|i| 1.0 - i as f64 * (1.0 - 1.0 / steps as f64) / (steps - 1).max(1) as f64)
+        .map(|s| shift * s / (1.0 + (shift - 1.0) * s))
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    /// diffusers 0.40's sigmas for Z-Image-Turbo's 8 steps (its scheduler, printed there).
+    #[test]
+    fn turbo_sigmas_match_diffusers() {
+        let want = [
+            1.0, 0.954_545, 0.9, 0.833_333, 0.75, 0.642_857, 0.5, 0.3, 0.0,
+        ];
+        let got = super::sigmas(8, 3.0);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+    }
+}
