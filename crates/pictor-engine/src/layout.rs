@@ -451,7 +451,8 @@ fn unknown_layout(path: &Path, names: &[String]) -> EngineError {
         path: path.to_path_buf(),
         message: format!(
             "no FLUX transformer, autoencoder, CLIP or T5 tensor names found: {found}; Pictor \
-             serves FLUX.1 (schnell, dev and its fine-tunes)"
+             serves FLUX.1 (schnell, dev and its fine-tunes), and Z-Image-Turbo from its \
+             diffusers folder"
         ),
     }
 }
@@ -498,7 +499,8 @@ fn refuse_other_pipelines(dir: &Path) -> Result<()> {
             path: index,
             message: format!(
                 "this folder holds a diffusers `{class}`, not a FLUX.1 pipeline; Pictor serves \
-                 FLUX.1 (schnell, dev and its fine-tunes)"
+                 FLUX.1 (schnell, dev and its fine-tunes), and Z-Image-Turbo from its \
+                 diffusers folder"
             ),
         }),
         _ => Ok(()),

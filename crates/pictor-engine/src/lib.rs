@@ -11,7 +11,8 @@
 //!   between denoising steps.
 //! - [`ModelFiles`]: where each part of a model lives on disk, found from a folder, a single
 //!   file or a Hugging Face cache snapshot by [`ModelFiles::resolve`].
-//! - [`flux::FluxPipeline`]: FLUX.1-schnell (CLIP-L + T5-XXL text encoders, the flux
+//! - [`zimage::ZImagePipeline`]: Z-Image-Turbo from its diffusers folder (a first step).
+//! - [`flux::FluxPipeline`]: FLUX.1-schnell and -dev (CLIP-L + T5-XXL text encoders, the flux
 //!   transformer, the flux autoencoder) on candle.
 //!
 //! One design decision, with its reasons: the Black Forest Labs tensor names are the

@@ -105,7 +105,7 @@ pub async fn run_worker(
         let config = config.clone();
         let model = tokio::task::spawn_blocking(move || {
             let running = crate::load::start_model(&config, &name, &m)?;
-            let hash = crate::load::weights_hash(&config, &running.files);
+            let hash = crate::load::weights_hash(&config, &running.weights);
             anyhow::Ok(WorkerModel {
                 name,
                 queue: Arc::new(running.queue),

@@ -163,7 +163,7 @@ fn model(args: &Args, config: &Config) -> ModelConfig {
 }
 
 /// Generates `req` with a progress bar over its steps.
-fn render(pipeline: &mut impl Pipeline, req: &GenerationRequest) -> anyhow::Result<Generation> {
+fn render(pipeline: &mut dyn Pipeline, req: &GenerationRequest) -> anyhow::Result<Generation> {
     let bar = ProgressBar::new((req.steps * req.n) as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -213,7 +213,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
     // On the command line any size and steps the network can run are allowed, not only
     // the ranges a server offers.
     rules.without_serving_limits().check(&req)?;
-    let generation = render(&mut pipeline, &req)?;
+    let generation = render(pipeline.as_mut(), &req)?;
     for (i, image) in generation.images.iter().enumerate() {
         let path = output_path(&args.output, i, req.n);
         let receipt = Receipt::new(&req, &generation, i, &args.model, None);

@@ -4,7 +4,10 @@
 //! the rules it is served by: its own, as the configuration changes them. `start_model`
 //! then runs it on its own queue, as every `serve` role that holds models does.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
 use pictor_core::{ModelRules, Pipeline};
@@ -18,12 +21,12 @@ use crate::config::{Config, ModelConfig};
 
 /// A loaded model.
 pub struct Loaded {
-    /// The pipeline.
-    pub pipeline: FluxPipeline,
+    /// The pipeline, of the family its files hold.
+    pub pipeline: Box<dyn Pipeline>,
     /// The rules it is served by.
     pub rules: ModelRules,
-    /// Where its parts were found (for hashing the weights).
-    pub files: ModelFiles,
+    /// Its weight files (hashed for receipts).
+    pub weights: Vec<PathBuf>,
 }
 
 /// Loads model `name` as `m` describes it, in `data_dir`'s caches, within `memory_budget`.
@@ -34,6 +37,9 @@ pub fn load(
     memory_budget: Option<u64>,
 ) -> anyhow::Result<Loaded> {
     let path = crate::shipped::locate(&m.path, data_dir)?;
+    if pictor_engine::zimage::is_folder(Path::new(&path)) {
+        return load_zimage(name, m, Path::new(&path), memory_budget);
+    }
     let mut files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
     files.transformer.rope_axes = m.rope_axes.clone();
@@ -51,14 +57,49 @@ pub fn load(
         ..FluxOptions::default()
     };
     let pipeline = FluxPipeline::load(&files, options)?;
-    let rules = m.rules(pipeline.rules());
+    let rules = served_rules(name, m, pipeline.rules())?;
+    Ok(Loaded {
+        pipeline: Box::new(pipeline),
+        rules,
+        weights: crate::hash::weight_files(&files),
+    })
+}
+
+/// The rules model `name` is served by: its own, as the configuration changes them.
+fn served_rules(name: &str, m: &ModelConfig, own: ModelRules) -> anyhow::Result<ModelRules> {
+    let rules = m.rules(own);
     rules
         .check_defaults()
         .with_context(|| format!("models.{name}: the default size and steps break its rules"))?;
+    Ok(rules)
+}
+
+/// A Z-Image-Turbo diffusers folder: on the CPU in f32 only so far, unquantized.
+fn load_zimage(
+    name: &str,
+    m: &ModelConfig,
+    dir: &Path,
+    memory_budget: Option<u64>,
+) -> anyhow::Result<Loaded> {
+    use pictor_engine::{DeviceChoice, zimage};
+    let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
+    let device = m
+        .device()
+        .with_context(|| format!("models.{name}.device"))?;
+    anyhow::ensure!(
+        matches!(dtype, DTypeChoice::Auto | DTypeChoice::F32)
+            && matches!(device, DeviceChoice::Auto | DeviceChoice::Cpu)
+            && m.quantize.is_none(),
+        "models.{name}: Z-Image-Turbo runs on the CPU in f32 so far; leave dtype, device and \
+         quantize at their defaults"
+    );
+    let pipeline = zimage::ZImagePipeline::load_within(dir, memory_budget)
+        .with_context(|| format!("loading model {name} from {}", dir.display()))?;
+    let rules = served_rules(name, m, pipeline.rules())?;
     Ok(Loaded {
-        pipeline,
+        pipeline: Box::new(pipeline),
         rules,
-        files,
+        weights: zimage::weight_files(dir)?,
     })
 }
 
@@ -68,8 +109,8 @@ pub(crate) struct Running {
     pub queue: ModelQueue,
     /// The rules it is served by.
     pub rules: pictor_core::ModelRules,
-    /// The files it was loaded from (hashed for receipts).
-    pub files: pictor_engine::ModelFiles,
+    /// Its weight files (hashed for receipts).
+    pub weights: Vec<PathBuf>,
 }
 
 /// Loads model `name` (blocking) and starts its queue.
@@ -88,16 +129,15 @@ pub(crate) fn start_model(
         batch_images: m.max_batch,
     };
     Ok(Running {
-        queue: ModelQueue::start(name, Box::new(loaded.pipeline), queue),
+        queue: ModelQueue::start(name, loaded.pipeline, queue),
         rules: loaded.rules,
-        files: loaded.files,
+        weights: loaded.weights,
     })
 }
 
 /// The hash of a model's weights (cached in the data directory), for receipts.
-pub(crate) fn weights_hash(config: &Config, files: &pictor_engine::ModelFiles) -> Option<String> {
-    let weights = crate::hash::weight_files(files);
-    crate::hash::weights_hash(&weights, &config.data_dir.join("weight-hashes.json"))
+pub(crate) fn weights_hash(config: &Config, weights: &[PathBuf]) -> Option<String> {
+    crate::hash::weights_hash(weights, &config.data_dir.join("weight-hashes.json"))
         .map_err(|e| tracing::warn!("hashing the weights failed: {e:#}"))
         .ok()
 }

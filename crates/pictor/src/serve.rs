@@ -189,7 +189,7 @@ fn load_models(config: &Config, state: &AppState) {
             };
             state.install(&name, Arc::new(running.queue), running.rules);
             // Receipts name the weights by hash; large models take a while to hash.
-            if let Some(hash) = crate::load::weights_hash(&config, &running.files) {
+            if let Some(hash) = crate::load::weights_hash(&config, &running.weights) {
                 state.set_hash(&name, hash);
             }
         });

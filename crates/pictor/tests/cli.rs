@@ -369,6 +369,40 @@ fn guidance_runs_on_a_dev_model_and_is_refused_by_schnell() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A Z-Image-Turbo diffusers folder runs from the command line like a FLUX one: the same
+/// seed draws the same image, `--from-image` reproduces it, and what it cannot run yet
+/// (bf16) is refused with the reason.
+#[test]
+fn a_z_image_folder_generates_and_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = fixture().with_file_name("tiny-z-image-turbo");
+    let out = dir.path().join("z.png");
+    let run = generate(z.to_str().unwrap(), &out, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let again = dir.path().join("again.png");
+    let run = from_image_of(&z, &out, &again);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let a = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), (64, 48));
+    assert_eq!(a, image::open(&again).unwrap().to_rgb8(), "same pixels");
+    let run = generate(
+        z.to_str().unwrap(),
+        &dir.path().join("bf16.png"),
+        &["--dtype", "bf16"],
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("f32 so far"), "{stderr}");
+}
+
 #[test]
 fn keys_carry_rate_limits_from_create_and_limit() {
     let dir = tempfile::tempdir().unwrap();

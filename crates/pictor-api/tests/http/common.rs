@@ -109,8 +109,13 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     let mut model_queue = None;
     if opts.load_model {
-        let files = ModelFiles::from_dir(&fixture(opts.fixture)).unwrap();
-        let pipeline = FluxPipeline::load(&files, FluxOptions::default()).unwrap();
+        let dir = fixture(opts.fixture);
+        let pipeline: Box<dyn Pipeline> = if pictor_engine::zimage::is_folder(&dir) {
+            Box::new(pictor_engine::zimage::ZImagePipeline::load(&dir).unwrap())
+        } else {
+            let files = ModelFiles::from_dir(&dir).unwrap();
+            Box::new(FluxPipeline::load(&files, FluxOptions::default()).unwrap())
+        };
         // The pipeline's own rules, adjusted as a configuration would.
         let rules = ModelRules {
             min_side: 32,
@@ -124,7 +129,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             timeout: opts.timeout,
             batch_images: 4,
         };
-        let queue = Arc::new(ModelQueue::start(MODEL, Box::new(pipeline), queue));
+        let queue = Arc::new(ModelQueue::start(MODEL, pipeline, queue));
         state.install(MODEL, queue.clone(), rules);
         model_queue = Some(queue);
     }

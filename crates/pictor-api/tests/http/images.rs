@@ -202,6 +202,38 @@ async fn a_dev_model_takes_guidance_and_reports_it() {
     }
 }
 
+/// A Z-Image-Turbo model (its tiny fixture) behind the same API: its family and rules in
+/// `/v1/models`, an image of the asked size with its receipt, and a guidance scale refused
+/// as for any model without one.
+#[tokio::test]
+async fn a_z_image_model_serves_the_same_api() {
+    let s = start(Options {
+        fixture: "tiny-z-image-turbo",
+        ..Options::default()
+    })
+    .await;
+    let models = s.get_json(&format!("/v1/models/{MODEL}")).await;
+    assert_eq!(models["rules"]["family"], "Z-Image-Turbo", "{models}");
+    assert_eq!(models["rules"]["default_steps"], 8);
+    let mut body = small("a green star");
+    body["response_format"] = json!("b64_json");
+    let (status, _, reply) = s.generate(body.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    let png = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        reply["data"][0]["b64_json"].as_str().unwrap(),
+    )
+    .unwrap();
+    let image = image::load_from_memory(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 48));
+    let receipt = pictor_image::Receipt::from_image(&png).unwrap();
+    assert_eq!((receipt.steps, receipt.seed), (2, 1));
+    body["guidance_scale"] = json!(2.0);
+    let (status, _, reply) = s.generate(body).await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["error"]["param"], "guidance_scale");
+}
+
 #[tokio::test]
 async fn an_open_loopback_server_needs_no_key_until_one_exists() {
     let s = start(Options {

@@ -1,12 +1,15 @@
-//! Z-Image-Turbo (Tongyi-MAI), in progress: so far its transformer ([`transformer`]), its
-//! schedule ([`sigmas`]) and its prompt template ([`chat_prompt`]), held to diffusers' `ZImageTransformer2DModel` and `ZImagePipeline`
-//! on the tiny fixture. Not served yet: no
-//! pipeline, loader layouts, text encoder wiring or memory plan; the layout refuses
-//! Z-Image folders and files by name until they exist.
+//! Z-Image-Turbo (Tongyi-MAI), a first step: its transformer ([`transformer`]), schedule
+//! ([`sigmas`]), prompt template ([`chat_prompt`]) and a pipeline ([`ZImagePipeline`]) for
+//! its diffusers folder, on the CPU in f32, held to diffusers 0.40's `ZImagePipeline` on the
+//! tiny fixture. Not yet: bf16, CUDA, quantized or ComfyUI/GGUF files, batching, a memory
+//! plan beyond refusing what does not fit.
 //!
 //! Facts and sources: `shared/research/z-image-turbo.md`.
 
+pub mod pipeline;
 pub mod transformer;
+
+pub use pipeline::{ZImagePipeline, is_folder, weight_files};
 
 /// What the text encoder reads for `prompt`: Qwen3's chat template for one user message
 /// with a generation prompt, as diffusers renders it with `enable_thinking=True` (no think

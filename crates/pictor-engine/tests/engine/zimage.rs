@@ -128,3 +128,109 @@ fn the_templated_prompt_encodes_as_diffusers_does() {
     let d = max_abs_diff(&features, &tensor(&r, "text_features"));
     assert!(d <= STEP_TOL, "features differ by {d}");
 }
+
+/// The pipeline from the diffusers folder: the prompt's features, 8 steps from the
+/// reference noise and the decoded image land on diffusers' (pixels within 1 of 255).
+#[test]
+fn the_pipeline_draws_the_reference_image_from_its_noise() {
+    use pictor_engine::zimage::ZImagePipeline;
+    let p = ZImagePipeline::load(&fixture()).expect("loads");
+    let r = candle_core::safetensors::load(fixture().join("reference.safetensors"), &Device::Cpu)
+        .expect("reference");
+    let (caption, info) = p
+        .encode_prompt("a small red circle on a blue background in the top left")
+        .expect("encodes");
+    assert!(!info.truncated && info.tokens == 29, "{info:?}");
+    assert!(max_abs_diff(&caption, &tensor(&r, "text_features")) <= STEP_TOL);
+    let noise = tensor(&r, "noise").squeeze(0).expect("one image");
+    let mut steps = 0;
+    let latent = p
+        .denoise(&noise, &caption, 8, |_, _| {
+            steps += 1;
+            Ok(pictor_core::Control::Continue)
+        })
+        .expect("denoises");
+    assert_eq!(steps, 8);
+    let want = tensor(&r, "final_latents").squeeze(0).expect("one image");
+    let d = max_abs_diff(&latent, &want);
+    assert!(d <= STEP_TOL, "final latents differ by {d}");
+    let image = p.decode(&latent, 48, 80).expect("decodes");
+    let want: Vec<u8> = tensor(&r, "image_u8")
+        .squeeze(0)
+        .and_then(|t| t.permute((1, 2, 0)))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("pixels");
+    let worst = image
+        .pixels
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .expect("pixels");
+    assert!(worst <= 1, "pixels differ by {worst}");
+}
+
+/// Through the `Pipeline` seam: the family's rules, seeds (image i from seed + i, the same
+/// seed the same image), previews at the due steps, a cut prompt reported, cancelling.
+#[test]
+fn the_pipeline_serves_the_seam() {
+    use pictor_core::{Control, GenerationRequest, Pipeline, PipelineError, Progress};
+    let mut p = pictor_engine::zimage::ZImagePipeline::load(&fixture()).expect("loads");
+    let rules = p.rules();
+    assert_eq!(
+        (rules.family.as_str(), rules.default_steps),
+        ("Z-Image-Turbo", 8)
+    );
+    assert!(!rules.takes_guidance());
+    let req = |seed, n, previews| GenerationRequest {
+        prompt: "a green star".into(),
+        width: 64,
+        height: 48,
+        steps: 4,
+        guidance: None,
+        seed,
+        n,
+        previews,
+        edit: None,
+    };
+    let mut shown = 0;
+    let two = p
+        .generate_batch(&[req(7, 2, 1)], &mut |e| {
+            if matches!(e, Progress::Preview { .. }) {
+                shown += 1;
+            }
+            Control::Continue
+        })
+        .expect("generates")
+        .remove(0);
+    assert_eq!(shown, 2, "one preview per image");
+    assert_eq!(two.images.len(), 2);
+    assert_ne!(two.images[0], two.images[1]);
+    let second = p
+        .generate_batch(&[req(8, 1, 0)], &mut |_| Control::Continue)
+        .expect("generates")
+        .remove(0);
+    assert_eq!(
+        second.images[0], two.images[1],
+        "image 1 of seed 7 is seed 8's"
+    );
+
+    let long = "a small red circle on a blue background ".repeat(100);
+    let (_, info) = p.encode_prompt(&long).expect("encodes");
+    assert!(info.truncated && info.tokens == 512, "{info:?}");
+    assert!(
+        long.starts_with(info.encoded.trim_end()),
+        "{:?}",
+        info.encoded
+    );
+
+    let cancelled = p.generate_batch(&[req(1, 1, 0)], &mut |e| match e {
+        Progress::Step { step: 2, .. } => Control::Cancel,
+        _ => Control::Continue,
+    });
+    assert!(
+        matches!(cancelled, Err(PipelineError::Cancelled)),
+        "{cancelled:?}"
+    );
+}
