@@ -92,7 +92,7 @@ impl SharedQueue {
         Ok(served)
     }
 
-    async fn admit(&self, req: GenerationRequest) -> Result<Ticket, SubmitError> {
+    async fn admit(&self, id: String, req: GenerationRequest) -> Result<Ticket, SubmitError> {
         if self.closed.load(Ordering::Relaxed) {
             return Err(SubmitError::Closed);
         }
@@ -103,7 +103,6 @@ impl SharedQueue {
                 self.model
             )));
         }
-        let id = format!("job_{}", hex::encode(rand::random::<[u8; 12]>()));
         let row = objects::put_request(&self.cluster, &id, &req)
             .await
             .map_err(unavailable)?;
@@ -183,7 +182,15 @@ impl SharedQueue {
 
 impl JobQueue for SharedQueue {
     fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
-        Box::pin(self.admit(req))
+        Box::pin(self.admit(pictor_sched::job_id(rand::random()), req))
+    }
+
+    fn submit_as(
+        &self,
+        id: &str,
+        req: GenerationRequest,
+    ) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        Box::pin(self.admit(id.to_string(), req))
     }
 
     fn memory(&self) -> &[PartMemory] {

@@ -120,6 +120,13 @@ struct Stats {
     mean_secs: Mutex<Option<f64>>,
 }
 
+/// A job id as queues whose jobs run elsewhere name them: `job_` and 24 hex digits, from
+/// 12 random bytes.
+pub fn job_id(random: [u8; 12]) -> String {
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("job_{hex}")
+}
+
 /// A boxed future, for [`JobQueue`]'s async methods.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -129,6 +136,18 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub trait JobQueue: Send + Sync {
     /// Admits `req`, or refuses it when the queue is full or closed.
     fn submit(&self, req: GenerationRequest) -> BoxFuture<'_, Result<Ticket, SubmitError>>;
+    /// Admits `req` as job `id` ([`job_id`]) where the queue names its jobs (a cluster's
+    /// shared queue), so that a caller can record the id before the job exists and whoever
+    /// takes its place finds the job, or admits it under the same id; the other queues
+    /// ignore the id and [`JobQueue::submit`].
+    fn submit_as(
+        &self,
+        id: &str,
+        req: GenerationRequest,
+    ) -> BoxFuture<'_, Result<Ticket, SubmitError>> {
+        let _ = id;
+        self.submit(req)
+    }
     /// Each part of the model and its memory (empty where the model runs elsewhere).
     fn memory(&self) -> &[PartMemory];
     /// Where the model runs, as [`Pipeline::device`] says (`None` where it runs elsewhere).

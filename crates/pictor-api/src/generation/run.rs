@@ -17,25 +17,36 @@ use crate::{
 
 /// Admits the job to its model's queue (429 when full, 503 while stopping).
 pub(super) async fn admit(state: &AppState, job: &Job) -> Result<Ticket, ApiError> {
+    admit_as(state, job, None).await
+}
+
+/// [`admit`], as job `id` where the model's queue names its jobs (see
+/// [`pictor_sched::JobQueue::submit_as`]).
+pub(super) async fn admit_as(
+    state: &AppState,
+    job: &Job,
+    id: Option<&str>,
+) -> Result<Ticket, ApiError> {
     if state.shutting_down() {
         return Err(ApiError::shutting_down());
     }
-    job.slot()
-        .ready()?
-        .queue
-        .submit(job.engine().clone())
-        .await
-        .map_err(|e| match e {
-            SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
-                model: job.model().to_string(),
-                retry_after,
-            },
-            SubmitError::Closed => ApiError::shutting_down(),
-            SubmitError::Unavailable(why) => ApiError::Unavailable {
-                message: format!("{why}; retry shortly."),
-                retry_after: std::time::Duration::from_secs(2),
-            },
-        })
+    let queue = &job.slot().ready()?.queue;
+    let req = job.engine().clone();
+    match id {
+        Some(id) => queue.submit_as(id, req).await,
+        None => queue.submit(req).await,
+    }
+    .map_err(|e| match e {
+        SubmitError::Overloaded { retry_after } => ApiError::Overloaded {
+            model: job.model().to_string(),
+            retry_after,
+        },
+        SubmitError::Closed => ApiError::shutting_down(),
+        SubmitError::Unavailable(why) => ApiError::Unavailable {
+            message: format!("{why}; retry shortly."),
+            retry_after: std::time::Duration::from_secs(2),
+        },
+    })
 }
 
 /// Waits for the job, answers it and records its usage against the caller's key.

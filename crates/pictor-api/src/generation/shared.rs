@@ -90,18 +90,23 @@ async fn own(
 ) -> Result<Response, ApiError> {
     let db = state.db().clone();
     let node = state.0.node.clone();
+    // The job's id is recorded before the job exists: a node stopped between admitting and
+    // recording would otherwise leave a job that whoever takes over cannot find, and the
+    // images would be rendered twice.
+    let id = adopt
+        .clone()
+        .unwrap_or_else(|| pictor_sched::job_id(rand::random()));
+    db.replay_beat(&scope, &node, Some(&id), now_ms()).await?;
     let admitted = match &adopt {
         Some(id) => {
             let queue = &job.slot().ready()?.queue;
-            queue
-                .attach(id, job.engine().previews)
-                .await
-                .map_err(|e| ApiError::Unavailable {
-                    message: format!("{e}; retry."),
-                    retry_after: Duration::from_secs(1),
-                })
+            match queue.attach(id, job.engine().previews).await {
+                Ok(ticket) => Ok(ticket),
+                // The stopped node recorded the id but never admitted the job.
+                Err(_) => run::admit_as(&state, &job, Some(id)).await,
+            }
         }
-        None => run::admit(&state, &job).await,
+        None => run::admit_as(&state, &job, Some(&id)).await,
     };
     let ticket = match admitted {
         Ok(t) => t,
