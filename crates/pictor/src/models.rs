@@ -65,8 +65,40 @@ pub fn run(command: ModelsCommand) -> anyhow::Result<()> {
     }
 }
 
+/// A Z-Image-Turbo diffusers folder: the family, the transformer's architecture, the files.
+fn inspect_zimage(spec: &str, path: &Path) -> anyhow::Result<()> {
+    use pictor_engine::zimage;
+    let cfg = zimage::transformer::Config::from_file(&path.join("transformer/config.json"))?;
+    println!("{spec}: Z-Image-Turbo (diffusers folder, ZImagePipeline)");
+    println!(
+        "  transformer: width {}, {} main blocks and {} refiner blocks each for the image and \
+         the caption, {} heads, RoPE axes {:?}, {}-wide caption features, {} latent channels",
+        cfg.dim,
+        cfg.n_layers,
+        cfg.n_refiner_layers,
+        cfg.n_heads,
+        cfg.axes_dims,
+        cfg.cap_feat_dim,
+        cfg.in_channels
+    );
+    let mut total = 0;
+    for file in zimage::weight_files(path)? {
+        let bytes = std::fs::metadata(&file)?.len();
+        total += bytes;
+        println!("  {} ({:.1} MB)", file.display(), bytes as f64 / 1e6);
+    }
+    println!(
+        "{spec}: a complete Z-Image-Turbo model, {:.1} MB on disk (served on the CPU in f32 so far)",
+        total as f64 / 1e6
+    );
+    Ok(())
+}
+
 fn inspect(spec: &str) -> anyhow::Result<()> {
     let path = Path::new(spec);
+    if pictor_engine::zimage::is_folder(path) {
+        return inspect_zimage(spec, path);
+    }
     if path.is_file() {
         print!("{}", inspect_file(path)?);
     }

@@ -370,8 +370,8 @@ fn guidance_runs_on_a_dev_model_and_is_refused_by_schnell() {
 }
 
 /// A Z-Image-Turbo diffusers folder runs from the command line like a FLUX one: the same
-/// seed draws the same image, `--from-image` reproduces it, and what it cannot run yet
-/// (bf16) is refused with the reason.
+/// seed draws the same image, `--from-image` reproduces it, `models inspect` names it, and
+/// what it cannot run yet (bf16) is refused with the reason.
 #[test]
 fn a_z_image_folder_generates_and_reproduces() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,6 +393,16 @@ fn a_z_image_folder_generates_and_reproduces() {
     let a = image::open(&out).unwrap().to_rgb8();
     assert_eq!(a.dimensions(), (64, 48));
     assert_eq!(a, image::open(&again).unwrap().to_rgb8(), "same pixels");
+    let inspect = pictor()
+        .args(["models", "inspect", z.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("a complete Z-Image-Turbo model"),
+        "{stdout}"
+    );
     let run = generate(
         z.to_str().unwrap(),
         &dir.path().join("bf16.png"),

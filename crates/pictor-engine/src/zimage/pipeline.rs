@@ -30,6 +30,9 @@ use crate::{
     noise::gaussian_noise,
 };
 
+/// Where it runs and in which dtype, as [`Generation::device`] spells it.
+const RUNS_ON: &str = "cpu f32";
+
 /// Most tokens the text encoder reads, template included (diffusers' default).
 const MAX_TOKENS: usize = 512;
 
@@ -291,7 +294,7 @@ impl ZImagePipeline {
             images,
             prompt,
             phases,
-            device: "cpu f32".into(),
+            device: RUNS_ON.into(),
         })
     }
 }
@@ -316,7 +319,7 @@ impl Pipeline for ZImagePipeline {
     }
 
     fn device(&self) -> Option<String> {
-        Some("cpu f32".into())
+        Some(RUNS_ON.into())
     }
 
     fn generate_batch(
