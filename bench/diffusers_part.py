@@ -2,7 +2,7 @@
 """The PyTorch/diffusers twin of `cargo bench -p pictor-engine --bench components`: times one
 FLUX component loaded from the same folder with the same inputs and prints one JSON line.
 
-    python bench/diffusers_part.py --model DIR --part transformer|t5|clip|vae|matmul|linear \
+    python bench/diffusers_part.py --model DIR --part transformer|t5|clip|vae|matmul|linear|zimage \
         --size 512 --reps 3 --dtype f32|bf16 --threads 2
 """
 
@@ -77,6 +77,16 @@ def main() -> None:
         guidance = torch.full([1], 3.5).to(dtype) if c.guidance_embeds else None
         run = lambda: m(hidden_states=img, encoder_hidden_states=txt, pooled_projections=pooled,  # noqa: E731
                         timestep=t, img_ids=ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
+    elif a.part == "zimage":
+        # Z-Image's transformer (diffusers >= 0.36: the venv of `tools/setup-venv.sh zimage`):
+        # one forward at `--size` with a 128-token caption, as Pictor's `--part zimage` runs it.
+        from diffusers import ZImageTransformer2DModel
+        m = ZImageTransformer2DModel.from_pretrained(a.model, subfolder="transformer", torch_dtype=dtype).eval()
+        c = m.config
+        x = [torch.randn(c.in_channels, 1, a.size // 8, a.size // 8, generator=g).to(dtype)]
+        cap = [torch.randn(128, c.cap_feat_dim, generator=g).to(dtype)]
+        t = torch.full([1], 0.5).to(dtype)
+        run = lambda: m(x, t, cap, return_dict=False)  # noqa: E731
     elif a.part == "t5":
         from transformers import T5EncoderModel
         m = T5EncoderModel.from_pretrained(a.model, subfolder="text_encoder_2", torch_dtype=dtype).eval()

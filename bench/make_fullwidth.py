@@ -18,6 +18,7 @@ folder of its own whose other parts link to the schnell folder's.
 The folder is cached outside the repository (default ~/.cache/pictor/bench/) and reused.
 
     python bench/make_fullwidth.py [--out DIR] [--double 2] [--single 4] [--t5-layers 2] [--dev]
+    ~/.cache/pictor/venv-zimage/bin/python bench/make_fullwidth.py --zimage [--double L] [--single R]
 """
 
 from __future__ import annotations
@@ -100,6 +101,32 @@ def make(out: Path, double: int, single: int, t5_layers: int) -> Path:
     return out
 
 
+def make_zimage(out: Path, layers: int, refiners: int) -> Path:
+    """Z-Image-Turbo's transformer at full width (3840, 30 heads of 128, 2560-wide caption
+    features) with `layers` main blocks and `refiners` refiner blocks each (the real model:
+    30 and 2), bf16, random, in a diffusers folder that names `ZImagePipeline`. Needs the
+    venv of `tools/setup-venv.sh zimage`."""
+    if (out / "model_index.json").exists():
+        return out
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(0)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=layers,
+        n_refiner_layers=refiners, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+        cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
+        axes_lens=[1536, 512, 512])
+    with torch.no_grad():  # its pad tokens are made with torch.empty
+        model.x_pad_token.normal_(0, 0.02)
+        model.cap_pad_token.normal_(0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(tmp / "transformer", safe_serialization=True, max_shard_size="10GB")
+    (tmp / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}\n')
+    print(f"wrote Z-Image transformer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+    tmp.rename(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
@@ -107,7 +134,14 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=4)
     ap.add_argument("--t5-layers", type=int, default=2)
     ap.add_argument("--dev", action="store_true", help="FLUX.1-dev's guidance embedding")
+    ap.add_argument("--zimage", action="store_true",
+                    help="Z-Image-Turbo's transformer instead: --double main blocks, --single refiners")
     a = ap.parse_args()
+    if a.zimage:
+        out = a.out or Path.home() / ".cache" / "pictor" / "bench" / f"zimage-fullwidth-{a.double}l{a.single}r"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(make_zimage(out, a.double, a.single))
+        return
     out = a.out or default_dir(a.double, a.single, a.t5_layers, a.dev)
     out.parent.mkdir(parents=True, exist_ok=True)
     print((make_dev if a.dev else make)(out, a.double, a.single, a.t5_layers))
