@@ -206,14 +206,21 @@ pub(crate) fn parts_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Foun
         .collect()
 }
 
+/// A weight file's tensor names, from its header, sorted.
+fn names_in_file(path: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = if has_ext(path, "gguf") {
+        GgufFile::open(path)?.names().map(str::to_string).collect()
+    } else {
+        let files = SafetensorFiles::open(&[path.to_path_buf()])?;
+        files.names().map(str::to_string).collect()
+    };
+    names.sort();
+    Ok(names)
+}
+
 /// The parts one weight file holds, from its header.
 pub(crate) fn parts_in_file(path: &Path) -> Result<Vec<Found>> {
-    if has_ext(path, "gguf") {
-        let gguf = GgufFile::open(path)?;
-        return Ok(parts_in(gguf.names()));
-    }
-    let files = SafetensorFiles::open(&[path.to_path_buf()])?;
-    Ok(parts_in(files.names()))
+    Ok(parts_in(names_in_file(path)?.iter().map(String::as_str)))
 }
 
 /// Classifies one weight file by reading its header.
@@ -341,11 +348,12 @@ impl ModelFiles {
     fn survey_file(file: &Path) -> Result<Survey> {
         // Other families' checkpoints share some names with FLUX's parts (diffusers' block
         // names, an SDXL file's LDM autoencoder): their own names are looked for first.
-        let names = sample_names(file);
+        let names = names_in_file(file)?;
         if other_family(&names).is_some() {
             return Err(unknown_layout(file, &names));
         }
-        match classify_file(file)? {
+        let found = parts_in(names.iter().map(String::as_str));
+        match found.first().map(|f| f.kind) {
             Some(Kind::Transformer) => {}
             Some(other) => {
                 return Err(EngineError::UnknownLayout {
@@ -362,7 +370,7 @@ impl ModelFiles {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let bundled: Vec<Kind> = parts_in_file(file)?.iter().map(|f| f.kind).collect();
+        let bundled: Vec<Kind> = found.iter().map(|f| f.kind).collect();
         Self::assemble(dir, Some((file, bundled)))
     }
 
@@ -468,35 +476,12 @@ fn other_family(names: &[String]) -> Option<&'static str> {
     })
 }
 
-/// A weight file's tensor names, sorted (none when its header cannot be read: the caller
-/// reports what it can).
-fn sample_names(path: &Path) -> Vec<String> {
-    let mut names: Vec<String> = if has_ext(path, "gguf") {
-        GgufFile::open(path)
-            .map(|g| g.names().map(str::to_string).collect())
-            .unwrap_or_default()
-    } else {
-        SafetensorFiles::open(&[path.to_path_buf()])
-            .map(|f| f.names().map(str::to_string).collect())
-            .unwrap_or_default()
-    };
-    names.sort();
-    names
-}
-
 /// A diffusers folder of another pipeline (its `model_index.json` names a class that is
 /// not FLUX's) is refused by that name, before its parts are looked at.
 fn refuse_other_pipelines(dir: &Path) -> Result<()> {
-    let index = dir.join("model_index.json");
-    let Ok(text) = std::fs::read_to_string(&index) else {
-        return Ok(());
-    };
-    let class = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|j| j.get("_class_name")?.as_str().map(str::to_string));
-    match class {
+    match pipeline_class(dir) {
         Some(class) if !class.starts_with("Flux") => Err(EngineError::UnknownLayout {
-            path: index,
+            path: dir.join("model_index.json"),
             message: format!(
                 "this folder holds a diffusers `{class}`, not a FLUX.1 pipeline; Pictor serves \
                  FLUX.1 (schnell, dev and its fine-tunes), and Z-Image-Turbo from its \
@@ -635,4 +620,12 @@ fn hf_snapshot(spec: &str, cache: &Path) -> Result<Option<PathBuf>> {
             repo_dir.display()
         ))),
     }
+}
+
+/// The pipeline class a diffusers folder's `model_index.json` names (`FluxPipeline`,
+/// `ZImagePipeline`, ...), when it has a readable one.
+pub(crate) fn pipeline_class(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("model_index.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(json.get("_class_name")?.as_str()?.to_string())
 }

@@ -2,6 +2,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
+use base64::Engine as _;
 use pictor_api::{ApiConfig, AppState, BodyLimits, ModelSpec};
 use pictor_engine::{
     Dimensions, ModelFiles, ModelRules, Pipeline,
@@ -210,4 +211,12 @@ pub fn error_parts(body: &Value) -> (String, Option<String>, Option<String>) {
 
 pub fn decode(bytes: &[u8]) -> image::RgbImage {
     image::load_from_memory(bytes).expect("decodes").to_rgb8()
+}
+
+/// The bytes of image `i` of a `b64_json` answer.
+pub fn image_of(reply: &Value, i: usize) -> Vec<u8> {
+    let b64 = reply["data"][i]["b64_json"].as_str().expect("b64_json");
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
 }

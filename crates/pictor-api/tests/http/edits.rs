@@ -4,7 +4,6 @@
 
 use std::io::Cursor;
 
-use base64::Engine as _;
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use sha2::Digest as _;
@@ -87,13 +86,6 @@ async fn send(s: &Server, route: &str, form: Form) -> (u16, reqwest::header::Hea
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     (status, headers, r.json().await.unwrap_or(Value::Null))
-}
-
-fn image_of(reply: &Value, i: usize) -> Vec<u8> {
-    let b64 = reply["data"][i]["b64_json"].as_str().expect("b64_json");
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap()
 }
 
 #[tokio::test]

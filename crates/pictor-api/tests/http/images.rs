@@ -180,11 +180,7 @@ async fn a_dev_model_takes_guidance_and_reports_it() {
     assert_eq!(status, 200, "{guided}");
     let image = &guided["data"][0];
     assert_eq!(image["guidance"], 2.0);
-    let png = base64::Engine::decode(
-        &base64::engine::general_purpose::STANDARD,
-        image["b64_json"].as_str().unwrap(),
-    )
-    .unwrap();
+    let png = image_of(&guided, 0);
     let receipt = pictor_image::Receipt::from_image(&png).unwrap();
     assert_eq!(receipt.guidance, Some(2.0));
 
@@ -219,11 +215,7 @@ async fn a_z_image_model_serves_the_same_api() {
     body["response_format"] = json!("b64_json");
     let (status, _, reply) = s.generate(body.clone()).await;
     assert_eq!(status, 200, "{reply}");
-    let png = base64::Engine::decode(
-        &base64::engine::general_purpose::STANDARD,
-        reply["data"][0]["b64_json"].as_str().unwrap(),
-    )
-    .unwrap();
+    let png = image_of(&reply, 0);
     let image = image::load_from_memory(&png).unwrap();
     assert_eq!((image.width(), image.height()), (64, 48));
     let receipt = pictor_image::Receipt::from_image(&png).unwrap();

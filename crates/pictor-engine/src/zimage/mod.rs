@@ -16,7 +16,18 @@ pub use pipeline::{ZImagePipeline, is_folder, weight_files};
 /// block). Its tokens, without padding, are encoded; the features are the output of the
 /// encoder's last layer but one, before the final norm.
 pub fn chat_prompt(prompt: &str) -> String {
-    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+    format!("{PROMPT_HEAD}{prompt}{PROMPT_TAIL}")
+}
+
+/// What [`chat_prompt`] puts before the prompt, and after it.
+const PROMPT_HEAD: &str = "<|im_start|>user\n";
+const PROMPT_TAIL: &str = "<|im_end|>\n<|im_start|>assistant\n";
+
+/// A JSON file of the model folder.
+fn json(path: &std::path::Path) -> crate::error::Result<serde_json::Value> {
+    use crate::EngineError;
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::file(path, e))
 }
 
 /// The sigmas of `steps` steps, as diffusers' `ZImagePipeline` (0.39 and later) makes them:

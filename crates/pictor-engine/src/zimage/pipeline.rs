@@ -21,7 +21,10 @@ use pictor_core::{
     PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };
 
-use super::transformer::{Config, Transformer};
+use super::{
+    json,
+    transformer::{Config, Transformer},
+};
 use crate::{
     error::{EngineError, Result},
     flux::{sampling, vae::Vae},
@@ -56,19 +59,10 @@ fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn json(path: &Path) -> Result<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| EngineError::file(path.to_path_buf(), e))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::file(path.to_path_buf(), e))
-}
-
 /// Whether `dir` is a diffusers Z-Image folder (its `model_index.json` names
 /// `ZImagePipeline`).
 pub fn is_folder(dir: &Path) -> bool {
-    json(&dir.join("model_index.json"))
-        .ok()
-        .and_then(|j| Some(j.get("_class_name")?.as_str()? == "ZImagePipeline"))
-        .unwrap_or(false)
+    crate::layout::pipeline_class(dir).as_deref() == Some("ZImagePipeline")
 }
 
 /// The weight files of the folder `dir`: text encoder, transformer, autoencoder.
@@ -154,15 +148,13 @@ impl ZImagePipeline {
         let all = encoding.get_ids();
         let ids = &all[..all.len().min(MAX_TOKENS)];
         let truncated = all.len() > MAX_TOKENS;
-        // Cut, the prompt's tokens are those after the template's head ("<|im_start|>user\n").
+        // Cut, the prompt's tokens are those after the template's head.
         let encoded = match truncated {
             false => prompt.to_string(),
             true => {
-                let head = super::chat_prompt("");
-                let head = head.split_once('\n').map_or(head.as_str(), |(h, _)| h);
                 let head = self
                     .tokenizer
-                    .encode(format!("{head}\n"), false)
+                    .encode(super::PROMPT_HEAD, false)
                     .map_err(|e| EngineError::load("tokenizer", e.to_string()))?
                     .get_ids()
                     .len();

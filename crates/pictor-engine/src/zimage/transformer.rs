@@ -58,9 +58,8 @@ pub struct Config {
 impl Config {
     /// Reads `config.json`.
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| crate::EngineError::file(path.to_path_buf(), e))?;
-        serde_json::from_str(&text).map_err(|e| crate::EngineError::file(path.to_path_buf(), e))
+        serde_json::from_value(super::json(path)?)
+            .map_err(|e| crate::EngineError::file(path.to_path_buf(), e))
     }
 
     fn patch(&self) -> usize {
