@@ -1,0 +1,92 @@
+//! The model families beside FLUX.1-schnell from the command line: FLUX.1-dev's guidance
+//! and a Z-Image-Turbo folder.
+
+use super::{fixture, from_image_of, generate, pictor};
+
+/// FLUX.1-dev from the command line: `--guidance` reaches the image and its receipt, and
+/// `--from-image` reproduces it at that guidance; schnell refuses a guidance scale.
+#[test]
+fn guidance_runs_on_a_dev_model_and_is_refused_by_schnell() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = fixture().with_file_name("tiny-flux-dev");
+    let out = dir.path().join("dev.png");
+    let run = generate(dev.to_str().unwrap(), &out, &["--guidance", "2"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let receipt = pictor_image::Receipt::from_image(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(receipt.guidance, Some(2.0));
+    let again = dir.path().join("again.png");
+    let run = from_image_of(&dev, &out, &again);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let a = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(a, image::open(&again).unwrap().to_rgb8(), "same pixels");
+    let default = dir.path().join("default.png");
+    let run = generate(dev.to_str().unwrap(), &default, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_ne!(a, image::open(&default).unwrap().to_rgb8(), "3.5 is not 2");
+
+    let run = generate(
+        fixture().to_str().unwrap(),
+        &dir.path().join("schnell.png"),
+        &["--guidance", "2"],
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("guidance"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A Z-Image-Turbo diffusers folder runs from the command line like a FLUX one: the same
+/// seed draws the same image, `--from-image` reproduces it, `models inspect` names it, and
+/// what it cannot run yet (bf16) is refused with the reason.
+#[test]
+fn a_z_image_folder_generates_and_reproduces() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = fixture().with_file_name("tiny-z-image-turbo");
+    let out = dir.path().join("z.png");
+    let run = generate(z.to_str().unwrap(), &out, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let again = dir.path().join("again.png");
+    let run = from_image_of(&z, &out, &again);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let a = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(a.dimensions(), (64, 48));
+    assert_eq!(a, image::open(&again).unwrap().to_rgb8(), "same pixels");
+    let inspect = pictor()
+        .args(["models", "inspect", z.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("a complete Z-Image-Turbo model"),
+        "{stdout}"
+    );
+    let run = generate(
+        z.to_str().unwrap(),
+        &dir.path().join("bf16.png"),
+        &["--dtype", "bf16"],
+    );
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("f32 so far"), "{stderr}");
+}
