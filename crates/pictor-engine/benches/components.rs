@@ -166,21 +166,13 @@ fn main() -> anyhow::Result<()> {
             }
         }
         "zimage" => {
-            // Z-Image's transformer from `--model`'s diffusers folder, in f32: one forward at
-            // `--size` with a 128-token caption (the twin of diffusers_part.py's).
-            use pictor_engine::zimage::transformer::{Config, Transformer};
+            // Z-Image's transformer from `--model`'s diffusers folder, in `--dtype` (f32 by
+            // default): one forward at `--size` with a 128-token caption (the twin of
+            // diffusers_part.py's).
+            use pictor_engine::zimage::transformer::Transformer;
             let dir = std::path::Path::new(&get("model", "")).join("transformer");
-            let cfg = Config::from_file(&dir.join("config.json"))?;
-            let mut files: Vec<_> = std::fs::read_dir(&dir)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            files.sort();
-            // SAFETY: the bench's weight files are not modified while mapped.
-            let vb = unsafe {
-                candle_nn::VarBuilder::from_mmaped_safetensors(&files, DType::F32, &dev)?
-            };
-            let net = Transformer::load(vb, &cfg)?;
+            let part = pictor_engine::Part::folder(&dir)?;
+            let (net, cfg) = Transformer::open(&part, dtype, &dev)?;
             let x = Tensor::randn(0f32, 1.0, (cfg.in_channels, 1, size / 8, size / 8), &dev)?;
             let cap = Tensor::randn(0f32, 1.0, (128, cfg.cap_feat_dim), &dev)?;
             Box::new(move || {

@@ -459,8 +459,8 @@ fn unknown_layout(path: &Path, names: &[String]) -> EngineError {
         path: path.to_path_buf(),
         message: format!(
             "no FLUX transformer, autoencoder, CLIP or T5 tensor names found: {found}; Pictor \
-             serves FLUX.1 (schnell, dev and its fine-tunes), and Z-Image-Turbo from its \
-             diffusers folder"
+             serves FLUX.1 (schnell, dev and its fine-tunes) and Z-Image-Turbo (its diffusers \
+             folder, or its transformer file with the text encoder and autoencoder beside it)"
         ),
     }
 }
@@ -484,8 +484,7 @@ fn refuse_other_pipelines(dir: &Path) -> Result<()> {
             path: dir.join("model_index.json"),
             message: format!(
                 "this folder holds a diffusers `{class}`, not a FLUX.1 pipeline; Pictor serves \
-                 FLUX.1 (schnell, dev and its fine-tunes), and Z-Image-Turbo from its \
-                 diffusers folder"
+                 FLUX.1 (schnell, dev and its fine-tunes) and Z-Image-Turbo"
             ),
         }),
         _ => Ok(()),

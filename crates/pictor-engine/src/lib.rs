@@ -11,7 +11,8 @@
 //!   between denoising steps.
 //! - [`ModelFiles`]: where each part of a model lives on disk, found from a folder, a single
 //!   file or a Hugging Face cache snapshot by [`ModelFiles::resolve`].
-//! - [`zimage::ZImagePipeline`]: Z-Image-Turbo from its diffusers folder (a first step).
+//! - [`zimage::ZImagePipeline`]: Z-Image-Turbo, from its diffusers folder, ComfyUI's split
+//!   files or a GGUF transformer ([`zimage::ZImageFiles`]).
 //! - [`flux::FluxPipeline`]: FLUX.1-schnell and -dev (CLIP-L + T5-XXL text encoders, the flux
 //!   transformer, the flux autoencoder) on candle.
 //!
@@ -30,6 +31,7 @@ pub mod heap;
 mod image;
 pub mod inspect;
 
+mod layers;
 mod layout;
 mod noise;
 pub mod ops;

@@ -280,8 +280,8 @@ pub fn quantize(
     let (reader, plan) = match component {
         Component::Transformer => {
             let reader = match transformer::open(part, &Device::Cpu)? {
-                transformer::Weights::Dense(w) => Reader::Dense(w),
-                transformer::Weights::Quantized(w) => Reader::Gguf(w),
+                crate::layers::Weights::Dense(w) => Reader::Dense(w),
+                crate::layers::Weights::Quantized(w) => Reader::Gguf(w),
             };
             let cfg = match &reader {
                 Reader::Dense(w) => config::transformer(w, part)?.config,

@@ -37,8 +37,10 @@ pub fn load(
     memory_budget: Option<u64>,
 ) -> anyhow::Result<Loaded> {
     let path = crate::shipped::locate(&m.path, data_dir)?;
-    if pictor_engine::zimage::is_folder(Path::new(&path)) {
-        return load_zimage(name, m, Path::new(&path), memory_budget);
+    if let Some(files) = pictor_engine::zimage::ZImageFiles::find(Path::new(&path))
+        .with_context(|| format!("finding model {name} at {}", m.path))?
+    {
+        return load_zimage(name, m, &files, memory_budget);
     }
     let mut files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
@@ -74,11 +76,12 @@ fn served_rules(name: &str, m: &ModelConfig, own: ModelRules) -> anyhow::Result<
     Ok(rules)
 }
 
-/// A Z-Image-Turbo diffusers folder: on the CPU in f32 only so far, unquantized.
+/// A Z-Image model (any of its layouts): on the CPU, in the dtype asked for or the widest
+/// that fits the budget.
 fn load_zimage(
     name: &str,
     m: &ModelConfig,
-    dir: &Path,
+    files: &pictor_engine::zimage::ZImageFiles,
     memory_budget: Option<u64>,
 ) -> anyhow::Result<Loaded> {
     use pictor_engine::{DeviceChoice, zimage};
@@ -87,19 +90,21 @@ fn load_zimage(
         .device()
         .with_context(|| format!("models.{name}.device"))?;
     anyhow::ensure!(
-        matches!(dtype, DTypeChoice::Auto | DTypeChoice::F32)
-            && matches!(device, DeviceChoice::Auto | DeviceChoice::Cpu)
-            && m.quantize.is_none(),
-        "models.{name}: Z-Image-Turbo runs on the CPU in f32 so far; leave dtype, device and \
-         quantize at their defaults"
+        matches!(device, DeviceChoice::Auto | DeviceChoice::Cpu) && m.quantize.is_none(),
+        "models.{name}: Z-Image runs on the CPU so far, from its own files (point `path` at a \
+         GGUF transformer for a quantized one); leave device and quantize unset"
     );
-    let pipeline = zimage::ZImagePipeline::load_within(dir, memory_budget)
-        .with_context(|| format!("loading model {name} from {}", dir.display()))?;
+    let options = zimage::ZImageOptions {
+        dtype,
+        memory_budget,
+    };
+    let pipeline = zimage::ZImagePipeline::load_files(files, options)
+        .with_context(|| format!("loading model {name} from {}", m.path))?;
     let rules = served_rules(name, m, pipeline.rules())?;
     Ok(Loaded {
         pipeline: Box::new(pipeline),
         rules,
-        weights: zimage::weight_files(dir)?,
+        weights: files.weight_files(),
     })
 }
 

@@ -65,11 +65,10 @@ pub fn run(command: ModelsCommand) -> anyhow::Result<()> {
     }
 }
 
-/// A Z-Image-Turbo diffusers folder: the family, the transformer's architecture, the files.
-fn inspect_zimage(spec: &str, path: &Path) -> anyhow::Result<()> {
-    use pictor_engine::zimage;
-    let cfg = zimage::transformer::Config::from_file(&path.join("transformer/config.json"))?;
-    println!("{spec}: Z-Image-Turbo (diffusers folder, ZImagePipeline)");
+/// A Z-Image model: the family, its layout, the transformer's architecture, the files.
+fn inspect_zimage(spec: &str, files: &pictor_engine::zimage::ZImageFiles) -> anyhow::Result<()> {
+    let cfg = files.transformer_config()?;
+    println!("{spec}: Z-Image-Turbo ({})", files.layout);
     println!(
         "  transformer: width {}, {} main blocks and {} refiner blocks each for the image and \
          the caption, {} heads, RoPE axes {:?}, {}-wide caption features, {} latent channels",
@@ -82,13 +81,17 @@ fn inspect_zimage(spec: &str, path: &Path) -> anyhow::Result<()> {
         cfg.in_channels
     );
     let mut total = 0;
-    for file in zimage::weight_files(path)? {
+    for file in files.weight_files() {
         let bytes = std::fs::metadata(&file)?.len();
         total += bytes;
         println!("  {} ({:.1} MB)", file.display(), bytes as f64 / 1e6);
     }
+    match &files.tokenizer {
+        Some(t) => println!("  tokenizer: {}", t.display()),
+        None => println!("  tokenizer: Qwen's, built into Pictor"),
+    }
     println!(
-        "{spec}: a complete Z-Image-Turbo model, {:.1} MB on disk (served on the CPU in f32 so far)",
+        "{spec}: a complete Z-Image-Turbo model, {:.1} MB on disk (served on the CPU)",
         total as f64 / 1e6
     );
     Ok(())
@@ -96,8 +99,8 @@ fn inspect_zimage(spec: &str, path: &Path) -> anyhow::Result<()> {
 
 fn inspect(spec: &str) -> anyhow::Result<()> {
     let path = Path::new(spec);
-    if pictor_engine::zimage::is_folder(path) {
-        return inspect_zimage(spec, path);
+    if let Some(files) = pictor_engine::zimage::ZImageFiles::find(path)? {
+        return inspect_zimage(spec, &files);
     }
     if path.is_file() {
         print!("{}", inspect_file(path)?);

@@ -5,180 +5,13 @@
 //! The arithmetic follows candle-transformers' `flux::model` (which matches diffusers), and
 //! the parity tests hold it to diffusers' output.
 
-use candle_core::{D, DType, IndexOp, Module, Tensor, quantized::QMatMul};
+use candle_core::{D, DType, IndexOp, Tensor};
 use candle_nn::RmsNorm;
 use candle_transformers::models::flux::model::Config;
 
 use super::attention::{QK_NORM_EPS, attend, rope};
-use crate::{
-    error::{EngineError, Result},
-    weights::{MappedWeights, QWeights},
-};
-
-/// A linear layer: `x·Wᵀ + b`, with `W` dense or quantized.
-pub(crate) struct Linear {
-    weight: QMatMul,
-    bias: Option<Tensor>,
-}
-
-impl Linear {
-    /// The layer restricted to outputs `start..start + len`, sharing this one's weight
-    /// (a view, no copy); `None` for quantized weights, whose blocks do not split by row.
-    fn rows(&self, start: usize, len: usize) -> candle_core::Result<Option<Self>> {
-        let QMatMul::Tensor(w) = &self.weight else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            weight: QMatMul::Tensor(w.narrow(0, start, len)?),
-            bias: match &self.bias {
-                Some(b) => Some(b.narrow(0, start, len)?),
-                None => None,
-            },
-        }))
-    }
-
-    /// `[xs₁ xs₂ …]·Wᵀ + b` for inputs that are the column blocks of one input, without
-    /// concatenating them where the weights are dense and the inputs f32 on the CPU.
-    fn forward_parts(&self, xs: &[&Tensor]) -> candle_core::Result<Tensor> {
-        if let QMatMul::Tensor(w) = &self.weight
-            && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
-        {
-            return crate::ops::linear(xs, w, self.bias.as_ref());
-        }
-        Tensor::cat(xs, D::Minus1)?.apply(self)
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if let QMatMul::Tensor(w) = &self.weight {
-            // The modulations and embedders take `(b, features)`: one row per image.
-            let rows = match xs.rank() {
-                2 => xs.unsqueeze(0)?,
-                _ => xs.clone(),
-            };
-            if crate::ops::linear_is_fast(&rows, w) {
-                let ys = crate::ops::linear(&[&rows], w, self.bias.as_ref())?;
-                return if xs.rank() == 2 {
-                    ys.squeeze(0)
-                } else {
-                    Ok(ys)
-                };
-            }
-            if w.dtype() != xs.dtype() {
-                // Half-precision weights with f32 arithmetic off the CPU kernels: widened
-                // for this call (a fallback; the CPU kernels widen block by block).
-                let ys = xs.broadcast_matmul(&w.to_dtype(xs.dtype())?.t()?)?;
-                return match &self.bias {
-                    Some(b) => ys.broadcast_add(&b.to_dtype(xs.dtype())?),
-                    None => Ok(ys),
-                };
-            }
-        }
-        let ys = match &self.weight {
-            QMatMul::QTensor(_) => xs.contiguous()?.apply(&self.weight)?,
-            _ => xs.apply(&self.weight)?,
-        };
-        match &self.bias {
-            Some(b) => ys.broadcast_add(b),
-            None => Ok(ys),
-        }
-    }
-}
-
-/// Where layers come from: dense safetensors or quantized GGUF weights, by BFL name.
-pub(crate) enum Source<'a> {
-    /// Safetensors (any layout): the linear layers' weight matrices converted to `matrices`,
-    /// everything else (biases, norm scales) to the compute dtype.
-    Dense {
-        weights: &'a MappedWeights,
-        matrices: DType,
-        compute: DType,
-        device: &'a candle_core::Device,
-    },
-    /// GGUF or converted blocks; computed in f32.
-    Quantized(&'a QWeights),
-}
-
-/// A tensor of shape `shape` from dense weights, in `dtype`.
-fn load_dense(
-    weights: &MappedWeights,
-    device: &candle_core::Device,
-    name: &str,
-    shape: &[usize],
-    dtype: DType,
-) -> Result<Tensor> {
-    let t = weights.load(name, dtype, device)?;
-    if t.dims() != shape {
-        return Err(EngineError::Tensor {
-            path: weights.files().path_of(""),
-            tensor: name.to_string(),
-            problem: format!("has shape {:?}, expected {shape:?}", t.dims()),
-        });
-    }
-    Ok(t)
-}
-
-impl Source<'_> {
-    fn has(&self, name: &str) -> bool {
-        match self {
-            Self::Dense { weights, .. } => weights.contains(name),
-            Self::Quantized(q) => q.contains(name),
-        }
-    }
-
-    /// A plain tensor of shape `shape` in the compute dtype.
-    pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        match self {
-            Self::Dense {
-                weights,
-                compute,
-                device,
-                ..
-            } => load_dense(weights, device, name, shape, *compute),
-            Self::Quantized(q) => {
-                let t = q.get(name, shape)?.dequantize(q.device())?;
-                q.release(name);
-                Ok(t)
-            }
-        }
-    }
-
-    /// The linear layer `prefix.weight` `(out, inp)` with `prefix.bias` when present.
-    pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let weight = match self {
-            Self::Dense {
-                weights,
-                matrices,
-                device,
-                ..
-            } => QMatMul::Tensor(load_dense(weights, device, &name, &[out, inp], *matrices)?),
-            Self::Quantized(q) => {
-                let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
-                if matches!(weight, QMatMul::QTensor(_)) {
-                    // Two rows are enough for every kernel to build its repacked copy now,
-                    // after which the mapped original can go back to the page cache.
-                    let probe = Tensor::zeros((2, inp), DType::F32, q.device())?;
-                    probe.apply(&weight)?;
-                }
-                q.release(&name);
-                weight
-            }
-        };
-        let bias_name = format!("{prefix}.bias");
-        let bias = if self.has(&bias_name) {
-            Some(self.tensor(&bias_name, &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
-    }
-
-    fn rms_norm(&self, name: &str, dim: usize) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(self.tensor(name, &[dim])?, QK_NORM_EPS))
-    }
-}
+use crate::error::Result;
+use crate::layers::{Linear, Source};
 
 /// The epsilon of FLUX's LayerNorms (no affine weights) before each modulation.
 const LAYER_NORM_EPS: f64 = 1e-6;
@@ -354,8 +187,12 @@ impl Attention {
         let head = h / cfg.num_heads;
         Ok(Self {
             qkv: src.linear(&format!("{prefix}.qkv"), h, 3 * h)?,
-            query_norm: src.rms_norm(&format!("{prefix}.norm.query_norm.scale"), head)?,
-            key_norm: src.rms_norm(&format!("{prefix}.norm.key_norm.scale"), head)?,
+            query_norm: src.rms_norm(
+                &format!("{prefix}.norm.query_norm.scale"),
+                head,
+                QK_NORM_EPS,
+            )?,
+            key_norm: src.rms_norm(&format!("{prefix}.norm.key_norm.scale"), head, QK_NORM_EPS)?,
             proj: src.linear(&format!("{prefix}.proj"), h, h)?,
             heads: cfg.num_heads,
         })
@@ -487,8 +324,8 @@ impl SingleBlock {
         Ok(Self {
             linear1,
             linear2: src.linear(&format!("{p}.linear2"), h + mlp, h)?,
-            query_norm: src.rms_norm(&format!("{p}.norm.query_norm.scale"), head)?,
-            key_norm: src.rms_norm(&format!("{p}.norm.key_norm.scale"), head)?,
+            query_norm: src.rms_norm(&format!("{p}.norm.query_norm.scale"), head, QK_NORM_EPS)?,
+            key_norm: src.rms_norm(&format!("{p}.norm.key_norm.scale"), head, QK_NORM_EPS)?,
             modulation: src.linear(&format!("{p}.modulation.lin"), h, 3 * h)?,
             hidden: h,
             mlp,

@@ -8,27 +8,20 @@ use candle_transformers::models::flux::model::Config;
 
 use super::{
     config::{self, TransformerArch},
-    model::{FluxModel, Source},
+    model::FluxModel,
     sampling,
 };
 use crate::{
     error::{EngineError, Result},
+    layers::Weights,
     layout::Part,
     text::Embeddings,
-    weights::{GgufFile, MappedWeights, QWeights, SafetensorFiles, Scheme},
+    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
 /// The prefix ComfyUI and stable-diffusion.cpp put before the transformer's names in
 /// bundled files.
 const BUNDLE_PREFIX: &str = "model.diffusion_model.";
-
-/// A transformer's weights, opened but not yet read.
-pub(crate) enum Weights {
-    /// Safetensors in BFL or diffusers names, any prefix.
-    Dense(MappedWeights),
-    /// GGUF, mapped, by BFL name.
-    Quantized(QWeights),
-}
 
 /// Opens a transformer part in whichever layout it is.
 pub(crate) fn open(part: &Part, device: &Device) -> Result<Weights> {
@@ -88,28 +81,13 @@ impl Transformer {
     /// matrices at half the size and computes in f32; GGUF files keep their quantization
     /// and compute in f32.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
-        let (model, config, dtype) = match open(part, device)? {
-            Weights::Quantized(weights) => {
-                let config = config::transformer(&weights, part)?.config;
-                let model = FluxModel::load(&Source::Quantized(&weights), &config)?;
-                (model, config, DType::F32)
-            }
-            Weights::Dense(weights) => {
-                let config = config::transformer(&weights, part)?.config;
-                // On the CPU, half precision is a storage format: the weight matrices stay
-                // half the size and the arithmetic runs in f32 on the CPU kernels, which
-                // widen each matrix block by block (candle's CPU matmul has no bf16 gemm
-                // and widens both operands in full on every call).
-                let compute = if device.is_cpu() { DType::F32 } else { dtype };
-                let src = Source::Dense {
-                    weights: &weights,
-                    matrices: dtype,
-                    compute,
-                    device,
-                };
-                (FluxModel::load(&src, &config)?, config, compute)
-            }
+        let weights = open(part, device)?;
+        let config = match &weights {
+            Weights::Quantized(w) => config::transformer(w, part)?.config,
+            Weights::Dense(w) => config::transformer(w, part)?.config,
         };
+        let src = weights.source(dtype, device);
+        let (model, dtype) = (FluxModel::load(&src, &config)?, src.compute());
         // Loading converted and concatenated tensors; their scratch is free now.
         crate::heap::release_freed_memory();
         Ok(Self {

@@ -1,4 +1,5 @@
-//! Name maps from the Black Forest Labs names the models read to diffusers' names.
+//! Name maps from the canonical names the models read (Black Forest Labs' for FLUX,
+//! Tongyi-MAI's original ones for Z-Image) to diffusers' names.
 //!
 //! They are the inverse of diffusers' own converters
 //! (`scripts/convert_flux_to_diffusers.py`, `loaders/single_file_utils.py`:
@@ -155,6 +156,37 @@ pub(super) fn vae(name: &str, levels: usize) -> Recipe {
     }
 }
 
+/// The diffusers `ZImageTransformer2DModel` source of Z-Image's original tensor `name`
+/// (the names of Tongyi-MAI's single file, ComfyUI's and the GGUF files): the inverse of
+/// diffusers' `convert_z_image_transformer_checkpoint_to_diffusers`, with the fused
+/// `attention.qkv` read as diffusers' three projections stacked by rows.
+pub(super) fn zimage_transformer(name: &str) -> Recipe {
+    for (original, diffusers) in [
+        ("x_embedder.", "all_x_embedder.2-1."),
+        ("final_layer.", "all_final_layer.2-1."),
+    ] {
+        if let Some(rest) = name.strip_prefix(original) {
+            return one(format!("{diffusers}{rest}"));
+        }
+    }
+    let Some((block, rest)) = name.split_once(".attention.") else {
+        return one(name.to_string());
+    };
+    match rest {
+        "qkv.weight" => Recipe::Concat(
+            ["to_q", "to_k", "to_v"]
+                .map(|p| format!("{block}.attention.{p}.weight"))
+                .to_vec(),
+        ),
+        "q_norm.weight" => one(format!("{block}.attention.norm_q.weight")),
+        "k_norm.weight" => one(format!("{block}.attention.norm_k.weight")),
+        _ => match rest.strip_prefix("out.") {
+            Some(r) => one(format!("{block}.attention.to_out.0.{r}")),
+            None => one(name.to_string()),
+        },
+    }
+}
+
 fn resnet(rest: &str) -> String {
     match rest.strip_prefix("nin_shortcut.") {
         Some(x) => format!("conv_shortcut.{x}"),
@@ -254,6 +286,42 @@ mod tests {
         assert_eq!(
             flux_transformer("final_layer.adaLN_modulation.1.weight"),
             Recipe::SwapHalves("norm_out.linear.weight".into())
+        );
+    }
+
+    #[test]
+    fn zimage_names_are_diffusers_converter_inverted() {
+        assert_eq!(
+            zimage_transformer("x_embedder.bias"),
+            t("all_x_embedder.2-1.bias")
+        );
+        assert_eq!(
+            zimage_transformer("final_layer.adaLN_modulation.1.weight"),
+            t("all_final_layer.2-1.adaLN_modulation.1.weight")
+        );
+        assert_eq!(
+            zimage_transformer("noise_refiner.1.attention.qkv.weight"),
+            Recipe::Concat(vec![
+                "noise_refiner.1.attention.to_q.weight".into(),
+                "noise_refiner.1.attention.to_k.weight".into(),
+                "noise_refiner.1.attention.to_v.weight".into(),
+            ])
+        );
+        assert_eq!(
+            zimage_transformer("layers.29.attention.out.weight"),
+            t("layers.29.attention.to_out.0.weight")
+        );
+        assert_eq!(
+            zimage_transformer("context_refiner.0.attention.k_norm.weight"),
+            t("context_refiner.0.attention.norm_k.weight")
+        );
+        assert_eq!(
+            zimage_transformer("layers.3.feed_forward.w2.weight"),
+            t("layers.3.feed_forward.w2.weight")
+        );
+        assert_eq!(
+            zimage_transformer("cap_embedder.1.weight"),
+            t("cap_embedder.1.weight")
         );
     }
 

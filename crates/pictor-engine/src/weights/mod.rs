@@ -330,6 +330,8 @@ pub enum Scheme {
         /// Resolution levels.
         levels: usize,
     },
+    /// diffusers `ZImageTransformer2DModel` names, read as Z-Image's original names.
+    DiffusersZImage,
 }
 
 /// How one canonical tensor is made from the file's tensors.
@@ -359,6 +361,7 @@ impl Scheme {
             Self::Identity => Recipe::Tensor(name.to_string()),
             Self::DiffusersFluxTransformer => diffusers::flux_transformer(name),
             Self::DiffusersVae { levels } => diffusers::vae(name, levels),
+            Self::DiffusersZImage => diffusers::zimage_transformer(name),
         };
         if prefix.is_empty() {
             return recipe;

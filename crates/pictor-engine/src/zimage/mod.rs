@@ -1,15 +1,23 @@
-//! Z-Image-Turbo (Tongyi-MAI), a first step: its transformer ([`transformer`]), schedule
-//! ([`sigmas`]), prompt template ([`chat_prompt`]) and a pipeline ([`ZImagePipeline`]) for
-//! its diffusers folder, on the CPU in f32, held to diffusers 0.40's `ZImagePipeline` on the
-//! tiny fixture. Not yet: bf16, CUDA, quantized or ComfyUI/GGUF files, batching, a memory
-//! plan beyond refusing what does not fit.
+//! Z-Image-Turbo (Tongyi-MAI): its Qwen3 text encoder ([`encoder`]) with Qwen's tokenizer
+//! ([`tokenizer`], built in for files that come without one) and chat template
+//! ([`chat_prompt`]), its single-stream transformer ([`transformer`]), its schedule
+//! ([`sigmas`]) and the pipeline ([`ZImagePipeline`]), from every layout it is distributed
+//! in ([`ZImageFiles`]: the diffusers folder, ComfyUI's split files, a GGUF transformer),
+//! held to diffusers 0.40's `ZImagePipeline` on the tiny fixtures.
 //!
-//! Facts and sources: `shared/research/z-image-turbo.md`.
+//! On the CPU, in f32 or with bf16 weight matrices (chosen to fit the memory budget), or
+//! with a quantized GGUF transformer. Not yet: CUDA, converting to GGUF (`pictor
+//! quantize`), a GGUF text encoder, staging the text encoder out of memory between
+//! requests, batching several requests in one pass, negative prompts (Turbo has no CFG).
 
+pub mod encoder;
+pub mod files;
 pub mod pipeline;
+pub mod tokenizer;
 pub mod transformer;
 
-pub use pipeline::{ZImagePipeline, is_folder, weight_files};
+pub use files::ZImageFiles;
+pub use pipeline::{ZImageOptions, ZImagePipeline, is_folder};
 
 /// What the text encoder reads for `prompt`: Qwen3's chat template for one user message
 /// with a generation prompt, as diffusers renders it with `enable_thinking=True` (no think

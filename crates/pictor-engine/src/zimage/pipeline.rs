@@ -1,133 +1,166 @@
-//! The Z-Image-Turbo pipeline from a diffusers folder (`tokenizer/tokenizer.json`,
-//! `text_encoder/`, `transformer/`, `vae/`, `scheduler/`), as diffusers' `ZImagePipeline`
-//! runs it with Turbo's settings: the prompt in Qwen3's chat template, cut at 512 tokens
-//! (template included), encoded to the features of the encoder's last layer but one; 8
-//! steps on the shifted schedule, no guidance; the FLUX autoencoder to decode.
+//! The Z-Image-Turbo pipeline, as diffusers' `ZImagePipeline` runs it with Turbo's
+//! settings: the prompt in Qwen3's chat template, cut at 512 tokens (template included),
+//! encoded to the features of the encoder's last layer but one; 8 steps on the shifted
+//! schedule, no guidance; the FLUX autoencoder to decode.
 //!
-//! On the CPU in f32 only so far; the memory check refuses weights that would not fit the
-//! budget in f32, with no staging or quantizing. `pictor serve` and `generate` load it
-//! from a folder whose `model_index.json` names `ZImagePipeline`.
+//! Loaded from [`ZImageFiles`] in any layout, on the CPU: the weights' dtype is the one
+//! asked for, or for `Auto` f32 when the model fits the memory budget in f32, else bf16
+//! matrices (arithmetic in f32); a model over the budget even so is refused before loading.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::z_image::text_encoder::{TextEncoderConfig, ZImageTextEncoder};
 use pictor_core::{
     Control, Dimensions, Generation, GenerationRequest, ModelRules, Phases, Pipeline,
     PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };
 
-use super::{
-    json,
-    transformer::{Config, Transformer},
-};
+use super::{encoder::TextEncoder, files::ZImageFiles, json, transformer::Transformer};
 use crate::{
+    DTypeChoice,
     error::{EngineError, Result},
     flux::{sampling, vae::Vae},
     image::to_rgb8,
     layout::Part,
     noise::gaussian_noise,
+    weights::SafetensorFiles,
 };
-
-/// Where it runs and in which dtype, as [`Generation::device`] spells it.
-const RUNS_ON: &str = "cpu f32";
 
 /// Most tokens the text encoder reads, template included (diffusers' default).
 const MAX_TOKENS: usize = 512;
 
+/// How to load a Z-Image model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZImageOptions {
+    /// The weights' dtype: `Auto` is f32 when the model fits the budget in f32, else bf16
+    /// (Z-Image-Turbo is 40 GB in f32, 20 GB in bf16). Quantized (GGUF) transformers keep
+    /// their blocks whatever this says.
+    pub dtype: DTypeChoice,
+    /// Bytes the weights may take (`None`: no limit); a model over it is refused before
+    /// loading.
+    pub memory_budget: Option<u64>,
+}
+
 /// A loaded Z-Image-Turbo.
 pub struct ZImagePipeline {
     tokenizer: tokenizers::Tokenizer,
-    encoder: ZImageTextEncoder,
+    encoder: TextEncoder,
     transformer: Transformer,
     vae: Vae,
     shift: f64,
     device: Device,
-}
-
-fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::file(dir.to_path_buf(), e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    Ok(files)
+    /// Where it runs and in which dtype, as [`Generation::device`] spells it.
+    runs_on: String,
 }
 
 /// Whether `dir` is a diffusers Z-Image folder (its `model_index.json` names
 /// `ZImagePipeline`).
-pub fn is_folder(dir: &Path) -> bool {
+pub fn is_folder(dir: &std::path::Path) -> bool {
     crate::layout::pipeline_class(dir).as_deref() == Some("ZImagePipeline")
 }
 
-/// The weight files of the folder `dir`: text encoder, transformer, autoencoder.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut all = Vec::new();
-    for sub in ["text_encoder", "transformer", "vae"] {
-        all.extend(safetensors_in(&dir.join(sub))?);
+/// Bytes `part`'s weights take once loaded with matrices in `dtype`: GGUF blocks as
+/// stored, safetensors tensors at `dtype`'s width.
+fn resident_bytes(part: &Part, dtype: DType) -> Result<u64> {
+    if part.is_gguf() {
+        let f = &part.files[0];
+        return Ok(std::fs::metadata(f)
+            .map_err(|e| EngineError::file(f, e))?
+            .len());
     }
-    Ok(all)
+    let files = SafetensorFiles::open(&part.files)?;
+    Ok(files
+        .names()
+        .filter_map(|n| files.stored(n))
+        .map(|(shape, _)| shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
+        .sum())
+}
+
+/// The dtype to load `files` in, within `budget`: the one asked for, or for `Auto` f32 when
+/// it fits, else bf16; refused when even that is over the budget.
+fn choose_dtype(files: &ZImageFiles, choice: DTypeChoice, budget: Option<u64>) -> Result<DType> {
+    let bytes = |dtype: DType| -> Result<u64> {
+        let mut total = 0;
+        for part in [&files.text_encoder, &files.transformer] {
+            total += resident_bytes(part, dtype)?;
+        }
+        Ok(total + resident_bytes(&files.vae, DType::F32)?)
+    };
+    let fits = |dtype: DType| -> Result<(bool, u64)> {
+        let b = bytes(dtype)?;
+        Ok((budget.is_none_or(|budget| b <= budget), b))
+    };
+    let dtype = match choice {
+        DTypeChoice::Auto => match fits(DType::F32)? {
+            (true, _) => DType::F32,
+            (false, _) => DType::BF16,
+        },
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::F16 => DType::F16,
+    };
+    let (ok, needed) = fits(dtype)?;
+    if !ok {
+        let budget = budget.unwrap_or_default();
+        return Err(EngineError::OutOfMemory {
+            message: format!(
+                "Z-Image from {} needs about {} in {}, over the memory budget of {}; use a \
+                 quantized transformer (a GGUF file), or raise memory_budget",
+                files.transformer.files[0].display(),
+                crate::inspect::human_bytes(needed),
+                crate::device::dtype_name(dtype),
+                crate::inspect::human_bytes(budget)
+            ),
+        });
+    }
+    Ok(dtype)
 }
 
 impl ZImagePipeline {
-    /// Loads the diffusers folder `dir` on the CPU in f32, when its weights widened to f32
-    /// fit `memory_budget` bytes (`None`: no limit); refused before loading otherwise.
-    pub fn load_within(dir: &Path, memory_budget: Option<u64>) -> Result<Self> {
-        let files = weight_files(dir)?;
-        let mut bytes = 0u64;
-        for f in &files {
-            let stored = std::fs::metadata(f).map_err(|e| EngineError::file(f.clone(), e))?;
-            // bf16 or f16 files double in f32; f32 ones stay (an estimate from the size).
-            bytes += stored.len() * 2;
-        }
-        if let Some(budget) = memory_budget
-            && bytes > budget
-        {
-            return Err(EngineError::OutOfMemory {
-                message: format!(
-                    "Z-Image-Turbo from {} needs about {:.2} GB in f32, over the memory budget \
-                     of {:.2} GB (Z-Image runs in f32 on the CPU so far)",
-                    dir.display(),
-                    bytes as f64 / 1e9,
-                    budget as f64 / 1e9
-                ),
-            });
-        }
-        Self::load(dir)
+    /// Loads the diffusers folder `dir` on the CPU in f32, with no memory limit.
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let files = ZImageFiles::diffusers(dir)?;
+        Self::load_files(
+            &files,
+            ZImageOptions {
+                dtype: DTypeChoice::F32,
+                memory_budget: None,
+            },
+        )
     }
 
-    /// Loads the diffusers folder `dir` on the CPU in f32.
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// Loads `files` on the CPU as `options` say.
+    pub fn load_files(files: &ZImageFiles, options: ZImageOptions) -> Result<Self> {
         let device = Device::Cpu;
-        let tokenizer_file = dir.join("tokenizer/tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_file)
-            .map_err(|e| EngineError::file(tokenizer_file.clone(), e.to_string()))?;
-        let mmap = |sub: &str| -> Result<VarBuilder<'static>> {
-            let files = safetensors_in(&dir.join(sub))?;
-            // SAFETY: the weight files are not modified while the model holds them.
-            Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &device)? })
-        };
-        let te_config: TextEncoderConfig =
-            serde_json::from_value(json(&dir.join("text_encoder/config.json"))?)
-                .map_err(|e| EngineError::file(dir.join("text_encoder/config.json"), e))?;
-        // Qwen3Model's names, or Qwen3ForCausalLM's (`model.` first), which candle reads.
-        let encoder = ZImageTextEncoder::new(
-            &te_config,
-            mmap("text_encoder")?
-                .rename_f(|n: &str| n.strip_prefix("model.").unwrap_or(n).to_string()),
-        )?;
-        let config = Config::from_file(&dir.join("transformer/config.json"))?;
-        let transformer = Transformer::load(mmap("transformer")?, &config)?;
-        let vae = Vae::load(&Part::folder(&dir.join("vae"))?, DType::F32, &device)?;
-        let shift = json(&dir.join("scheduler/scheduler_config.json"))
-            .ok()
+        let dtype = choose_dtype(files, options.dtype, options.memory_budget)?;
+        let tokenizer = super::tokenizer::load(files.tokenizer.as_deref())?;
+
+        let encoder = TextEncoder::open(&files.text_encoder, dtype, &device)?;
+        let (transformer, config) = Transformer::open(&files.transformer, dtype, &device)?;
+        if config.cap_feat_dim != encoder.hidden() {
+            return Err(EngineError::load(
+                "Z-Image",
+                format!(
+                    "the transformer reads features of width {}, the text encoder makes {}",
+                    config.cap_feat_dim,
+                    encoder.hidden()
+                ),
+            ));
+        }
+        let runs_on = format!(
+            "{} {}",
+            crate::device::describe(&device),
+            crate::device::dtype_name(dtype)
+        );
+        tracing::info!(device = %runs_on, layout = files.layout, "loaded Z-Image");
+        let vae = Vae::load(&files.vae, DType::F32, &device)?;
+        let shift = files
+            .scheduler
+            .as_deref()
+            .and_then(|p| json(p).ok())
             .and_then(|c| c.get("shift")?.as_f64())
             .unwrap_or(3.0);
+        crate::heap::release_freed_memory();
         Ok(Self {
             tokenizer,
             encoder,
@@ -135,7 +168,13 @@ impl ZImagePipeline {
             vae,
             shift,
             device,
+            runs_on,
         })
+    }
+
+    /// Where it runs, as receipts spell it.
+    pub fn runs_on(&self) -> &str {
+        &self.runs_on
     }
 
     /// The features `(tokens, width)` of `prompt` and what was encoded.
@@ -163,8 +202,7 @@ impl ZImagePipeline {
                     .map_err(|e| EngineError::load("tokenizer", e.to_string()))?
             }
         };
-        let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        let features = self.encoder.forward(&input)?.squeeze(0)?;
+        let features = self.encoder.forward(ids, &self.device)?;
         Ok((
             features,
             PromptInfo {
@@ -286,7 +324,7 @@ impl ZImagePipeline {
             images,
             prompt,
             phases,
-            device: RUNS_ON.into(),
+            device: self.runs_on.clone(),
         })
     }
 }
@@ -311,7 +349,7 @@ impl Pipeline for ZImagePipeline {
     }
 
     fn device(&self) -> Option<String> {
-        Some(RUNS_ON.into())
+        Some(self.runs_on.clone())
     }
 
     fn generate_batch(

@@ -13,3 +13,4 @@ mod odd;
 mod parity;
 mod quantized;
 mod zimage;
+mod zimage_layouts;

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
-use pictor_engine::zimage::transformer::{Config, Transformer};
+use pictor_engine::{Part, zimage::transformer::Transformer};
 
 use crate::common::{STEP_TOL, max_abs_diff, tensor};
 
@@ -15,18 +14,10 @@ fn fixture() -> PathBuf {
 }
 
 fn load() -> Transformer {
-    let dir = fixture().join("transformer");
-    let cfg = Config::from_file(&dir.join("config.json")).expect("config");
-    // SAFETY: the fixture's file is not modified while mapped.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("diffusion_pytorch_model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("weights");
-    Transformer::load(vb, &cfg).expect("loads")
+    let part = Part::folder(&fixture().join("transformer")).expect("part");
+    Transformer::open(&part, DType::F32, &Device::Cpu)
+        .expect("loads")
+        .0
 }
 
 #[test]
@@ -80,13 +71,11 @@ fn eight_turbo_steps_land_on_diffusers_latents() {
 }
 
 /// The prompt through [`pictor_engine::zimage::chat_prompt`], the fixture's tokenizer.json
-/// and candle's Qwen3 encoder stopped at the last layer but one: the same token ids and
+/// and Pictor's Qwen3 encoder stopped at the last layer but one: the same token ids and
 /// features as diffusers' `_encode_prompt`.
 #[test]
 fn the_templated_prompt_encodes_as_diffusers_does() {
-    use candle_transformers::models::z_image::text_encoder::{
-        TextEncoderConfig, ZImageTextEncoder,
-    };
+    use pictor_engine::zimage::encoder::TextEncoder;
     let dir = fixture();
     let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
         .expect("reference");
@@ -104,27 +93,9 @@ fn the_templated_prompt_encodes_as_diffusers_does() {
         .to_vec1()
         .unwrap();
     assert_eq!(ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(), want);
-    let cfg: TextEncoderConfig = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("text_encoder/config.json")).expect("config"),
-    )
-    .expect("parses");
-    // SAFETY: the fixture's file is not modified while mapped.
-    let vb = unsafe {
-        VarBuilder::from_mmaped_safetensors(
-            &[dir.join("text_encoder/model.safetensors")],
-            DType::F32,
-            &Device::Cpu,
-        )
-    }
-    .expect("weights")
-    // Qwen3Model's own names; candle reads Qwen3ForCausalLM's (`model.` first).
-    .rename_f(|n: &str| n.strip_prefix("model.").unwrap_or(n).to_string());
-    let encoder = ZImageTextEncoder::new(&cfg, vb).expect("loads");
-    let ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let features = encoder.forward(&ids).expect("encodes").squeeze(0).unwrap();
+    let part = Part::folder(&dir.join("text_encoder")).expect("part");
+    let encoder = TextEncoder::open(&part, DType::F32, &Device::Cpu).expect("loads");
+    let features = encoder.forward(&ids, &Device::Cpu).expect("encodes");
     let d = max_abs_diff(&features, &tensor(&r, "text_features"));
     assert!(d <= STEP_TOL, "features differ by {d}");
 }

@@ -81,12 +81,64 @@ fn a_z_image_folder_generates_and_reproduces() {
         stdout.contains("a complete Z-Image-Turbo model"),
         "{stdout}"
     );
-    let run = generate(
-        z.to_str().unwrap(),
-        &dir.path().join("bf16.png"),
-        &["--dtype", "bf16"],
+    // bf16 weights: the same picture to the eye, not to the bit.
+    let half = dir.path().join("bf16.png");
+    let run = generate(z.to_str().unwrap(), &half, &["--dtype", "bf16"]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
     );
+    let b = image::open(&half).unwrap().to_rgb8();
+    let worst = a
+        .pixels()
+        .zip(b.pixels())
+        .flat_map(|(p, q)| {
+            p.0.iter()
+                .zip(q.0)
+                .map(|(x, y)| x.abs_diff(y))
+                .collect::<Vec<_>>()
+        })
+        .max()
+        .unwrap();
+    assert!(worst <= 16, "bf16 pixels differ by {worst}");
+    let run = generate(z.to_str().unwrap(), &half, &["--device", "cuda"]);
     assert!(!run.status.success());
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(stderr.contains("f32 so far"), "{stderr}");
+    assert!(stderr.contains("on the CPU so far"), "{stderr}");
+}
+
+/// ComfyUI's split files (the transformer named, its text encoder and autoencoder beside
+/// it) and a GGUF transformer generate, and `models inspect` names their layout.
+#[test]
+fn z_image_split_files_and_gguf_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = fixture().with_file_name("tiny-z-image-turbo-split");
+    for (file, layout) in [
+        (
+            "z_image_turbo_bf16.safetensors",
+            "split files (ComfyUI's layout)",
+        ),
+        (
+            "z_image_turbo-Q8_0.gguf",
+            "the transformer quantized (GGUF)",
+        ),
+    ] {
+        let path = split.join(file);
+        let out = dir.path().join(format!("{file}.png"));
+        let run = generate(path.to_str().unwrap(), &out, &[]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 48));
+        let inspect = pictor()
+            .args(["models", "inspect", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&inspect.stdout);
+        assert!(inspect.status.success(), "{stdout}");
+        assert!(stdout.contains(layout), "{stdout}");
+    }
 }

@@ -1,0 +1,235 @@
+//! Layers built from weights in any layout: a [`Linear`] whose matrix is dense (any
+//! dtype) or quantized blocks, and the [`Source`] the networks read their tensors from by
+//! canonical name, so one implementation of each network runs a bf16 safetensors file and
+//! a Q4_K GGUF alike. The networks themselves live with their families.
+
+use candle_core::{D, DType, Device, Module, Tensor, quantized::QMatMul};
+use candle_nn::RmsNorm;
+
+use crate::{
+    error::{EngineError, Result},
+    weights::{MappedWeights, QWeights},
+};
+
+/// A linear layer: `x·Wᵀ + b`, with `W` dense or quantized.
+pub(crate) struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// The layer restricted to outputs `start..start + len`, sharing this one's weight
+    /// (a view, no copy); `None` for quantized weights, whose blocks do not split by row.
+    pub(crate) fn rows(&self, start: usize, len: usize) -> candle_core::Result<Option<Self>> {
+        let QMatMul::Tensor(w) = &self.weight else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            weight: QMatMul::Tensor(w.narrow(0, start, len)?),
+            bias: match &self.bias {
+                Some(b) => Some(b.narrow(0, start, len)?),
+                None => None,
+            },
+        }))
+    }
+
+    /// `[xs₁ xs₂ …]·Wᵀ + b` for inputs that are the column blocks of one input, without
+    /// concatenating them where the weights are dense and the inputs f32 on the CPU.
+    pub(crate) fn forward_parts(&self, xs: &[&Tensor]) -> candle_core::Result<Tensor> {
+        if let QMatMul::Tensor(w) = &self.weight
+            && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
+        {
+            return crate::ops::linear(xs, w, self.bias.as_ref());
+        }
+        Tensor::cat(xs, D::Minus1)?.apply(self)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let QMatMul::Tensor(w) = &self.weight {
+            // The modulations and embedders take `(b, features)`: one row per image.
+            let rows = match xs.rank() {
+                2 => xs.unsqueeze(0)?,
+                _ => xs.clone(),
+            };
+            if crate::ops::linear_is_fast(&rows, w) {
+                let ys = crate::ops::linear(&[&rows], w, self.bias.as_ref())?;
+                return if xs.rank() == 2 {
+                    ys.squeeze(0)
+                } else {
+                    Ok(ys)
+                };
+            }
+            if w.dtype() != xs.dtype() {
+                // Half-precision weights with f32 arithmetic off the CPU kernels: widened
+                // for this call (a fallback; the CPU kernels widen block by block).
+                let ys = xs.broadcast_matmul(&w.to_dtype(xs.dtype())?.t()?)?;
+                return match &self.bias {
+                    Some(b) => ys.broadcast_add(&b.to_dtype(xs.dtype())?),
+                    None => Ok(ys),
+                };
+            }
+        }
+        let ys = match &self.weight {
+            QMatMul::QTensor(_) => xs.contiguous()?.apply(&self.weight)?,
+            _ => xs.apply(&self.weight)?,
+        };
+        match &self.bias {
+            Some(b) => ys.broadcast_add(b),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// Where layers come from: dense safetensors or quantized GGUF weights, by BFL name.
+pub(crate) enum Source<'a> {
+    /// Safetensors (any layout): the linear layers' weight matrices converted to `matrices`,
+    /// everything else (biases, norm scales) to the compute dtype.
+    Dense {
+        weights: &'a MappedWeights,
+        matrices: DType,
+        compute: DType,
+        device: &'a candle_core::Device,
+    },
+    /// GGUF or converted blocks; computed in f32.
+    Quantized(&'a QWeights),
+}
+
+/// A tensor of shape `shape` from dense weights, in `dtype`.
+fn load_dense(
+    weights: &MappedWeights,
+    device: &candle_core::Device,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    let t = weights.load(name, dtype, device)?;
+    if t.dims() != shape {
+        return Err(EngineError::Tensor {
+            path: weights.files().path_of(""),
+            tensor: name.to_string(),
+            problem: format!("has shape {:?}, expected {shape:?}", t.dims()),
+        });
+    }
+    Ok(t)
+}
+
+impl Source<'_> {
+    pub(crate) fn has(&self, name: &str) -> bool {
+        match self {
+            Self::Dense { weights, .. } => weights.contains(name),
+            Self::Quantized(q) => q.contains(name),
+        }
+    }
+
+    /// The shape canonical `name` has, from the headers alone.
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Self::Dense { weights, .. } => weights.shape(name),
+            Self::Quantized(q) => q.shape(name),
+        }
+    }
+
+    /// The dtype activations are computed in.
+    pub(crate) fn compute(&self) -> DType {
+        match self {
+            Self::Dense { compute, .. } => *compute,
+            Self::Quantized(_) => DType::F32,
+        }
+    }
+
+    /// A plain tensor of shape `shape` in the compute dtype.
+    pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Self::Dense {
+                weights,
+                compute,
+                device,
+                ..
+            } => load_dense(weights, device, name, shape, *compute),
+            Self::Quantized(q) => {
+                let t = q.get(name, shape)?.dequantize(q.device())?;
+                q.release(name);
+                Ok(t)
+            }
+        }
+    }
+
+    /// A weight table of shape `shape` (an embedding) kept as the weight matrices are:
+    /// in their dtype when dense, widened to f32 when quantized.
+    pub(crate) fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Self::Dense {
+                weights,
+                matrices,
+                device,
+                ..
+            } => load_dense(weights, device, name, shape, *matrices),
+            Self::Quantized(_) => self.tensor(name, shape),
+        }
+    }
+
+    /// The linear layer `prefix.weight` `(out, inp)` with `prefix.bias` when present.
+    pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let weight = match self {
+            Self::Dense {
+                weights,
+                matrices,
+                device,
+                ..
+            } => QMatMul::Tensor(load_dense(weights, device, &name, &[out, inp], *matrices)?),
+            Self::Quantized(q) => {
+                let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
+                if matches!(weight, QMatMul::QTensor(_)) {
+                    // Two rows are enough for every kernel to build its repacked copy now,
+                    // after which the mapped original can go back to the page cache.
+                    let probe = Tensor::zeros((2, inp), DType::F32, q.device())?;
+                    probe.apply(&weight)?;
+                }
+                q.release(&name);
+                weight
+            }
+        };
+        let bias_name = format!("{prefix}.bias");
+        let bias = if self.has(&bias_name) {
+            Some(self.tensor(&bias_name, &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// An RMS norm whose scale is `name` `(dim,)`.
+    pub(crate) fn rms_norm(&self, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(self.tensor(name, &[dim])?, eps))
+    }
+}
+
+/// A network's weights, opened but not yet read.
+pub(crate) enum Weights {
+    /// Safetensors in any layout, seen through canonical names.
+    Dense(MappedWeights),
+    /// GGUF (or converted blocks), by canonical name.
+    Quantized(QWeights),
+}
+
+impl Weights {
+    /// Where layers come from when the weights are kept in `dtype` on `device`. On the CPU
+    /// a half dtype is a storage format: the weight matrices stay half the size and the
+    /// arithmetic runs in f32 on the CPU kernels, which widen each matrix block by block,
+    /// or multiply bf16 natively (candle's CPU matmul has no bf16 gemm and widens both
+    /// operands in full on every call). Quantized blocks compute in f32.
+    pub(crate) fn source<'a>(&'a self, dtype: DType, device: &'a Device) -> Source<'a> {
+        match self {
+            Self::Dense(weights) => Source::Dense {
+                weights,
+                matrices: dtype,
+                compute: if device.is_cpu() { DType::F32 } else { dtype },
+                device,
+            },
+            Self::Quantized(q) => Source::Quantized(q),
+        }
+    }
+}
