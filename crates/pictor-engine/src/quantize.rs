@@ -1,5 +1,6 @@
-//! Converting a FLUX transformer or a T5 encoder, from any layout the engine reads, to a
-//! quantized GGUF file in the community's conventions, one tensor at a time.
+//! Converting a FLUX transformer, a T5 encoder or a Z-Image transformer, from any layout
+//! the engine reads, to a quantized GGUF file in the community's conventions, one tensor at
+//! a time (Z-Image's in Tongyi-MAI's original names, as ComfyUI-GGUF's files have them).
 //!
 //! What gets quantized follows city96's FLUX GGUF files (ComfyUI-GGUF `tools/`): the 2-D
 //! weights of the blocks take the target type; the input and output layers (`img_in`,
@@ -27,6 +28,7 @@ use crate::{
         MappedWeights, QWeights,
         gguf_write::{GgufWriter, MetaValue, TensorEntry},
     },
+    zimage,
 };
 
 /// The quantization a user asks for.
@@ -124,6 +126,19 @@ pub enum Component {
     Transformer,
     /// The T5 text encoder.
     T5,
+    /// Z-Image's transformer.
+    ZImageTransformer,
+}
+
+impl Component {
+    /// Its name in file names and messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Transformer => "transformer",
+            Self::T5 => "t5",
+            Self::ZImageTransformer => "zimage-transformer",
+        }
+    }
 }
 
 /// What a conversion wrote.
@@ -196,6 +211,38 @@ fn flux_plan(
             let quantize = shape.len() == 2
                 && name.ends_with(".weight")
                 && !FLUX_KEEP.iter().any(|p| name.starts_with(p));
+            let dtype = if quantize {
+                target.for_row(shape[1])
+            } else {
+                plain_type(&shape)
+            };
+            Planned {
+                canonical: name.clone(),
+                name,
+                shape,
+                dtype,
+            }
+        })
+        .collect()
+}
+
+/// Z-Image's in and out layers stay F16, as FLUX's do; the blocks' matrices (attention,
+/// feed-forward, modulation) take the target.
+const ZIMAGE_KEEP: [&str; 4] = [
+    "x_embedder.",
+    "cap_embedder.",
+    "t_embedder.",
+    "final_layer.",
+];
+
+fn zimage_plan(names: Vec<(String, Vec<usize>)>, target: Target) -> Vec<Planned> {
+    names
+        .into_iter()
+        .map(|(name, shape)| {
+            let quantize = shape.len() == 2
+                && shape[0] > 1
+                && name.ends_with(".weight")
+                && !ZIMAGE_KEEP.iter().any(|p| name.starts_with(p));
             let dtype = if quantize {
                 target.for_row(shape[1])
             } else {
@@ -292,6 +339,28 @@ pub fn quantize(
             let axes: Vec<String> = cfg.axes_dim.iter().map(usize::to_string).collect();
             meta.push((config::ROPE_AXES_KEY, MetaValue::Str(axes.join(","))));
             (reader, flux_plan(&cfg, target))
+        }
+        Component::ZImageTransformer => {
+            let weights = zimage::transformer::open_weights(part, &Device::Cpu)?;
+            let cfg = zimage::transformer::config_of(part, &weights)?;
+            let reader = match weights {
+                crate::layers::Weights::Dense(w) => Reader::Dense(w),
+                crate::layers::Weights::Quantized(w) => Reader::Gguf(w),
+            };
+            let names = zimage::transformer::tensor_names(&cfg)
+                .into_iter()
+                .filter(|(n, _)| match &reader {
+                    Reader::Dense(w) => w.contains(n),
+                    Reader::Gguf(w) => w.contains(n),
+                })
+                .collect();
+            // ComfyUI-GGUF's architecture name for Z-Image's (Lumina 2's) network.
+            meta.insert(
+                0,
+                ("general.architecture", MetaValue::Str("lumina2".into())),
+            );
+            meta.push(("general.name", MetaValue::Str("Z-Image-Turbo".into())));
+            (reader, zimage_plan(names, target))
         }
         Component::T5 => {
             let reader = match text::open_t5(part, &Device::Cpu)? {

@@ -37,9 +37,12 @@ pub fn load(
     memory_budget: Option<u64>,
 ) -> anyhow::Result<Loaded> {
     let path = crate::shipped::locate(&m.path, data_dir)?;
-    if let Some(files) = pictor_engine::zimage::ZImageFiles::find(Path::new(&path))
+    if let Some(mut files) = pictor_engine::zimage::ZImageFiles::find(Path::new(&path))
         .with_context(|| format!("finding model {name} at {}", m.path))?
     {
+        if let Some(target) = &m.quantize {
+            crate::quantized::apply_zimage(&mut files, target, data_dir)?;
+        }
         return load_zimage(name, m, &files, memory_budget);
     }
     let mut files = ModelFiles::resolve(&path)
@@ -76,8 +79,8 @@ fn served_rules(name: &str, m: &ModelConfig, own: ModelRules) -> anyhow::Result<
     Ok(rules)
 }
 
-/// A Z-Image model (any of its layouts): on the CPU, in the dtype asked for or the widest
-/// that fits the budget.
+/// A Z-Image model (any of its layouts, its transformer quantized if asked): on the CPU, in
+/// the dtype asked for or the widest that fits the budget.
 fn load_zimage(
     name: &str,
     m: &ModelConfig,
@@ -90,9 +93,8 @@ fn load_zimage(
         .device()
         .with_context(|| format!("models.{name}.device"))?;
     anyhow::ensure!(
-        matches!(device, DeviceChoice::Auto | DeviceChoice::Cpu) && m.quantize.is_none(),
-        "models.{name}: Z-Image runs on the CPU so far, from its own files (point `path` at a \
-         GGUF transformer for a quantized one); leave device and quantize unset"
+        matches!(device, DeviceChoice::Auto | DeviceChoice::Cpu),
+        "models.{name}: Z-Image runs on the CPU so far; leave device unset"
     );
     let options = zimage::ZImageOptions {
         dtype,

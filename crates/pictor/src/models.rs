@@ -31,7 +31,7 @@ pub enum ModelsCommand {
 #[derive(Debug, clap::Args)]
 pub struct QuantizeArgs {
     /// A transformer or T5 file (safetensors in any layout, fp8, bf16, or GGUF), a bundled
-    /// checkpoint, or a model folder.
+    /// checkpoint, or a model folder; for Z-Image, its transformer file or its folder.
     input: String,
     /// q8_0 (near lossless), q6_k, q5_k, q4_k (smallest that keeps quality), q5_0, q4_0, f16.
     #[arg(long, value_parser = |s: &str| s.parse::<Target>())]
@@ -189,7 +189,15 @@ fn describe(label: &str, part: &Part) -> String {
 /// Runs `pictor quantize`.
 pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
     let path = Path::new(&args.input);
-    let (part, component) = if path.is_file() {
+    let zimage = match args.part {
+        None | Some(Component::Transformer | Component::ZImageTransformer) => {
+            pictor_engine::zimage::ZImageFiles::find(path)?
+        }
+        Some(_) => None,
+    };
+    let (part, component) = if let Some(files) = zimage {
+        (files.transformer, Component::ZImageTransformer)
+    } else if path.is_file() {
         let info = inspect_file(path)?;
         let main = info.parts.first().map(|p| p.kind);
         let component = match (args.part, main) {
@@ -208,6 +216,9 @@ pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
         match args.part.unwrap_or(Component::Transformer) {
             Component::Transformer => (files.transformer, Component::Transformer),
             Component::T5 => (files.t5, Component::T5),
+            Component::ZImageTransformer => {
+                bail!("{}: no Z-Image transformer here", path.display())
+            }
         }
     };
     let output = args.output.unwrap_or_else(|| {
@@ -215,7 +226,7 @@ pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
             .file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
         let suffix = match component {
-            Component::Transformer => "",
+            Component::Transformer | Component::ZImageTransformer => "",
             Component::T5 => "-t5",
         };
         PathBuf::from(format!("{stem}{suffix}-{}.gguf", args.to.label()))

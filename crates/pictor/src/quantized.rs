@@ -1,5 +1,5 @@
-//! `quantize = "q8_0"` in a model's config: the transformer and T5, when not GGUF
-//! already, are converted once into `<data_dir>/cache/quantized/` (named by the source
+//! `quantize = "q8_0"` in a model's config: the transformer and T5 (Z-Image: its
+//! transformer), when not GGUF already, are converted once into `<data_dir>/cache/quantized/` (named by the source
 //! files' paths, sizes and times, so a changed source is converted again) and the model
 //! runs from the copies. A bf16 FLUX.1-schnell (23.8 GB) then runs from 12.7 GB (Q8_0) or
 //! 6.8 GB (Q4_K) on a machine that could not hold it.
@@ -10,27 +10,44 @@ use anyhow::Context;
 use pictor_engine::{
     ModelFiles, Part,
     quantize::{Component, Target, quantize},
+    zimage::ZImageFiles,
 };
 use sha2::{Digest, Sha256};
 
 /// Replaces the transformer and T5 parts of `files` with quantized copies in `target`.
 pub fn apply(files: &mut ModelFiles, target: &str, data_dir: &Path) -> anyhow::Result<()> {
     let target: Target = target.parse().map_err(anyhow::Error::msg)?;
-    let dir = data_dir.join("cache").join("quantized");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = cache_dir(data_dir)?;
     files.transformer = cached(&files.transformer, Component::Transformer, target, &dir)?;
     files.t5 = cached(&files.t5, Component::T5, target, &dir)?;
     Ok(())
+}
+
+/// Replaces a Z-Image model's transformer with a quantized copy in `target` (its text
+/// encoder stays as it is: the pipeline keeps it in bf16 when f32 does not fit).
+pub fn apply_zimage(files: &mut ZImageFiles, target: &str, data_dir: &Path) -> anyhow::Result<()> {
+    let target: Target = target.parse().map_err(anyhow::Error::msg)?;
+    let dir = cache_dir(data_dir)?;
+    files.transformer = cached(
+        &files.transformer,
+        Component::ZImageTransformer,
+        target,
+        &dir,
+    )?;
+    Ok(())
+}
+
+fn cache_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    let dir = data_dir.join("cache").join("quantized");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn cached(part: &Part, component: Component, target: Target, dir: &Path) -> anyhow::Result<Part> {
     if part.is_gguf() {
         return Ok(part.clone());
     }
-    let label = match component {
-        Component::Transformer => "transformer",
-        Component::T5 => "t5",
-    };
+    let label = component.label();
     // The config and stated axes are in the key: the copy records the RoPE axes they gave.
     let mut sources = part.files.clone();
     sources.extend(part.config.clone());

@@ -155,6 +155,63 @@ impl Config {
     }
 }
 
+/// Every tensor a transformer of `cfg` may have, by original name, with its shape (the
+/// biases of the embedders, modulations and final layer included: checkpoints have them).
+pub(crate) fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (dim, p, c) = (cfg.dim, cfg.patch(), cfg.in_channels);
+    let (hd, adaln, cap) = (cfg.head_dim(), cfg.adaln_width(), cfg.cap_feat_dim);
+    let hidden = (dim as f64 / 3.0 * 8.0) as usize;
+    let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut linear = |name: &str, inp: usize, outp: usize| {
+        out.push((format!("{name}.weight"), vec![outp, inp]));
+        out.push((format!("{name}.bias"), vec![outp]));
+    };
+    linear("x_embedder", p * p * c, dim);
+    linear("cap_embedder.1", cap, dim);
+    linear("t_embedder.mlp.0", T_FREQUENCIES, T_HIDDEN);
+    linear("t_embedder.mlp.2", T_HIDDEN, adaln);
+    linear("final_layer.adaLN_modulation.1", adaln, dim);
+    linear("final_layer.linear", dim, p * p * c);
+    let blocks = [
+        ("noise_refiner", cfg.n_refiner_layers, true),
+        ("context_refiner", cfg.n_refiner_layers, false),
+        ("layers", cfg.n_layers, true),
+    ];
+    for (name, n, modulated) in blocks {
+        for i in 0..n {
+            let b = format!("{name}.{i}");
+            linear(&format!("{b}.attention.qkv"), dim, 3 * dim);
+            linear(&format!("{b}.attention.out"), dim, dim);
+            linear(&format!("{b}.feed_forward.w1"), dim, hidden);
+            linear(&format!("{b}.feed_forward.w2"), hidden, dim);
+            linear(&format!("{b}.feed_forward.w3"), dim, hidden);
+            if modulated {
+                linear(&format!("{b}.adaLN_modulation.0"), adaln, 4 * dim);
+            }
+        }
+    }
+    out.push(("cap_embedder.0.weight".into(), vec![cap]));
+    out.push(("x_pad_token".into(), vec![1, dim]));
+    out.push(("cap_pad_token".into(), vec![1, dim]));
+    for (name, n, _) in blocks {
+        for i in 0..n {
+            let b = format!("{name}.{i}");
+            for norm in ["attention.q_norm", "attention.k_norm"] {
+                out.push((format!("{b}.{norm}.weight"), vec![hd]));
+            }
+            for norm in [
+                "attention_norm1",
+                "attention_norm2",
+                "ffn_norm1",
+                "ffn_norm2",
+            ] {
+                out.push((format!("{b}.{norm}.weight"), vec![dim]));
+            }
+        }
+    }
+    out
+}
+
 /// An RMS norm over the last dimension (made contiguous first, for candle's fast kernel).
 fn norm(n: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
     n.forward(&x.contiguous()?)

@@ -232,3 +232,50 @@ const WANT_IDS: [(&str, &[u32]); 5] = [
     ),
     ("e\u{301} vs é <think>", &[963, 6165, 3958, 220, 151667]),
 ];
+
+/// `pictor quantize` for Z-Image: the diffusers folder's transformer to Q8_0 in the original
+/// names (ComfyUI-GGUF's `lumina2` files), which then draws near diffusers as the GGUF
+/// made by the `gguf` package does.
+#[test]
+fn quantizing_the_transformer_writes_a_gguf_that_draws_near_diffusers() {
+    use pictor_engine::{
+        quantize::{Component, Target, quantize},
+        weights::GgufFile,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("z-Q8_0.gguf");
+    let mut files = ZImageFiles::diffusers(&data("tiny-z-image-turbo")).expect("folder");
+    let summary = quantize(
+        &files.transformer,
+        Component::ZImageTransformer,
+        Target::Q8_0,
+        &out,
+        |_, _, _| {},
+    )
+    .expect("quantizes");
+    let gguf = GgufFile::open(&out).expect("opens");
+    assert_eq!(
+        gguf.meta("general.architecture").as_deref(),
+        Some("lumina2")
+    );
+    assert!(gguf.contains("layers.0.attention.qkv.weight"));
+    assert!(gguf.contains("x_pad_token") && gguf.contains("final_layer.linear.bias"));
+    // Every tensor of the source is in the file, no more.
+    let source = ZImageFiles::find(&split("z_image_turbo_bf16.safetensors"))
+        .expect("reads")
+        .expect("a Z-Image model");
+    let originals = pictor_engine::weights::SafetensorFiles::open(&source.transformer.files)
+        .expect("opens")
+        .names()
+        .count();
+    assert_eq!(summary.tensors, originals);
+    assert!(
+        summary.by_type.contains_key("Q8_0"),
+        "{:?}",
+        summary.by_type
+    );
+    files.transformer = pictor_engine::Part::file(&out);
+    let (_, d) = final_latents(&load(&files, DTypeChoice::Auto));
+    eprintln!("Z-Image quantized by Pictor to Q8_0: final latents max |Δ| {d:.2e}");
+    assert!(d > 0.0 && d <= 0.15, "Q8_0 final latents differ by {d}");
+}

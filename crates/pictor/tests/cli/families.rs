@@ -142,3 +142,78 @@ fn z_image_split_files_and_gguf_generate() {
         assert!(stdout.contains(layout), "{stdout}");
     }
 }
+
+/// Z-Image quantized: `pictor quantize` on its diffusers folder writes the transformer as a
+/// GGUF in the original names, which runs beside the split text encoder and autoencoder;
+/// `generate --quantize q8_0` converts the transformer once into the data folder's cache.
+#[test]
+fn z_image_quantizes_with_pictor_quantize_and_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = fixture().with_file_name("tiny-z-image-turbo");
+    let split = fixture().with_file_name("tiny-z-image-turbo-split");
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let gguf = model.join("z_image_turbo-Q8_0.gguf");
+    let run = pictor()
+        .arg("quantize")
+        .arg(&z)
+        .args(["--to", "q8_0", "-o"])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for f in [
+        "qwen_3_4b.safetensors",
+        "ae.safetensors",
+        "ae.json",
+        "tokenizer.json",
+    ] {
+        let target = split.join(f).canonicalize().unwrap();
+        std::os::unix::fs::symlink(target, model.join(f)).unwrap();
+    }
+    let out = dir.path().join("q.png");
+    let run = generate(model.to_str().unwrap(), &out, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let at_load = |name: &str| {
+        pictor()
+            .env("XDG_DATA_HOME", dir.path())
+            .args(["generate", "--model"])
+            .arg(&z)
+            .args([
+                "--prompt",
+                "a red circle",
+                "--size",
+                "64x48",
+                "--steps",
+                "2",
+            ])
+            .args(["--quantize", "q8_0", "-o"])
+            .arg(dir.path().join(name))
+            .output()
+            .unwrap()
+    };
+    let first = at_load("a.png");
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("quantizing the zimage-transformer to Q8_0"),
+        "{stderr}"
+    );
+    let second = at_load("b.png");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(!stderr.contains("quantizing"), "converted once: {stderr}");
+    let made = std::fs::read_dir(dir.path().join("pictor/cache/quantized"))
+        .unwrap()
+        .count();
+    assert_eq!(made, 1, "the transformer only");
+}
