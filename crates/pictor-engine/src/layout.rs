@@ -564,6 +564,16 @@ pub fn hf_hub_cache_dir() -> PathBuf {
     home.join(".cache").join("huggingface").join("hub")
 }
 
+/// Where `spec` points: the file or folder itself, else the snapshot folder of the Hugging
+/// Face repo id it names in the local cache (`None` when it is neither).
+pub fn locate(spec: &str) -> Result<Option<PathBuf>> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return Ok(Some(path.to_path_buf()));
+    }
+    hf_snapshot(spec, &hf_hub_cache_dir())
+}
+
 /// The snapshot folder of repo id `owner/name[@revision]` in the local cache, if the spec
 /// looks like a repo id and the repo is cached.
 fn hf_snapshot(spec: &str, cache: &Path) -> Result<Option<PathBuf>> {

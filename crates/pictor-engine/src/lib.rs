@@ -43,7 +43,7 @@ pub mod zimage;
 pub use device::{DTypeChoice, DeviceChoice};
 pub use error::{EngineError, Result};
 pub use image::{to_rgb8, to_unit_range};
-pub use layout::{ModelFiles, Part, hf_hub_cache_dir};
+pub use layout::{ModelFiles, Part, hf_hub_cache_dir, locate};
 pub use noise::gaussian_noise;
 pub use pictor_core::{
     Control, Dimensions, EditInput, Generation, GenerationRequest, Invalid, ModelRules, PartMemory,

@@ -37,7 +37,7 @@ pub fn load(
     memory_budget: Option<u64>,
 ) -> anyhow::Result<Loaded> {
     let path = crate::shipped::locate(&m.path, data_dir)?;
-    if let Some(mut files) = pictor_engine::zimage::ZImageFiles::find(Path::new(&path))
+    if let Some(mut files) = pictor_engine::zimage::ZImageFiles::find_spec(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?
     {
         if let Some(target) = &m.quantize {

@@ -99,7 +99,7 @@ fn inspect_zimage(spec: &str, files: &pictor_engine::zimage::ZImageFiles) -> any
 
 fn inspect(spec: &str) -> anyhow::Result<()> {
     let path = Path::new(spec);
-    if let Some(files) = pictor_engine::zimage::ZImageFiles::find(path)? {
+    if let Some(files) = pictor_engine::zimage::ZImageFiles::find_spec(spec)? {
         return inspect_zimage(spec, &files);
     }
     if path.is_file() {
@@ -191,7 +191,7 @@ pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
     let path = Path::new(&args.input);
     let zimage = match args.part {
         None | Some(Component::Transformer | Component::ZImageTransformer) => {
-            pictor_engine::zimage::ZImageFiles::find(path)?
+            pictor_engine::zimage::ZImageFiles::find_spec(&args.input)?
         }
         Some(_) => None,
     };

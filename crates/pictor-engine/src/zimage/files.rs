@@ -41,6 +41,16 @@ pub struct ZImageFiles {
 }
 
 impl ZImageFiles {
+    /// The Z-Image model `spec` names (a diffusers folder, a folder of split files, one of
+    /// its transformer files, or a Hugging Face repo id in the local cache), or `None` when
+    /// it names another family or nothing.
+    pub fn find_spec(spec: &str) -> Result<Option<Self>> {
+        match crate::layout::locate(spec)? {
+            Some(path) => Self::find(&path),
+            None => Ok(None),
+        }
+    }
+
     /// The Z-Image model at `path` (a diffusers folder, a folder of split files, or one of
     /// its transformer files), or `None` when `path` holds another family.
     pub fn find(path: &Path) -> Result<Option<Self>> {

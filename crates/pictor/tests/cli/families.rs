@@ -217,3 +217,37 @@ fn z_image_quantizes_with_pictor_quantize_and_at_load() {
         .count();
     assert_eq!(made, 1, "the transformer only");
 }
+
+/// A Z-Image repo in the Hugging Face cache, named by its repo id, is found and inspected.
+#[test]
+fn a_z_image_repo_in_the_hugging_face_cache_is_found_by_its_id() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--Tongyi-MAI--Z-Image-Turbo");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let z = fixture()
+        .with_file_name("tiny-z-image-turbo")
+        .canonicalize()
+        .unwrap();
+    for entry in std::fs::read_dir(&z).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let inspect = pictor()
+        .env("HF_HUB_CACHE", cache.path())
+        .args(["models", "inspect", "Tongyi-MAI/Z-Image-Turbo"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert!(
+        stdout.contains("Z-Image-Turbo (diffusers folder"),
+        "{stdout}"
+    );
+}
