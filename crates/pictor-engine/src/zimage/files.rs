@@ -78,7 +78,8 @@ impl ZImageFiles {
                 ))),
             };
         }
-        if path.is_file() && is_transformer(path)? {
+        // A file that cannot be read is left to the FLUX loader, which names what is wrong.
+        if path.is_file() && is_transformer(path).unwrap_or(false) {
             return Self::beside(path).map(Some);
         }
         Ok(None)
@@ -91,7 +92,7 @@ impl ZImageFiles {
             transformer: Part::folder(&dir.join("transformer"))?,
             text_encoder: Part::folder(&dir.join("text_encoder"))?,
             vae: Part::folder(&dir.join("vae"))?,
-            tokenizer: Some(dir.join("tokenizer/tokenizer.json")),
+            tokenizer: Some(dir.join("tokenizer/tokenizer.json")).filter(|t| t.is_file()),
             scheduler: scheduler.is_file().then_some(scheduler),
             layout: "diffusers folder (ZImagePipeline)",
         })
@@ -104,16 +105,33 @@ impl ZImageFiles {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let (mut encoders, mut vaes) = (Vec::new(), Vec::new());
+        let (mut encoders, mut vaes, mut llama) = (Vec::new(), Vec::new(), Vec::new());
         for f in weight_files_in(dir)? {
             if f == file {
                 continue;
             }
-            if is_text_encoder(&f)? {
+            let names = names(&f)?;
+            if has(&names, encoder::ANCHOR) && has(&names, "embed_tokens.weight") {
                 encoders.push(f);
-            } else if layout::classify_file(&f)? == Some(layout::Kind::Vae) {
+            } else if has(&names, "blk.0.attn_q_norm.weight") && has(&names, "token_embd.weight") {
+                llama.push(f);
+            } else if layout::parts_in(names.iter().map(String::as_str))
+                .first()
+                .is_some_and(|p| p.kind == layout::Kind::Vae)
+            {
                 vaes.push(f);
             }
+        }
+        if encoders.is_empty()
+            && let Some(gguf) = llama.first()
+        {
+            return Err(EngineError::UnknownLayout {
+                path: gguf.clone(),
+                message: "a Qwen3 text encoder in llama.cpp's GGUF names, which Pictor does not \
+                          read yet: put the safetensors one (qwen_3_4b.safetensors) beside the \
+                          transformer"
+                    .into(),
+            });
         }
         let one = |found: Vec<PathBuf>, what: &str| -> Result<PathBuf> {
             match found.as_slice() {
@@ -222,10 +240,4 @@ pub(crate) fn names_are_transformer(names: &[String]) -> bool {
 /// Whether `file` holds a Z-Image transformer.
 pub fn is_transformer(file: &Path) -> Result<bool> {
     Ok(names_are_transformer(&names(file)?))
-}
-
-/// Whether `file` holds a Qwen3 text stack.
-fn is_text_encoder(file: &Path) -> Result<bool> {
-    let names = names(file)?;
-    Ok(has(&names, encoder::ANCHOR) && has(&names, "embed_tokens.weight"))
 }

