@@ -423,3 +423,39 @@ async fn every_bad_upload_is_refused_with_its_param_and_the_server_keeps_serving
     let (status, _, reply) = send(&s, "edits", edit_form(good)).await;
     assert_eq!(status, 200, "{reply}");
 }
+
+/// A Z-Image model takes edits too (image to image, and inpainting with a mask): each input
+/// is used (another picture draws another image, the same request the same one).
+#[tokio::test]
+async fn a_z_image_model_edits_with_its_image_and_mask() {
+    let s = start(Options {
+        fixture: "tiny-z-image-turbo",
+        ..Options::default()
+    })
+    .await;
+    let form = |image: Vec<u8>| edit_form(image).text("strength", "0.6");
+    let (status, _, first) = send(&s, "edits", form(disc(64, 48))).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["data"][0]["strength"], 0.6);
+    let bytes = image_of(&first, 0);
+    assert_eq!(decode(&bytes).dimensions(), (64, 48));
+    let (_, _, again) = send(&s, "edits", form(disc(64, 48))).await;
+    assert_eq!(image_of(&again, 0), bytes, "same request, same image");
+    let (status, _, masked) = send(
+        &s,
+        "edits",
+        form(disc(64, 48)).part("mask", file(left_half_mask(64, 48))),
+    )
+    .await;
+    assert_eq!(status, 200, "{masked}");
+    assert_ne!(image_of(&masked, 0), bytes, "the mask is used");
+    let stripes = png(64, 48, false, |x, _| {
+        if x / 8 % 2 == 0 {
+            [0, 0, 0, 255]
+        } else {
+            [40, 220, 40, 255]
+        }
+    });
+    let (_, _, other) = send(&s, "edits", form(stripes)).await;
+    assert_ne!(image_of(&other, 0), bytes, "the image is used");
+}

@@ -50,12 +50,12 @@ pub fn img2img_start(steps: usize, strength: f64) -> Result<usize> {
 
 /// `image` noised to `sigma` with `noise`, as the flow-matching scheduler's
 /// `scale_noise`: `σ · noise + (1 − σ) · image`.
-fn noised(image: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
+pub(crate) fn noised(image: &Tensor, noise: &Tensor, sigma: f64) -> Result<Tensor> {
     Ok(((noise * sigma)? + (image * (1.0 - sigma))?)?)
 }
 
-/// What inpainting keeps, packed like the latents.
-struct Known {
+/// What inpainting keeps, laid out like the latents (packed for FLUX, not for Z-Image).
+pub(crate) struct Known {
     image: Tensor,
     noise: Tensor,
     /// 1 where the model paints, 0 where the image is kept.
@@ -63,8 +63,17 @@ struct Known {
 }
 
 impl Known {
+    /// The image's latents, the request's noise and the repaint mask, all of one shape.
+    pub(crate) fn new(image: Tensor, noise: Tensor, repaint: Tensor) -> Self {
+        Self {
+            image,
+            noise,
+            repaint,
+        }
+    }
+
     /// `x` with the kept region set to the image noised to `sigma`.
-    fn merge(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+    pub(crate) fn merge(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         let kept = noised(&self.image, &self.noise, sigma)?;
         let keep = (1.0 - &self.repaint)?;
         Ok(((keep * kept)? + (&self.repaint * x)?)?)
@@ -236,11 +245,11 @@ impl Denoiser {
                     .to_dtype(DType::F32)?
                     .broadcast_as(image.shape())?
                     .contiguous()?;
-                Some(Known {
-                    image: sampling::pack(&image)?,
-                    noise: sampling::pack(&noise)?,
-                    repaint: sampling::pack(&repaint)?,
-                })
+                Some(Known::new(
+                    sampling::pack(&image)?,
+                    sampling::pack(&noise)?,
+                    sampling::pack(&repaint)?,
+                ))
             }
         };
         self.run(

@@ -15,19 +15,31 @@ use crate::{
 };
 
 /// An edit, ready for the denoiser.
-pub(super) struct Prepared {
+pub(crate) struct Prepared {
     /// `(1, z, h, w)`, normalised.
     latents: Tensor,
     /// `(1, 1, h, w)`, 1 = repaint.
     mask: Option<Tensor>,
     strength: f64,
     /// Steps that run of the request's.
-    pub(super) steps_run: usize,
+    pub(crate) steps_run: usize,
+}
+
+impl Prepared {
+    /// The image's latents `(1, z, h, w)`, normalised.
+    pub(crate) fn latents(&self) -> &Tensor {
+        &self.latents
+    }
+
+    /// Where to repaint `(1, 1, h, w)` (1) and keep (0); `None` for image to image.
+    pub(crate) fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
+    }
 }
 
 /// Encodes the edit's image (which must be `width`×`height`) and brings its mask to the
 /// latents.
-pub(super) fn prepare(
+pub(crate) fn prepare(
     encoder: &Encoder,
     edit: &EditInput,
     width: usize,

@@ -3,7 +3,8 @@
 //! ([`chat_prompt`]), its single-stream transformer ([`transformer`]), its schedule
 //! ([`sigmas`]) and the pipeline ([`ZImagePipeline`]), from every layout it is distributed
 //! in ([`ZImageFiles`]: the diffusers folder, ComfyUI's split files, a GGUF transformer),
-//! held to diffusers 0.40's `ZImagePipeline` on the tiny fixtures.
+//! held to diffusers 0.40's `ZImagePipeline`, `ZImageImg2ImgPipeline` and
+//! `ZImageInpaintPipeline` on the tiny fixtures.
 //!
 //! On the CPU, in f32 or with bf16 weight matrices (chosen to fit the memory budget), or
 //! with a quantized GGUF transformer. Not yet: CUDA, converting to GGUF (`pictor

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use pictor_core::{
-    Control, Dimensions, Generation, GenerationRequest, ModelRules, Phases, Pipeline,
+    Control, Dimensions, EditInput, Generation, GenerationRequest, ModelRules, Phases, Pipeline,
     PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };
 
@@ -19,7 +19,13 @@ use super::{encoder::TextEncoder, files::ZImageFiles, json, transformer::Transfo
 use crate::{
     DTypeChoice,
     error::{EngineError, Result},
-    flux::{sampling, vae::Vae},
+    flux::{
+        Known,
+        edit::{self, Prepared},
+        encoder::Encoder,
+        noised, sampling,
+        vae::Vae,
+    },
     image::to_rgb8,
     layout::Part,
     noise::gaussian_noise,
@@ -47,6 +53,9 @@ pub struct ZImagePipeline {
     encoder: TextEncoder,
     transformer: Transformer,
     vae: Vae,
+    /// The autoencoder's files, for its encoder, loaded by the first edit.
+    vae_part: Part,
+    image_encoder: Option<Encoder>,
     shift: f64,
     device: Device,
     /// Where it runs and in which dtype, as [`Generation::device`] spells it.
@@ -166,6 +175,8 @@ impl ZImagePipeline {
             encoder,
             transformer,
             vae,
+            vae_part: files.vae.clone(),
+            image_encoder: None,
             shift,
             device,
             runs_on,
@@ -226,10 +237,80 @@ impl ZImagePipeline {
         noise: &Tensor,
         caption: &Tensor,
         steps: usize,
+        on_step: impl FnMut(usize, &Tensor) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let start = noise.to_dtype(DType::F32)?;
+        self.steps_from(start, caption, &self.sigmas(steps), None, on_step)
+    }
+
+    /// An edit of `steps` steps from `noise` `(C, H/8, W/8)`, as diffusers'
+    /// `ZImageImg2ImgPipeline` runs it (or `ZImageInpaintPipeline` with a mask): the image
+    /// encoded (its posterior mean), noised to the sigma where the strength starts, the
+    /// remaining steps run, and with a mask the kept region put back at each step's sigma.
+    pub fn denoise_edit(
+        &mut self,
+        edit: &EditInput,
+        noise: &Tensor,
+        caption: &Tensor,
+        steps: usize,
+        on_step: impl FnMut(usize, &Tensor) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let prepared = self.prepare_edit(edit, edit.image.width, edit.image.height, steps)?;
+        self.denoise_prepared(&prepared, noise, caption, steps, on_step)
+    }
+
+    /// Encodes an edit's image and brings its mask to the latents (the autoencoder's encoder
+    /// is loaded by the first edit).
+    fn prepare_edit(
+        &mut self,
+        edit: &EditInput,
+        width: usize,
+        height: usize,
+        steps: usize,
+    ) -> Result<Prepared> {
+        let encoder = match self.image_encoder.take() {
+            Some(e) => e,
+            None => Encoder::load(&self.vae_part, DType::F32, &self.device)?,
+        };
+        let prepared = edit::prepare(&encoder, edit, width, height, steps, &self.device);
+        self.image_encoder = Some(encoder);
+        prepared
+    }
+
+    fn denoise_prepared(
+        &self,
+        edit: &Prepared,
+        noise: &Tensor,
+        caption: &Tensor,
+        steps: usize,
+        on_step: impl FnMut(usize, &Tensor) -> Result<Control>,
+    ) -> Result<Tensor> {
+        let all = self.sigmas(steps);
+        let sigmas = &all[steps - edit.steps_run..];
+        let image = edit.latents().squeeze(0)?;
+        let noise = noise.to_dtype(DType::F32)?;
+        let keep = match edit.mask() {
+            None => None,
+            Some(mask) => {
+                let repaint = mask.squeeze(0)?.broadcast_as(image.shape())?.contiguous()?;
+                Some(Known::new(image.clone(), noise.clone(), repaint))
+            }
+        };
+        let start = noised(&image, &noise, sigmas[0])?;
+        self.steps_from(start, caption, sigmas, keep.as_ref(), on_step)
+    }
+
+    /// Euler steps from `x` at `sigmas[0]` down each sigma in turn; with `keep`, its kept
+    /// region is put back after each step.
+    fn steps_from(
+        &self,
+        mut x: Tensor,
+        caption: &Tensor,
+        sigmas: &[f64],
+        keep: Option<&Known>,
         mut on_step: impl FnMut(usize, &Tensor) -> Result<Control>,
     ) -> Result<Tensor> {
-        let mut x = noise.to_dtype(DType::F32)?;
-        for (i, pair) in self.sigmas(steps).windows(2).enumerate() {
+        for (i, pair) in sigmas.windows(2).enumerate() {
             // The model predicts clean minus noise at 1 - sigma; the pipeline negates it.
             let v = self
                 .transformer
@@ -237,6 +318,9 @@ impl ZImagePipeline {
                 .squeeze(1)?;
             let clean = (&x + (&v * pair[0])?)?;
             x = (x - (v * (pair[1] - pair[0]))?)?;
+            if let Some(keep) = keep {
+                x = keep.merge(&x, pair[1])?;
+            }
             if on_step(i + 1, &clean)? == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
@@ -267,10 +351,15 @@ impl ZImagePipeline {
         let mut phases = Phases::default();
         let started = Instant::now();
         let (caption, prompt) = self.encode_prompt(&req.prompt)?;
+        let edit = match &req.edit {
+            Some(edit) => Some(self.prepare_edit(edit, req.width, req.height, req.steps)?),
+            None => None,
+        };
         phases.encode = started.elapsed();
         let (h, w) = (req.height / 8, req.width / 8);
         let channels = self.vae.arch().z_channels;
-        let due = preview_steps(req.steps, req.previews);
+        let steps_run = edit.as_ref().map_or(req.steps, |e| e.steps_run);
+        let due = preview_steps(steps_run, req.previews);
         let mut images = Vec::with_capacity(req.n);
         for image in 0..req.n {
             let started = Instant::now();
@@ -282,17 +371,17 @@ impl ZImagePipeline {
             )?;
             let step0 = Progress::Step {
                 step: 0,
-                total: req.steps,
+                total: steps_run,
                 first: image,
                 count: 1,
             };
             if progress(step0) == Control::Cancel {
                 return Err(EngineError::Cancelled);
             }
-            let latent = self.denoise(&noise, &caption, req.steps, |step, clean| {
+            let on_step = |step, clean: &Tensor| {
                 let state = Progress::Step {
                     step,
-                    total: req.steps,
+                    total: steps_run,
                     first: image,
                     count: 1,
                 };
@@ -311,7 +400,11 @@ impl ZImagePipeline {
                     let _ = progress(preview);
                 }
                 Ok(Control::Continue)
-            })?;
+            };
+            let latent = match &edit {
+                None => self.denoise(&noise, &caption, req.steps, on_step)?,
+                Some(edit) => self.denoise_prepared(edit, &noise, &caption, req.steps, on_step)?,
+            };
             phases.denoise += started.elapsed();
             if progress(Progress::Decoding) == Control::Cancel {
                 return Err(EngineError::Cancelled);

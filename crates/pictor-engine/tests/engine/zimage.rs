@@ -205,3 +205,74 @@ fn the_pipeline_serves_the_seam() {
         "{cancelled:?}"
     );
 }
+
+/// Edits against diffusers' `ZImageImg2ImgPipeline` (strength 0.6: 5 of 8 steps) and
+/// `ZImageInpaintPipeline` (strength 0.7: 6 of 8 steps, a 48x24 rectangle repainted) on the
+/// fixture (`tools/make_tiny_zimage_edit.py`: the same 8-bit picture, the posterior mean,
+/// the pipelines' noise): final latents within the step bound, pixels within 1 of 255.
+#[test]
+fn edits_match_diffusers_img2img_and_inpainting() {
+    use pictor_engine::{EditInput, RgbImage, zimage::ZImagePipeline};
+    let mut p = ZImagePipeline::load(&fixture()).expect("loads");
+    let r =
+        candle_core::safetensors::load(fixture().join("edit-reference.safetensors"), &Device::Cpu)
+            .expect("reference");
+    let (caption, _) = p
+        .encode_prompt("a small red circle on a blue background in the top left")
+        .expect("encodes");
+    let bytes = |name: &str| -> Vec<u8> {
+        tensor(&r, name)
+            .permute((1, 2, 0))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("pixels")
+    };
+    let picture = RgbImage {
+        width: 80,
+        height: 48,
+        pixels: bytes("picture_u8"),
+    };
+    let mask: Vec<u8> = tensor(&r, "inpaint_mask")
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("mask")
+        .iter()
+        .map(|&m| if m > 0.5 { 255 } else { 0 })
+        .collect();
+    for (label, strength, mask, steps_run) in
+        [("img2img", 0.6, None, 5), ("inpaint", 0.7, Some(mask), 6)]
+    {
+        let edit = EditInput {
+            image: picture.clone(),
+            mask,
+            strength,
+            image_sha256: String::new(),
+        };
+        let noise = tensor(&r, &format!("{label}_noise")).squeeze(0).unwrap();
+        let mut seen = 0;
+        let latent = p
+            .denoise_edit(&edit, &noise, &caption, 8, |_, _| {
+                seen += 1;
+                Ok(pictor_core::Control::Continue)
+            })
+            .expect("edits");
+        assert_eq!(seen, steps_run, "{label}");
+        let want = tensor(&r, &format!("{label}_final_latents"))
+            .squeeze(0)
+            .unwrap();
+        let d = max_abs_diff(&latent, &want);
+        let image = p.decode(&latent, 48, 80).expect("decodes");
+        let worst = image
+            .pixels
+            .iter()
+            .zip(bytes(&format!("{label}_image_u8")))
+            .map(|(a, b)| a.abs_diff(b))
+            .max()
+            .unwrap();
+        eprintln!("Z-Image {label}: final latents max |Δ| {d:.2e}, pixels {worst}");
+        assert!(
+            d <= STEP_TOL && worst <= 1,
+            "{label}: latents {d}, pixels {worst}"
+        );
+    }
+}
