@@ -201,16 +201,17 @@ fn plain_type(shape: &[usize]) -> GgmlDType {
     }
 }
 
-fn flux_plan(
-    cfg: &candle_transformers::models::flux::model::Config,
-    target: Target,
-) -> Vec<Planned> {
-    model::tensor_names(cfg)
+/// A diffusion transformer's plan: the blocks' matrices (2-D `.weight`s of more than one
+/// row) take the target; the layers named by `keep` (inputs and outputs), 1-D tensors and
+/// the rest stay plain.
+fn blocks_plan(names: Vec<(String, Vec<usize>)>, keep: &[&str], target: Target) -> Vec<Planned> {
+    names
         .into_iter()
         .map(|(name, shape)| {
             let quantize = shape.len() == 2
+                && shape[0] > 1
                 && name.ends_with(".weight")
-                && !FLUX_KEEP.iter().any(|p| name.starts_with(p));
+                && !keep.iter().any(|p| name.starts_with(p));
             let dtype = if quantize {
                 target.for_row(shape[1])
             } else {
@@ -234,29 +235,6 @@ const ZIMAGE_KEEP: [&str; 4] = [
     "t_embedder.",
     "final_layer.",
 ];
-
-fn zimage_plan(names: Vec<(String, Vec<usize>)>, target: Target) -> Vec<Planned> {
-    names
-        .into_iter()
-        .map(|(name, shape)| {
-            let quantize = shape.len() == 2
-                && shape[0] > 1
-                && name.ends_with(".weight")
-                && !ZIMAGE_KEEP.iter().any(|p| name.starts_with(p));
-            let dtype = if quantize {
-                target.for_row(shape[1])
-            } else {
-                plain_type(&shape)
-            };
-            Planned {
-                canonical: name.clone(),
-                name,
-                shape,
-                dtype,
-            }
-        })
-        .collect()
-}
 
 fn t5_plan(cfg: &candle_transformers::models::t5::Config, target: Target) -> Result<Vec<Planned>> {
     t5::tensor_names(cfg)
@@ -338,7 +316,10 @@ pub fn quantize(
             meta.push(("general.name", MetaValue::Str("FLUX.1-schnell".into())));
             let axes: Vec<String> = cfg.axes_dim.iter().map(usize::to_string).collect();
             meta.push((config::ROPE_AXES_KEY, MetaValue::Str(axes.join(","))));
-            (reader, flux_plan(&cfg, target))
+            (
+                reader,
+                blocks_plan(model::tensor_names(&cfg), &FLUX_KEEP, target),
+            )
         }
         Component::ZImageTransformer => {
             let weights = zimage::transformer::open_weights(part, &Device::Cpu)?;
@@ -360,7 +341,7 @@ pub fn quantize(
                 ("general.architecture", MetaValue::Str("lumina2".into())),
             );
             meta.push(("general.name", MetaValue::Str("Z-Image-Turbo".into())));
-            (reader, zimage_plan(names, target))
+            (reader, blocks_plan(names, &ZIMAGE_KEEP, target))
         }
         Component::T5 => {
             let reader = match text::open_t5(part, &Device::Cpu)? {

@@ -19,22 +19,11 @@ use crate::{
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
-/// The prefix ComfyUI and stable-diffusion.cpp put before the transformer's names in
-/// bundled files.
-const BUNDLE_PREFIX: &str = "model.diffusion_model.";
-
 /// Opens a transformer part in whichever layout it is.
 pub(crate) fn open(part: &Part, device: &Device) -> Result<Weights> {
     if part.is_gguf() {
         let gguf = GgufFile::open(&part.files[0])?;
-        let prefixed = gguf.contains(&format!("{BUNDLE_PREFIX}img_in.weight"));
-        let weights = gguf.weights(
-            |name| match name.strip_prefix(BUNDLE_PREFIX) {
-                Some(bare) => Some(bare.to_string()),
-                None => (!prefixed).then(|| name.to_string()),
-            },
-            device,
-        )?;
+        let weights = gguf.diffusion_model("img_in.weight", device)?;
         return Ok(Weights::Quantized(weights));
     }
     let files = Arc::new(SafetensorFiles::open(&part.files)?);

@@ -119,6 +119,22 @@ impl GgufFile {
             })
     }
 
+    /// A diffusion model's tensors, by their bare names: a file that bundles the model with
+    /// other parts (ComfyUI's and stable-diffusion.cpp's put `model.diffusion_model.` before
+    /// its names; `anchor` is one of them) gives only those, without the prefix; any other
+    /// file gives every tensor as named.
+    pub fn diffusion_model(&self, anchor: &str, device: &Device) -> Result<QWeights> {
+        const BUNDLE_PREFIX: &str = "model.diffusion_model.";
+        let prefixed = self.contains(&format!("{BUNDLE_PREFIX}{anchor}"));
+        self.weights(
+            |name| match name.strip_prefix(BUNDLE_PREFIX) {
+                Some(bare) => Some(bare.to_string()),
+                None => (!prefixed).then(|| name.to_string()),
+            },
+            device,
+        )
+    }
+
     /// Maps the file and views every tensor whose name `rename` accepts under the name it
     /// returns. Tensors stay in the file (see [`mapped`]); on devices other than the CPU
     /// they are copied there instead.

@@ -33,8 +33,6 @@ use crate::{
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
-/// The prefix ComfyUI puts before a diffusion model's names in bundled files.
-const BUNDLE_PREFIX: &str = "model.diffusion_model.";
 /// Names only Z-Image's transformer has: in its original spelling, and diffusers'.
 pub(crate) const ORIGINAL: &str = "layers.0.attention.qkv.weight";
 pub(crate) const DIFFUSERS: &str = "layers.0.attention.to_q.weight";
@@ -532,14 +530,7 @@ fn layer_norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 pub(crate) fn open_weights(part: &Part, device: &Device) -> Result<Weights> {
     if part.is_gguf() {
         let gguf = GgufFile::open(&part.files[0])?;
-        let prefixed = gguf.contains(&format!("{BUNDLE_PREFIX}{ORIGINAL}"));
-        let weights = gguf.weights(
-            |name| match name.strip_prefix(BUNDLE_PREFIX) {
-                Some(bare) => Some(bare.to_string()),
-                None => (!prefixed).then(|| name.to_string()),
-            },
-            device,
-        )?;
+        let weights = gguf.diffusion_model(ORIGINAL, device)?;
         return Ok(Weights::Quantized(weights));
     }
     let files = Arc::new(SafetensorFiles::open(&part.files)?);
