@@ -81,13 +81,7 @@ impl EncoderConfig {
         shape: impl Fn(&str) -> Option<Vec<usize>>,
         origin: &Path,
     ) -> Result<Self> {
-        let dims = |name: &str| -> Result<Vec<usize>> {
-            shape(name).ok_or_else(|| EngineError::Tensor {
-                path: origin.to_path_buf(),
-                tensor: name.to_string(),
-                problem: "missing (needed to read the Qwen3 text encoder's shape)".into(),
-            })
-        };
+        let dims = |name: &str| super::needed_shape(&shape, name, origin, "Qwen3 text encoder");
         let rows = |name: &str| -> Result<usize> { Ok(dims(name)?.first().copied().unwrap_or(0)) };
         let head_dim = rows(ANCHOR)?;
         if head_dim == 0 {

@@ -71,10 +71,7 @@ impl ZImageFiles {
                 many => Err(EngineError::NotFound(format!(
                     "{}: several Z-Image transformers: {}; name the one to use",
                     path.display(),
-                    many.iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    listed(many)
                 ))),
             };
         }
@@ -144,10 +141,7 @@ impl ZImageFiles {
                 many => Err(EngineError::NotFound(format!(
                     "{}: several files hold a {what}: {}; keep one beside the transformer",
                     dir.display(),
-                    many.iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    listed(many)
                 ))),
             }
         };
@@ -191,6 +185,12 @@ impl ZImageFiles {
             .flat_map(|p| p.files.iter().cloned())
             .collect()
     }
+}
+
+/// `paths`, comma-separated.
+fn listed(paths: &[PathBuf]) -> String {
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    shown.join(", ")
 }
 
 /// The `.safetensors` and `.gguf` files at the top of `dir`, sorted.

@@ -32,6 +32,21 @@ pub fn chat_prompt(prompt: &str) -> String {
 const PROMPT_HEAD: &str = "<|im_start|>user\n";
 const PROMPT_TAIL: &str = "<|im_end|>\n<|im_start|>assistant\n";
 
+/// The shape `shape` gives tensor `name` of the file `origin`, or an error naming it as
+/// needed to read `what`'s shape.
+fn needed_shape(
+    shape: &impl Fn(&str) -> Option<Vec<usize>>,
+    name: &str,
+    origin: &std::path::Path,
+    what: &str,
+) -> crate::error::Result<Vec<usize>> {
+    shape(name).ok_or_else(|| crate::EngineError::Tensor {
+        path: origin.to_path_buf(),
+        tensor: name.to_string(),
+        problem: format!("missing (needed to read the {what}'s shape)"),
+    })
+}
+
 /// A JSON file of the model folder.
 fn json(path: &std::path::Path) -> crate::error::Result<serde_json::Value> {
     use crate::EngineError;

@@ -93,13 +93,7 @@ impl Config {
         shape: impl Fn(&str) -> Option<Vec<usize>>,
         origin: &Path,
     ) -> Result<Self> {
-        let dims = |name: &str| -> Result<Vec<usize>> {
-            shape(name).ok_or_else(|| EngineError::Tensor {
-                path: origin.to_path_buf(),
-                tensor: name.to_string(),
-                problem: "missing (needed to read the Z-Image transformer's shape)".into(),
-            })
-        };
+        let dims = |name: &str| super::needed_shape(&shape, name, origin, "Z-Image transformer");
         let last = |name: &str| -> Result<usize> {
             dims(name)?
                 .last()
