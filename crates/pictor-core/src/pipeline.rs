@@ -148,7 +148,7 @@ pub struct Generation {
 /// One part of a loaded model and the memory it takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartMemory {
-    /// `transformer`, `t5`, `clip` or `vae`.
+    /// `transformer`, `t5`, `clip`, `text_encoder` (Z-Image's Qwen3) or `vae`.
     pub part: &'static str,
     /// Bytes in memory once loaded (estimated from the files before loading).
     pub bytes: u64,

@@ -6,13 +6,14 @@
 //! held to diffusers 0.40's `ZImagePipeline`, `ZImageImg2ImgPipeline` and
 //! `ZImageInpaintPipeline` on the tiny fixtures.
 //!
-//! On the CPU, in f32 or with bf16 weight matrices (chosen to fit the memory budget), or
-//! with a quantized GGUF transformer. Not yet: CUDA, converting to GGUF (`pictor
-//! quantize`), a GGUF text encoder, staging the text encoder out of memory between
-//! requests, batching several requests in one pass, negative prompts (Turbo has no CFG).
+//! On the CPU, in f32 or with bf16 weight matrices, with a quantized GGUF transformer if
+//! given or asked for, the text encoder and transformer resident or taking turns, as the
+//! memory budget allows ([`memory`]). Not yet: CUDA, a GGUF text encoder, batching several
+//! requests in one pass, negative prompts (Turbo has no CFG).
 
 pub mod encoder;
 pub mod files;
+pub mod memory;
 pub mod pipeline;
 pub mod tokenizer;
 pub mod transformer;

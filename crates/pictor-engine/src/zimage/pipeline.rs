@@ -3,16 +3,16 @@
 //! encoded to the features of the encoder's last layer but one; 8 steps on the shifted
 //! schedule, no guidance; the FLUX autoencoder to decode.
 //!
-//! Loaded from [`ZImageFiles`] in any layout, on the CPU: the weights' dtype is the one
-//! asked for, or for `Auto` f32 when the model fits the memory budget in f32, else bf16
-//! matrices (arithmetic in f32); a model over the budget even so is refused before loading.
+//! Loaded from [`ZImageFiles`] in any layout, on the CPU, as [`super::memory::plan`]
+//! decides within the memory budget: f32 or bf16 weight matrices, the text encoder and the
+//! transformer resident or taking turns.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use pictor_core::{
-    Control, Dimensions, EditInput, Generation, GenerationRequest, ModelRules, Phases, Pipeline,
-    PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
+    Control, Dimensions, EditInput, Generation, GenerationRequest, ModelRules, PartMemory, Phases,
+    Pipeline, PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
 };
 
 use super::{encoder::TextEncoder, files::ZImageFiles, json, transformer::Transformer};
@@ -29,7 +29,6 @@ use crate::{
     image::to_rgb8,
     layout::Part,
     noise::gaussian_noise,
-    weights::SafetensorFiles,
 };
 
 /// Most tokens the text encoder reads, template included (diffusers' default).
@@ -42,16 +41,24 @@ pub struct ZImageOptions {
     /// (Z-Image-Turbo is 40 GB in f32, 20 GB in bf16). Quantized (GGUF) transformers keep
     /// their blocks whatever this says.
     pub dtype: DTypeChoice,
-    /// Bytes the weights may take (`None`: no limit); a model over it is refused before
-    /// loading.
+    /// Bytes the model may take (`None`: no limit): see [`super::memory::plan`]. A model
+    /// over it even staged is refused before loading.
     pub memory_budget: Option<u64>,
 }
 
 /// A loaded Z-Image-Turbo.
 pub struct ZImagePipeline {
     tokenizer: tokenizers::Tokenizer,
-    encoder: TextEncoder,
-    transformer: Transformer,
+    /// `None` while staged out.
+    encoder: Option<TextEncoder>,
+    /// `None` while staged out.
+    transformer: Option<Transformer>,
+    /// The text encoder and the transformer take turns (see [`super::memory`]).
+    staged: bool,
+    files: ZImageFiles,
+    dtype: DType,
+    /// Each part's memory, as planned.
+    parts: Vec<PartMemory>,
     vae: Vae,
     /// The autoencoder's files, for its encoder, loaded by the first edit.
     vae_part: Part,
@@ -66,63 +73,6 @@ pub struct ZImagePipeline {
 /// `ZImagePipeline`).
 pub fn is_folder(dir: &std::path::Path) -> bool {
     crate::layout::pipeline_class(dir).as_deref() == Some("ZImagePipeline")
-}
-
-/// Bytes `part`'s weights take once loaded with matrices in `dtype`: GGUF blocks as
-/// stored, safetensors tensors at `dtype`'s width.
-fn resident_bytes(part: &Part, dtype: DType) -> Result<u64> {
-    if part.is_gguf() {
-        let f = &part.files[0];
-        return Ok(std::fs::metadata(f)
-            .map_err(|e| EngineError::file(f, e))?
-            .len());
-    }
-    let files = SafetensorFiles::open(&part.files)?;
-    Ok(files
-        .names()
-        .filter_map(|n| files.stored(n))
-        .map(|(shape, _)| shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64)
-        .sum())
-}
-
-/// The dtype to load `files` in, within `budget`: the one asked for, or for `Auto` f32 when
-/// it fits, else bf16; refused when even that is over the budget.
-fn choose_dtype(files: &ZImageFiles, choice: DTypeChoice, budget: Option<u64>) -> Result<DType> {
-    let bytes = |dtype: DType| -> Result<u64> {
-        let mut total = 0;
-        for part in [&files.text_encoder, &files.transformer] {
-            total += resident_bytes(part, dtype)?;
-        }
-        Ok(total + resident_bytes(&files.vae, DType::F32)?)
-    };
-    let fits = |dtype: DType| -> Result<(bool, u64)> {
-        let b = bytes(dtype)?;
-        Ok((budget.is_none_or(|budget| b <= budget), b))
-    };
-    let dtype = match choice {
-        DTypeChoice::Auto => match fits(DType::F32)? {
-            (true, _) => DType::F32,
-            (false, _) => DType::BF16,
-        },
-        DTypeChoice::F32 => DType::F32,
-        DTypeChoice::Bf16 => DType::BF16,
-        DTypeChoice::F16 => DType::F16,
-    };
-    let (ok, needed) = fits(dtype)?;
-    if !ok {
-        let budget = budget.unwrap_or_default();
-        return Err(EngineError::OutOfMemory {
-            message: format!(
-                "Z-Image from {} needs about {} in {}, over the memory budget of {}; use a \
-                 quantized transformer (a GGUF file), or raise memory_budget",
-                files.transformer.files[0].display(),
-                crate::inspect::human_bytes(needed),
-                crate::device::dtype_name(dtype),
-                crate::inspect::human_bytes(budget)
-            ),
-        });
-    }
-    Ok(dtype)
 }
 
 impl ZImagePipeline {
@@ -141,18 +91,23 @@ impl ZImagePipeline {
     /// Loads `files` on the CPU as `options` say.
     pub fn load_files(files: &ZImageFiles, options: ZImageOptions) -> Result<Self> {
         let device = Device::Cpu;
-        let dtype = choose_dtype(files, options.dtype, options.memory_budget)?;
+        let plan = super::memory::plan(files, options.dtype, options.memory_budget)?;
+        let dtype = plan.dtype;
         let tokenizer = super::tokenizer::load(files.tokenizer.as_deref())?;
-
         let encoder = TextEncoder::open(&files.text_encoder, dtype, &device)?;
+        let hidden = encoder.hidden();
+        // Staged, the encoder is dropped once read: the transformer loads next.
+        let encoder = (!plan.staged).then_some(encoder);
+        if encoder.is_none() {
+            crate::heap::release_freed_memory();
+        }
         let (transformer, config) = Transformer::open(&files.transformer, dtype, &device)?;
-        if config.cap_feat_dim != encoder.hidden() {
+        if config.cap_feat_dim != hidden {
             return Err(EngineError::load(
                 "Z-Image",
                 format!(
-                    "the transformer reads features of width {}, the text encoder makes {}",
-                    config.cap_feat_dim,
-                    encoder.hidden()
+                    "the transformer reads features of width {}, the text encoder makes {hidden}",
+                    config.cap_feat_dim
                 ),
             ));
         }
@@ -161,7 +116,7 @@ impl ZImagePipeline {
             crate::device::describe(&device),
             crate::device::dtype_name(dtype)
         );
-        tracing::info!(device = %runs_on, layout = files.layout, "loaded Z-Image");
+        tracing::info!(device = %runs_on, layout = files.layout, staged = plan.staged, "loaded Z-Image");
         let vae = Vae::load(&files.vae, DType::F32, &device)?;
         let shift = files
             .scheduler
@@ -173,7 +128,11 @@ impl ZImagePipeline {
         Ok(Self {
             tokenizer,
             encoder,
-            transformer,
+            transformer: Some(transformer),
+            staged: plan.staged,
+            files: files.clone(),
+            dtype,
+            parts: super::memory::parts(files, plan)?,
             vae,
             vae_part: files.vae.clone(),
             image_encoder: None,
@@ -213,7 +172,11 @@ impl ZImagePipeline {
                     .map_err(|e| EngineError::load("tokenizer", e.to_string()))?
             }
         };
-        let features = self.encoder.forward(ids, &self.device)?;
+        let encoder = self
+            .encoder
+            .as_ref()
+            .ok_or_else(|| EngineError::load("text encoder", "staged out"))?;
+        let features = encoder.forward(ids, &self.device)?;
         Ok((
             features,
             PromptInfo {
@@ -314,6 +277,8 @@ impl ZImagePipeline {
             // The model predicts clean minus noise at 1 - sigma; the pipeline negates it.
             let v = self
                 .transformer
+                .as_ref()
+                .ok_or_else(|| EngineError::load("transformer", "staged out"))?
                 .forward(&x.unsqueeze(1)?, 1.0 - pair[0], caption)?
                 .squeeze(1)?;
             let clean = (&x + (&v * pair[0])?)?;
@@ -338,6 +303,34 @@ impl ZImagePipeline {
             .ok_or_else(|| EngineError::load("vae", "decoded no image"))
     }
 
+    /// Loads the text encoder if it is staged out (the transformer making room).
+    fn stage_encoder(&mut self) -> Result<()> {
+        if self.encoder.is_none() {
+            self.transformer = None;
+            crate::heap::release_freed_memory();
+            let encoder = TextEncoder::open(&self.files.text_encoder, self.dtype, &self.device)?;
+            self.encoder = Some(encoder);
+        }
+        Ok(())
+    }
+
+    /// Loads the transformer if it is staged out (the text encoder making room).
+    fn stage_transformer(&mut self) -> Result<()> {
+        if self.transformer.is_none() {
+            self.encoder = None;
+            crate::heap::release_freed_memory();
+            let (transformer, _) =
+                Transformer::open(&self.files.transformer, self.dtype, &self.device)?;
+            self.transformer = Some(transformer);
+        }
+        Ok(())
+    }
+
+    /// Whether the text encoder and the transformer take turns.
+    pub fn staged(&self) -> bool {
+        self.staged
+    }
+
     fn run(
         &mut self,
         req: &GenerationRequest,
@@ -350,7 +343,9 @@ impl ZImagePipeline {
         }
         let mut phases = Phases::default();
         let started = Instant::now();
+        self.stage_encoder()?;
         let (caption, prompt) = self.encode_prompt(&req.prompt)?;
+        self.stage_transformer()?;
         let edit = match &req.edit {
             Some(edit) => Some(self.prepare_edit(edit, req.width, req.height, req.steps)?),
             None => None,
@@ -439,6 +434,10 @@ impl Pipeline for ZImagePipeline {
             default_guidance: None,
             takes_negative_prompt: false,
         }
+    }
+
+    fn memory(&self) -> Vec<PartMemory> {
+        self.parts.clone()
     }
 
     fn device(&self) -> Option<String> {

@@ -151,30 +151,103 @@ fn bf16_weights_stay_within_the_half_precision_bound() {
     );
 }
 
-/// `Auto` picks f32 when it fits the budget and bf16 when only that fits; a budget below
-/// even bf16 is refused before loading, naming what it needs.
+/// The memory plan: `Auto` takes f32 resident when it fits the budget, then bf16 resident,
+/// then bf16 with the text encoder and transformer taking turns; an explicit dtype is kept
+/// and staged when it must be; below all of them the model is refused before loading,
+/// naming what it needs.
 #[test]
-fn auto_dtype_narrows_to_fit_the_memory_budget() {
+fn the_memory_plan_narrows_then_stages_to_fit_the_budget() {
+    use pictor_engine::zimage::memory::{Plan, needs, plan};
     let files = ZImageFiles::diffusers(&data("tiny-z-image-turbo")).expect("folder");
-    let with = |budget: u64| {
-        ZImagePipeline::load_files(
-            &files,
-            ZImageOptions {
-                dtype: DTypeChoice::Auto,
-                memory_budget: Some(budget),
-            },
-        )
-    };
-    let device = |p: ZImagePipeline| pictor_core::Pipeline::device(&p).unwrap_or_default();
-    assert_eq!(device(with(50_000_000).expect("fits")), "cpu f32");
-    // The fixture: about 7.2 MB in f32, 5.7 MB with bf16 matrices (the autoencoder stays
-    // f32).
-    assert_eq!(device(with(6_000_000).expect("fits in bf16")), "cpu bf16");
-    let err = with(1_000_000).err().expect("refused").to_string();
+    let p = |dtype, staged| Plan { dtype, staged };
+    let need = |plan: Plan| needs(&files, plan).expect("sizes");
+    let (f32_all, bf16_all, bf16_turns, f32_turns) = (
+        need(p(DType::F32, false)),
+        need(p(DType::BF16, false)),
+        need(p(DType::BF16, true)),
+        need(p(DType::F32, true)),
+    );
+    assert!(f32_all > bf16_all && bf16_all > bf16_turns && f32_all > f32_turns);
+    let auto = |budget| plan(&files, DTypeChoice::Auto, Some(budget));
+    assert_eq!(auto(f32_all).unwrap(), p(DType::F32, false));
+    assert_eq!(auto(f32_all - 1).unwrap(), p(DType::BF16, false));
+    assert_eq!(auto(bf16_all - 1).unwrap(), p(DType::BF16, true));
+    let explicit = plan(&files, DTypeChoice::F32, Some(f32_all - 1)).unwrap();
+    assert_eq!(explicit, p(DType::F32, true));
+    let err = auto(bf16_turns - 1).expect_err("refused").to_string();
     assert!(
         err.contains("memory budget") && err.contains("GGUF"),
         "{err}"
     );
+    let err = ZImagePipeline::load_files(
+        &files,
+        ZImageOptions {
+            dtype: DTypeChoice::Auto,
+            memory_budget: Some(bf16_turns - 1),
+        },
+    )
+    .err()
+    .expect("refused before loading")
+    .to_string();
+    assert!(err.contains("taking turns"), "{err}");
+}
+
+/// Staged, the text encoder and the transformer take turns for each request and draw what
+/// the resident pipeline draws, request after request.
+#[test]
+fn a_staged_pipeline_draws_what_a_resident_one_draws() {
+    use pictor_core::{Control, GenerationRequest, Pipeline};
+    use pictor_engine::zimage::memory::{Plan, needs};
+    let files = ZImageFiles::diffusers(&data("tiny-z-image-turbo")).expect("folder");
+    let turns = needs(
+        &files,
+        Plan {
+            dtype: DType::F32,
+            staged: true,
+        },
+    )
+    .unwrap();
+    let load = |budget| {
+        ZImagePipeline::load_files(
+            &files,
+            ZImageOptions {
+                dtype: DTypeChoice::F32,
+                memory_budget: budget,
+            },
+        )
+        .expect("loads")
+    };
+    let (mut resident, mut staged) = (load(None), load(Some(turns)));
+    assert!(!resident.staged() && staged.staged());
+    let taking_turns: Vec<&str> = staged
+        .memory()
+        .iter()
+        .filter(|m| !m.resident)
+        .map(|m| m.part)
+        .collect();
+    assert_eq!(taking_turns, ["text_encoder", "transformer"]);
+    assert!(resident.memory().iter().all(|m| m.resident));
+    let req = |prompt: &str| GenerationRequest {
+        prompt: prompt.into(),
+        width: 64,
+        height: 48,
+        steps: 2,
+        guidance: None,
+        seed: 3,
+        n: 1,
+        previews: 0,
+        edit: None,
+    };
+    for prompt in ["a green star", "a red circle"] {
+        let draw = |p: &mut ZImagePipeline| {
+            p.generate_batch(&[req(prompt)], &mut |_| Control::Continue)
+                .expect("draws")
+                .remove(0)
+                .images
+                .remove(0)
+        };
+        assert_eq!(draw(&mut staged), draw(&mut resident), "{prompt}");
+    }
 }
 
 /// A transformer file alone: the missing part is named.
