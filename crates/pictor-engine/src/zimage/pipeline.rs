@@ -95,19 +95,22 @@ impl ZImagePipeline {
         let dtype = plan.dtype;
         let tokenizer = super::tokenizer::load(files.tokenizer.as_deref())?;
         let encoder = TextEncoder::open(&files.text_encoder, dtype, &device)?;
-        let hidden = encoder.hidden();
-        // Staged, the encoder is dropped once read: the transformer loads next.
-        let encoder = (!plan.staged).then_some(encoder);
-        if encoder.is_none() {
-            crate::heap::release_freed_memory();
-        }
-        let (transformer, config) = Transformer::open(&files.transformer, dtype, &device)?;
-        if config.cap_feat_dim != hidden {
+        // Staged, the encoder stays for the first request and the transformer is read from
+        // its headers alone, to be loaded when that request has been encoded.
+        let (transformer, config) = match plan.staged {
+            true => (None, files.transformer_config()?),
+            false => {
+                let (t, c) = Transformer::open(&files.transformer, dtype, &device)?;
+                (Some(t), c)
+            }
+        };
+        if config.cap_feat_dim != encoder.hidden() {
             return Err(EngineError::load(
                 "Z-Image",
                 format!(
-                    "the transformer reads features of width {}, the text encoder makes {hidden}",
-                    config.cap_feat_dim
+                    "the transformer reads features of width {}, the text encoder makes {}",
+                    config.cap_feat_dim,
+                    encoder.hidden()
                 ),
             ));
         }
@@ -127,8 +130,8 @@ impl ZImagePipeline {
         crate::heap::release_freed_memory();
         Ok(Self {
             tokenizer,
-            encoder,
-            transformer: Some(transformer),
+            encoder: Some(encoder),
+            transformer,
             staged: plan.staged,
             files: files.clone(),
             dtype,
