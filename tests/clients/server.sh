@@ -20,6 +20,10 @@ min_side = 32
 path = "$root/tests/data/tiny-flux-dev"
 default_size = "64x64"
 min_side = 32
+[models.tiny-z-image]
+path = "$root/tests/data/tiny-z-image-turbo-split/z_image_turbo-Q8_0.gguf"
+default_size = "64x64"
+min_side = 32
 TOML
 key="$("$bin" --config "$dir/pictor.toml" keys create --name sdk-tests 2>"$dir/keys.log")" || { cat "$dir/keys.log" >&2; exit 1; }
 "$bin" --config "$dir/pictor.toml" serve > "$dir/serve.log" 2>&1 &

@@ -65,6 +65,26 @@ def test_a_dev_model_takes_guidance_through_extra_body(server):
     assert rules[MODEL]["family"] == "FLUX.1-schnell" and rules[MODEL]["guidance"] is False
 
 
+def test_a_z_image_model_from_split_gguf_files_generates_and_edits(server):
+    # tiny-z-image: ComfyUI's split layout with a Q8_0 GGUF transformer (tests/clients/server.sh).
+    c = client(server)
+    rules = {m.id: m.model_extra.get("rules") for m in c.models.list()}
+    assert rules["tiny-z-image"]["family"] == "Z-Image-Turbo" and rules["tiny-z-image"]["guidance"] is False
+    kw = dict(model="tiny-z-image", prompt="a red circle", size="64x64", response_format="b64_json",
+              extra_body={"seed": 5, "steps": 2})
+    first = c.images.generate(**kw).data[0]
+    assert png_size(base64.b64decode(first.b64_json)) == (64, 64)
+    assert first.b64_json == c.images.generate(**kw).data[0].b64_json
+    edited = c.images.edit(model="tiny-z-image", image=("in.png", base64.b64decode(first.b64_json), "image/png"),
+                           prompt="a blue circle", response_format="b64_json",
+                           extra_body={"seed": 5, "steps": 4, "strength": 0.5}).data[0]
+    assert edited.model_extra["strength"] == 0.5
+    assert edited.b64_json != first.b64_json
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(**{**kw, "extra_body": {"guidance_scale": 2.0}})
+    assert e.value.param == "guidance_scale"
+
+
 def test_bad_key_is_authentication_error(server):
     c = OpenAI(base_url=server["url"] + "/v1", api_key="sk-wrong")
     with pytest.raises(openai.AuthenticationError) as e:
