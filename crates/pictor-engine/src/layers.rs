@@ -216,6 +216,35 @@ pub(crate) enum Weights {
 }
 
 impl Weights {
+    /// Whether canonical `name` exists.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Dense(w) => w.contains(name),
+            Self::Quantized(w) => w.contains(name),
+        }
+    }
+
+    /// The shape canonical `name` has, from the headers alone.
+    pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Self::Dense(w) => w.shape(name),
+            Self::Quantized(w) => w.shape(name),
+        }
+    }
+
+    /// Canonical `name` in f32 on the CPU (a GGUF tensor's file pages handed back after).
+    pub(crate) fn f32(&self, name: &str) -> Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.load(name, DType::F32, &Device::Cpu),
+            Self::Quantized(w) => {
+                let shape = w.shape(name).unwrap_or_default();
+                let t = w.get(name, &shape)?.dequantize(&Device::Cpu)?;
+                w.release(name);
+                Ok(t)
+            }
+        }
+    }
+
     /// Where layers come from when the weights are kept in `dtype` on `device`. On the CPU
     /// a half dtype is a storage format: the weight matrices stay half the size and the
     /// arithmetic runs in f32 on the CPU kernels, which widen each matrix block by block,

@@ -206,8 +206,19 @@ pub(crate) fn parts_in<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Foun
         .collect()
 }
 
+/// Whether some name in `names` is `sign` after a prefix that ends at a dot (or none):
+/// `model.diffusion_model.x_pad_token` has `x_pad_token`, `cap_pad_token` has not `pad_token`.
+pub(crate) fn has_name(names: &[String], sign: &str) -> bool {
+    names.iter().any(|n| ends_with_name(n, sign))
+}
+
+fn ends_with_name(name: &str, sign: &str) -> bool {
+    name.strip_suffix(sign)
+        .is_some_and(|p| p.is_empty() || p.ends_with('.'))
+}
+
 /// A weight file's tensor names, from its header, sorted.
-fn names_in_file(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn names_in_file(path: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = if has_ext(path, "gguf") {
         GgufFile::open(path)?.names().map(str::to_string).collect()
     } else {
@@ -247,6 +258,13 @@ fn config_kind(path: &Path) -> Option<Kind> {
 fn has_ext(path: &Path, ext: &str) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+}
+
+/// The weight files (`.safetensors`, `.gguf`) at the top of `dir`, sorted.
+pub(crate) fn weight_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = list_files(dir)?;
+    files.retain(|p| has_ext(p, "safetensors") || has_ext(p, "gguf"));
+    Ok(files)
 }
 
 fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -468,11 +486,9 @@ fn unknown_layout(path: &Path, names: &[String]) -> EngineError {
 /// The other family whose names `names` hold, if any.
 fn other_family(names: &[String]) -> Option<&'static str> {
     names.iter().find_map(|n| {
-        OTHER_FAMILIES.iter().find_map(|(sign, family)| {
-            n.strip_suffix(sign)
-                .is_some_and(|p| p.is_empty() || p.ends_with('.'))
-                .then_some(*family)
-        })
+        OTHER_FAMILIES
+            .iter()
+            .find_map(|(sign, family)| ends_with_name(n, sign).then_some(*family))
     })
 }
 
@@ -498,10 +514,7 @@ struct TopLevel(Vec<(PathBuf, Vec<Kind>)>);
 impl TopLevel {
     fn scan(dir: &Path) -> Result<Self> {
         let mut found = Vec::new();
-        for path in list_files(dir)? {
-            if !(has_ext(&path, "safetensors") || has_ext(&path, "gguf")) {
-                continue;
-            }
+        for path in weight_files_in(dir)? {
             let kinds: Vec<Kind> = parts_in_file(&path)?.iter().map(|f| f.kind).collect();
             if !kinds.is_empty() {
                 found.push((path, kinds));

@@ -16,18 +16,16 @@
 
 use std::{collections::BTreeMap, path::Path, str::FromStr};
 
-use candle_core::{DType, Device, Tensor, quantized::GgmlDType, quantized::QTensor};
+use candle_core::{Device, Tensor, quantized::GgmlDType, quantized::QTensor};
 use rayon::prelude::*;
 
 use crate::{
     error::{EngineError, Result},
     flux::{config, model, transformer},
+    layers::Weights,
     layout::Part,
     text::{self, t5},
-    weights::{
-        MappedWeights, QWeights,
-        gguf_write::{GgufWriter, MetaValue, TensorEntry},
-    },
+    weights::gguf_write::{GgufWriter, MetaValue, TensorEntry},
     zimage,
 };
 
@@ -152,26 +150,6 @@ pub struct Summary {
     pub bytes: u64,
     /// Tensor count and bytes per storage type.
     pub by_type: BTreeMap<String, (usize, u64)>,
-}
-
-/// Where the tensors come from, by canonical name.
-enum Reader {
-    Dense(MappedWeights),
-    Gguf(QWeights),
-}
-
-impl Reader {
-    fn f32(&self, name: &str) -> Result<Tensor> {
-        match self {
-            Self::Dense(w) => w.load(name, DType::F32, &Device::Cpu),
-            Self::Gguf(w) => {
-                let shape = w.shape(name).unwrap_or_default();
-                let t = w.get(name, &shape)?.dequantize(&Device::Cpu)?;
-                w.release(name);
-                Ok(t)
-            }
-        }
-    }
 }
 
 /// One output tensor: canonical name (to read), file name (to write), shape and type.
@@ -304,13 +282,10 @@ pub fn quantize(
     ];
     let (reader, plan) = match component {
         Component::Transformer => {
-            let reader = match transformer::open(part, &Device::Cpu)? {
-                crate::layers::Weights::Dense(w) => Reader::Dense(w),
-                crate::layers::Weights::Quantized(w) => Reader::Gguf(w),
-            };
+            let reader = transformer::open(part, &Device::Cpu)?;
             let cfg = match &reader {
-                Reader::Dense(w) => config::transformer(w, part)?.config,
-                Reader::Gguf(w) => config::transformer(w, part)?.config,
+                Weights::Dense(w) => config::transformer(w, part)?.config,
+                Weights::Quantized(w) => config::transformer(w, part)?.config,
             };
             meta.insert(0, ("general.architecture", MetaValue::Str("flux".into())));
             meta.push(("general.name", MetaValue::Str("FLUX.1-schnell".into())));
@@ -322,18 +297,11 @@ pub fn quantize(
             )
         }
         Component::ZImageTransformer => {
-            let weights = zimage::transformer::open_weights(part, &Device::Cpu)?;
-            let cfg = zimage::transformer::config_of(part, &weights)?;
-            let reader = match weights {
-                crate::layers::Weights::Dense(w) => Reader::Dense(w),
-                crate::layers::Weights::Quantized(w) => Reader::Gguf(w),
-            };
+            let reader = zimage::transformer::open_weights(part, &Device::Cpu)?;
+            let cfg = zimage::transformer::config_of(part, &reader)?;
             let names = zimage::transformer::tensor_names(&cfg)
                 .into_iter()
-                .filter(|(n, _)| match &reader {
-                    Reader::Dense(w) => w.contains(n),
-                    Reader::Gguf(w) => w.contains(n),
-                })
+                .filter(|(n, _)| reader.contains(n))
                 .collect();
             // ComfyUI-GGUF's architecture name for Z-Image's (Lumina 2's) network.
             meta.insert(
@@ -344,14 +312,8 @@ pub fn quantize(
             (reader, blocks_plan(names, &ZIMAGE_KEEP, target))
         }
         Component::T5 => {
-            let reader = match text::open_t5(part, &Device::Cpu)? {
-                text::T5Weights::Dense(w) => Reader::Dense(w),
-                text::T5Weights::Quantized(w) => Reader::Gguf(w),
-            };
-            let shape_of = |n: &str| match &reader {
-                Reader::Dense(w) => w.shape(n),
-                Reader::Gguf(w) => w.shape(n),
-            };
+            let reader = text::open_t5(part, &Device::Cpu)?;
+            let shape_of = |n: &str| reader.shape(n);
             let cfg = t5::infer_config(&shape_of, &part.files[0])?;
             meta.insert(
                 0,

@@ -15,8 +15,9 @@ pub use tokenize::{FixedLengthTokenizer, Tokens};
 
 use crate::{
     error::{EngineError, Result},
+    layers::Weights,
     layout::Part,
-    weights::{GgufFile, MappedWeights, QWeights, SafetensorFiles, Scheme},
+    weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
@@ -138,10 +139,8 @@ pub fn clip_width(part: &Part) -> Result<usize> {
 
 /// The width of the token embeddings a T5 part gives, read without loading it.
 pub fn t5_width(part: &Part) -> Result<usize> {
-    let config = match open_t5(part, &Device::Cpu)? {
-        T5Weights::Dense(weights) => t5_config(part, &|n| weights.shape(n))?,
-        T5Weights::Quantized(weights) => t5_config(part, &|n| weights.shape(n))?,
-    };
+    let weights = open_t5(part, &Device::Cpu)?;
+    let config = t5_config(part, &|n| weights.shape(n))?;
     Ok(config.d_model)
 }
 
@@ -215,18 +214,10 @@ fn t5_config(
     }
 }
 
-/// A T5 encoder's weights, opened but not yet read.
-pub(crate) enum T5Weights {
-    /// Safetensors, transformers names, any prefix.
-    Dense(MappedWeights),
-    /// GGUF (llama.cpp or transformers names), mapped, by transformers name.
-    Quantized(QWeights),
-}
-
 /// Opens a T5 part in whichever layout it is.
-pub(crate) fn open_t5(part: &Part, device: &Device) -> Result<T5Weights> {
+pub(crate) fn open_t5(part: &Part, device: &Device) -> Result<Weights> {
     if !part.is_gguf() {
-        return Ok(T5Weights::Dense(open(part, T5_ANCHOR, "T5 encoder")?));
+        return Ok(Weights::Dense(open(part, T5_ANCHOR, "T5 encoder")?));
     }
     let gguf = GgufFile::open(&part.files[0])?;
     let prefix_of = |anchor: &str| {
@@ -253,7 +244,7 @@ pub(crate) fn open_t5(part: &Part, device: &Device) -> Result<T5Weights> {
             ),
         });
     };
-    Ok(T5Weights::Quantized(weights))
+    Ok(Weights::Quantized(weights))
 }
 
 impl T5Encoder {
@@ -261,11 +252,11 @@ impl T5Encoder {
     /// `config.json`) or GGUF (llama.cpp or transformers names).
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
         let model = match open_t5(part, device)? {
-            T5Weights::Dense(weights) => {
+            Weights::Dense(weights) => {
                 let config = t5_config(part, &|n| weights.shape(n))?;
                 t5::T5::load_dense(&weights.var_builder(dtype, device), &config)?
             }
-            T5Weights::Quantized(weights) => {
+            Weights::Quantized(weights) => {
                 let config = t5_config(part, &|n| weights.shape(n))?;
                 t5::T5::load_quantized(&weights, &config)?
             }

@@ -19,8 +19,7 @@ use super::{
 };
 use crate::{
     error::{EngineError, Result},
-    layout::{self, Part},
-    weights::{GgufFile, SafetensorFiles},
+    layout::{self, Part, has_name},
 };
 
 /// Each part of a Z-Image model.
@@ -55,13 +54,13 @@ impl ZImageFiles {
     /// its transformer files), or `None` when `path` holds another family.
     pub fn find(path: &Path) -> Result<Option<Self>> {
         if path.is_dir() {
-            if super::is_folder(path) {
+            if is_folder(path) {
                 return Self::diffusers(path).map(Some);
             }
             if layout::pipeline_class(path).is_some() {
                 return Ok(None);
             }
-            let transformers: Vec<PathBuf> = weight_files_in(path)?
+            let transformers: Vec<PathBuf> = layout::weight_files_in(path)?
                 .into_iter()
                 .filter(|f| is_transformer(f).unwrap_or(false))
                 .collect();
@@ -103,14 +102,16 @@ impl ZImageFiles {
             _ => Path::new("."),
         };
         let (mut encoders, mut vaes, mut llama) = (Vec::new(), Vec::new(), Vec::new());
-        for f in weight_files_in(dir)? {
+        for f in layout::weight_files_in(dir)? {
             if f == file {
                 continue;
             }
-            let names = names(&f)?;
-            if has(&names, encoder::ANCHOR) && has(&names, "embed_tokens.weight") {
+            let names = layout::names_in_file(&f)?;
+            if has_name(&names, encoder::ANCHOR) && has_name(&names, "embed_tokens.weight") {
                 encoders.push(f);
-            } else if has(&names, "blk.0.attn_q_norm.weight") && has(&names, "token_embd.weight") {
+            } else if has_name(&names, "blk.0.attn_q_norm.weight")
+                && has_name(&names, "token_embd.weight")
+            {
                 llama.push(f);
             } else if layout::parts_in(names.iter().map(String::as_str))
                 .first()
@@ -193,51 +194,14 @@ fn listed(paths: &[PathBuf]) -> String {
     shown.join(", ")
 }
 
-/// The `.safetensors` and `.gguf` files at the top of `dir`, sorted.
-fn weight_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::file(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().is_some_and(|x| {
-                    x.eq_ignore_ascii_case("safetensors") || x.eq_ignore_ascii_case("gguf")
-                })
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// The tensor names of one weight file.
-fn names(file: &Path) -> Result<Vec<String>> {
-    let gguf = file
-        .extension()
-        .is_some_and(|x| x.eq_ignore_ascii_case("gguf"));
-    Ok(if gguf {
-        GgufFile::open(file)?.names().map(str::to_string).collect()
-    } else {
-        SafetensorFiles::open(&[file.to_path_buf()])?
-            .names()
-            .map(str::to_string)
-            .collect()
-    })
-}
-
-/// Whether some name in `names` is `sign` after a prefix ending at a dot (or none).
-fn has(names: &[String], sign: &str) -> bool {
-    names.iter().any(|n| {
-        n.strip_suffix(sign)
-            .is_some_and(|p| p.is_empty() || p.ends_with('.'))
-    })
-}
-
-/// Whether `names` are a Z-Image transformer's, in either spelling.
-pub(crate) fn names_are_transformer(names: &[String]) -> bool {
-    (has(names, ORIGINAL) || has(names, DIFFUSERS)) && has(names, PAD)
-}
-
-/// Whether `file` holds a Z-Image transformer.
+/// Whether `file` holds a Z-Image transformer, in either spelling.
 pub fn is_transformer(file: &Path) -> Result<bool> {
-    Ok(names_are_transformer(&names(file)?))
+    let names = layout::names_in_file(file)?;
+    Ok((has_name(&names, ORIGINAL) || has_name(&names, DIFFUSERS)) && has_name(&names, PAD))
+}
+
+/// Whether `dir` is a diffusers Z-Image folder (its `model_index.json` names
+/// `ZImagePipeline`).
+pub fn is_folder(dir: &Path) -> bool {
+    layout::pipeline_class(dir).as_deref() == Some("ZImagePipeline")
 }

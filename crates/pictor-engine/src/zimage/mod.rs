@@ -18,8 +18,8 @@ pub mod pipeline;
 pub mod tokenizer;
 pub mod transformer;
 
-pub use files::ZImageFiles;
-pub use pipeline::{ZImageOptions, ZImagePipeline, is_folder};
+pub use files::{ZImageFiles, is_folder};
+pub use pipeline::{ZImageOptions, ZImagePipeline};
 
 /// What the text encoder reads for `prompt`: Qwen3's chat template for one user message
 /// with a generation prompt, as diffusers renders it with `enable_thinking=True` (no think
