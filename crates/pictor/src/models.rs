@@ -84,15 +84,15 @@ fn inspect_zimage(spec: &str, files: &pictor_engine::zimage::ZImageFiles) -> any
     for file in files.weight_files() {
         let bytes = std::fs::metadata(&file)?.len();
         total += bytes;
-        println!("  {} ({:.1} MB)", file.display(), bytes as f64 / 1e6);
+        println!("  {} ({})", file.display(), human_bytes(bytes));
     }
     match &files.tokenizer {
         Some(t) => println!("  tokenizer: {}", t.display()),
         None => println!("  tokenizer: Qwen's, built into Pictor"),
     }
     println!(
-        "{spec}: a complete Z-Image-Turbo model, {:.1} MB on disk (served on the CPU)",
-        total as f64 / 1e6
+        "{spec}: a complete Z-Image-Turbo model, {} on disk (served on the CPU)",
+        human_bytes(total)
     );
     Ok(())
 }
@@ -189,11 +189,10 @@ fn describe(label: &str, part: &Part) -> String {
 /// Runs `pictor quantize`.
 pub fn quantize_command(args: QuantizeArgs) -> anyhow::Result<()> {
     let path = Path::new(&args.input);
+    // Z-Image has one network to quantize, its transformer.
     let zimage = match args.part {
-        None | Some(Component::Transformer | Component::ZImageTransformer) => {
-            pictor_engine::zimage::ZImageFiles::find_spec(&args.input)?
-        }
-        Some(_) => None,
+        Some(Component::T5) => None,
+        _ => pictor_engine::zimage::ZImageFiles::find_spec(&args.input)?,
     };
     let (part, component) = if let Some(files) = zimage {
         (files.transformer, Component::ZImageTransformer)

@@ -1,6 +1,7 @@
 //! `quantize = "q8_0"` in a model's config: the transformer and T5 (Z-Image: its
-//! transformer), when not GGUF already, are converted once into `<data_dir>/cache/quantized/` (named by the source
-//! files' paths, sizes and times, so a changed source is converted again) and the model
+//! transformer), when not GGUF already, are converted once into
+//! `<data_dir>/cache/quantized/` (named by the source files' paths, sizes and times, so a
+//! changed source is converted again) and the model
 //! runs from the copies. A bf16 FLUX.1-schnell (23.8 GB) then runs from 12.7 GB (Q8_0) or
 //! 6.8 GB (Q4_K) on a machine that could not hold it.
 

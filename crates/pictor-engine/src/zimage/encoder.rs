@@ -22,6 +22,10 @@ use crate::{
 /// A name only Qwen3's text stack has (its per-head query norm), to find its prefix.
 pub(crate) const ANCHOR: &str = "layers.0.self_attn.q_norm.weight";
 
+/// Qwen3's RMS norms' epsilon and RoPE base, where a config does not say.
+const QWEN3_EPS: f64 = 1e-6;
+const QWEN3_ROPE_THETA: f64 = 1e6;
+
 /// Qwen3's hyper-parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
@@ -70,8 +74,8 @@ impl EncoderConfig {
             eps: json
                 .get("rms_norm_eps")
                 .and_then(serde_json::Value::as_f64)
-                .unwrap_or(1e-6),
-            rope_theta: theta.unwrap_or(1e6),
+                .unwrap_or(QWEN3_EPS),
+            rope_theta: theta.unwrap_or(QWEN3_ROPE_THETA),
         })
     }
 
@@ -101,8 +105,8 @@ impl EncoderConfig {
             kv_heads: rows("layers.0.self_attn.k_proj.weight")? / head_dim,
             head_dim,
             intermediate: rows("layers.0.mlp.gate_proj.weight")?,
-            eps: 1e-6,
-            rope_theta: 1e6,
+            eps: QWEN3_EPS,
+            rope_theta: QWEN3_ROPE_THETA,
         })
     }
 }

@@ -45,7 +45,7 @@ fn resident_bytes(part: &Part, dtype: DType) -> Result<u64> {
 
 /// Each part's memory once loaded as `plan` says (the text encoder and the transformer
 /// not resident when staged).
-pub fn parts(files: &ZImageFiles, plan: Plan) -> Result<Vec<PartMemory>> {
+fn parts(files: &ZImageFiles, plan: Plan) -> Result<Vec<PartMemory>> {
     let part = |name: &'static str, part: &Part, dtype: DType, resident: bool| {
         let storage = match part.is_gguf() {
             true => "GGUF blocks, as stored".to_string(),
@@ -59,61 +59,59 @@ pub fn parts(files: &ZImageFiles, plan: Plan) -> Result<Vec<PartMemory>> {
             device: "cpu".into(),
         })
     };
+    let turns = !plan.staged;
     Ok(vec![
-        part(
-            "text_encoder",
-            &files.text_encoder,
-            plan.dtype,
-            !plan.staged,
-        )?,
-        part("transformer", &files.transformer, plan.dtype, !plan.staged)?,
+        part("text_encoder", &files.text_encoder, plan.dtype, turns)?,
+        part("transformer", &files.transformer, plan.dtype, turns)?,
         part("vae", &files.vae, DType::F32, true)?,
     ])
+}
+
+/// Bytes `parts` need at their peak: the resident ones, the larger of those taking turns,
+/// and the working memory.
+fn peak(parts: &[PartMemory]) -> u64 {
+    let resident: u64 = parts.iter().filter(|p| p.resident).map(|p| p.bytes).sum();
+    let turns = parts.iter().filter(|p| !p.resident).map(|p| p.bytes).max();
+    resident + turns.unwrap_or(0) + WORKING_BYTES
 }
 
 /// Bytes loading `files` as `plan` says needs at its peak: the autoencoder, the text
 /// encoder and the transformer (or the larger of the two when staged), and the working
 /// memory.
 pub fn needs(files: &ZImageFiles, plan: Plan) -> Result<u64> {
-    let parts = parts(files, plan)?;
-    let resident: u64 = parts.iter().filter(|p| p.resident).map(|p| p.bytes).sum();
-    let turns = parts.iter().filter(|p| !p.resident).map(|p| p.bytes).max();
-    Ok(resident + turns.unwrap_or(0) + WORKING_BYTES)
+    Ok(peak(&parts(files, plan)?))
 }
 
-/// How to load `files` within `budget` (`None`: no limit, everything resident). `Auto`
-/// prefers f32 resident, then bf16 resident, then bf16 staged; an explicit dtype is kept,
-/// resident or else staged.
-pub fn plan(files: &ZImageFiles, choice: DTypeChoice, budget: Option<u64>) -> Result<Plan> {
-    let dtypes: &[DType] = match choice {
-        DTypeChoice::Auto if budget.is_none() => &[DType::F32],
-        DTypeChoice::Auto => &[DType::F32, DType::BF16],
-        DTypeChoice::F32 => &[DType::F32],
-        DTypeChoice::Bf16 => &[DType::BF16],
-        DTypeChoice::F16 => &[DType::F16],
+/// How to load `files` within `budget` (`None`: no limit, everything resident), with each
+/// part's memory under that plan. `Auto` prefers f32 resident, then bf16 resident, then
+/// bf16 staged; an explicit dtype is kept, resident or else staged.
+pub fn plan(
+    files: &ZImageFiles,
+    choice: DTypeChoice,
+    budget: Option<u64>,
+) -> Result<(Plan, Vec<PartMemory>)> {
+    let p = |dtype, staged| Plan { dtype, staged };
+    let kept = |dtype| vec![p(dtype, false), p(dtype, true)];
+    let candidates = match choice {
+        DTypeChoice::Auto => vec![
+            p(DType::F32, false),
+            p(DType::BF16, false),
+            p(DType::BF16, true),
+        ],
+        DTypeChoice::F32 => kept(DType::F32),
+        DTypeChoice::Bf16 => kept(DType::BF16),
+        DTypeChoice::F16 => kept(DType::F16),
     };
-    let Some(budget) = budget else {
-        return Ok(Plan {
-            dtype: dtypes[0],
-            staged: false,
-        });
-    };
-    // Resident in every dtype first (Auto's bf16 before staging f32), then staged.
-    let mut last = None;
-    for staged in [false, true] {
-        for &dtype in dtypes {
-            if staged && choice == DTypeChoice::Auto && dtype == DType::F32 {
-                continue;
-            }
-            let plan = Plan { dtype, staged };
-            let bytes = needs(files, plan)?;
-            if bytes <= budget {
-                return Ok(plan);
-            }
-            last = Some((plan, bytes));
+    let mut tried = None;
+    for plan in candidates {
+        let parts = parts(files, plan)?;
+        let bytes = peak(&parts);
+        if budget.is_none_or(|budget| bytes <= budget) {
+            return Ok((plan, parts));
         }
+        tried = Some((plan, bytes));
     }
-    let (plan, bytes) = last.ok_or_else(|| EngineError::load("Z-Image", "no dtype to plan"))?;
+    let (plan, bytes) = tried.ok_or_else(|| EngineError::load("Z-Image", "no plan to try"))?;
     Err(EngineError::OutOfMemory {
         message: format!(
             "Z-Image from {} needs about {} in {} even with its text encoder and transformer \
@@ -122,7 +120,7 @@ pub fn plan(files: &ZImageFiles, choice: DTypeChoice, budget: Option<u64>) -> Re
             files.transformer.files[0].display(),
             human_bytes(bytes),
             crate::device::dtype_name(plan.dtype),
-            human_bytes(budget)
+            human_bytes(budget.unwrap_or_default())
         ),
     })
 }

@@ -27,7 +27,6 @@ use crate::{
         vae::Vae,
     },
     image::to_rgb8,
-    layout::Part,
     noise::gaussian_noise,
 };
 
@@ -60,19 +59,12 @@ pub struct ZImagePipeline {
     /// Each part's memory, as planned.
     parts: Vec<PartMemory>,
     vae: Vae,
-    /// The autoencoder's files, for its encoder, loaded by the first edit.
-    vae_part: Part,
+    /// The autoencoder's encoder, loaded by the first edit.
     image_encoder: Option<Encoder>,
     shift: f64,
     device: Device,
     /// Where it runs and in which dtype, as [`Generation::device`] spells it.
     runs_on: String,
-}
-
-/// Whether `dir` is a diffusers Z-Image folder (its `model_index.json` names
-/// `ZImagePipeline`).
-pub fn is_folder(dir: &std::path::Path) -> bool {
-    crate::layout::pipeline_class(dir).as_deref() == Some("ZImagePipeline")
 }
 
 impl ZImagePipeline {
@@ -91,7 +83,7 @@ impl ZImagePipeline {
     /// Loads `files` on the CPU as `options` say.
     pub fn load_files(files: &ZImageFiles, options: ZImageOptions) -> Result<Self> {
         let device = Device::Cpu;
-        let plan = super::memory::plan(files, options.dtype, options.memory_budget)?;
+        let (plan, parts) = super::memory::plan(files, options.dtype, options.memory_budget)?;
         let dtype = plan.dtype;
         let tokenizer = super::tokenizer::load(files.tokenizer.as_deref())?;
         let encoder = TextEncoder::open(&files.text_encoder, dtype, &device)?;
@@ -135,9 +127,8 @@ impl ZImagePipeline {
             staged: plan.staged,
             files: files.clone(),
             dtype,
-            parts: super::memory::parts(files, plan)?,
+            parts,
             vae,
-            vae_part: files.vae.clone(),
             image_encoder: None,
             shift,
             device,
@@ -236,7 +227,7 @@ impl ZImagePipeline {
     ) -> Result<Prepared> {
         let encoder = match self.image_encoder.take() {
             Some(e) => e,
-            None => Encoder::load(&self.vae_part, DType::F32, &self.device)?,
+            None => Encoder::load(&self.files.vae, DType::F32, &self.device)?,
         };
         let prepared = edit::prepare(&encoder, edit, width, height, steps, &self.device);
         self.image_encoder = Some(encoder);

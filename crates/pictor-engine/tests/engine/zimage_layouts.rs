@@ -168,11 +168,11 @@ fn the_memory_plan_narrows_then_stages_to_fit_the_budget() {
         need(p(DType::F32, true)),
     );
     assert!(f32_all > bf16_all && bf16_all > bf16_turns && f32_all > f32_turns);
-    let auto = |budget| plan(&files, DTypeChoice::Auto, Some(budget));
+    let auto = |budget| plan(&files, DTypeChoice::Auto, Some(budget)).map(|(plan, _)| plan);
     assert_eq!(auto(f32_all).unwrap(), p(DType::F32, false));
     assert_eq!(auto(f32_all - 1).unwrap(), p(DType::BF16, false));
     assert_eq!(auto(bf16_all - 1).unwrap(), p(DType::BF16, true));
-    let explicit = plan(&files, DTypeChoice::F32, Some(f32_all - 1)).unwrap();
+    let explicit = plan(&files, DTypeChoice::F32, Some(f32_all - 1)).unwrap().0;
     assert_eq!(explicit, p(DType::F32, true));
     let err = auto(bf16_turns - 1).expect_err("refused").to_string();
     assert!(
