@@ -142,6 +142,11 @@ impl Config {
         self.dim / self.n_heads
     }
 
+    /// diffusers' FeedForward width: int(dim / 3 * 8), computed in floating point.
+    fn ffn_width(&self) -> usize {
+        (self.dim as f64 / 3.0 * 8.0) as usize
+    }
+
     fn adaln_width(&self) -> usize {
         self.dim.min(ADALN_WIDTH)
     }
@@ -152,7 +157,7 @@ impl Config {
 pub(crate) fn tensor_names(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     let (dim, p, c) = (cfg.dim, cfg.patch(), cfg.in_channels);
     let (hd, adaln, cap) = (cfg.head_dim(), cfg.adaln_width(), cfg.cap_feat_dim);
-    let hidden = (dim as f64 / 3.0 * 8.0) as usize;
+    let hidden = cfg.ffn_width();
     let mut out: Vec<(String, Vec<usize>)> = Vec::new();
     let mut linear = |name: &str, inp: usize, outp: usize| {
         out.push((format!("{name}.weight"), vec![outp, inp]));
@@ -229,8 +234,7 @@ struct Block {
 impl Block {
     fn load(src: &Source, p: &str, cfg: &Config, modulated: bool) -> Result<Self> {
         let (dim, hd, eps) = (cfg.dim, cfg.head_dim(), cfg.norm_eps);
-        // diffusers' FeedForward width: int(dim / 3 * 8), computed in floating point.
-        let hidden = (dim as f64 / 3.0 * 8.0) as usize;
+        let hidden = cfg.ffn_width();
         let norm = |name: &str, width: usize, eps: f64| {
             src.rms_norm(&format!("{p}.{name}.weight"), width, eps)
         };
