@@ -294,19 +294,26 @@ pub fn shipped_models() -> BTreeMap<String, ModelConfig> {
     BTreeMap::from([(crate::shipped::NAME.to_string(), model)])
 }
 
-/// What a client asking for a well-known model this server does not serve is told: how to
-/// serve the ones Pictor runs, and that the others are not supported yet.
+/// What a client asking for a well-known model this server does not serve is told: for a
+/// model Pictor knows by name, the command that fetches it; for other families, that this
+/// version cannot run them.
 pub fn model_hints() -> Vec<(String, String)> {
-    let serve = "To serve it, add `[models.flux-1-schnell]` with \
-        `path = \"black-forest-labs/FLUX.1-schnell\"` (a model folder, a transformer file, or the \
-        repo id in your Hugging Face cache) to pictor.toml and restart `pictor serve`.";
-    let mut hints = vec![("FLUX.1-schnell".to_string(), serve.to_string())];
+    let mut hints = Vec::new();
+    for entry in crate::catalogue::ENTRIES {
+        let hint = format!(
+            "Get it with `pictor models pull {}` (it prints the lines to add to pictor.toml, or \
+             add --write-config), then restart `pictor serve`.",
+            entry.name
+        );
+        hints.push((entry.name.to_string(), hint.clone()));
+        if !hints.iter().any(|(known, _)| known == entry.family) {
+            hints.push((entry.family.to_string(), hint));
+        }
+    }
     for family in [
-        "FLUX.1-dev",
         "FLUX.1-Kontext-dev",
         "FLUX.2-dev",
         "FLUX.2-klein",
-        "Z-Image-Turbo",
         "Qwen-Image",
         "sdxl-turbo",
         "stable-diffusion-xl-base-1.0",
@@ -314,7 +321,7 @@ pub fn model_hints() -> Vec<(String, String)> {
         hints.push((
             family.to_string(),
             format!(
-                "This version of Pictor cannot run {family}; it runs FLUX.1-schnell-architecture models."
+                "This version of Pictor cannot run {family}; it runs FLUX.1 (schnell, dev) and Z-Image-Turbo models."
             ),
         ));
     }

@@ -1,6 +1,7 @@
 //! The `pictor` command: serve the OpenAI Images API, generate from the command line,
-//! manage keys, inspect and quantize model files.
+//! manage keys, pull, inspect and quantize model files.
 
+mod catalogue;
 mod cluster;
 mod config;
 mod generate;
@@ -8,6 +9,7 @@ mod hash;
 mod keys;
 mod load;
 mod models;
+mod pull;
 mod quantized;
 mod selfcheck;
 mod serve;
@@ -37,7 +39,7 @@ enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    /// Look inside model files.
+    /// Get models from the Hugging Face Hub and look inside model files.
     #[command(subcommand)]
     Models(models::ModelsCommand),
     /// Write a quantized GGUF copy of a transformer or T5 encoder (streams tensor by
@@ -74,7 +76,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => block_on(cli.config.as_deref(), |c| serve::run(c, args)),
         Command::Keys(k) => block_on(cli.config.as_deref(), |c| keys::run(c, k)),
         Command::Migrate => block_on(cli.config.as_deref(), keys::migrate),
-        Command::Models(m) => models::run(m),
+        Command::Models(m) => models::run(m, cli.config.as_deref()),
         Command::Selfcheck(args) => selfcheck::run(args),
         Command::Quantize(q) => models::quantize_command(q),
     };

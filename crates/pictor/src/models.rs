@@ -1,5 +1,5 @@
 //! `pictor models inspect` and `pictor quantize`: what model files hold, and making a
-//! small GGUF copy of a transformer or T5 encoder once.
+//! small GGUF copy of a transformer or T5 encoder once (`pictor models pull` is `pull`).
 
 use std::{
     path::{Path, PathBuf},
@@ -25,6 +25,9 @@ pub enum ModelsCommand {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Download a model from the Hugging Face Hub into its standard cache (resumed,
+    /// checked by size and hash), then print the configuration lines that serve it.
+    Pull(crate::pull::PullArgs),
 }
 
 /// Arguments of `pictor quantize`.
@@ -54,8 +57,9 @@ fn parse_component(s: &str) -> Result<Component, String> {
 }
 
 /// Runs `pictor models ...`.
-pub fn run(command: ModelsCommand) -> anyhow::Result<()> {
+pub fn run(command: ModelsCommand, config: Option<&Path>) -> anyhow::Result<()> {
     match command {
+        ModelsCommand::Pull(args) => crate::pull::run(args, config),
         ModelsCommand::Inspect { paths } => {
             for path in paths {
                 inspect(&path)?;

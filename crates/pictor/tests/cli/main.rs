@@ -1,6 +1,8 @@
 //! The `pictor` binary, driven as a user would.
 
+mod fake_hub;
 mod families;
+mod pull;
 
 use std::{
     path::{Path, PathBuf},
@@ -215,6 +217,13 @@ fn serve_answers_and_exits_0_on_sigterm() {
                 // A build without CUDA runs `device = "auto"` on the CPU, and says so.
                 assert_eq!(models["data"][0]["device"], "cpu f32", "{models}");
                 assert!(parts.iter().all(|p| p["device"] == "cpu"), "{models}");
+                // The seed's own request on a fresh install: 404, and the command that gets it.
+                let seed = serde_json::json!({"model": "flux-1-schnell", "prompt": "A white siamese cat"});
+                let r = client.post(format!("{url}/v1/images/generations")).json(&seed).send().await.unwrap();
+                assert_eq!(r.status().as_u16(), 404);
+                let missing: serde_json::Value = r.json().await.unwrap();
+                let why = missing["error"]["message"].as_str().unwrap_or_default();
+                assert!(why.contains("pictor models pull flux-1-schnell") && why.contains("pictor-tiny"), "{why}");
                 let metrics = client.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
                 assert!(metrics.contains("pictor_model_memory_bytes{"), "{metrics}");
                 assert!(metrics.contains("pictor_process_resident_bytes"), "{metrics}");
