@@ -91,6 +91,7 @@ impl Pipeline for Sleeper {
             max_steps: 1,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
 
@@ -109,6 +110,7 @@ impl Pipeline for Sleeper {
                     prompt: Default::default(),
                     phases: Default::default(),
                     device: String::new(),
+                    loras: Vec::new(),
                 }
             })
             .collect())

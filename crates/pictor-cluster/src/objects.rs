@@ -50,6 +50,9 @@ pub(crate) struct JobResult {
     /// Where the worker ran it ([`pictor_core::Generation::device`]).
     #[serde(default)]
     pub device: String,
+    /// The LoRAs the worker applied ([`pictor_core::Generation::loras`]).
+    #[serde(default)]
+    pub loras: Vec<pictor_core::LoraUse>,
     /// Milliseconds the job waited before its worker started it.
     pub queued_ms: u64,
     /// Milliseconds its worker ran it.

@@ -338,6 +338,7 @@ impl Follow {
                     prompt: result.prompt.clone(),
                     phases: result.phases,
                     device: result.device.clone(),
+                    loras: result.loras.clone(),
                 },
                 queued: Duration::from_millis(result.queued_ms),
                 ran: Duration::from_millis(result.ran_ms),

@@ -165,6 +165,7 @@ async fn small_results_travel_in_the_row_and_large_ones_in_the_store() {
         prompt: Default::default(),
         phases: Default::default(),
         device: String::new(),
+        loras: Vec::new(),
         queued_ms: 0,
         ran_ms: 0,
         images: 2,

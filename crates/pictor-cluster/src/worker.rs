@@ -308,6 +308,7 @@ impl Worker {
                     prompt: outcome.generation.prompt.clone(),
                     phases: outcome.generation.phases,
                     device: outcome.generation.device.clone(),
+                    loras: outcome.generation.loras.clone(),
                     queued_ms: job.waited_ms.max(0) as u64 + outcome.queued.as_millis() as u64,
                     ran_ms: outcome.ran.as_millis() as u64,
                     images: images.len(),

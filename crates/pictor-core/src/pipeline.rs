@@ -27,10 +27,47 @@ pub struct GenerationRequest {
     pub n: usize,
     /// Previews wanted per image while it denoises (0 for none); see [`preview_steps`].
     pub previews: usize,
+    /// LoRAs added to the model's weights for this request, in order.
+    #[serde(default)]
+    pub loras: Vec<LoraRequest>,
     /// An image to edit instead of drawing from noise alone (`None`: text to image). Not
     /// serialized: its pixels travel beside the request, never inside it.
     #[serde(skip)]
     pub edit: Option<std::sync::Arc<EditInput>>,
+}
+
+/// A LoRA a request adds: a file in the server's LoRA folder, by name, and how strongly.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraRequest {
+    /// The file's name without its extension.
+    pub name: String,
+    /// Its weight: 1 as trained, 0 off, negative inverted.
+    pub scale: f64,
+}
+
+/// A LoRA as it was applied: what receipts record.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraUse {
+    /// As requested.
+    pub name: String,
+    /// SHA-256 (hex) of the file.
+    pub sha256: String,
+    /// As requested.
+    pub scale: f64,
+}
+
+/// What is wrong with a LoRA name, if anything: it names a file in one folder, so only
+/// letters, digits, `-`, `_` and `.` (not leading), at most 128 characters.
+pub fn lora_name_problem(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    (!ok).then(|| {
+        format!("`{name}` is not a LoRA name (letters, digits, `-`, `_` and `.`, not leading; at most 128)")
+    })
 }
 
 /// An image to edit: image to image, or inpainting where a mask is given.
@@ -143,6 +180,8 @@ pub struct Generation {
     /// Where it ran and in which dtype: `cpu f32`, `cuda:0 (NVIDIA H100 80GB HBM3) bf16`
     /// (empty when the pipeline does not say).
     pub device: String,
+    /// The LoRAs applied, with their files' hashes.
+    pub loras: Vec<LoraUse>,
 }
 
 /// One part of a loaded model and the memory it takes.
@@ -211,9 +250,10 @@ pub trait Pipeline: Send {
     /// breaks it).
     fn compatible(&self, a: &GenerationRequest, b: &GenerationRequest) -> bool {
         // An edit carries its own image: it runs in a batch of its own images only. The
-        // guidance scale conditions the whole batch.
+        // guidance scale and the LoRAs condition the whole batch.
         (a.width, a.height, a.steps) == (b.width, b.height, b.steps)
             && a.guidance == b.guidance
+            && a.loras == b.loras
             && a.edit.is_none()
             && b.edit.is_none()
     }

@@ -87,10 +87,20 @@ pub struct ModelRules {
     pub default_guidance: Option<f64>,
     /// Whether the model can use a negative prompt.
     pub takes_negative_prompt: bool,
+    /// Whether requests may add LoRAs (`loras`) to the model's weights.
+    #[serde(default)]
+    pub takes_loras: bool,
 }
 
 /// The largest guidance scale a request may give (FLUX.1-dev is used at 1 to 10).
 pub const MAX_GUIDANCE: f64 = 30.0;
+
+/// Most LoRAs one request may add.
+pub const MAX_LORAS: usize = 8;
+
+/// The largest LoRA scale taken, either sign (ComfyUI's and Forge's sliders stop well
+/// inside it; past it images are noise).
+pub const MAX_LORA_SCALE: f64 = 10.0;
 
 /// Largest side anyone may ask of a network, served or not.
 const LARGEST_SIDE: usize = 1 << 14;
@@ -210,6 +220,43 @@ impl ModelRules {
             }
             _ => {}
         }
+        self.check_loras(&req.loras)
+    }
+
+    fn check_loras(&self, loras: &[crate::LoraRequest]) -> Result<(), Invalid> {
+        let invalid = |m: String| Err(Invalid::new("loras", m));
+        if loras.is_empty() {
+            return Ok(());
+        }
+        if !self.takes_loras {
+            return invalid(format!(
+                "This model ({}) takes no LoRAs yet; omit 'loras'.",
+                self.family
+            ));
+        }
+        if loras.len() > MAX_LORAS {
+            return invalid(format!(
+                "Invalid 'loras': {} LoRAs; at most {MAX_LORAS} per request.",
+                loras.len()
+            ));
+        }
+        for (i, lora) in loras.iter().enumerate() {
+            if let Some(problem) = crate::lora_name_problem(&lora.name) {
+                return invalid(format!("Invalid 'loras[{i}].name': {problem}."));
+            }
+            if !lora.scale.is_finite() || lora.scale.abs() > MAX_LORA_SCALE {
+                return invalid(format!(
+                    "Invalid 'loras[{i}].scale': {}; expected -{MAX_LORA_SCALE} to {MAX_LORA_SCALE}.",
+                    lora.scale
+                ));
+            }
+            if loras[..i].iter().any(|l| l.name == lora.name) {
+                return invalid(format!(
+                    "Invalid 'loras': `{}` is listed twice; give it once with the sum of the scales.",
+                    lora.name
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -245,6 +292,7 @@ mod tests {
             max_steps: 50,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
 
@@ -303,6 +351,7 @@ mod tests {
             max_steps: 50,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
 

@@ -3,6 +3,11 @@
 //! canonical name, so one implementation of each network runs a bf16 safetensors file and
 //! a Q4_K GGUF alike. The networks themselves live with their families.
 
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError, RwLock},
+};
+
 use candle_core::{D, DType, Device, Module, Tensor, quantized::QMatMul};
 use candle_nn::RmsNorm;
 
@@ -11,10 +16,90 @@ use crate::{
     weights::{MappedWeights, QWeights},
 };
 
-/// A linear layer: `x·Wᵀ + b`, with `W` dense or quantized.
+/// A low-rank update of one layer (a LoRA's, at the scale asked for):
+/// `y += (x·downᵀ)·upᵀ`, in f32 whatever the layer's dtype.
+pub(crate) struct Delta {
+    /// `(rank, inputs)`.
+    pub down: Tensor,
+    /// `(outputs, rank)`, every output row of the whole layer (zero where not updated).
+    pub up: Tensor,
+}
+
+/// The updates a layer adds for the batch being run; shared by the layer and its row views.
+#[derive(Default)]
+struct Adapters(RwLock<Vec<Arc<Delta>>>);
+
+/// One linear layer of a network: its `(outputs, inputs)` and where updates attach.
+struct Entry {
+    shape: (usize, usize),
+    adapters: Arc<Adapters>,
+}
+
+/// Every linear layer a network built, by canonical name: where a batch's low-rank
+/// updates (LoRA) are attached, without touching the shared weights, and detached after.
+#[derive(Default, Clone)]
+pub(crate) struct LayerTable(Arc<Mutex<BTreeMap<String, Entry>>>);
+
+impl LayerTable {
+    fn register(&self, name: &str, shape: (usize, usize)) -> Arc<Adapters> {
+        let adapters = Arc::new(Adapters::default());
+        let entry = Entry {
+            shape,
+            adapters: adapters.clone(),
+        };
+        let mut table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        table.insert(name.to_string(), entry);
+        adapters
+    }
+
+    /// Each layer's `(outputs, inputs)`, by canonical name.
+    pub(crate) fn shapes(&self) -> BTreeMap<String, (usize, usize)> {
+        let table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        table.iter().map(|(n, e)| (n.clone(), e.shape)).collect()
+    }
+
+    /// Adds `deltas` to their layers until the returned guard drops.
+    pub(crate) fn attach(&self, deltas: Vec<(String, Delta)>) -> Attached {
+        let table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut touched = Vec::new();
+        for (name, delta) in deltas {
+            if let Some(entry) = table.get(&name) {
+                let mut list = entry
+                    .adapters
+                    .0
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                list.push(Arc::new(delta));
+                touched.push(entry.adapters.clone());
+            }
+        }
+        Attached(touched)
+    }
+}
+
+/// Attached updates; dropping it takes them off again.
+pub(crate) struct Attached(Vec<Arc<Adapters>>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        for adapters in &self.0 {
+            adapters
+                .0
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+    }
+}
+
+/// A linear layer: `x·Wᵀ + b`, with `W` dense or quantized, plus any low-rank updates
+/// attached for the batch being run.
 pub(crate) struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
+    adapters: Arc<Adapters>,
+    /// For a view of some output rows ([`Linear::rows`]): which rows of the whole layer.
+    rows: Option<(usize, usize)>,
 }
 
 impl Linear {
@@ -30,6 +115,8 @@ impl Linear {
                 Some(b) => Some(b.narrow(0, start, len)?),
                 None => None,
             },
+            adapters: self.adapters.clone(),
+            rows: Some((start, len)),
         }))
     }
 
@@ -39,14 +126,58 @@ impl Linear {
         if let QMatMul::Tensor(w) = &self.weight
             && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
         {
-            return crate::ops::linear(xs, w, self.bias.as_ref());
+            let ys = crate::ops::linear(xs, w, self.bias.as_ref())?;
+            return match self.adapted() {
+                true => self.adapt(&Tensor::cat(xs, D::Minus1)?, ys),
+                false => Ok(ys),
+            };
         }
         Tensor::cat(xs, D::Minus1)?.apply(self)
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    fn adapted(&self) -> bool {
+        let list = self
+            .adapters
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        !list.is_empty()
+    }
+
+    /// `ys` plus the attached updates' `(x·downᵀ)·upᵀ` (only this view's rows).
+    fn adapt(&self, xs: &Tensor, ys: Tensor) -> candle_core::Result<Tensor> {
+        let list = self
+            .adapters
+            .0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if list.is_empty() {
+            return Ok(ys);
+        }
+        let x = xs.to_dtype(DType::F32)?;
+        let mut sum: Option<Tensor> = None;
+        for delta in list.iter() {
+            let up = match self.rows {
+                Some((start, len)) => delta.up.narrow(0, start, len)?,
+                None => delta.up.clone(),
+            };
+            let low = x.broadcast_matmul(&delta.down.t()?)?;
+            let add = low.broadcast_matmul(&up.t()?)?;
+            sum = Some(match sum {
+                Some(s) => (s + add)?,
+                None => add,
+            });
+        }
+        match sum {
+            Some(add) => {
+                let add = add.to_dtype(ys.dtype())?;
+                ys + add
+            }
+            None => Ok(ys),
+        }
+    }
+
+    fn plain(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if let QMatMul::Tensor(w) = &self.weight {
             // The modulations and embedders take `(b, features)`: one row per image.
             let rows = match xs.rank() {
@@ -82,8 +213,21 @@ impl Module for Linear {
     }
 }
 
-/// Where layers come from: dense safetensors or quantized GGUF weights, by BFL name.
-pub(crate) enum Source<'a> {
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let ys = self.plain(xs)?;
+        self.adapt(xs, ys)
+    }
+}
+
+/// Where layers come from: dense safetensors or quantized GGUF weights, by canonical
+/// name; every linear layer made is listed in its [`LayerTable`].
+pub(crate) struct Source<'a> {
+    from: From<'a>,
+    layers: LayerTable,
+}
+
+enum From<'a> {
     /// Safetensors (any layout): the linear layers' weight matrices converted to `matrices`,
     /// everything else (biases, norm scales) to the compute dtype.
     Dense {
@@ -116,39 +260,44 @@ fn load_dense(
 }
 
 impl Source<'_> {
+    /// The linear layers made so far (all of a network, once it is built).
+    pub(crate) fn layers(&self) -> LayerTable {
+        self.layers.clone()
+    }
+
     pub(crate) fn has(&self, name: &str) -> bool {
-        match self {
-            Self::Dense { weights, .. } => weights.contains(name),
-            Self::Quantized(q) => q.contains(name),
+        match &self.from {
+            From::Dense { weights, .. } => weights.contains(name),
+            From::Quantized(q) => q.contains(name),
         }
     }
 
     /// The shape canonical `name` has, from the headers alone.
     pub(crate) fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        match self {
-            Self::Dense { weights, .. } => weights.shape(name),
-            Self::Quantized(q) => q.shape(name),
+        match &self.from {
+            From::Dense { weights, .. } => weights.shape(name),
+            From::Quantized(q) => q.shape(name),
         }
     }
 
     /// The dtype activations are computed in.
     pub(crate) fn compute(&self) -> DType {
-        match self {
-            Self::Dense { compute, .. } => *compute,
-            Self::Quantized(_) => DType::F32,
+        match &self.from {
+            From::Dense { compute, .. } => *compute,
+            From::Quantized(_) => DType::F32,
         }
     }
 
     /// A plain tensor of shape `shape` in the compute dtype.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        match self {
-            Self::Dense {
+        match &self.from {
+            From::Dense {
                 weights,
                 compute,
                 device,
                 ..
             } => load_dense(weights, device, name, shape, *compute),
-            Self::Quantized(q) => {
+            From::Quantized(q) => {
                 let t = q.get(name, shape)?.dequantize(q.device())?;
                 q.release(name);
                 Ok(t)
@@ -159,28 +308,28 @@ impl Source<'_> {
     /// A weight table of shape `shape` (an embedding) kept as the weight matrices are:
     /// in their dtype when dense, widened to f32 when quantized.
     pub(crate) fn matrix(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        match self {
-            Self::Dense {
+        match &self.from {
+            From::Dense {
                 weights,
                 matrices,
                 device,
                 ..
             } => load_dense(weights, device, name, shape, *matrices),
-            Self::Quantized(_) => self.tensor(name, shape),
+            From::Quantized(_) => self.tensor(name, shape),
         }
     }
 
     /// The linear layer `prefix.weight` `(out, inp)` with `prefix.bias` when present.
     pub(crate) fn linear(&self, prefix: &str, inp: usize, out: usize) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let weight = match self {
-            Self::Dense {
+        let weight = match &self.from {
+            From::Dense {
                 weights,
                 matrices,
                 device,
                 ..
             } => QMatMul::Tensor(load_dense(weights, device, &name, &[out, inp], *matrices)?),
-            Self::Quantized(q) => {
+            From::Quantized(q) => {
                 let weight = QMatMul::from_arc(q.get(&name, &[out, inp])?)?;
                 if matches!(weight, QMatMul::QTensor(_)) {
                     // Two rows are enough for every kernel to build its repacked copy now,
@@ -198,7 +347,13 @@ impl Source<'_> {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        let adapters = self.layers.register(prefix, (out, inp));
+        Ok(Linear {
+            weight,
+            bias,
+            adapters,
+            rows: None,
+        })
     }
 
     /// An RMS norm whose scale is `name` `(dim,)`.
@@ -251,14 +406,18 @@ impl Weights {
     /// or multiply bf16 natively (candle's CPU matmul has no bf16 gemm and widens both
     /// operands in full on every call). Quantized blocks compute in f32.
     pub(crate) fn source<'a>(&'a self, dtype: DType, device: &'a Device) -> Source<'a> {
-        match self {
-            Self::Dense(weights) => Source::Dense {
+        let from = match self {
+            Self::Dense(weights) => From::Dense {
                 weights,
                 matrices: dtype,
                 compute: if device.is_cpu() { DType::F32 } else { dtype },
                 device,
             },
-            Self::Quantized(q) => Source::Quantized(q),
+            Self::Quantized(q) => From::Quantized(q),
+        };
+        Source {
+            from,
+            layers: LayerTable::default(),
         }
     }
 }

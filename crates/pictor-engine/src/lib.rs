@@ -33,6 +33,7 @@ pub mod inspect;
 
 mod layers;
 mod layout;
+pub mod lora;
 mod noise;
 pub mod ops;
 pub mod quantize;
@@ -46,6 +47,7 @@ pub use image::{to_rgb8, to_unit_range};
 pub use layout::{ModelFiles, Part, hf_hub_cache_dir, locate};
 pub use noise::gaussian_noise;
 pub use pictor_core::{
-    Control, Dimensions, EditInput, Generation, GenerationRequest, Invalid, ModelRules, PartMemory,
-    Phases, Pipeline, PipelineError, Progress, PromptInfo, RgbImage, preview_steps,
+    Control, Dimensions, EditInput, Generation, GenerationRequest, Invalid, LoraRequest, LoraUse,
+    ModelRules, PartMemory, Phases, Pipeline, PipelineError, Progress, PromptInfo, RgbImage,
+    preview_steps,
 };

@@ -28,6 +28,7 @@ impl Pipeline for Gated {
             max_steps: 100,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
     fn generate_batch(
@@ -83,6 +84,7 @@ impl Pipeline for Gated {
                 },
                 phases: Phases::default(),
                 device: "test".into(),
+                loras: Vec::new(),
             })
             .collect())
     }
@@ -98,6 +100,7 @@ fn req(steps: usize) -> GenerationRequest {
 
 fn named(prompt: &str, steps: usize) -> GenerationRequest {
     GenerationRequest {
+        loras: Vec::new(),
         prompt: prompt.into(),
         width: 16,
         height: 16,

@@ -117,6 +117,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         let r = Receipt::from_image(&bytes)
             .with_context(|| format!("reading the receipt in {}", file.display()))?;
         return Ok(GenerationRequest {
+            loras: Vec::new(),
             prompt: r.prompt,
             width: r.width,
             height: r.height,
@@ -134,6 +135,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         anyhow::bail!("--prompt holds {problem}");
     }
     Ok(GenerationRequest {
+        loras: Vec::new(),
         prompt,
         width: size.width,
         height: size.height,

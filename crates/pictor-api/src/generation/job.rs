@@ -124,6 +124,7 @@ impl Job {
             ));
         }
         let mut engine = GenerationRequest {
+            loras: Vec::new(),
             prompt: req.prompt,
             width: size.width,
             height: size.height,
@@ -263,6 +264,7 @@ mod tests {
             max_steps: 100,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
 

@@ -159,6 +159,11 @@ impl Denoiser {
         Ok(())
     }
 
+    /// The loaded transformer's linear layers (where LoRA updates attach).
+    pub(crate) fn layers(&self) -> Result<&crate::layers::LayerTable> {
+        Ok(self.loaded_transformer()?.layers())
+    }
+
     fn loaded_transformer(&self) -> Result<&Transformer> {
         self.transformer.as_ref().ok_or_else(|| {
             EngineError::load("transformer", "staged out: call generate, which loads it")

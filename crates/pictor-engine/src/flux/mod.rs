@@ -104,6 +104,7 @@ impl Variant {
             max_steps,
             default_guidance,
             takes_negative_prompt: false,
+            takes_loras: true,
         }
     }
 }
@@ -122,6 +123,9 @@ pub struct FluxOptions {
     pub max_batch: usize,
     /// Bytes the model may take (`None`: no limit); see [`memory::plan`].
     pub memory_budget: Option<u64>,
+    /// The folder of LoRA files requests may name (`None`: requests with LoRAs are
+    /// refused).
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FluxOptions {
@@ -132,6 +136,7 @@ impl Default for FluxOptions {
             max_sequence_length: None,
             max_batch: 4,
             memory_budget: None,
+            lora_dir: None,
         }
     }
 }
@@ -149,6 +154,7 @@ pub struct FluxPipeline {
     dtype: DType,
     /// [`Generation::device`] for every result.
     ran_on: String,
+    loras: Option<crate::lora::LoraLibrary>,
     options: FluxOptions,
 }
 
@@ -219,6 +225,10 @@ impl FluxPipeline {
             device,
             dtype,
             ran_on,
+            loras: options
+                .lora_dir
+                .clone()
+                .map(|dir| crate::lora::LoraLibrary::new(dir, crate::lora::DEFAULT_CACHE_BYTES)),
             options,
         })
     }
@@ -380,6 +390,9 @@ impl FluxPipeline {
             .map(|r| self.encode_prompt(&r.prompt))
             .collect::<Result<Vec<_>>>()?;
         self.stage_transformer()?;
+        // A batch shares its LoRAs (`Pipeline::compatible`): attached for the batch,
+        // taken off when `applied` drops, however the batch ends.
+        let applied = self.apply_loras(&first_req.loras)?;
         phases.encode = started.elapsed();
         // Every image of every request, as (request, image index, seed), in order.
         let items: Vec<(usize, usize, u64)> = reqs
@@ -483,7 +496,29 @@ impl FluxPipeline {
                 prompt: emb.prompt,
                 phases,
                 device: self.ran_on.clone(),
+                loras: applied.used().to_vec(),
             })
             .collect())
+    }
+
+    /// Attaches `loras`' updates (files in the LoRA folder) to the loaded transformer
+    /// until the answer drops; the shared weights are not changed.
+    pub fn apply_loras(&self, loras: &[pictor_core::LoraRequest]) -> Result<crate::lora::Applied> {
+        if loras.is_empty() {
+            return Ok(crate::lora::Applied::none());
+        }
+        let library = self
+            .loras
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidInput {
+                field: "loras",
+                message: "Invalid 'loras': this server has no LoRA folder (lora_dir).".into(),
+            })?;
+        library.apply(
+            loras,
+            self.denoiser.layers()?,
+            crate::weights::Scheme::DiffusersFluxTransformer,
+            &self.device,
+        )
     }
 }

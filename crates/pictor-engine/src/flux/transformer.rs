@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     error::{EngineError, Result},
-    layers::Weights,
+    layers::{LayerTable, Weights},
     layout::Part,
     text::Embeddings,
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
@@ -59,6 +59,8 @@ pub fn arch_of(part: &Part) -> Result<TransformerArch> {
 /// A loaded flux transformer.
 pub struct Transformer {
     model: FluxModel,
+    /// Its linear layers, where a batch's LoRA updates attach.
+    layers: LayerTable,
     config: Config,
     device: Device,
     /// The arithmetic's dtype.
@@ -81,10 +83,16 @@ impl Transformer {
         crate::heap::release_freed_memory();
         Ok(Self {
             model,
+            layers: src.layers(),
             config,
             device: device.clone(),
             dtype,
         })
+    }
+
+    /// Its linear layers by BFL name.
+    pub(crate) fn layers(&self) -> &LayerTable {
+        &self.layers
     }
 
     /// The hyper-parameters, as read from the weights.

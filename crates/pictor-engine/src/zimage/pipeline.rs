@@ -407,6 +407,7 @@ impl ZImagePipeline {
             prompt,
             phases,
             device: self.runs_on.clone(),
+            loras: Vec::new(),
         })
     }
 }
@@ -427,6 +428,7 @@ impl Pipeline for ZImagePipeline {
             max_steps: 50,
             default_guidance: None,
             takes_negative_prompt: false,
+            takes_loras: false,
         }
     }
 

@@ -168,6 +168,7 @@ fn a_request_without_guidance_takes_the_default() {
     let mut p = load(&ModelFiles::from_dir(&dev_fixture()).expect("resolves"));
     let s = setup();
     let req = |guidance| GenerationRequest {
+        loras: Vec::new(),
         prompt: s["prompt"].as_str().expect("prompt").to_string(),
         width: s["width"].as_u64().expect("width") as usize,
         height: s["height"].as_u64().expect("height") as usize,

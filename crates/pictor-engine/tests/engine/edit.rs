@@ -16,6 +16,7 @@ fn shipped() -> FluxPipeline {
 
 fn draw(p: &mut FluxPipeline, prompt: &str, edit: Option<EditInput>) -> RgbImage {
     let req = GenerationRequest {
+        loras: Vec::new(),
         prompt: prompt.into(),
         width: 128,
         height: 128,
@@ -124,6 +125,7 @@ fn a_masked_half_is_repainted_and_the_rest_kept() {
 fn an_edit_whose_image_is_not_the_request_size_is_refused() {
     let mut p = shipped();
     let req = GenerationRequest {
+        loras: Vec::new(),
         prompt: "a red circle".into(),
         width: 128,
         height: 128,

@@ -7,6 +7,7 @@ mod dev;
 mod edit;
 mod gguf;
 mod loaders;
+mod lora;
 mod malformed;
 mod memory;
 mod odd;

@@ -331,6 +331,7 @@ fn generate_is_deterministic_per_seed_and_reports_progress() {
     let s = setup();
     let mut p = diffusers_layout();
     let req = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: s.prompt.clone(),
         width: s.width,
         height: s.height,
@@ -424,6 +425,7 @@ fn previews_are_the_decoded_prediction_at_their_steps() {
     let s = setup();
     let mut p = diffusers_layout();
     let req = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: s.prompt.clone(),
         width: s.width,
         height: s.height,
@@ -509,6 +511,7 @@ fn cancel_stops_between_steps() {
     let s = setup();
     let mut p = diffusers_layout();
     let req = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: s.prompt,
         width: s.width,
         height: s.height,
@@ -541,6 +544,7 @@ fn cancel_stops_between_steps() {
 fn sizes_off_the_grid_are_rejected_with_the_field() {
     let p = diffusers_layout();
     let req = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: "x".into(),
         width: 80,
         height: 40,
@@ -573,6 +577,7 @@ fn a_batch_of_different_prompts_equals_each_alone() {
     let s = setup();
     let mut p = diffusers_layout();
     let a = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: s.prompt.clone(),
         width: s.width,
         height: s.height,
@@ -627,6 +632,7 @@ fn bf16_on_the_cpu_generates_close_to_f32() {
     let mut bf16 = FluxPipeline::load(&files, options).expect("bf16 loads");
     let mut f32p = diffusers_layout();
     let req = pictor_engine::GenerationRequest {
+        loras: Vec::new(),
         prompt: s.prompt.clone(),
         width: s.width,
         height: s.height,

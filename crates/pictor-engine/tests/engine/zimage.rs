@@ -155,6 +155,7 @@ fn the_pipeline_serves_the_seam() {
     );
     assert!(!rules.takes_guidance());
     let req = |seed, n, previews| GenerationRequest {
+        loras: Vec::new(),
         prompt: "a green star".into(),
         width: 64,
         height: 48,

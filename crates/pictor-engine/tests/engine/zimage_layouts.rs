@@ -228,6 +228,7 @@ fn a_staged_pipeline_draws_what_a_resident_one_draws() {
     assert_eq!(taking_turns, ["text_encoder", "transformer"]);
     assert!(resident.memory().iter().all(|m| m.resident));
     let req = |prompt: &str| GenerationRequest {
+        loras: Vec::new(),
         prompt: prompt.into(),
         width: 64,
         height: 48,

@@ -1,0 +1,308 @@
+//! LoRA per request: the files in a folder, read once and cached by content hash within a
+//! memory bound, turned into low-rank updates of a network's layers
+//! ([`crate::layers::Delta`]) for one batch. The shared weights are never changed: the
+//! updates run beside them, so quantized weights take LoRAs too.
+
+mod file;
+mod names;
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
+
+use candle_core::{Device, Tensor};
+use pictor_core::{LoraRequest, LoraUse};
+use sha2::Digest;
+
+use crate::{
+    error::{EngineError, Result},
+    layers::{Delta, LayerTable},
+    weights::Scheme,
+};
+use file::LoraFile;
+pub(crate) use names::Names;
+
+/// LoRA updates attached to a loaded network, and what they are; they come off when this
+/// drops.
+pub struct Applied {
+    _attached: Option<crate::layers::Attached>,
+    used: Vec<LoraUse>,
+}
+
+impl Applied {
+    /// Nothing attached.
+    pub fn none() -> Self {
+        Self {
+            _attached: None,
+            used: Vec::new(),
+        }
+    }
+
+    /// The LoRAs, with their files' hashes, as receipts record them.
+    pub fn used(&self) -> &[LoraUse] {
+        &self.used
+    }
+}
+
+/// The extension LoRA files have.
+pub const EXTENSION: &str = "safetensors";
+
+/// The bytes of parsed LoRAs kept in memory by default.
+pub const DEFAULT_CACHE_BYTES: u64 = 2 << 30;
+
+/// The LoRA files in a folder, by name (file name without `.safetensors`).
+pub struct LoraLibrary {
+    dir: PathBuf,
+    cache: Mutex<Cache>,
+}
+
+/// Parsed files by SHA-256, least recently used first out; and each path's hash while its
+/// size and modification time stay the same (so a file is hashed once).
+#[derive(Default)]
+struct Cache {
+    hashes: HashMap<PathBuf, (u64, Option<SystemTime>, String)>,
+    files: HashMap<String, Arc<LoraFile>>,
+    order: VecDeque<String>,
+    bytes: u64,
+    bound: u64,
+}
+
+/// The LoRAs in `dir`: `(name, bytes on disk)`, sorted; empty when the folder does not
+/// exist.
+pub fn list(dir: &Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            (path.extension()? == EXTENSION).then_some(())?;
+            let name = path.file_stem()?.to_str()?.to_string();
+            pictor_core::lora_name_problem(&name)
+                .is_none()
+                .then_some(())?;
+            Some((name, e.metadata().ok()?.len()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+impl LoraLibrary {
+    /// The LoRAs in `dir`, keeping at most `cache_bytes` of parsed files in memory.
+    pub fn new(dir: PathBuf, cache_bytes: u64) -> Self {
+        Self {
+            dir,
+            cache: Mutex::new(Cache {
+                bound: cache_bytes,
+                ..Cache::default()
+            }),
+        }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Attaches the updates `loras` make to a network with `layers` (named for diffusers
+    /// by `scheme`), on `device`, until the answer drops. A name with no file, a file that is no
+    /// LoRA, or one for other layers is a request error naming the LoRA and the layer.
+    pub(crate) fn apply(
+        &self,
+        loras: &[LoraRequest],
+        layers: &LayerTable,
+        scheme: Scheme,
+        device: &Device,
+    ) -> Result<Applied> {
+        if loras.is_empty() {
+            return Ok(Applied::none());
+        }
+        let shapes = layers.shapes();
+        let names = Names::new(&shapes, scheme);
+        let mut deltas = Vec::new();
+        let mut used = Vec::new();
+        for lora in loras {
+            let (sha256, file) = self.load(&lora.name)?;
+            let invalid = |why: String| EngineError::InvalidInput {
+                field: "loras",
+                message: format!("Invalid 'loras': LoRA `{}`: {why}.", lora.name),
+            };
+            for (layer, delta) in updates(&file, &names, lora.scale).map_err(invalid)? {
+                deltas.push((layer, delta.to_device(device)?));
+            }
+            used.push(LoraUse {
+                name: lora.name.clone(),
+                sha256,
+                scale: lora.scale,
+            });
+        }
+        Ok(Applied {
+            _attached: Some(layers.attach(deltas)),
+            used,
+        })
+    }
+
+    /// The parsed file named `name`, and its hash.
+    fn load(&self, name: &str) -> Result<(String, Arc<LoraFile>)> {
+        let path = self.dir.join(format!("{name}.{EXTENSION}"));
+        let missing = || {
+            let known: Vec<String> = list(&self.dir).into_iter().map(|(n, _)| n).collect();
+            EngineError::InvalidInput {
+                field: "loras",
+                message: format!(
+                    "Invalid 'loras': there is no LoRA `{name}` (no {}); this server has: {}.",
+                    path.display(),
+                    match known.is_empty() {
+                        true => "none".to_string(),
+                        false => known.join(", "),
+                    }
+                ),
+            }
+        };
+        if pictor_core::lora_name_problem(name).is_some() {
+            return Err(missing());
+        }
+        let meta = std::fs::metadata(&path).map_err(|_| missing())?;
+        let stamp = (meta.len(), meta.modified().ok());
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((len, modified, sha)) = cache.hashes.get(&path)
+            && (*len, *modified) == stamp
+            && let Some(file) = cache.files.get(sha).cloned()
+        {
+            let sha = sha.clone();
+            cache.touch(&sha);
+            return Ok((sha, file));
+        }
+        let bytes = std::fs::read(&path).map_err(|_| missing())?;
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        cache
+            .hashes
+            .insert(path.clone(), (stamp.0, stamp.1, sha.clone()));
+        if let Some(file) = cache.files.get(&sha).cloned() {
+            cache.touch(&sha);
+            return Ok((sha, file));
+        }
+        let file =
+            Arc::new(
+                file::parse(&bytes, &path).map_err(|why| EngineError::InvalidInput {
+                    field: "loras",
+                    message: format!("Invalid 'loras': LoRA `{name}`: {why}."),
+                })?,
+            );
+        cache.insert(sha.clone(), file.clone());
+        Ok((sha, file))
+    }
+}
+
+impl Cache {
+    fn touch(&mut self, sha: &str) {
+        if let Some(i) = self.order.iter().position(|s| s == sha) {
+            let s = self.order.remove(i).unwrap_or_default();
+            self.order.push_back(s);
+        }
+    }
+
+    /// Keeps `file`, dropping the least recently used ones past the bound (a file larger
+    /// than the bound is used but not kept).
+    fn insert(&mut self, sha: String, file: Arc<LoraFile>) {
+        if file.bytes > self.bound {
+            return;
+        }
+        self.bytes += file.bytes;
+        self.files.insert(sha.clone(), file);
+        self.order.push_back(sha);
+        while self.bytes > self.bound {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(f) = self.files.remove(&old) {
+                self.bytes -= f.bytes;
+            }
+        }
+    }
+}
+
+/// One low-rank piece of a layer's update: `up` `(len, rank)` lands on rows
+/// `offset..offset + len`.
+struct Piece {
+    down: Tensor,
+    up: Tensor,
+    offset: usize,
+}
+
+/// The file's updates at `scale`, one [`Delta`] per layer (a fused layer's parts joined:
+/// their downs stacked, their ups side by side at their rows).
+fn updates(file: &LoraFile, names: &Names, scale: f64) -> Result<Vec<(String, Delta)>, String> {
+    let mut by_layer: BTreeMap<String, (usize, Vec<Piece>)> = BTreeMap::new();
+    for (module, m) in &file.modules {
+        let target = names.find(module)?;
+        let (rank, inputs) = (m.rank(), m.down.dims()[1]);
+        if inputs != target.inputs || m.up.dims()[0] != target.len {
+            return Err(format!(
+                "`{module}` (down {:?}, up {:?}) does not fit `{}`, which takes {} inputs and \
+                 has {} outputs there (a LoRA made for another model?)",
+                m.down.dims(),
+                m.up.dims(),
+                target.layer,
+                target.inputs,
+                target.len
+            ));
+        }
+        let fail = |e: candle_core::Error| format!("`{module}`: {e}");
+        let mut up = (&m.up * (m.factor() * scale)).map_err(fail)?;
+        if target.swap_halves {
+            let half = target.len / 2;
+            let (second, first) = (
+                up.narrow(0, half, half).map_err(fail)?,
+                up.narrow(0, 0, half).map_err(fail)?,
+            );
+            up = Tensor::cat(&[second, first], 0).map_err(fail)?;
+        }
+        let entry = by_layer
+            .entry(target.layer.clone())
+            .or_insert_with(|| (target.outputs, Vec::new()));
+        if rank > 0 {
+            entry.1.push(Piece {
+                down: m.down.clone(),
+                up,
+                offset: target.offset,
+            });
+        }
+    }
+    let mut deltas = Vec::new();
+    for (layer, (outputs, pieces)) in by_layer {
+        let fail = |e: candle_core::Error| format!("`{layer}`: {e}");
+        if pieces.is_empty() {
+            continue;
+        }
+        let downs: Vec<&Tensor> = pieces.iter().map(|p| &p.down).collect();
+        let ups = pieces
+            .iter()
+            .map(|p| {
+                let len = p.up.dims()[0];
+                p.up.pad_with_zeros(0, p.offset, outputs - p.offset - len)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(fail)?;
+        let delta = Delta {
+            down: Tensor::cat(&downs, 0).map_err(fail)?,
+            up: Tensor::cat(&ups, 1).map_err(fail)?,
+        };
+        deltas.push((layer, delta));
+    }
+    Ok(deltas)
+}
+
+impl Delta {
+    fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            down: self.down.to_device(device)?,
+            up: self.up.to_device(device)?,
+        })
+    }
+}

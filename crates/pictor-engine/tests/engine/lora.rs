@@ -1,0 +1,267 @@
+//! LoRA per request against diffusers' `load_lora_weights` + `fuse_lora` on the tiny
+//! fixture (`tools/make_tiny_lora.py`, `tests/data/tiny-loras`): every file format, two
+//! LoRAs at once, scale, a quantized base, the shared weights untouched after, and bad
+//! files refused with the layer named.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use candle_core::{Device, Tensor};
+use pictor_engine::{
+    Control, LoraRequest, ModelFiles, Part, PipelineError,
+    flux::{FluxOptions, FluxPipeline, sampling},
+    quantize::{Component, Target, quantize},
+};
+
+use crate::common::*;
+
+fn loras_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/tiny-loras")
+}
+
+fn lora_reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(loras_dir().join("reference.safetensors"), &Device::Cpu)
+        .expect("tiny-loras/reference.safetensors")
+}
+
+fn pipeline(files: &ModelFiles, lora_dir: &Path) -> FluxPipeline {
+    let options = FluxOptions {
+        lora_dir: Some(lora_dir.to_path_buf()),
+        ..FluxOptions::default()
+    };
+    FluxPipeline::load(files, options).expect("pipeline loads")
+}
+
+fn ask(loras: &[(&str, f64)]) -> Vec<LoraRequest> {
+    loras
+        .iter()
+        .map(|(name, scale)| LoraRequest {
+            name: name.to_string(),
+            scale: *scale,
+        })
+        .collect()
+}
+
+/// The final latents from the reference's noise and text embeddings.
+fn final_latents(p: &FluxPipeline) -> Tensor {
+    let r = reference();
+    p.denoiser()
+        .denoise(
+            &tensor(&r, "noise"),
+            &reference_embeddings(&r),
+            setup().steps,
+            None,
+            |_| Ok(Control::Continue),
+        )
+        .expect("denoise")
+}
+
+#[test]
+fn every_format_matches_diffusers_and_comes_off_after() {
+    let want = lora_reference();
+    let base = tensor(&reference(), "final_latents");
+    let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), &loras_dir());
+    let mut report = Vec::new();
+    for (loras, key) in [
+        (&[("pixel-peft", 0.8)][..], "pixel-peft.final_latents"),
+        (&[("pixel-kohya", 0.8)], "pixel-kohya.final_latents"),
+        (&[("pixel-bfl", 0.8)], "pixel-bfl.final_latents"),
+        (&[("pixel-xlabs", 0.8)], "pixel-xlabs.final_latents"),
+        (&[("pixel-peft", 0.4)], "pixel-peft@0.4.final_latents"),
+        (
+            &[("pixel-peft", 0.8), ("pixel-xlabs", 0.5)],
+            "combo.final_latents",
+        ),
+    ] {
+        let applied = p.apply_loras(&ask(loras)).expect("applies");
+        assert_eq!(applied.used().len(), loras.len());
+        assert!(applied.used().iter().all(|u| u.sha256.len() == 64));
+        let got = final_latents(&p);
+        drop(applied);
+        let expected = tensor(&want, key);
+        let d = max_abs_diff(&got, &expected);
+        let moved = max_abs_diff(&expected, &base);
+        report.push(format!("{key} {d:.1e} (LoRA moves it {moved:.2})"));
+        assert!(moved > 0.1, "{key}: the LoRA hardly changes the image");
+        assert!(d <= STEP_TOL, "{key}: {d} from diffusers");
+    }
+    eprintln!(
+        "final latents max |Δ| vs diffusers fuse_lora: {}",
+        report.join(", ")
+    );
+    // Taken off again: the shared weights were never changed.
+    let d = max_abs_diff(&final_latents(&p), &base);
+    assert!(
+        d <= STEP_TOL,
+        "after the LoRAs came off: {d} from the base image"
+    );
+}
+
+#[test]
+fn the_pixels_match_diffusers_with_a_lora() {
+    let want = lora_reference();
+    let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), &loras_dir());
+    let s = setup();
+    let _applied = p.apply_loras(&ask(&[("pixel-kohya", 0.8)])).unwrap();
+    let pixels = p
+        .denoiser()
+        .decode(&final_latents(&p), s.height, s.width)
+        .unwrap();
+    let image = pictor_engine::to_rgb8(&pixels).unwrap().remove(0);
+    let expected: Vec<u8> = tensor(&want, "pixel-kohya.image_u8")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = image
+        .pixels
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "pixels differ by {worst}/255");
+}
+
+/// The difference a LoRA makes to one transformer step, on a quantized base, matches the
+/// difference it makes in diffusers.
+#[test]
+fn a_quantized_base_takes_the_same_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = ModelFiles::from_dir(&fixture()).unwrap();
+    let gguf = dir.path().join("q8.gguf");
+    quantize(
+        &files.transformer,
+        Component::Transformer,
+        Target::Q8_0,
+        &gguf,
+        |_, _, _| {},
+    )
+    .expect("quantize");
+    files.transformer = Part::file(&gguf);
+    let p = pipeline(&files, &loras_dir());
+    let r = reference();
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let step = || {
+        p.denoiser()
+            .velocity(
+                &sampling::pack(&noise).unwrap(),
+                &reference_embeddings(&r),
+                1.0,
+                None,
+                (h, w),
+            )
+            .unwrap()
+    };
+    let plain = step();
+    let with = {
+        let _applied = p.apply_loras(&ask(&[("pixel-peft", 0.8)])).unwrap();
+        step()
+    };
+    let ours = (with - plain).unwrap();
+    let theirs = (tensor(&lora_reference(), "pixel-peft.transformer_out_step0")
+        - tensor(&r, "transformer_out_step0"))
+    .unwrap();
+    let size = max_abs_diff(&theirs, &theirs.zeros_like().unwrap());
+    let d = max_abs_diff(&ours, &theirs);
+    eprintln!(
+        "Q8_0 base: the LoRA's change to step 0 is {d:.2e} from diffusers' (change {size:.2})"
+    );
+    assert!(d < 0.05 * size, "{d} against a change of {size}");
+}
+
+fn write_lora(path: &Path, tensors: &[(&str, Vec<usize>)]) {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.01).collect();
+            (
+                name.to_string(),
+                Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+#[test]
+fn bad_loras_are_refused_naming_the_lora_and_the_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lora(
+        &dir.path().join("sdxl-style.safetensors"),
+        &[
+            (
+                "lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight",
+                vec![4, 1280],
+            ),
+            (
+                "lora_unet_input_blocks_1_0_emb_layers_1.lora_up.weight",
+                vec![320, 4],
+            ),
+        ],
+    );
+    write_lora(
+        &dir.path().join("too-wide.safetensors"),
+        &[
+            (
+                "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+                vec![4, 3072],
+            ),
+            (
+                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight",
+                vec![9216, 4],
+            ),
+        ],
+    );
+    write_lora(
+        &dir.path().join("dora.safetensors"),
+        &[
+            ("transformer.x_embedder.lora_A.weight", vec![4, 64]),
+            ("transformer.x_embedder.lora_B.weight", vec![64, 4]),
+            (
+                "transformer.x_embedder.lora_magnitude_vector.dora_scale",
+                vec![64],
+            ),
+        ],
+    );
+    std::fs::write(
+        dir.path().join("garbage.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), dir.path());
+    let refused = |name: &str| {
+        let err = p.apply_loras(&ask(&[(name, 1.0)])).err().expect("refused");
+        let message = err.to_string();
+        let PipelineError::Invalid(invalid) = PipelineError::from(err) else {
+            panic!("{name}: not a request error: {message}");
+        };
+        assert_eq!(invalid.param, "loras");
+        assert!(message.contains(&format!("`{name}`")), "{message}");
+        message
+    };
+    let m = refused("sdxl-style");
+    assert!(
+        m.contains("lora_unet_input_blocks_1_0_emb_layers_1") && m.contains("another model"),
+        "{m}"
+    );
+    let m = refused("too-wide");
+    assert!(
+        m.contains("double_blocks.0.img_attn.qkv") && m.contains("64 inputs"),
+        "{m}"
+    );
+    assert!(refused("dora").contains("DoRA"));
+    assert!(refused("garbage").contains("not a safetensors file"));
+    let m = refused("absent");
+    assert!(
+        m.contains("no LoRA `absent`") && m.contains("sdxl-style"),
+        "{m}"
+    );
+    // Nothing stayed attached after the refusals.
+    let d = max_abs_diff(&final_latents(&p), &tensor(&reference(), "final_latents"));
+    assert!(d <= STEP_TOL, "{d}");
+}
