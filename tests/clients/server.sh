@@ -9,6 +9,7 @@ port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); p
 cat > "$dir/pictor.toml" <<TOML
 listen = "127.0.0.1:$port"
 data_dir = "$dir/data"
+lora_dir = "$root/tests/data/tiny-loras"
 [limits]
 queue_depth = 1
 [models.tiny-flux-schnell]

@@ -52,6 +52,8 @@ pub struct ApiConfig {
     /// name (`FLUX.1-schnell`, `black-forest-labs/FLUX.1-schnell` and `flux-1-schnell` are
     /// one name: case, owner, dots and underscores do not count).
     pub model_hints: Vec<(String, String)>,
+    /// The folder of LoRA files requests may name (`loras`); `None`: none are taken.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// How long and how many connections may be held (see `server`).

@@ -23,7 +23,8 @@ pub use error::{Invalid, PipelineError, Result};
 pub use image::RgbImage;
 pub use input::{MAX_SEED, edit_start, prompt_problem};
 pub use pipeline::{
-    Control, EditInput, Generation, GenerationRequest, LoraRequest, LoraUse, PartMemory, Phases,
-    Pipeline, Progress, PromptInfo, lora_name_problem, preview_steps,
+    Control, EditInput, Generation, GenerationRequest, LORA_EXTENSION, LoraRequest, LoraUse,
+    PartMemory, Phases, Pipeline, Progress, PromptInfo, lora_files, lora_name_problem,
+    preview_steps,
 };
 pub use rules::{Dimensions, MAX_LORA_SCALE, MAX_LORAS, ModelRules};

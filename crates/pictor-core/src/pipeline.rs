@@ -70,6 +70,29 @@ pub fn lora_name_problem(name: &str) -> Option<String> {
     })
 }
 
+/// The extension of LoRA files.
+pub const LORA_EXTENSION: &str = "safetensors";
+
+/// The LoRAs in folder `dir`, `(name, bytes)` sorted by name: its `.safetensors` files
+/// whose names are LoRA names; none when it does not exist.
+pub fn lora_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, u64)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            (path.extension()? == LORA_EXTENSION).then_some(())?;
+            let name = path.file_stem()?.to_str()?.to_string();
+            lora_name_problem(&name).is_none().then_some(())?;
+            Some((name, std::fs::metadata(&path).ok()?.len()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// An image to edit: image to image, or inpainting where a mask is given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditInput {

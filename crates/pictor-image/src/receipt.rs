@@ -2,7 +2,7 @@
 //! read (`prompt`, then a line `Steps: …, Seed: …, Size: WxH, Model: …`), and its parser,
 //! so an image can be reproduced from its own file (`pictor generate --from-image`).
 
-use pictor_core::{Dimensions, Generation, GenerationRequest};
+use pictor_core::{Dimensions, Generation, GenerationRequest, LoraUse};
 
 use crate::{Error, Result};
 
@@ -33,6 +33,34 @@ pub struct Receipt {
     /// Where it was drawn and in which dtype (`cuda:0 (NVIDIA H100 80GB HBM3) bf16`), when
     /// known: the same seed gives the same image on the same device and dtype.
     pub device: Option<String>,
+    /// The LoRAs applied: name, scale and the file's SHA-256 (its first 12 hex digits
+    /// when read back from an image, as A1111's `Lora hashes` carry them).
+    pub loras: Vec<LoraUse>,
+}
+
+/// The hex digits of a LoRA's hash that receipts keep.
+const LORA_HASH_DIGITS: usize = 12;
+
+/// `line` split at `, ` except inside double quotes.
+fn split_outside_quotes(line: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    let bytes = line.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => quoted = !quoted,
+            b',' if !quoted && bytes.get(i + 1) == Some(&b' ') => {
+                parts.push(&line[start..i]);
+                start = i + 2;
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&line[start..]);
+    parts
 }
 
 impl Receipt {
@@ -57,13 +85,14 @@ impl Receipt {
             strength: req.edit.as_ref().map(|e| e.strength),
             input_sha256: req.edit.as_ref().map(|e| e.image_sha256.clone()),
             device: Some(generation.device.clone()).filter(|d| !d.is_empty()),
+            loras: generation.loras.clone(),
         }
     }
 
     /// The `parameters` text.
     pub fn to_parameters(&self) -> String {
         format!(
-            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, {}Seed: {}, Size: {}x{}, {}{}{}{}Model: {}, Version: pictor {}",
+            "{}\nSteps: {}, Sampler: Euler (flow matching), CFG scale: 0, {}Seed: {}, Size: {}x{}, {}{}{}{}{}Model: {}, Version: pictor {}",
             self.prompt,
             self.steps,
             self.guidance
@@ -87,19 +116,63 @@ impl Receipt {
                 .as_ref()
                 .map(|d| format!("Device: {}, ", d.replace(", ", " ")))
                 .unwrap_or_default(),
+            self.lora_fields(),
             self.model,
             env!("CARGO_PKG_VERSION")
+        )
+    }
+
+    /// A1111's `Lora hashes: "name: hash, ..."` and, as it keeps the scales in the
+    /// prompt's `<lora:name:scale>` tags, `Lora scales: "name: scale, ..."`.
+    fn lora_fields(&self) -> String {
+        if self.loras.is_empty() {
+            return String::new();
+        }
+        let list = |f: &dyn Fn(&LoraUse) -> String| {
+            self.loras
+                .iter()
+                .map(|l| format!("{}: {}", l.name, f(l)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "Lora hashes: \"{}\", Lora scales: \"{}\", ",
+            list(&|l| l.sha256.chars().take(LORA_HASH_DIGITS).collect()),
+            list(&|l| l.scale.to_string())
         )
     }
 
     /// Parses a `parameters` text; `None` when it lacks steps, seed or size.
     pub fn parse(text: &str) -> Option<Self> {
         let (prompt, line) = text.rsplit_once('\n')?;
+        let parts = split_outside_quotes(line);
         let field = |key: &str| {
-            line.split(", ")
+            parts
+                .iter()
                 .find_map(|kv| kv.strip_prefix(key)?.strip_prefix(": "))
-                .map(str::to_string)
+                .map(|v| v.trim_matches('"').to_string())
         };
+        let pairs = |key: &str| -> Vec<(String, String)> {
+            field(key)
+                .unwrap_or_default()
+                .split(", ")
+                .filter_map(|p| p.split_once(": "))
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let scales = pairs("Lora scales");
+        let loras = pairs("Lora hashes")
+            .into_iter()
+            .map(|(name, sha256)| LoraUse {
+                scale: scales
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .and_then(|(_, s)| s.parse().ok())
+                    .unwrap_or(1.0),
+                name,
+                sha256,
+            })
+            .collect();
         let Dimensions { width, height } = field("Size")?.parse().ok()?;
         Some(Self {
             prompt: prompt.to_string(),
@@ -113,6 +186,7 @@ impl Receipt {
             strength: field("Denoising strength").and_then(|s| s.parse().ok()),
             input_sha256: field("Input SHA256"),
             device: field("Device"),
+            loras,
         })
     }
 
@@ -222,15 +296,45 @@ mod tests {
             strength: None,
             input_sha256: None,
             device: Some("cuda:0 (NVIDIA H100 80GB HBM3) bf16".into()),
+            loras: Vec::new(),
         };
         assert_eq!(Receipt::parse(&r.to_parameters()), Some(r.clone()));
         let edit = Receipt {
             guidance: Some(3.5),
             strength: Some(0.75),
             input_sha256: Some("ab".repeat(32)),
-            ..r
+            ..r.clone()
         };
         assert_eq!(Receipt::parse(&edit.to_parameters()), Some(edit));
+        // LoRAs: A1111's quoted `Lora hashes` (12 digits kept) and their scales.
+        let lora = |name: &str, scale: f64| LoraUse {
+            name: name.into(),
+            sha256: "0123456789abcdef".repeat(4),
+            scale,
+        };
+        let with = Receipt {
+            loras: vec![lora("pixel-art", 0.8), lora("ink.v2", -0.25)],
+            ..r
+        };
+        let text = with.to_parameters();
+        assert!(
+            text.contains("Lora hashes: \"pixel-art: 0123456789ab, ink.v2: 0123456789ab\""),
+            "{text}"
+        );
+        let back = Receipt::parse(&text).unwrap();
+        assert_eq!(back.model, "flux-1-schnell");
+        let got: Vec<(&str, &str, f64)> = back
+            .loras
+            .iter()
+            .map(|l| (l.name.as_str(), l.sha256.as_str(), l.scale))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("pixel-art", "0123456789ab", 0.8),
+                ("ink.v2", "0123456789ab", -0.25)
+            ]
+        );
         assert_eq!(Receipt::parse("just a prompt"), None);
     }
 
@@ -249,6 +353,7 @@ mod tests {
             strength: Some(0.5),
             input_sha256: Some("cd".repeat(32)),
             device: None,
+            loras: Vec::new(),
         };
         let img = pictor_core::RgbImage {
             width: 16,

@@ -21,6 +21,9 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Where the database, signing key and images live.
     pub data_dir: PathBuf,
+    /// The folder of LoRA files requests may add by name (`loras`); default
+    /// `<data_dir>/loras`.
+    pub lora_dir: Option<PathBuf>,
     /// SQL database URL; default `sqlite://<data_dir>/pictor.db`.
     pub database_url: Option<String>,
     /// Lifetime of image links and files, seconds (OpenAI: 60 minutes).
@@ -264,6 +267,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             public_url: None,
             data_dir: default_data_dir(),
+            lora_dir: None,
             database_url: None,
             image_ttl_secs: 3600,
             sweep_interval_secs: 60,
@@ -333,6 +337,7 @@ const FIELDS: &[&str] = &[
     "listen",
     "public_url",
     "data_dir",
+    "lora_dir",
     "database_url",
     "image_ttl_secs",
     "sweep_interval_secs",
@@ -392,6 +397,13 @@ impl Config {
             config.models = shipped_models();
         }
         Ok(config)
+    }
+
+    /// The folder of LoRA files: `lora_dir`, else `<data_dir>/loras`.
+    pub fn lora_dir(&self) -> PathBuf {
+        self.lora_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("loras"))
     }
 
     /// The model `name` names: a configured one, else the shipped one, else a model

@@ -29,9 +29,9 @@ pub struct Args {
     #[arg(long, short = 'p', required_unless_present = "from_image")]
     prompt: Option<String>,
     /// Reproduce an image from the receipt in its own PNG, JPEG or WebP file (prompt, steps,
-    /// seed, size);
+    /// seed, size, guidance, LoRAs by name and scale);
     /// `--model` must name the model that drew it.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n", "guidance"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "size", "steps", "seed", "n", "guidance", "loras"])]
     from_image: Option<PathBuf>,
     /// Image size, WIDTHxHEIGHT, on the model's grid (multiples of 16 for FLUX); default the
     /// model's (1024x1024 for FLUX.1-schnell, 128x128 for pictor-tiny).
@@ -67,6 +67,10 @@ pub struct Args {
     /// Most images denoised together (default 4, or the configuration's).
     #[arg(long)]
     max_batch: Option<usize>,
+    /// Add a LoRA from the LoRA folder (`lora_dir`, default `<data_dir>/loras`), as
+    /// NAME or NAME:SCALE (default scale 1); may repeat.
+    #[arg(long = "lora", value_name = "NAME[:SCALE]", value_parser = lora)]
+    loras: Vec<pictor_core::LoraRequest>,
     /// Run from a quantized copy (q8_0, q6_k, q5_k, q4_k, ...) of the transformer and T5,
     /// made once into the data folder's cache when they are not GGUF already.
     #[arg(long, value_name = "TYPE")]
@@ -76,6 +80,22 @@ pub struct Args {
 fn device(s: &str) -> Result<String, String> {
     s.parse::<pictor_engine::DeviceChoice>()
         .map(|_| s.to_string())
+}
+
+fn lora(s: &str) -> Result<pictor_core::LoraRequest, String> {
+    let (name, scale) = match s.rsplit_once(':') {
+        Some((name, scale)) => (
+            name,
+            scale
+                .parse::<f64>()
+                .map_err(|_| format!("`{scale}` is not a scale"))?,
+        ),
+        None => (s, 1.0),
+    };
+    Ok(pictor_core::LoraRequest {
+        name: name.to_string(),
+        scale,
+    })
 }
 
 fn dtype(s: &str) -> Result<String, String> {
@@ -116,8 +136,17 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let r = Receipt::from_image(&bytes)
             .with_context(|| format!("reading the receipt in {}", file.display()))?;
+        // The LoRAs by name and scale, from this server's LoRA folder.
+        let loras = r
+            .loras
+            .into_iter()
+            .map(|l| pictor_core::LoraRequest {
+                name: l.name,
+                scale: l.scale,
+            })
+            .collect();
         return Ok(GenerationRequest {
-            loras: Vec::new(),
+            loras,
             prompt: r.prompt,
             width: r.width,
             height: r.height,
@@ -135,7 +164,7 @@ fn request(args: &Args, rules: &ModelRules) -> anyhow::Result<GenerationRequest>
         anyhow::bail!("--prompt holds {problem}");
     }
     Ok(GenerationRequest {
-        loras: Vec::new(),
+        loras: args.loras.clone(),
         prompt,
         width: size.width,
         height: size.height,
@@ -198,12 +227,7 @@ pub fn run(args: Args, config: &Config) -> anyhow::Result<()> {
         mut pipeline,
         rules,
         ..
-    } = load(
-        &args.model,
-        &model(&args, config),
-        &config.data_dir,
-        config.memory_budget()?,
-    )?;
+    } = load(&args.model, &model(&args, config), config)?;
     let loaded = started.elapsed().as_secs_f64();
     eprintln!(
         "loaded {} in {loaded:.2}s on {}",

@@ -4,10 +4,7 @@
 //! the rules it is served by: its own, as the configuration changes them. `start_model`
 //! then runs it on its own queue, as every `serve` role that holds models does.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use pictor_core::{ModelRules, Pipeline};
@@ -29,13 +26,11 @@ pub struct Loaded {
     pub weights: Vec<PathBuf>,
 }
 
-/// Loads model `name` as `m` describes it, in `data_dir`'s caches, within `memory_budget`.
-pub fn load(
-    name: &str,
-    m: &ModelConfig,
-    data_dir: &Path,
-    memory_budget: Option<u64>,
-) -> anyhow::Result<Loaded> {
+/// Loads model `name` as `m` describes it, in `config`'s data folder (its caches) and
+/// LoRA folder, within its memory budget.
+pub fn load(name: &str, m: &ModelConfig, config: &Config) -> anyhow::Result<Loaded> {
+    let data_dir = config.data_dir.as_path();
+    let memory_budget = config.memory_budget()?;
     let path = crate::shipped::locate(&m.path, data_dir)?;
     if let Some(mut files) = pictor_engine::zimage::ZImageFiles::find_spec(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?
@@ -59,6 +54,7 @@ pub fn load(
         dtype,
         max_batch: m.max_batch,
         memory_budget,
+        lora_dir: Some(config.lora_dir()),
         ..FluxOptions::default()
     };
     let pipeline = FluxPipeline::load(&files, options)?;
@@ -126,7 +122,7 @@ pub(crate) fn start_model(
     name: &str,
     m: &crate::config::ModelConfig,
 ) -> anyhow::Result<Running> {
-    let loaded = crate::load::load(name, m, &config.data_dir, config.memory_budget()?)?;
+    let loaded = crate::load::load(name, m, config)?;
     let device = loaded.pipeline.device().unwrap_or_default();
     tracing::info!(model = %name, %device, "model loaded");
     eprintln!("model {name} loaded from {} on {device}", m.path);

@@ -122,6 +122,7 @@ fn api_config(
         },
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
+        lora_dir: Some(config.lora_dir()),
         presigned_links: config.storage.presigned_links()?,
         // API nodes share rate limits and detached runs across the cluster.
         shared_state: role == crate::cluster::Role::Api,

@@ -65,6 +65,20 @@ test('a dev model takes guidance_scale in the body and says which it used', asyn
   });
 });
 
+test('loras in the body are applied and reported with their hashes', async () => {
+  const body = { model: MODEL, prompt: 'a red circle', size: '64x64', response_format: 'b64_json', seed: 9, steps: 2 };
+  const styled = await client().images.generate({ ...body, loras: [{ name: 'pixel-kohya', scale: 0.8 }] });
+  const plain = await client().images.generate(body);
+  assert.notEqual(styled.data[0].b64_json, plain.data[0].b64_json);
+  assert.equal(styled.data[0].loras[0].name, 'pixel-kohya');
+  assert.equal(styled.data[0].loras[0].sha256.length, 64);
+  await assert.rejects(client().images.generate({ ...body, loras: [{ name: 'pixel-kohya', scale: 50 }] }), (e) => {
+    assert.ok(e instanceof OpenAI.BadRequestError);
+    assert.equal(e.param, 'loras');
+    return true;
+  });
+});
+
 async function imagesGenerated() {
   const text = await (await fetch(`${server.url}/metrics`)).text();
   const line = text

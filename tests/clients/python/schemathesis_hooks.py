@@ -3,7 +3,8 @@ know the one kind of refusal a static schema cannot rule out.
 
 A request can match the schema and still break its model's own rules: a size off the
 model's 16-pixel grid or past its pixel budget, a guidance scale for a model without a
-guidance input, too few steps for an edit's strength, a seed that `seed + n - 1` pushes past 2^53 - 1,
+guidance input, a LoRA name the server has no file for (or one made for another model),
+too few steps for an edit's strength, a seed that `seed + n - 1` pushes past 2^53 - 1,
 or bytes in `image` that are no image. Or a rule across a header and the body: an
 `Idempotency-Key` on a streamed request (a stream cannot be replayed). The server answers
 those 400 with `param` naming the field. Every other refusal of a schema-valid request still
@@ -14,7 +15,7 @@ import json
 import schemathesis
 
 MODEL_RULES = {"size", "steps", "guidance_scale", "negative_prompt", "strength", "seed",
-               "image", "mask", "Idempotency-Key"}
+               "image", "mask", "Idempotency-Key", "loras"}
 
 
 @schemathesis.check

@@ -10,6 +10,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from pngs import idat
+
 MODEL = "tiny-flux-schnell"
 
 
@@ -83,6 +85,27 @@ def test_a_z_image_model_from_split_gguf_files_generates_and_edits(server):
     with pytest.raises(openai.BadRequestError) as e:
         c.images.generate(**{**kw, "extra_body": {"guidance_scale": 2.0}})
     assert e.value.param == "guidance_scale"
+
+
+def test_loras_go_through_extra_body_and_come_back_with_their_hashes(server):
+    # tests/clients/server.sh serves tests/data/tiny-loras as the LoRA folder.
+    c = client(server)
+    model = c.models.retrieve(MODEL)
+    assert "pixel-kohya" in [l["name"] for l in model.model_extra["loras"]]
+    kw = dict(model=MODEL, prompt="a red circle", size="64x64", response_format="b64_json")
+    plain = c.images.generate(**kw, extra_body={"seed": 9, "steps": 2}).data[0]
+    styled = c.images.generate(**kw, extra_body={"seed": 9, "steps": 2,
+                                                 "loras": [{"name": "pixel-kohya", "scale": 0.8}]}).data[0]
+    assert styled.b64_json != plain.b64_json
+    [used] = styled.model_extra["loras"]
+    assert used["name"] == "pixel-kohya" and used["scale"] == 0.8 and len(used["sha256"]) == 64
+    # The same update stored in diffusers' PEFT format draws the same image.
+    same = c.images.generate(**kw, extra_body={"seed": 9, "steps": 2, "loras": ["pixel-peft:0.8"]}).data[0]
+    pixels = lambda d: idat(base64.b64decode(d.b64_json))
+    assert pixels(same) == pixels(styled) and pixels(same) != pixels(plain)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.images.generate(**kw, extra_body={"loras": [{"name": "no-such-lora"}]})
+    assert e.value.param == "loras" and "pixel-kohya" in e.value.message
 
 
 def test_bad_key_is_authentication_error(server):

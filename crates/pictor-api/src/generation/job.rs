@@ -124,7 +124,7 @@ impl Job {
             ));
         }
         let mut engine = GenerationRequest {
-            loras: Vec::new(),
+            loras: req.loras,
             prompt: req.prompt,
             width: size.width,
             height: size.height,

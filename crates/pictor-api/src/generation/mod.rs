@@ -84,6 +84,7 @@ async fn start(
         .clone();
     // A random seed any client can carry exactly, as the seeds they send must be.
     let job = Job::new(request, slot, key, rand::random::<u32>().into(), source)?;
+    check_loras(&state, &job.engine().loras)?;
     let rate = match job.key() {
         Some(key) => state.0.limiter.admit(key, job.engine().n).await?,
         None => Default::default(),
@@ -93,6 +94,35 @@ async fn start(
         .unwrap_or_else(IntoResponse::into_response);
     rate.apply(&mut response);
     Ok(response)
+}
+
+/// Each LoRA a request names must be a file in the LoRA folder (the worker that runs it
+/// reads it, and refuses one made for another model).
+fn check_loras(state: &AppState, loras: &[pictor_core::LoraRequest]) -> Result<(), ApiError> {
+    if loras.is_empty() {
+        return Ok(());
+    }
+    let known: Vec<String> = match &state.0.config.lora_dir {
+        Some(dir) => pictor_core::lora_files(dir)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect(),
+        None => Vec::new(),
+    };
+    match loras.iter().find(|l| !known.contains(&l.name)) {
+        None => Ok(()),
+        Some(missing) => Err(ApiError::invalid(
+            "loras",
+            format!(
+                "Invalid 'loras': there is no LoRA `{}`; this server has {}.",
+                missing.name,
+                match known.is_empty() {
+                    true => "none (put .safetensors files in its lora_dir)".to_string(),
+                    false => known.join(", "),
+                }
+            ),
+        )),
+    }
 }
 
 /// Streams, runs detached, or runs plainly.

@@ -10,7 +10,7 @@ use super::job::Job;
 use crate::{
     error::ApiError,
     files,
-    openapi::{ImageData, ImagesResponse, Timings, Usage},
+    openapi::{ImageData, ImagesResponse, LoraApplied, Timings, Usage},
     state::AppState,
     wire::ResponseFormat,
 };
@@ -59,6 +59,11 @@ pub(super) async fn finish(
     let outcome = tokio::select! {
         outcome = ticket.wait() => outcome.map_err(|e| match e {
             JobError::TimedOut(limit) => ApiError::Timeout(limit),
+            // What only the model could check (a LoRA made for other layers): the
+            // request's fault, named by its field.
+            JobError::Engine(ref e) if let pictor_core::PipelineError::Invalid(invalid) = &**e => {
+                invalid.clone().into()
+            }
             other => ApiError::Internal(
                 anyhow::Error::new(other).context(format!("generating with {model}")),
             ),
@@ -135,6 +140,15 @@ async fn respond(
             strength: receipt.strength,
             input_image_sha256: receipt.input_sha256,
             device: receipt.device,
+            loras: generation
+                .loras
+                .iter()
+                .map(|l| LoraApplied {
+                    name: l.name.clone(),
+                    sha256: l.sha256.clone(),
+                    scale: l.scale,
+                })
+                .collect(),
             timings,
         });
     }

@@ -72,6 +72,11 @@ pub struct CreateImageRequest {
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it, such as FLUX.1-schnell.
     pub negative_prompt: Option<String>,
+    /// Extension: LoRAs to add for this request, files of the server's LoRA folder listed
+    /// in `/v1/models/{id}` (FLUX models); `"name"` or `"name:scale"` strings also work.
+    /// An unknown name, or a LoRA made for another model, is a 400 on `loras`.
+    #[schema(max_items = 8)]
+    pub loras: Option<Vec<LoraChoice>>,
     /// Accepted and recorded nowhere (OpenAI's successor of `user`).
     pub safety_identifier: Option<String>,
 }
@@ -150,6 +155,22 @@ pub struct EditImageRequest {
     pub guidance_scale: Option<f64>,
     /// Extension: refused (400) by models that cannot use it.
     pub negative_prompt: Option<String>,
+    /// Extension: LoRAs to add, as a JSON list of `{"name", "scale"}` or as
+    /// `name:scale,name:scale` (see the generation request).
+    pub loras: Option<String>,
+}
+
+/// One LoRA a request adds.
+#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraChoice {
+    /// The file's name in the server's LoRA folder, without `.safetensors`.
+    #[schema(pattern = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")]
+    pub name: String,
+    /// Its weight, -10 to 10: 1 as trained (the default), 0 off, negative inverted.
+    #[schema(minimum = -10.0, maximum = 10.0)]
+    pub scale: Option<f64>,
 }
 
 /// `POST /v1/images/variations` form (`multipart/form-data`): image to image of the input

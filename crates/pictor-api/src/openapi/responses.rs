@@ -44,8 +44,31 @@ pub struct ImageData {
     /// `cuda:0 (NVIDIA H100 80GB HBM3) bf16`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Extension: the LoRAs applied, with their files' SHA-256 and scales.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraApplied>,
     /// Extension: where the time went.
     pub timings: Timings,
+}
+
+/// A LoRA as applied to an image.
+#[derive(Serialize, ToSchema, Clone)]
+pub struct LoraApplied {
+    /// Its name (the file in the server's LoRA folder, without `.safetensors`).
+    pub name: String,
+    /// The SHA-256 (hex) of the file.
+    pub sha256: String,
+    /// Its scale.
+    pub scale: f64,
+}
+
+/// A LoRA file a model can take.
+#[derive(Serialize, ToSchema, Clone)]
+pub struct LoraFile {
+    /// The name requests give in `loras`.
+    pub name: String,
+    /// Its size on disk.
+    pub bytes: u64,
 }
 
 /// Seconds spent on a request. The phases are those of the batch the request ran in
@@ -177,6 +200,10 @@ pub struct Model {
     /// What the model accepts, once loaded (a Pictor extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules: Option<ModelRulesView>,
+    /// The LoRAs requests may add (`loras`), for a model that takes them (a Pictor
+    /// extension).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loras: Option<Vec<LoraFile>>,
 }
 
 /// What a model accepts: the sizes it draws, its steps, which inputs apply.
@@ -206,6 +233,8 @@ pub struct ModelRulesView {
     pub default_guidance: Option<f64>,
     /// Whether `negative_prompt` applies.
     pub negative_prompt: bool,
+    /// Whether `loras` applies.
+    pub loras: bool,
 }
 
 impl From<&pictor_core::ModelRules> for ModelRulesView {
@@ -222,6 +251,7 @@ impl From<&pictor_core::ModelRules> for ModelRulesView {
             guidance: r.takes_guidance(),
             default_guidance: r.default_guidance,
             negative_prompt: r.takes_negative_prompt,
+            loras: r.takes_loras,
         }
     }
 }

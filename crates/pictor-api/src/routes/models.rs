@@ -9,12 +9,19 @@ use axum::{
 use crate::{
     auth::Caller,
     error::ApiError,
-    openapi::{Model, ModelList},
+    openapi::{LoraFile, Model, ModelList},
     state::AppState,
 };
 
 fn entries(state: &AppState) -> Vec<Model> {
     let mut out = Vec::new();
+    let loras: Vec<LoraFile> = match &state.0.config.lora_dir {
+        Some(dir) => pictor_core::lora_files(dir)
+            .into_iter()
+            .map(|(name, bytes)| LoraFile { name, bytes })
+            .collect(),
+        None => Vec::new(),
+    };
     for slot in state.models() {
         let spec = &slot.spec;
         let loaded = slot.loaded();
@@ -29,6 +36,9 @@ fn entries(state: &AppState) -> Vec<Model> {
             memory: loaded.map(|l| l.memory.clone()),
             device: loaded.and_then(|l| l.queue.device().map(str::to_string)),
             rules: loaded.map(|l| (&l.rules).into()),
+            loras: loaded
+                .filter(|l| l.rules.takes_loras)
+                .map(|_| loras.clone()),
         };
         out.push(entry(&spec.name, None));
         for alias in &spec.aliases {

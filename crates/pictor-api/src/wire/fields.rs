@@ -45,6 +45,11 @@ impl<'a> Fields<'a> {
         self.map
     }
 
+    /// Whether the fields came from a form (all text).
+    pub(super) fn is_form(&self) -> bool {
+        self.form
+    }
+
     /// Whether `key` was sent at all (`null` included, as JSON Schema's `required` counts).
     pub(super) fn sent(&self, key: &str) -> bool {
         self.map.contains_key(key)

@@ -85,6 +85,8 @@ pub struct ImageRequest {
     pub guidance_scale: Option<f64>,
     /// `negative_prompt` (extension).
     pub negative_prompt: Option<String>,
+    /// `loras` (extension): LoRA files of the server's to add, with their scales.
+    pub loras: Vec<pictor_core::LoraRequest>,
     /// `user`.
     pub user: Option<String>,
     /// `stream`: answer with server-sent events.
@@ -128,6 +130,7 @@ pub(crate) const KNOWN: &[&str] = &[
     "num_inference_steps",
     "guidance_scale",
     "negative_prompt",
+    "loras",
     "safety_identifier",
 ];
 
@@ -153,6 +156,7 @@ pub(crate) const KNOWN_EDIT: &[&str] = &[
     "strength",
     "guidance_scale",
     "negative_prompt",
+    "loras",
 ];
 
 /// `/v1/images/variations`' text fields: OpenAI's, then the extensions.
@@ -251,6 +255,68 @@ impl Fields<'_> {
         let steps = self.in_range("steps", 1, 1000)?;
         let nis = self.in_range("num_inference_steps", 1, 1000)?;
         Ok(steps.or(nis).map(|s| s as usize))
+    }
+
+    /// `loras`: a list of `{"name": ..., "scale": ...}` (scale 1 when left out), or of
+    /// `"name"` / `"name:scale"` strings; a form sends that list as JSON or as
+    /// `name:scale,name:scale`. Names, scales and the count are the model's rules'.
+    fn loras(&self) -> Result<Vec<pictor_core::LoraRequest>, ApiError> {
+        let invalid = |m: String| ApiError::invalid("loras", m);
+        let shape = "expected a list of {\"name\": ..., \"scale\": ...} objects";
+        let from_form;
+        let list = match self.map().get("loras") {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Array(items)) => items,
+            Some(Value::String(text)) if self.is_form() => {
+                from_form = match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Array(items)) => items,
+                    _ => text
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(|t| Value::String(t.to_string()))
+                        .collect(),
+                };
+                &from_form
+            }
+            Some(_) => return Err(invalid(format!("Invalid 'loras': {shape}."))),
+        };
+        let mut loras = Vec::with_capacity(list.len());
+        for (i, item) in list.iter().enumerate() {
+            let (name, scale) = match item {
+                Value::String(s) => match s.rsplit_once(':') {
+                    Some((name, scale)) => {
+                        let scale = scale.trim().parse::<f64>().map_err(|_| {
+                            invalid(format!("Invalid 'loras[{i}]': '{s}' is not name:scale."))
+                        })?;
+                        (name.trim().to_string(), scale)
+                    }
+                    None => (s.trim().to_string(), 1.0),
+                },
+                Value::Object(o) => {
+                    if let Some(k) = o.keys().find(|k| !matches!(k.as_str(), "name" | "scale")) {
+                        return Err(invalid(format!(
+                            "Invalid 'loras[{i}]': unknown field '{k}'; a LoRA has a name and a scale."
+                        )));
+                    }
+                    let name = o.get("name").and_then(Value::as_str).ok_or_else(|| {
+                        invalid(format!(
+                            "Invalid 'loras[{i}]': missing its 'name' (a string)."
+                        ))
+                    })?;
+                    let scale = match o.get("scale") {
+                        None | Some(Value::Null) => 1.0,
+                        Some(v) => v.as_f64().ok_or_else(|| {
+                            invalid(format!("Invalid 'loras[{i}].scale': expected a number."))
+                        })?,
+                    };
+                    (name.to_string(), scale)
+                }
+                _ => return Err(invalid(format!("Invalid 'loras[{i}]': {shape}."))),
+            };
+            loras.push(pictor_core::LoraRequest { name, scale });
+        }
+        Ok(loras)
     }
 
     /// `strength`: in (0, 1].
@@ -374,6 +440,7 @@ fn parse_fields(
         steps,
         guidance_scale: f.number("guidance_scale")?,
         negative_prompt: f.string("negative_prompt")?.map(str::to_string),
+        loras: f.loras()?,
         user: f
             .string("safety_identifier")?
             .or(f.string("user")?)

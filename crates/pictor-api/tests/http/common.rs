@@ -25,6 +25,8 @@ pub struct Options {
     pub uploads: pictor_api::UploadLimits,
     /// The fixture under `tests/data/` the model is loaded from.
     pub fixture: &'static str,
+    /// The folder of LoRA files requests may name.
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             max_n: 10,
             uploads: pictor_api::UploadLimits::default(),
             fixture: "tiny-flux-schnell",
+            lora_dir: None,
         }
     }
 }
@@ -106,6 +109,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             "FLUX.1-schnell".into(),
             "Serve it by adding it to pictor.toml.".into(),
         )],
+        lora_dir: opts.lora_dir.clone(),
     };
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     let mut model_queue = None;
@@ -115,7 +119,11 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             Box::new(pictor_engine::zimage::ZImagePipeline::load(&dir).unwrap())
         } else {
             let files = ModelFiles::from_dir(&dir).unwrap();
-            Box::new(FluxPipeline::load(&files, FluxOptions::default()).unwrap())
+            let options = FluxOptions {
+                lora_dir: opts.lora_dir.clone(),
+                ..FluxOptions::default()
+            };
+            Box::new(FluxPipeline::load(&files, options).unwrap())
         };
         // The pipeline's own rules, adjusted as a configuration would.
         let rules = ModelRules {

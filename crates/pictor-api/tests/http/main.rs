@@ -7,4 +7,5 @@ mod hardening;
 mod idempotency;
 mod images;
 mod lifecycle;
+mod loras;
 mod stream;

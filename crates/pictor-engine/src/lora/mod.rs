@@ -47,9 +47,6 @@ impl Applied {
     }
 }
 
-/// The extension LoRA files have.
-pub const EXTENSION: &str = "safetensors";
-
 /// The bytes of parsed LoRAs kept in memory by default.
 pub const DEFAULT_CACHE_BYTES: u64 = 2 << 30;
 
@@ -68,28 +65,6 @@ struct Cache {
     order: VecDeque<String>,
     bytes: u64,
     bound: u64,
-}
-
-/// The LoRAs in `dir`: `(name, bytes on disk)`, sorted; empty when the folder does not
-/// exist.
-pub fn list(dir: &Path) -> Vec<(String, u64)> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut found: Vec<(String, u64)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let path = e.path();
-            (path.extension()? == EXTENSION).then_some(())?;
-            let name = path.file_stem()?.to_str()?.to_string();
-            pictor_core::lora_name_problem(&name)
-                .is_none()
-                .then_some(())?;
-            Some((name, e.metadata().ok()?.len()))
-        })
-        .collect();
-    found.sort();
-    found
 }
 
 impl LoraLibrary {
@@ -149,9 +124,14 @@ impl LoraLibrary {
 
     /// The parsed file named `name`, and its hash.
     fn load(&self, name: &str) -> Result<(String, Arc<LoraFile>)> {
-        let path = self.dir.join(format!("{name}.{EXTENSION}"));
+        let path = self
+            .dir
+            .join(format!("{name}.{}", pictor_core::LORA_EXTENSION));
         let missing = || {
-            let known: Vec<String> = list(&self.dir).into_iter().map(|(n, _)| n).collect();
+            let known: Vec<String> = pictor_core::lora_files(&self.dir)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
             EngineError::InvalidInput {
                 field: "loras",
                 message: format!(
