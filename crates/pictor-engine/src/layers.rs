@@ -29,48 +29,35 @@ pub(crate) struct Delta {
 #[derive(Default)]
 struct Adapters(RwLock<Vec<Arc<Delta>>>);
 
-/// One linear layer of a network: its `(outputs, inputs)` and where updates attach.
-struct Entry {
-    shape: (usize, usize),
-    adapters: Arc<Adapters>,
-}
-
 /// Every linear layer a network built, by canonical name: where a batch's low-rank
 /// updates (LoRA) are attached, without touching the shared weights, and detached after.
 #[derive(Default, Clone)]
-pub(crate) struct LayerTable(Arc<Mutex<BTreeMap<String, Entry>>>);
+pub(crate) struct LayerTable(Arc<Mutex<BTreeMap<String, Arc<Adapters>>>>);
 
 impl LayerTable {
-    fn register(&self, name: &str, shape: (usize, usize)) -> Arc<Adapters> {
+    fn register(&self, name: &str) -> Arc<Adapters> {
         let adapters = Arc::new(Adapters::default());
-        let entry = Entry {
-            shape,
-            adapters: adapters.clone(),
-        };
         let mut table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        table.insert(name.to_string(), entry);
+        table.insert(name.to_string(), adapters.clone());
         adapters
     }
 
-    /// Each layer's `(outputs, inputs)`, by canonical name.
-    pub(crate) fn shapes(&self) -> BTreeMap<String, (usize, usize)> {
-        let table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        table.iter().map(|(n, e)| (n.clone(), e.shape)).collect()
-    }
-
-    /// Adds `deltas` to their layers until the returned guard drops.
+    /// Adds `deltas` to their layers until the returned guard drops. The names come from
+    /// the network's own list of layers (`tensor_names`), so each is there; one that is
+    /// not would be a bug, logged and skipped.
     pub(crate) fn attach(&self, deltas: Vec<(String, Delta)>) -> Attached {
         let table = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let mut touched = Vec::new();
         for (name, delta) in deltas {
-            if let Some(entry) = table.get(&name) {
-                let mut list = entry
-                    .adapters
-                    .0
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner);
-                list.push(Arc::new(delta));
-                touched.push(entry.adapters.clone());
+            match table.get(&name) {
+                Some(adapters) => {
+                    let mut list = adapters.0.write().unwrap_or_else(PoisonError::into_inner);
+                    list.push(Arc::new(delta));
+                    touched.push(adapters.clone());
+                }
+                None => {
+                    tracing::error!(layer = %name, "a LoRA update for a layer the network lacks")
+                }
             }
         }
         Attached(touched)
@@ -347,7 +334,7 @@ impl Source<'_> {
         } else {
             None
         };
-        let adapters = self.layers.register(prefix, (out, inp));
+        let adapters = self.layers.register(prefix);
         Ok(Linear {
             weight,
             bias,

@@ -385,14 +385,16 @@ impl FluxPipeline {
         }
         let mut phases = Phases::default();
         let started = Instant::now();
+        // A batch shares its LoRAs (`Pipeline::compatible`): read and checked before
+        // anything runs, the text encoder's used for the prompts, the transformer's
+        // attached for the batch and taken off when `applied` drops, however it ends.
+        let loras = self.prepare_loras(&first_req.loras)?;
         let embeddings = reqs
             .iter()
-            .map(|r| self.encode_prompt(&r.prompt))
+            .map(|r| self.encode_prompt_with(&r.prompt, &loras))
             .collect::<Result<Vec<_>>>()?;
         self.stage_transformer()?;
-        // A batch shares its LoRAs (`Pipeline::compatible`): attached for the batch,
-        // taken off when `applied` drops, however the batch ends.
-        let applied = self.apply_loras(&first_req.loras)?;
+        let applied = self.attach_loras(loras)?;
         phases.encode = started.elapsed();
         // Every image of every request, as (request, image index, seed), in order.
         let items: Vec<(usize, usize, u64)> = reqs
@@ -501,11 +503,14 @@ impl FluxPipeline {
             .collect())
     }
 
-    /// Attaches `loras`' updates (files in the LoRA folder) to the loaded transformer
-    /// until the answer drops; the shared weights are not changed.
-    pub fn apply_loras(&self, loras: &[pictor_core::LoraRequest]) -> Result<crate::lora::Applied> {
+    /// Reads `loras` (files in the LoRA folder) and checks them against this model's
+    /// transformer and CLIP layers, before anything runs.
+    pub fn prepare_loras(
+        &self,
+        loras: &[pictor_core::LoraRequest],
+    ) -> Result<crate::lora::Prepared> {
         if loras.is_empty() {
-            return Ok(crate::lora::Applied::none());
+            return Ok(crate::lora::Prepared::none());
         }
         let library = self
             .loras
@@ -514,11 +519,45 @@ impl FluxPipeline {
                 field: "loras",
                 message: "Invalid 'loras': this server has no LoRA folder (lora_dir).".into(),
             })?;
-        library.apply(
-            loras,
-            self.denoiser.layers()?,
-            crate::weights::Scheme::DiffusersFluxTransformer,
-            &self.device,
-        )
+        // The transformer's linear layers from its architecture: it may be staged out.
+        let layers: std::collections::BTreeMap<String, (usize, usize)> =
+            model::tensor_names(&self.denoiser.transformer_arch().config)
+                .into_iter()
+                .filter_map(|(name, shape)| match shape[..] {
+                    [out, inp] => Some((name.strip_suffix(".weight")?.to_string(), (out, inp))),
+                    _ => None,
+                })
+                .collect();
+        let names =
+            crate::lora::Names::new(&layers, crate::weights::Scheme::DiffusersFluxTransformer);
+        let clip =
+            crate::lora::Names::new(self.text.clip.layers(), crate::weights::Scheme::Identity);
+        library.prepare(loras, &names, Some(&clip), &self.device)
+    }
+
+    /// Attaches prepared LoRAs' transformer updates to the loaded transformer until the
+    /// answer drops; the shared weights are not changed.
+    pub fn attach_loras(&self, loras: crate::lora::Prepared) -> Result<crate::lora::Applied> {
+        if loras.is_empty() {
+            return Ok(crate::lora::Applied::none());
+        }
+        Ok(loras.attach(self.denoiser.layers()?))
+    }
+
+    /// [`FluxPipeline::encode_prompt`] through CLIP with prepared LoRAs' text-encoder
+    /// updates: a patched copy for this call, the shared encoder left as it is.
+    pub fn encode_prompt_with(
+        &mut self,
+        prompt: &str,
+        loras: &crate::lora::Prepared,
+    ) -> Result<Embeddings> {
+        if loras.text_encoder().is_empty() {
+            return self.encode_prompt(prompt);
+        }
+        let patched = self.text.clip.with_deltas(loras.text_encoder().clone())?;
+        let shared = std::mem::replace(&mut self.text.clip, patched);
+        let embeddings = self.encode_prompt(prompt);
+        self.text.clip = shared;
+        embeddings
     }
 }

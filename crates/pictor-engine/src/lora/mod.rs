@@ -20,10 +20,46 @@ use sha2::Digest;
 use crate::{
     error::{EngineError, Result},
     layers::{Delta, LayerTable},
-    weights::Scheme,
 };
 use file::LoraFile;
 pub(crate) use names::Names;
+
+/// A request's LoRAs, read and checked against the network's layers, not yet attached:
+/// the transformer's low-rank updates and the text encoder's dense ones.
+pub struct Prepared {
+    transformer: Vec<(String, Delta)>,
+    text_encoder: HashMap<String, Tensor>,
+    used: Vec<LoraUse>,
+}
+
+impl Prepared {
+    /// Nothing to apply.
+    pub fn none() -> Self {
+        Self {
+            transformer: Vec::new(),
+            text_encoder: HashMap::new(),
+            used: Vec::new(),
+        }
+    }
+
+    /// Whether nothing is applied.
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    /// The text encoder's updates, by weight name (`…q_proj.weight`), dense.
+    pub(crate) fn text_encoder(&self) -> &HashMap<String, Tensor> {
+        &self.text_encoder
+    }
+
+    /// Attaches the transformer's updates to its `layers` until the answer drops.
+    pub(crate) fn attach(self, layers: &LayerTable) -> Applied {
+        Applied {
+            _attached: Some(layers.attach(self.transformer)),
+            used: self.used,
+        }
+    }
+}
 
 /// LoRA updates attached to a loaded network, and what they are; they come off when this
 /// drops.
@@ -84,42 +120,46 @@ impl LoraLibrary {
         &self.dir
     }
 
-    /// Attaches the updates `loras` make to a network with `layers` (named for diffusers
-    /// by `scheme`), on `device`, until the answer drops. A name with no file, a file that is no
-    /// LoRA, or one for other layers is a request error naming the LoRA and the layer.
-    pub(crate) fn apply(
+    /// Reads `loras` and checks them against a network whose transformer layers `names`
+    /// names and whose text encoder `text_encoder` names (`None`: it takes no LoRA), with
+    /// the updates put on `device`. A name with no file, a file that is no LoRA, or one
+    /// for other layers is a request error naming the LoRA and the layer.
+    pub(crate) fn prepare(
         &self,
         loras: &[LoraRequest],
-        layers: &LayerTable,
-        scheme: Scheme,
+        names: &Names,
+        text_encoder: Option<&Names>,
         device: &Device,
-    ) -> Result<Applied> {
-        if loras.is_empty() {
-            return Ok(Applied::none());
-        }
-        let shapes = layers.shapes();
-        let names = Names::new(&shapes, scheme);
-        let mut deltas = Vec::new();
-        let mut used = Vec::new();
+    ) -> Result<Prepared> {
+        let mut prepared = Prepared::none();
         for lora in loras {
             let (sha256, file) = self.load(&lora.name)?;
             let invalid = |why: String| EngineError::InvalidInput {
                 field: "loras",
                 message: format!("Invalid 'loras': LoRA `{}`: {why}.", lora.name),
             };
-            for (layer, delta) in updates(&file, &names, lora.scale).map_err(invalid)? {
-                deltas.push((layer, delta.to_device(device)?));
+            let (ours, theirs) = route(&file, names, text_encoder).map_err(invalid)?;
+            for (layer, delta) in updates(&ours, names, lora.scale).map_err(invalid)? {
+                prepared.transformer.push((layer, delta.to_device(device)?));
             }
-            used.push(LoraUse {
+            if let Some(te) = text_encoder {
+                for (layer, delta) in updates(&theirs, te, lora.scale).map_err(invalid)? {
+                    let dense = delta.up.matmul(&delta.down)?.to_device(device)?;
+                    let name = format!("{layer}.weight");
+                    let sum = match prepared.text_encoder.remove(&name) {
+                        Some(before) => (before + dense)?,
+                        None => dense,
+                    };
+                    prepared.text_encoder.insert(name, sum);
+                }
+            }
+            prepared.used.push(LoraUse {
                 name: lora.name.clone(),
                 sha256,
                 scale: lora.scale,
             });
         }
-        Ok(Applied {
-            _attached: Some(layers.attach(deltas)),
-            used,
-        })
+        Ok(prepared)
     }
 
     /// The parsed file named `name`, and its hash.
@@ -215,11 +255,40 @@ struct Piece {
     offset: usize,
 }
 
-/// The file's updates at `scale`, one [`Delta`] per layer (a fused layer's parts joined:
+/// The modules' updates at `scale`, one [`Delta`] per layer (a fused layer's parts joined:
 /// their downs stacked, their ups side by side at their rows).
-fn updates(file: &LoraFile, names: &Names, scale: f64) -> Result<Vec<(String, Delta)>, String> {
-    let mut by_layer: BTreeMap<String, (usize, Vec<Piece>)> = BTreeMap::new();
+/// The file's modules split into the transformer's and the text encoder's: a module the
+/// transformer lacks is the text encoder's when its name says so and it has one.
+fn route<'a>(
+    file: &'a LoraFile,
+    names: &Names,
+    text_encoder: Option<&Names>,
+) -> Result<(Modules<'a>, Modules<'a>), String> {
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for (module, m) in &file.modules {
+        match names.find(module) {
+            Ok(_) => ours.push((module.as_str(), m)),
+            Err(why) => match text_encoder {
+                Some(te) if names::is_text_encoder(module) => {
+                    te.find(module)?;
+                    theirs.push((module.as_str(), m));
+                }
+                _ => return Err(why),
+            },
+        }
+    }
+    Ok((ours, theirs))
+}
+
+type Modules<'a> = Vec<(&'a str, &'a file::Module)>;
+
+fn updates(
+    modules: &Modules<'_>,
+    names: &Names,
+    scale: f64,
+) -> Result<Vec<(String, Delta)>, String> {
+    let mut by_layer: BTreeMap<String, (usize, Vec<Piece>)> = BTreeMap::new();
+    for &(module, m) in modules {
         let target = names.find(module)?;
         let (rank, inputs) = (m.rank(), m.down.dims()[1]);
         if inputs != target.inputs || m.up.dims()[0] != target.len {

@@ -34,7 +34,7 @@ pub(crate) struct Names {
 }
 
 /// Prefixes files put before module names, longest first.
-const PREFIXES: [&str; 7] = [
+const PREFIXES: [&str; 10] = [
     "base_model.model.",
     "model.diffusion_model.",
     "diffusion_model.",
@@ -42,10 +42,19 @@ const PREFIXES: [&str; 7] = [
     "lora_unet_",
     "lora_transformer_",
     "unet.",
+    "lora_te1_",
+    "lora_te_",
+    "text_encoder.",
 ];
 
-/// Prefixes of text-encoder modules (kohya `lora_te1_`, diffusers `text_encoder.`).
+/// Prefixes of text-encoder modules (kohya `lora_te1_` for CLIP, `lora_te2_` for T5;
+/// diffusers `text_encoder.` and `text_encoder_2.`).
 const TEXT_ENCODER: [&str; 4] = ["lora_te1_", "lora_te2_", "lora_te_", "text_encoder"];
+
+/// Whether `module` names a text encoder's layer.
+pub(crate) fn is_text_encoder(module: &str) -> bool {
+    TEXT_ENCODER.iter().any(|p| module.starts_with(p))
+}
 
 impl Names {
     /// The names of a network with these layers (`(outputs, inputs)` by canonical name)
@@ -120,9 +129,10 @@ impl Names {
         if let Some(found) = self.map.get(name) {
             return Ok(found);
         }
-        if TEXT_ENCODER.iter().any(|p| module.starts_with(p)) {
+        if is_text_encoder(module) {
             return Err(format!(
-                "`{module}` updates the text encoder; only the transformer's layers take LoRAs in this version"
+                "`{module}` updates a text encoder this model does not take LoRAs for (only \
+                 FLUX's CLIP, `lora_te1_`, and transformer are)"
             ));
         }
         Err(format!(

@@ -112,6 +112,53 @@ pub struct ClipEncoder {
     max_positions: usize,
     eos_token_id: u32,
     device: Device,
+    /// Where it was loaded from and in which dtype, to build a LoRA'd copy.
+    part: Part,
+    dtype: DType,
+    /// Its linear layers' `(outputs, inputs)` by name (`text_model.encoder.layers.N.…`).
+    layers: std::collections::BTreeMap<String, (usize, usize)>,
+}
+
+/// Mapped weights with dense updates added to some tensors as they are read: a LoRA'd
+/// copy of a network candle builds from a `VarBuilder`, the file left as it is.
+struct Patched {
+    inner: MappedWeights,
+    deltas: std::collections::HashMap<String, Tensor>,
+}
+
+impl Patched {
+    fn patch(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        match self.deltas.get(name) {
+            Some(d) => {
+                let sum = (t.to_dtype(DType::F32)? + d.to_device(t.device())?)?;
+                sum.to_dtype(t.dtype())
+            }
+            None => Ok(t),
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for Patched {
+    fn get(
+        &self,
+        want: candle_core::Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.inner.get(want, name, init, dtype, dev)?;
+        self.patch(name, t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.inner.get_unchecked(name, dtype, dev)?;
+        self.patch(name, t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
 }
 
 /// A CLIP part's weights, opened, and its sizes: from transformers' `config.json` when
@@ -148,7 +195,40 @@ impl ClipEncoder {
     /// Loads the encoder, with transformers' `config.json` when the part has one; without
     /// (ComfyUI's `clip_l.safetensors`, bundles) the sizes are read from tensor shapes.
     pub fn load(part: &Part, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_patched(part, dtype, device, Default::default())
+    }
+
+    /// A copy with dense updates `deltas` (by weight name) added to its weights: a
+    /// request's text-encoder LoRAs. The files and this encoder are left as they are.
+    pub(crate) fn with_deltas(
+        &self,
+        deltas: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        Self::load_patched(&self.part, self.dtype, &self.device, deltas)
+    }
+
+    /// Its linear layers' `(outputs, inputs)` by name.
+    pub(crate) fn layers(&self) -> &std::collections::BTreeMap<String, (usize, usize)> {
+        &self.layers
+    }
+
+    fn load_patched(
+        part: &Part,
+        dtype: DType,
+        device: &Device,
+        deltas: std::collections::HashMap<String, Tensor>,
+    ) -> Result<Self> {
         let (weights, cfg) = open_clip(part)?;
+        let (h, ff) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut layers = std::collections::BTreeMap::new();
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("text_model.encoder.layers.{i}");
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                layers.insert(format!("{p}.self_attn.{proj}"), (h, h));
+            }
+            layers.insert(format!("{p}.mlp.fc1"), (ff, h));
+            layers.insert(format!("{p}.mlp.fc2"), (h, ff));
+        }
         let config = clip::ClipTextConfig {
             vocab_size: cfg.vocab_size,
             embed_dim: cfg.hidden_size,
@@ -160,14 +240,27 @@ impl ClipEncoder {
             num_attention_heads: cfg.num_attention_heads,
             projection_dim: cfg.hidden_size,
         };
-        let vb = weights.var_builder(dtype, device).pp("text_model");
-        let model = clip::ClipTextTransformer::new(vb, &config)
+        let vb = match deltas.is_empty() {
+            true => weights.var_builder(dtype, device),
+            false => candle_nn::VarBuilder::from_backend(
+                Box::new(Patched {
+                    inner: weights,
+                    deltas,
+                }),
+                dtype,
+                device.clone(),
+            ),
+        };
+        let model = clip::ClipTextTransformer::new(vb.pp("text_model"), &config)
             .map_err(|e| EngineError::load("clip", e))?;
         Ok(Self {
             model,
             max_positions: cfg.max_position_embeddings,
             eos_token_id: cfg.eos_token_id.unwrap_or(2),
             device: device.clone(),
+            part: part.clone(),
+            dtype,
+            layers,
         })
     }
 

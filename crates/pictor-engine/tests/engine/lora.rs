@@ -75,7 +75,9 @@ fn every_format_matches_diffusers_and_comes_off_after() {
             "combo.final_latents",
         ),
     ] {
-        let applied = p.apply_loras(&ask(loras)).expect("applies");
+        let applied = p
+            .attach_loras(p.prepare_loras(&ask(loras)).expect("prepares"))
+            .expect("applies");
         assert_eq!(applied.used().len(), loras.len());
         assert!(applied.used().iter().all(|u| u.sha256.len() == 64));
         let got = final_latents(&p);
@@ -104,7 +106,9 @@ fn the_pixels_match_diffusers_with_a_lora() {
     let want = lora_reference();
     let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), &loras_dir());
     let s = setup();
-    let _applied = p.apply_loras(&ask(&[("pixel-kohya", 0.8)])).unwrap();
+    let _applied = p
+        .attach_loras(p.prepare_loras(&ask(&[("pixel-kohya", 0.8)])).unwrap())
+        .unwrap();
     let pixels = p
         .denoiser()
         .decode(&final_latents(&p), s.height, s.width)
@@ -158,7 +162,9 @@ fn a_quantized_base_takes_the_same_update() {
     };
     let plain = step();
     let with = {
-        let _applied = p.apply_loras(&ask(&[("pixel-peft", 0.8)])).unwrap();
+        let _applied = p
+            .attach_loras(p.prepare_loras(&ask(&[("pixel-peft", 0.8)])).unwrap())
+            .unwrap();
         step()
     };
     let ours = (with - plain).unwrap();
@@ -235,7 +241,10 @@ fn bad_loras_are_refused_naming_the_lora_and_the_layer() {
     .unwrap();
     let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), dir.path());
     let refused = |name: &str| {
-        let err = p.apply_loras(&ask(&[(name, 1.0)])).err().expect("refused");
+        let err = p
+            .prepare_loras(&ask(&[(name, 1.0)]))
+            .err()
+            .expect("refused");
         let message = err.to_string();
         let PipelineError::Invalid(invalid) = PipelineError::from(err) else {
             panic!("{name}: not a request error: {message}");
@@ -264,4 +273,67 @@ fn bad_loras_are_refused_naming_the_lora_and_the_layer() {
     // Nothing stayed attached after the refusals.
     let d = max_abs_diff(&final_latents(&p), &tensor(&reference(), "final_latents"));
     assert!(d <= STEP_TOL, "{d}");
+}
+
+/// kohya's text-encoder LoRA (`lora_te1_`): CLIP's pooled vector and the final latents as
+/// diffusers gives them with the LoRA fused into CLIP and the transformer; the shared CLIP
+/// is left as it was.
+#[test]
+fn a_text_encoder_lora_matches_diffusers() {
+    let want = lora_reference();
+    let r = reference();
+    let s = setup();
+    let mut p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), &loras_dir());
+    let loras = p.prepare_loras(&ask(&[("te-kohya", 0.8)])).unwrap();
+    let emb = p.encode_prompt_with(&s.prompt, &loras).unwrap();
+    let d = max_abs_diff(&emb.pooled, &tensor(&want, "te-kohya.clip_pooled"));
+    let moved = max_abs_diff(
+        &tensor(&want, "te-kohya.clip_pooled"),
+        &tensor(&r, "clip_pooled"),
+    );
+    eprintln!("te-kohya: CLIP pooled {d:.1e} from diffusers (the LoRA moves it {moved:.2})");
+    assert!(moved > 0.05 && d <= STEP_TOL, "{d}");
+    let _applied = p.attach_loras(loras).unwrap();
+    let latents = p
+        .denoiser()
+        .denoise(&tensor(&r, "noise"), &emb, s.steps, None, |_| {
+            Ok(Control::Continue)
+        })
+        .unwrap();
+    let d = max_abs_diff(&latents, &tensor(&want, "te-kohya.final_latents"));
+    assert!(d <= STEP_TOL, "te-kohya final latents: {d}");
+    // The shared CLIP is unchanged.
+    let plain = p.encode_prompt(&s.prompt).unwrap();
+    assert!(max_abs_diff(&plain.pooled, &tensor(&r, "clip_pooled")) <= STEP_TOL);
+}
+
+/// FLUX.1-dev takes the same LoRAs (its guidance embedding takes none): they change its
+/// step and come off again.
+#[test]
+fn a_dev_model_takes_loras_too() {
+    let dev = fixture().join("../tiny-flux-dev");
+    let p = pipeline(&ModelFiles::from_dir(&dev).unwrap(), &loras_dir());
+    let r = reference();
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let step = || {
+        p.denoiser()
+            .velocity(
+                &sampling::pack(&noise).unwrap(),
+                &reference_embeddings(&r),
+                1.0,
+                Some(3.5),
+                (h, w),
+            )
+            .unwrap()
+    };
+    let plain = step();
+    let with = {
+        let _applied = p
+            .attach_loras(p.prepare_loras(&ask(&[("pixel-kohya", 0.8)])).unwrap())
+            .unwrap();
+        step()
+    };
+    assert!(max_abs_diff(&with, &plain) > 0.1);
+    assert_eq!(max_abs_diff(&step(), &plain), 0.0);
 }

@@ -769,3 +769,75 @@ fn selfcheck_reports_every_stage_and_fails_out_of_bounds() {
     let why = String::from_utf8_lossy(&gpu.stderr);
     assert!(why.contains("cannot use cuda:0"), "{why}");
 }
+
+/// `--lora NAME:SCALE` from the LoRA folder (here set by `PICTOR_LORA_DIR`): recorded in
+/// the receipt, reproduced by `--from-image`, and an unknown name says what there is.
+#[test]
+fn loras_on_the_command_line_are_recorded_and_reproduced() {
+    let dir = tempfile::tempdir().unwrap();
+    let loras = fixture().join("../tiny-loras");
+    let run = |args: &[&str], out: &Path| {
+        pictor()
+            .env("PICTOR_LORA_DIR", &loras)
+            .args(["generate", "--model", fixture().to_str().unwrap()])
+            .args(args)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .expect("pictor runs")
+    };
+    let base = [
+        "--prompt",
+        "a red circle",
+        "--size",
+        "64x48",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+    ];
+    let styled = dir.path().join("styled.png");
+    let out = run(
+        &[&base[..], &["--lora", "pixel-kohya:0.8"]].concat(),
+        &styled,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let receipt = pictor_image::Receipt::from_image(&std::fs::read(&styled).unwrap()).unwrap();
+    let [lora] = receipt.loras.as_slice() else {
+        panic!("{receipt:?}");
+    };
+    assert_eq!(
+        (lora.name.as_str(), lora.scale, lora.sha256.len()),
+        ("pixel-kohya", 0.8, 12)
+    );
+    let plain = dir.path().join("plain.png");
+    assert!(run(&base, &plain).status.success());
+    let again = dir.path().join("again.png");
+    let out = run(&["--from-image", styled.to_str().unwrap()], &again);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8();
+    assert_eq!(
+        pixels(&styled),
+        pixels(&again),
+        "--from-image re-applies the LoRA"
+    );
+    assert_ne!(pixels(&styled), pixels(&plain));
+    let missing = run(
+        &[&base[..], &["--lora", "nope"]].concat(),
+        &dir.path().join("x.png"),
+    );
+    assert!(!missing.status.success());
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains("no LoRA `nope`") && said.contains("pixel-kohya"),
+        "{said}"
+    );
+}
