@@ -147,25 +147,12 @@ fn a_quantized_base_takes_the_same_update() {
     files.transformer = Part::file(&gguf);
     let p = pipeline(&files, &loras_dir());
     let r = reference();
-    let noise = tensor(&r, "noise");
-    let (_, _, h, w) = noise.dims4().unwrap();
-    let step = || {
-        p.denoiser()
-            .velocity(
-                &sampling::pack(&noise).unwrap(),
-                &reference_embeddings(&r),
-                1.0,
-                None,
-                (h, w),
-            )
-            .unwrap()
-    };
-    let plain = step();
+    let plain = first_step(&p, None);
     let with = {
         let _applied = p
             .attach_loras(p.prepare_loras(&ask(&[("pixel-peft", 0.8)])).unwrap())
             .unwrap();
-        step()
+        first_step(&p, None)
     };
     let ours = (with - plain).unwrap();
     let theirs = (tensor(&lora_reference(), "pixel-peft.transformer_out_step0")
@@ -177,6 +164,17 @@ fn a_quantized_base_takes_the_same_update() {
         "Q8_0 base: the LoRA's change to step 0 is {d:.2e} from diffusers' (change {size:.2})"
     );
     assert!(d < 0.05 * size, "{d} against a change of {size}");
+}
+
+/// The velocity at the reference's noise and text, sigma 1, for `guidance`.
+fn first_step(p: &FluxPipeline, guidance: Option<f64>) -> Tensor {
+    let r = reference();
+    let noise = tensor(&r, "noise");
+    let (_, _, h, w) = noise.dims4().unwrap();
+    let packed = sampling::pack(&noise).unwrap();
+    p.denoiser()
+        .velocity(&packed, &reference_embeddings(&r), 1.0, guidance, (h, w))
+        .unwrap()
 }
 
 fn write_lora(path: &Path, tensors: &[(&str, Vec<usize>)]) {
@@ -313,27 +311,13 @@ fn a_text_encoder_lora_matches_diffusers() {
 fn a_dev_model_takes_loras_too() {
     let dev = fixture().join("../tiny-flux-dev");
     let p = pipeline(&ModelFiles::from_dir(&dev).unwrap(), &loras_dir());
-    let r = reference();
-    let noise = tensor(&r, "noise");
-    let (_, _, h, w) = noise.dims4().unwrap();
-    let step = || {
-        p.denoiser()
-            .velocity(
-                &sampling::pack(&noise).unwrap(),
-                &reference_embeddings(&r),
-                1.0,
-                Some(3.5),
-                (h, w),
-            )
-            .unwrap()
-    };
-    let plain = step();
+    let plain = first_step(&p, Some(3.5));
     let with = {
         let _applied = p
             .attach_loras(p.prepare_loras(&ask(&[("pixel-kohya", 0.8)])).unwrap())
             .unwrap();
-        step()
+        first_step(&p, Some(3.5))
     };
     assert!(max_abs_diff(&with, &plain) > 0.1);
-    assert_eq!(max_abs_diff(&step(), &plain), 0.0);
+    assert_eq!(max_abs_diff(&first_step(&p, Some(3.5)), &plain), 0.0);
 }

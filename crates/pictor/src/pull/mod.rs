@@ -36,8 +36,13 @@ pub struct PullArgs {
     name: Option<String>,
     /// Add the model to the configuration file (`--config`, else ./pictor.toml, created if
     /// missing) instead of printing the lines to add.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lora")]
     write_config: bool,
+    /// The repository holds a LoRA: link its `.safetensors` file (the one `--include`
+    /// picks when there are several) into the LoRA folder as NAME (`--as`, default the
+    /// repository's name), where requests' `loras` find it.
+    #[arg(long)]
+    lora: bool,
 }
 
 /// One repository to take files from.
@@ -106,6 +111,9 @@ pub fn run(args: PullArgs, config_file: Option<&Path>) -> anyhow::Result<()> {
     }
     bars.finish();
 
+    if args.lora {
+        return link_lora(&hub, &chosen, &name, config_file);
+    }
     let model_path = serving_path(&hub, &chosen, &name, config_file)?;
     let lines = config_lines(&name, &model_path)?;
     if args.write_config {
@@ -259,6 +267,56 @@ fn serving_path(
         &hub.snapshot(t_listing).join(&t_file.name),
     )?;
     Ok(dir.display().to_string())
+}
+
+/// Links the pulled LoRA file into the LoRA folder as `name.safetensors`.
+fn link_lora(
+    hub: &Hub,
+    chosen: &[(&Wanted, Listing, Vec<RemoteFile>)],
+    name: &str,
+    config_file: Option<&Path>,
+) -> anyhow::Result<()> {
+    if let Some(problem) = pictor_core::lora_name_problem(name) {
+        bail!("{problem}; pick another with --as NAME");
+    }
+    let [(_, listing, files)] = chosen else {
+        bail!("--lora takes a repository id, not a model Pictor knows by name");
+    };
+    let weights: Vec<&RemoteFile> = files
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors"))
+        .collect();
+    let [file] = weights.as_slice() else {
+        bail!(
+            "{}: {} .safetensors files ({}); pick the LoRA with --include",
+            listing.repo,
+            weights.len(),
+            weights
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    let dir = crate::config::Config::load(config_file)?.lora_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let link = dir.join(format!("{name}.{}", pictor_core::LORA_EXTENSION));
+    if link.exists() && !link.is_symlink() {
+        bail!(
+            "{} exists and is not a link this command made; pull with --as OTHER",
+            link.display()
+        );
+    }
+    let _ = std::fs::remove_file(&link);
+    let target = hub.snapshot(listing).join(&file.name);
+    std::os::unix::fs::symlink(&target, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+    println!(
+        "LoRA `{name}` is in {}: requests add it with \"loras\": [{{\"name\": \"{name}\", \"scale\": 1.0}}] \
+         (no restart needed)",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Makes `dir` a model folder of links: each top-level entry the folder's files live in,

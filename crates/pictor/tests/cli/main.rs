@@ -148,6 +148,19 @@ fn unknown_model_is_a_clear_error() {
     );
 }
 
+/// Waits (up to 30 s) for a server at `url` to answer `/readyz`.
+async fn ready(client: &reqwest::Client, url: &str) -> bool {
+    for _ in 0..300 {
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await
+            && r.status() == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -6,7 +6,7 @@ use std::{
     process::{Command, Output},
 };
 
-use super::{fake_hub, fixture, free_port, pictor};
+use super::{fake_hub, fixture, free_port, pictor, ready};
 
 /// `pictor models pull ARGS` with the fake Hub, the cache under `home/hf` and the data
 /// folder and working directory in `home`.
@@ -149,23 +149,18 @@ fn a_catalogue_model_is_pulled_resumed_checked_and_served() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let answer = rt.block_on(async {
         let client = reqwest::Client::new();
-        for _ in 0..300 {
-            if let Ok(r) = client.get(format!("{url}/readyz")).send().await
-                && r.status() == 200
-            {
-                let body = serde_json::json!({"model": "flux-1-schnell", "prompt": "a red circle",
-                    "size": "256x256", "steps": 1, "response_format": "b64_json"});
-                let r = client
-                    .post(format!("{url}/v1/images/generations"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                return (r.status().as_u16(), r.text().await.unwrap());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if !ready(&client, &url).await {
+            return (0, String::new());
         }
-        (0, String::new())
+        let body = serde_json::json!({"model": "flux-1-schnell", "prompt": "a red circle",
+            "size": "256x256", "steps": 1, "response_format": "b64_json"});
+        let r = client
+            .post(format!("{url}/v1/images/generations"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
     });
     let _ = server.kill();
     let _ = server.wait();
@@ -369,4 +364,70 @@ fn a_corrupted_download_is_caught_by_its_hash_and_not_kept() {
         text(&nomatch).contains("no file matches `*.gguf`")
             && text(&nomatch).contains("good.safetensors")
     );
+}
+
+#[test]
+fn a_lora_repo_is_linked_into_the_lora_folder_and_used() {
+    let home = tempfile::tempdir().unwrap();
+    let loras = fixture().join("../tiny-loras");
+    let mut repo = fake_hub::Repo {
+        commit: "5555555555555555555555555555555555555555".into(),
+        ..Default::default()
+    };
+    repo.files.insert(
+        "pixel_art_flux.safetensors".into(),
+        std::fs::read(loras.join("pixel-kohya.safetensors")).unwrap(),
+    );
+    repo.files
+        .insert("README.md".into(), b"# A pixel-art LoRA".to_vec());
+    repo.files.insert(
+        "sample.safetensors".into(),
+        std::fs::read(loras.join("pixel-peft.safetensors")).unwrap(),
+    );
+    let hub = fake_hub::start(BTreeMap::from([("acme/pixel-art".to_string(), repo)]));
+    // Two weight files: which one is the LoRA must be said.
+    let two = pull(&hub, home.path(), &["acme/pixel-art", "--lora"]);
+    assert!(
+        !two.status.success() && text(&two).contains("--include"),
+        "{}",
+        text(&two)
+    );
+    let out = pull(
+        &hub,
+        home.path(),
+        &[
+            "acme/pixel-art",
+            "--lora",
+            "--include",
+            "pixel_art_flux.safetensors",
+            "--as",
+            "pixel",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let link = home.path().join("pictor/loras/pixel.safetensors");
+    assert_eq!(
+        std::fs::read(&link).unwrap(),
+        std::fs::read(loras.join("pixel-kohya.safetensors")).unwrap()
+    );
+    let image = home.path().join("out.png");
+    let run = pictor()
+        .env("XDG_DATA_HOME", home.path())
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .args([
+            "--prompt",
+            "a red circle",
+            "--size",
+            "64x48",
+            "--steps",
+            "2",
+            "--lora",
+            "pixel:0.8",
+            "-o",
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
 }
