@@ -26,6 +26,16 @@ path = "$root/tests/data/tiny-z-image-turbo-split/z_image_turbo-Q8_0.gguf"
 default_size = "64x64"
 min_side = 32
 TOML
+# The playground's test also serves the model shipped in the binary.
+if [ -n "${PICTOR_TEST_WITH_SHIPPED:-}" ]; then
+  cat >> "$dir/pictor.toml" <<TOML
+[models.pictor-tiny]
+path = "pictor-tiny"
+default_size = "128x128"
+min_side = 128
+max_side = 128
+TOML
+fi
 key="$("$bin" --config "$dir/pictor.toml" keys create --name sdk-tests 2>"$dir/keys.log")" || { cat "$dir/keys.log" >&2; exit 1; }
 "$bin" --config "$dir/pictor.toml" serve > "$dir/serve.log" 2>&1 &
 pid=$!

@@ -108,6 +108,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(routes::health::readyz))
         .route("/metrics", get(routes::health::metrics))
         .route("/openapi.json", get(openapi_document))
+        .route("/", get(routes::playground::index))
+        .route("/playground/{file}", get(routes::playground::asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

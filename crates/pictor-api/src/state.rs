@@ -54,6 +54,8 @@ pub struct ApiConfig {
     pub model_hints: Vec<(String, String)>,
     /// The folder of LoRA files requests may name (`loras`); `None`: none are taken.
     pub lora_dir: Option<std::path::PathBuf>,
+    /// Serve the playground page at `/`.
+    pub playground: bool,
 }
 
 /// How long and how many connections may be held (see `server`).

@@ -42,6 +42,9 @@ pub struct Config {
     pub limits: Limits,
     /// `/metrics` answers only with a valid API key (once keys exist).
     pub metrics_require_key: bool,
+    /// Serve the playground page at `/`; default: on when listening on loopback or when
+    /// API keys exist.
+    pub playground: Option<bool>,
     /// Where images are stored.
     pub storage: Storage,
     /// Models by name. Empty: the model shipped with Pictor.
@@ -276,6 +279,7 @@ impl Default for Config {
             memory_budget: "auto".into(),
             limits: Limits::default(),
             metrics_require_key: false,
+            playground: None,
             storage: Storage::default(),
             models: BTreeMap::new(),
         }
@@ -346,6 +350,7 @@ const FIELDS: &[&str] = &[
     "memory_budget",
     "limits",
     "metrics_require_key",
+    "playground",
     "storage",
     "models",
 ];

@@ -123,6 +123,9 @@ fn api_config(
         metrics_require_key: config.metrics_require_key,
         model_hints: crate::config::model_hints(),
         lora_dir: Some(config.lora_dir()),
+        // On by default: a server runs only on loopback or with keys (`open_db` refuses
+        // the rest), which is where the page may be offered.
+        playground: config.playground.unwrap_or(true),
         presigned_links: config.storage.presigned_links()?,
         // API nodes share rate limits and detached runs across the cluster.
         shared_state: role == crate::cluster::Role::Api,

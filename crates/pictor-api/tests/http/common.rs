@@ -27,6 +27,8 @@ pub struct Options {
     pub fixture: &'static str,
     /// The folder of LoRA files requests may name.
     pub lora_dir: Option<std::path::PathBuf>,
+    /// Serve the playground at `/`.
+    pub playground: bool,
 }
 
 impl Default for Options {
@@ -44,6 +46,7 @@ impl Default for Options {
             uploads: pictor_api::UploadLimits::default(),
             fixture: "tiny-flux-schnell",
             lora_dir: None,
+            playground: true,
         }
     }
 }
@@ -110,6 +113,7 @@ async fn start_with(opts: Options, dir: tempfile::TempDir, db: Db, key: String) 
             "Serve it by adding it to pictor.toml.".into(),
         )],
         lora_dir: opts.lora_dir.clone(),
+        playground: opts.playground,
     };
     let state = AppState::new(config, db.clone(), blobs, vec![9; 32], vec![spec]);
     let mut model_queue = None;

@@ -8,4 +8,5 @@ mod idempotency;
 mod images;
 mod lifecycle;
 mod loras;
+mod playground;
 mod stream;
