@@ -22,15 +22,15 @@ mod worker;
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use pictor_core::{Generation, GenerationRequest, PartMemory, Pipeline, PipelineError, RgbImage};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-pub use self::ticket::{Reply, Ticket, ticket};
+pub use self::ticket::{ProgressWatch, Reply, Ticket, ticket};
 use self::worker::Worker;
 
 /// Queue settings for one model.
@@ -103,10 +103,26 @@ pub struct Preview {
     pub pixels: RgbImage,
 }
 
+/// How far a job has come: waiting behind about `ahead` jobs, then running, at `step`
+/// of `total` denoising steps (of the batch's current chunk of images).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobProgress {
+    /// Whether the worker has started it.
+    pub running: bool,
+    /// Jobs admitted before it and not yet started (while it waits).
+    pub ahead: usize,
+    /// Denoising steps finished.
+    pub step: usize,
+    /// Denoising steps to run (0 until it runs).
+    pub total: usize,
+}
+
 struct Job {
     req: GenerationRequest,
     /// Where previews go, when the request asked for some.
     previews: Option<mpsc::UnboundedSender<Preview>>,
+    /// Where it has got to (read through its ticket).
+    progress: watch::Sender<JobProgress>,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
     reply: oneshot::Sender<Result<Outcome, JobError>>,
@@ -116,6 +132,10 @@ struct Job {
 struct Stats {
     waiting: AtomicUsize,
     running: AtomicUsize,
+    /// Jobs offered to the queue so far: each one's number is the count before it.
+    offered: AtomicU64,
+    /// Of those, how many have left the waiting line (started, dropped, or refused).
+    left: AtomicU64,
     /// Exponentially weighted mean of job seconds, `None` before the first job.
     mean_secs: Mutex<Option<f64>>,
 }
@@ -266,9 +286,11 @@ impl ModelQueue {
         } else {
             (None, None)
         };
+        let (progress, progress_rx) = watch::channel(JobProgress::default());
         let job = Job {
             req,
             previews: previews_tx,
+            progress,
             cancel: Arc::clone(&cancel),
             submitted: Instant::now(),
             reply,
@@ -276,6 +298,7 @@ impl ModelQueue {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let tx = guard.as_ref().ok_or(SubmitError::Closed)?;
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let number = self.stats.offered.fetch_add(1, Ordering::Relaxed);
         match tx.try_send(job) {
             Ok(()) => Ok(Ticket {
                 rx,
@@ -283,9 +306,14 @@ impl ModelQueue {
                 result: None,
                 cancel,
                 job: None,
+                progress: Some(ProgressWatch {
+                    rx: progress_rx,
+                    line: Some((Arc::clone(&self.stats), number)),
+                }),
             }),
             Err(e) => {
                 self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.stats.left.fetch_add(1, Ordering::Relaxed);
                 match e {
                     mpsc::error::TrySendError::Full(_) => Err(SubmitError::Overloaded {
                         retry_after: self.retry_after(),

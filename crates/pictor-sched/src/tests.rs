@@ -304,3 +304,42 @@ async fn a_long_batch_then_an_empty_queue_tells_the_pipeline_it_is_idle() {
     until(|| idles.load(Ordering::Relaxed) == 1).await;
     assert_eq!(idles.load(Ordering::Relaxed), 1, "only the long batch");
 }
+
+/// A waiting job's ticket tells how many are ahead of it; once it runs, its steps.
+#[tokio::test]
+async fn progress_tells_the_place_in_line_then_the_steps() {
+    let (q, open, _) = queue(4, Duration::from_secs(60));
+    let first = q.submit(req(3)).unwrap();
+    until(|| q.running() == 1).await;
+    let second = q.submit(req(2)).unwrap();
+    let third = q.submit(req(2)).unwrap();
+    let (mut watch, third_watch) = (second.progress().unwrap(), third.progress().unwrap());
+    assert_eq!((watch.now().running, watch.now().ahead), (false, 0));
+    assert_eq!(
+        third_watch.now().ahead,
+        1,
+        "the second job is ahead of the third"
+    );
+    let first_watch = first.progress().unwrap();
+    open.send(()).unwrap();
+    until(|| first_watch.now().step == 0 && first_watch.now().running).await;
+    // Through the first job's other three steps: the second starts, then reports each.
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    assert!(first.wait().await.is_ok());
+    until(|| watch.now().running).await;
+    assert_eq!(third_watch.now().ahead, 0);
+    let mut seen = vec![watch.now().step];
+    for _ in 0..3 {
+        open.send(()).unwrap();
+        assert!(watch.changed().await);
+        seen.push(watch.now().step);
+    }
+    assert_eq!((seen.last(), watch.now().total), (Some(&2), 2), "{seen:?}");
+    assert!(second.wait().await.is_ok());
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    assert!(third.wait().await.is_ok());
+}

@@ -6,9 +6,9 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{JobError, Outcome, Preview};
+use crate::{JobError, JobProgress, Outcome, Preview, Stats};
 
 /// A submitted job. Await [`Ticket::wait`] (after [`Ticket::next_preview`] when the
 /// request asked for previews); dropping the ticket cancels the job.
@@ -20,12 +20,46 @@ pub struct Ticket {
     pub(crate) cancel: Arc<AtomicBool>,
     /// The job's id where it runs elsewhere (a cluster's job row).
     pub(crate) job: Option<String>,
+    /// Where the job has got to, where its queue says.
+    pub(crate) progress: Option<ProgressWatch>,
+}
+
+/// A job's progress as it changes: its place in the line while it waits, then its steps.
+#[derive(Clone)]
+pub struct ProgressWatch {
+    pub(crate) rx: watch::Receiver<JobProgress>,
+    /// The queue's counts and the job's number in its line, to tell how many are ahead.
+    pub(crate) line: Option<(Arc<Stats>, u64)>,
+}
+
+impl ProgressWatch {
+    /// Where the job is now.
+    pub fn now(&self) -> JobProgress {
+        let mut now = *self.rx.borrow();
+        if !now.running
+            && let Some((stats, number)) = &self.line
+        {
+            let left = stats.left.load(Ordering::Relaxed);
+            now.ahead = number.saturating_sub(left) as usize;
+        }
+        now
+    }
+
+    /// Waits for the worker to report a change; `false` once the job is over.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
 }
 
 impl Ticket {
     /// The job's id where it runs elsewhere, so that another caller can attach to it.
     pub fn job(&self) -> Option<&str> {
         self.job.as_deref()
+    }
+
+    /// The job's progress, where its queue reports one (a cluster's does not).
+    pub fn progress(&self) -> Option<ProgressWatch> {
+        self.progress.clone()
     }
 
     /// This ticket, naming its remote job `id`.
@@ -115,6 +149,7 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
             result: None,
             cancel: Arc::new(AtomicBool::new(false)),
             job: None,
+            progress: None,
         },
         Reply {
             result,

@@ -10,7 +10,7 @@ use std::{
 use pictor_core::{Control, GenerationRequest, Pipeline, PipelineError, Progress};
 use tokio::sync::mpsc;
 
-use crate::{Job, JobError, Outcome, Preview, QueueConfig, Stats};
+use crate::{Job, JobError, JobProgress, Outcome, Preview, QueueConfig, Stats};
 
 /// The model's thread: takes jobs, groups compatible ones, runs them, replies.
 pub(crate) struct Worker {
@@ -63,6 +63,7 @@ impl Worker {
     /// Marks a job as no longer waiting; replies to it and returns `None` when it is dead.
     fn take(&self, job: Job) -> Option<Job> {
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.stats.left.fetch_add(1, Ordering::Relaxed);
         if !job.dead(self.config.timeout) {
             return Some(job);
         }
@@ -134,8 +135,24 @@ impl Worker {
         self.stats.running.store(batch.len(), Ordering::Relaxed);
         let started = Instant::now();
         let reqs: Vec<GenerationRequest> = batch.iter().map(|j| j.req.clone()).collect();
+        for job in &batch {
+            job.progress.send_replace(JobProgress {
+                running: true,
+                ..JobProgress::default()
+            });
+        }
         // Stop only when no job of the batch is still wanted.
         let result = self.pipeline.generate_batch(&reqs, &mut |progress| {
+            if let Progress::Step { step, total, .. } = progress {
+                for job in &batch {
+                    job.progress.send_replace(JobProgress {
+                        running: true,
+                        ahead: 0,
+                        step,
+                        total,
+                    });
+                }
+            }
             if let Progress::Preview {
                 request,
                 image,

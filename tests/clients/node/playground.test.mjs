@@ -107,6 +107,10 @@ test('cancel closes the stream and the server frees the slot', async () => {
   await pick(MODEL, { steps: 50, size: '512x512', partials: 3 });
   await page.click('#go');
   await page.waitForSelector('#live img[data-kind="partial"]', { polling: 'mutation', timeout: 60000 });
+  // The bar follows every step (pictor.progress events), not only the previews.
+  await page.waitForFunction(() => /^Step \d+ of 50$/.test(document.querySelector('#status').textContent),
+    null, { polling: 'raf' });
+  assert.ok(await page.$eval('#progress', (p) => p.max === 50 && p.value > 0));
   assert.equal(await queueDepth(), 1, 'the job runs');
   await page.click('#cancel');
   await page.waitForFunction(() => /Cancelled/.test(document.querySelector('#status').textContent));

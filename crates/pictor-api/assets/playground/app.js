@@ -122,6 +122,7 @@ function fields() {
     output_format: $('format').value,
     response_format: 'b64_json',
     stream: true,
+    stream_progress: true,
     partial_images: Number($('partials').value),
   };
   if ($('steps').value) body.steps = Number($('steps').value);
@@ -199,9 +200,9 @@ async function generate(body) {
   if (state.mode === 'edit' && !state.image) { showError('Choose an image to edit.', 'image'); return; }
   const m = current();
   const steps = body.steps || (m && m.rules && m.rules.default_steps) || 1;
-  const total = steps * body.n;
+  // Images denoise together, so the bar follows the steps of the batch running now.
   const progress = $('progress');
-  progress.max = total;
+  progress.max = steps;
   progress.value = 0;
   $('live').replaceChildren();
   $('status').textContent = 'Waiting for the model…';
@@ -222,14 +223,24 @@ async function generate(body) {
     }
     let done = 0;
     for await (const ev of events(response)) {
-      if (ev.type.endsWith('.partial_image')) {
+      if (ev.type === 'pictor.progress') {
+        const p = ev.data;
+        if (p.queue_position != null) {
+          $('status').textContent = p.queue_position === 0
+            ? 'Next in line…' : `Waiting: ${p.queue_position} job${p.queue_position > 1 ? 's' : ''} ahead…`;
+        } else if (p.total) {
+          progress.max = p.total;
+          progress.value = p.step;
+          $('status').textContent = `Step ${p.step} of ${p.total}${body.n > 1 ? ` (${body.n} images)` : ''}`;
+        }
+      } else if (ev.type.endsWith('.partial_image')) {
         const d = ev.data;
-        progress.value = Math.max(progress.value, d.image_index * steps + (d.step || 0));
+        progress.value = Math.max(progress.value, d.step || 0);
         $('status').textContent = `Image ${d.image_index + 1} of ${body.n}: step ${d.step} of ${steps}`;
         showLive(d, 'partial');
       } else if (ev.type.endsWith('.completed')) {
         done += 1;
-        progress.value = Math.max(progress.value, done * steps);
+        progress.value = progress.max;
         showLive(ev.data, 'final');
         await keep(ev.data, body);
         state.lastSeed = ev.data.seed;
@@ -284,7 +295,7 @@ async function store(mode, fn) {
 async function keep(d, body) {
   const bytes = Uint8Array.from(atob(d.b64_json), (c) => c.charCodeAt(0));
   const { b64_json: _, ...receipt } = d;
-  const request = { ...body, seed: d.seed, n: 1, stream: undefined, partial_images: undefined };
+  const request = { ...body, seed: d.seed, n: 1, stream: undefined, stream_progress: undefined, partial_images: undefined };
   const entry = { created: Date.now(), blob: new Blob([bytes], { type: `image/${d.output_format || 'png'}` }), receipt, request, mode: state.mode };
   entry.id = await store('readwrite', (s) => s.add(entry));
   $('gallery').prepend(card(entry));
@@ -293,6 +304,7 @@ async function keep(d, body) {
 function snippet(kind, request) {
   const body = { ...request };
   delete body.stream;
+  delete body.stream_progress;
   delete body.partial_images;
   delete body.response_format;
   const base = location.origin;

@@ -26,6 +26,8 @@ pub(crate) struct Job {
     output_format: Format,
     compression: u8,
     stream: bool,
+    /// Streamed with `pictor.progress` events.
+    stream_progress: bool,
     endpoint: Endpoint,
     input_image_tokens: u64,
     output_tokens: u64,
@@ -172,6 +174,7 @@ impl Job {
             output_format: req.output_format,
             compression: req.output_compression,
             stream: req.stream,
+            stream_progress: req.stream_progress,
             slot,
             key,
             engine,
@@ -227,6 +230,11 @@ impl Job {
     /// Answered as server-sent events.
     pub(crate) fn stream(&self) -> bool {
         self.stream
+    }
+
+    /// Whether the stream also carries `pictor.progress` events.
+    pub(crate) fn stream_progress(&self) -> bool {
+        self.stream && self.stream_progress
     }
 
     /// The endpoint the request came to.

@@ -5,7 +5,9 @@
 //! order (an edit's are `image_edit.partial_image` and `image_edit.completed`). With `n > 1`, every event carries the extension field `image_index`; images
 //! denoised in the same batch send their previews interleaved. A failure after the stream
 //! began is an `error` event, which the SDKs raise as `APIError`. When the client closes
-//! the stream, the job's ticket is dropped, which cancels it before its next step.
+//! the stream, the job's ticket is dropped, which cancels it before its next step. With
+//! the extension `stream_progress: true`, `pictor.progress` events also tell the place in
+//! the queue while waiting and each denoising step (the SDKs' own streams never ask).
 
 use std::{convert::Infallible, time::Duration};
 
@@ -22,7 +24,7 @@ use tokio::sync::mpsc;
 use super::{job::Job, run};
 use crate::{
     error::ApiError,
-    openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, Usage},
+    openapi::{CompletedEvent, ImagesResponse, PartialImageEvent, ProgressEvent, Usage},
     state::AppState,
 };
 
@@ -31,6 +33,11 @@ use crate::{
 pub(super) async fn respond(state: AppState, job: Job) -> Result<Response, ApiError> {
     let ticket = run::admit(&state, &job).await?;
     let (tx, rx) = mpsc::channel::<Event>(8);
+    if job.stream_progress()
+        && let Some(watch) = ticket.progress()
+    {
+        tokio::spawn(report_progress(watch, tx.clone()));
+    }
     tokio::spawn(async move {
         tokio::select! {
             // The client left: returning drops the ticket, which cancels the job.
@@ -56,6 +63,37 @@ fn event(name: &'static str, data: &impl Serialize) -> Option<Event> {
         Err(e) => {
             tracing::error!(error = %e, "serializing a stream event");
             None
+        }
+    }
+}
+
+/// `pictor.progress` events: the place in the queue while the job waits (looked at every
+/// second), then each step as the worker reports it; until the job is over or the client
+/// leaves.
+async fn report_progress(mut watch: pictor_sched::ProgressWatch, tx: mpsc::Sender<Event>) {
+    let mut last = None;
+    loop {
+        let now = watch.now();
+        if last != Some(now) {
+            last = Some(now);
+            let data = ProgressEvent {
+                kind: "pictor.progress",
+                queue_position: (!now.running).then_some(now.ahead),
+                step: now.step,
+                total: now.total,
+            };
+            let Some(ev) = event("pictor.progress", &data) else {
+                return;
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+        let waiting = !now.running;
+        tokio::select! {
+            changed = watch.changed() => if !changed { return },
+            () = tokio::time::sleep(Duration::from_secs(1)), if waiting => {}
+            () = tx.closed() => return,
         }
     }
 }

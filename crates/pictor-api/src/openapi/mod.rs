@@ -16,7 +16,7 @@ pub use self::{requests::*, responses::*};
     params(("Idempotency-Key" = Option<String>, Header,
         description = "Same key and body from the same API key: one job, the same response replayed (24 h by default); another body: 409.")),
     responses(
-        (status = 200, description = "JSON; with `stream: true`, server-sent events: `image_generation.partial_image` (PartialImageEvent) previews, then one `image_generation.completed` (CompletedEvent) per image. A failure after the stream began arrives as `event: error` with `{\"type\": \"error\", \"error\": {...}}`.",
+        (status = 200, description = "JSON; with `stream: true`, server-sent events: `image_generation.partial_image` (PartialImageEvent) previews, then one `image_generation.completed` (CompletedEvent) per image; with the extension `stream_progress: true` also `pictor.progress` (ProgressEvent) events. A failure after the stream began arrives as `event: error` with `{\"type\": \"error\", \"error\": {...}}`.",
             content((ImagesResponse = "application/json"), (CompletedEvent = "text/event-stream"))),
         (status = 400, description = "Invalid request; `param` names the field", body = ErrorResponse),
         (status = 401, description = "Missing, malformed, unknown or revoked key", body = ErrorResponse),
@@ -119,7 +119,7 @@ impl utoipa::Modify for Bearer {
 #[openapi(
     info(title = "Pictor", description = "OpenAI-compatible image generation."),
     paths(create_image, edit_image, create_variation, image_file, list_models, get_model),
-    components(schemas(PartialImageEvent)),
+    components(schemas(PartialImageEvent, ProgressEvent)),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

@@ -56,6 +56,9 @@ pub struct CreateImageRequest {
     /// run has fewer steps than `partial_images + 1`.
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u8>,
+    /// Extension: while streaming, also send `ProgressEvent`s (`pictor.progress`): the
+    /// place in the queue while waiting, then each denoising step.
+    pub stream_progress: Option<bool>,
     /// Extension: seed of the first image; image `i` uses `seed + i`, which must stay
     /// within 2^53 − 1, the largest integer a JSON number carries exactly.
     #[schema(minimum = 0, maximum = 9_007_199_254_740_991_u64)]
@@ -139,6 +142,8 @@ pub struct EditImageRequest {
     /// 0 to 3 previews per image while streaming.
     #[schema(minimum = 0, maximum = 3)]
     pub partial_images: Option<u8>,
+    /// Extension: while streaming, also send `pictor.progress` events.
+    pub stream_progress: Option<bool>,
     /// Extension: seed of the first image, as for generations.
     #[schema(minimum = 0, maximum = 9_007_199_254_740_991_u64)]
     pub seed: Option<u64>,

@@ -340,6 +340,21 @@ pub struct CompletedEvent {
     pub image: ImageData,
 }
 
+/// Extension, with `stream_progress: true`: where a streamed job has got to.
+#[derive(Serialize, ToSchema)]
+pub struct ProgressEvent {
+    /// `pictor.progress`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Jobs ahead of it in the model's queue while it waits (about: jobs set aside for
+    /// another batch may overtake); `null` once it runs.
+    pub queue_position: Option<usize>,
+    /// Denoising steps finished (of the images denoised together now).
+    pub step: usize,
+    /// Steps to run; 0 until it runs.
+    pub total: usize,
+}
+
 /// `GET /v1/models`.
 #[derive(Serialize, ToSchema)]
 pub struct ModelList {

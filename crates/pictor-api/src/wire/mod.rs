@@ -93,6 +93,9 @@ pub struct ImageRequest {
     pub stream: bool,
     /// `partial_images`: previews per image when streaming (0 to 3).
     pub partial_images: usize,
+    /// `stream_progress` (extension): when streaming, also `pictor.progress` events (the
+    /// place in the queue while waiting, then each denoising step).
+    pub stream_progress: bool,
     /// `strength` (extension, edits and variations): how far from the input, in (0, 1].
     pub strength: Option<f64>,
     /// `input_fidelity` (edits): `high` keeps more of the input.
@@ -125,6 +128,7 @@ pub(crate) const KNOWN: &[&str] = &[
     "moderation",
     "stream",
     "partial_images",
+    "stream_progress",
     "seed",
     "steps",
     "num_inference_steps",
@@ -151,6 +155,7 @@ pub(crate) const KNOWN_EDIT: &[&str] = &[
     "input_fidelity",
     "stream",
     "partial_images",
+    "stream_progress",
     "seed",
     "steps",
     "strength",
@@ -425,6 +430,7 @@ fn parse_fields(
     };
     let stream = f.boolean("stream")?.unwrap_or(false);
     let partial_images = f.in_range("partial_images", 0, 3)?.unwrap_or(0) as usize;
+    let stream_progress = f.boolean("stream_progress")?.unwrap_or(false);
     let seed = f.seed(n)?;
     let steps = f.steps()?;
     Ok(ImageRequest {
@@ -447,6 +453,7 @@ fn parse_fields(
             .map(str::to_string),
         stream,
         partial_images,
+        stream_progress,
         strength: f.strength()?,
         input_fidelity,
         endpoint,

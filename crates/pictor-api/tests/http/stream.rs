@@ -215,3 +215,57 @@ async fn a_stream_cannot_take_an_idempotency_key() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(error_parts(&body).1.as_deref(), Some("Idempotency-Key"));
 }
+
+/// `stream_progress: true` adds `pictor.progress` events: the place in the queue while the
+/// job waits behind others, then every step; streams without it carry none.
+#[tokio::test]
+async fn progress_events_tell_the_queue_then_every_step() {
+    let s = start(Options::default()).await;
+    let queue = || s.queue.as_deref().expect("the model is loaded");
+    // One long job runs, one short one waits: the streamed job is second in line.
+    let long = s.post(&json!({"model": MODEL, "prompt": "long", "size": "512x512", "steps": 25}));
+    let long = tokio::spawn(long.send());
+    let start = Instant::now();
+    while queue().running() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waiting = tokio::spawn(s.post(&small("waits")).send());
+    while queue().waiting() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let body = json!({"model": MODEL, "prompt": "watched", "size": "64x48", "seed": 3, "steps": 3,
+        "stream": true, "stream_progress": true});
+    let (status, _, events) = stream(&s, &body).await;
+    assert_eq!(status, 200);
+    let progress: Vec<&Value> = events
+        .iter()
+        .filter(|(n, _)| n == "pictor.progress")
+        .map(|(_, d)| d)
+        .collect();
+    assert!(progress.iter().all(|p| p["type"] == "pictor.progress"));
+    let places: Vec<u64> = progress
+        .iter()
+        .filter_map(|p| p["queue_position"].as_u64())
+        .collect();
+    assert_eq!(places.first(), Some(&1), "one job was ahead: {progress:?}");
+    let steps: Vec<(u64, u64)> = progress
+        .iter()
+        .filter(|p| p["queue_position"].is_null())
+        .map(|p| (p["step"].as_u64().unwrap(), p["total"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(steps.last(), Some(&(3, 3)), "{progress:?}");
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "{steps:?}");
+    assert!(
+        events
+            .iter()
+            .any(|(n, _)| n == "image_generation.completed")
+    );
+    assert_eq!(long.await.unwrap().unwrap().status(), 200);
+    assert_eq!(waiting.await.unwrap().unwrap().status(), 200);
+    // Without the extension, none.
+    let plain =
+        json!({"model": MODEL, "prompt": "plain", "size": "64x48", "steps": 2, "stream": true});
+    let (_, _, events) = stream(&s, &plain).await;
+    assert!(events.iter().all(|(n, _)| n != "pictor.progress"));
+}
