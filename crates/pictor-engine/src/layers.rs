@@ -17,12 +17,14 @@ use crate::{
 };
 
 /// A low-rank update of one layer (a LoRA's, at the scale asked for):
-/// `y += (x·downᵀ)·upᵀ`, in f32 whatever the layer's dtype.
+/// `y += (x·downᵀ)·upᵀ`, in f32 whatever the layer's dtype. A fused layer's parts keep
+/// their own `up` (no zero blocks stored): each `(offset, up)` lands on output rows
+/// `offset..offset + rows(up)` and takes the next `cols(up)` rows of `down`.
 pub(crate) struct Delta {
-    /// `(rank, inputs)`.
+    /// `(total rank, inputs)`: the parts' downs, stacked in the order of `ups`.
     pub down: Tensor,
-    /// `(outputs, rank)`, every output row of the whole layer (zero where not updated).
-    pub up: Tensor,
+    /// `(first output row, (rows, rank))`, in row order, not overlapping.
+    pub ups: Vec<(usize, Tensor)>,
 }
 
 /// The updates a layer adds for the batch being run; shared by the layer and its row views.
@@ -142,14 +144,44 @@ impl Linear {
             return Ok(ys);
         }
         let x = xs.to_dtype(DType::F32)?;
+        let width = ys.dim(D::Minus1)?;
+        let (start, end) = match self.rows {
+            Some((start, len)) => (start, start + len),
+            None => (0, width),
+        };
         let mut sum: Option<Tensor> = None;
         for delta in list.iter() {
-            let up = match self.rows {
-                Some((start, len)) => delta.up.narrow(0, start, len)?,
-                None => delta.up.clone(),
-            };
             let low = x.broadcast_matmul(&delta.down.t()?)?;
-            let add = low.broadcast_matmul(&up.t()?)?;
+            let zeros = |n: usize| {
+                let mut shape = low.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = n;
+                }
+                Tensor::zeros(shape, DType::F32, low.device())
+            };
+            // This view's rows, part by part, zeros where no part lands.
+            let (mut parts, mut at, mut col) = (Vec::new(), start, 0);
+            for (offset, up) in &delta.ups {
+                let (len, rank) = up.dims2()?;
+                let (a, b) = ((*offset).max(start), (offset + len).min(end));
+                if a < b {
+                    if a > at {
+                        parts.push(zeros(a - at)?);
+                    }
+                    let rows = up.narrow(0, a - offset, b - a)?;
+                    let part = low.narrow(D::Minus1, col, rank)?;
+                    parts.push(part.broadcast_matmul(&rows.t()?)?);
+                    at = b;
+                }
+                col += rank;
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            if at < end {
+                parts.push(zeros(end - at)?);
+            }
+            let add = Tensor::cat(&parts, D::Minus1)?;
             sum = Some(match sum {
                 Some(s) => (s + add)?,
                 None => add,

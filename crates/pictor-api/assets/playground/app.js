@@ -125,7 +125,9 @@ function fields() {
     stream_progress: true,
     partial_images: Number($('partials').value),
   };
+  // Steps, when given, say more than a quality (which the server maps to steps).
   if ($('steps').value) body.steps = Number($('steps').value);
+  else if ($('quality').value) body.quality = $('quality').value;
   if (!$('seed-random').checked && $('seed').value !== '') body.seed = Number($('seed').value);
   if (!$('guidance-box').hidden && $('guidance').value !== '') body.guidance_scale = Number($('guidance').value);
   if (state.loras.length) body.loras = state.loras.map((l) => ({ name: l.name, scale: l.scale }));
@@ -295,7 +297,9 @@ async function store(mode, fn) {
 async function keep(d, body) {
   const bytes = Uint8Array.from(atob(d.b64_json), (c) => c.charCodeAt(0));
   const { b64_json: _, ...receipt } = d;
-  const request = { ...body, seed: d.seed, n: 1, stream: undefined, stream_progress: undefined, partial_images: undefined };
+  // What makes this image again: its own seed and the steps it ran.
+  const request = { ...body, seed: d.seed, steps: d.steps, quality: undefined, n: 1,
+    stream: undefined, stream_progress: undefined, partial_images: undefined };
   const entry = { created: Date.now(), blob: new Blob([bytes], { type: `image/${d.output_format || 'png'}` }), receipt, request, mode: state.mode };
   entry.id = await store('readwrite', (s) => s.add(entry));
   $('gallery').prepend(card(entry));
@@ -372,6 +376,7 @@ function regenerate(request) {
   if (state.models.some((m) => m.id === request.model)) { $('model').value = request.model; onModel(); }
   if ([...$('size').options].some((o) => o.value === request.size)) $('size').value = request.size;
   $('steps').value = request.steps || '';
+  $('quality').value = request.quality || '';
   $('seed-random').checked = false;
   $('seed').value = request.seed;
   $('format').value = request.output_format || 'png';

@@ -144,7 +144,8 @@ impl LoraLibrary {
             }
             if let Some(te) = text_encoder {
                 for (layer, delta) in updates(&theirs, te, lora.scale).map_err(invalid)? {
-                    let dense = delta.up.matmul(&delta.down)?.to_device(device)?;
+                    let outputs = te.outputs(&layer).unwrap_or(0);
+                    let dense = delta.dense(outputs)?.to_device(device)?;
                     let name = format!("{layer}.weight");
                     let sum = match prepared.text_encoder.remove(&name) {
                         Some(before) => (before + dense)?,
@@ -255,8 +256,6 @@ struct Piece {
     offset: usize,
 }
 
-/// The modules' updates at `scale`, one [`Delta`] per layer (a fused layer's parts joined:
-/// their downs stacked, their ups side by side at their rows).
 /// The file's modules split into the transformer's and the text encoder's: a module the
 /// transformer lacks is the text encoder's when its name says so and it has one.
 fn route<'a>(
@@ -282,6 +281,10 @@ fn route<'a>(
 
 type Modules<'a> = Vec<(&'a str, &'a file::Module)>;
 
+/// The modules' updates at `scale`, one [`Delta`] per layer: a fused layer's parts (q, k,
+/// v, ...) keep their own `up` at their rows, their downs stacked, so no zero blocks are
+/// stored; parts that overlap (a file with both a fused and a split entry) are joined
+/// into one `up` over all the rows.
 fn updates(
     modules: &Modules<'_>,
     names: &Names,
@@ -324,34 +327,74 @@ fn updates(
         }
     }
     let mut deltas = Vec::new();
-    for (layer, (outputs, pieces)) in by_layer {
+    for (layer, (outputs, mut pieces)) in by_layer {
         let fail = |e: candle_core::Error| format!("`{layer}`: {e}");
         if pieces.is_empty() {
             continue;
         }
+        pieces.sort_by_key(|p| p.offset);
+        let overlap = pieces
+            .windows(2)
+            .any(|w| w[0].offset + w[0].up.dims()[0] > w[1].offset);
         let downs: Vec<&Tensor> = pieces.iter().map(|p| &p.down).collect();
-        let ups = pieces
-            .iter()
-            .map(|p| {
-                let len = p.up.dims()[0];
-                p.up.pad_with_zeros(0, p.offset, outputs - p.offset - len)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(fail)?;
-        let delta = Delta {
-            down: Tensor::cat(&downs, 0).map_err(fail)?,
-            up: Tensor::cat(&ups, 1).map_err(fail)?,
+        let down = Tensor::cat(&downs, 0).map_err(fail)?;
+        let ups = match overlap {
+            false => pieces.into_iter().map(|p| (p.offset, p.up)).collect(),
+            true => vec![(0, padded_up(&pieces, outputs).map_err(fail)?)],
         };
-        deltas.push((layer, delta));
+        deltas.push((layer, Delta { down, ups }));
     }
     Ok(deltas)
+}
+
+/// The pieces' ups side by side, each at its rows of a layer with `outputs` rows.
+fn padded_up(pieces: &[Piece], outputs: usize) -> candle_core::Result<Tensor> {
+    let ups = pieces
+        .iter()
+        .map(|p| {
+            let len = p.up.dims()[0];
+            p.up.pad_with_zeros(0, p.offset, outputs - p.offset - len)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&ups, 1)
 }
 
 impl Delta {
     fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
         Ok(Self {
             down: self.down.to_device(device)?,
-            up: self.up.to_device(device)?,
+            ups: self
+                .ups
+                .iter()
+                .map(|(offset, up)| Ok((*offset, up.to_device(device)?)))
+                .collect::<candle_core::Result<_>>()?,
         })
+    }
+
+    /// The whole `(outputs, inputs)` update, for a network whose weights take it densely.
+    fn dense(&self, outputs: usize) -> candle_core::Result<Tensor> {
+        let inputs = self.down.dims()[1];
+        let mut rows = Vec::new();
+        let (mut at, mut col) = (0, 0);
+        for (offset, up) in &self.ups {
+            let (len, rank) = up.dims2()?;
+            if *offset > at {
+                rows.push(Tensor::zeros(
+                    (offset - at, inputs),
+                    up.dtype(),
+                    up.device(),
+                )?);
+            }
+            rows.push(up.matmul(&self.down.narrow(0, col, rank)?)?);
+            (at, col) = (offset + len, col + rank);
+        }
+        if at < outputs {
+            rows.push(Tensor::zeros(
+                (outputs - at, inputs),
+                self.down.dtype(),
+                self.down.device(),
+            )?);
+        }
+        Tensor::cat(&rows, 0)
     }
 }

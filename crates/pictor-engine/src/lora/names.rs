@@ -118,6 +118,11 @@ impl Names {
         Self { map }
     }
 
+    /// The outputs of canonical layer `layer`.
+    pub fn outputs(&self, layer: &str) -> Option<usize> {
+        self.map.get(layer).map(|t| t.outputs)
+    }
+
     /// The target of module `module` as a file names it, or why there is none.
     pub fn find(&self, module: &str) -> Result<&Target, String> {
         let mut name = module;

@@ -321,3 +321,46 @@ fn a_dev_model_takes_loras_too() {
     assert!(max_abs_diff(&with, &plain) > 0.1);
     assert_eq!(max_abs_diff(&first_step(&p, Some(3.5)), &plain), 0.0);
 }
+
+/// One file updating a fused layer both whole (kohya's `qkv`) and by part (diffusers'
+/// `to_q`) sums both, as the two applied as separate LoRAs do.
+#[test]
+fn a_file_updating_a_layer_whole_and_by_part_sums_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |name: &str| {
+        candle_core::safetensors::load(
+            loras_dir().join(format!("{name}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (kohya, peft) = (read("pixel-kohya"), read("pixel-peft"));
+    let pick = |from: &HashMap<String, Tensor>, prefix: &str| -> HashMap<String, Tensor> {
+        from.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let whole = pick(&kohya, "lora_unet_double_blocks_0_img_attn_qkv.");
+    let part = pick(&peft, "transformer.transformer_blocks.0.attn.to_q.");
+    assert_eq!((whole.len(), part.len()), (3, 2));
+    let both: HashMap<String, Tensor> = whole.clone().into_iter().chain(part.clone()).collect();
+    for (name, tensors) in [("whole", &whole), ("part", &part), ("both", &both)] {
+        candle_core::safetensors::save(tensors, dir.path().join(format!("{name}.safetensors")))
+            .unwrap();
+    }
+    let p = pipeline(&ModelFiles::from_dir(&fixture()).unwrap(), dir.path());
+    let with = |loras: &[(&str, f64)]| {
+        let _applied = p
+            .attach_loras(p.prepare_loras(&ask(loras)).unwrap())
+            .unwrap();
+        first_step(&p, None)
+    };
+    let separate = with(&[("whole", 1.0), ("part", 1.0)]);
+    let together = with(&[("both", 1.0)]);
+    assert!(
+        max_abs_diff(&separate, &with(&[("whole", 1.0)])) > 1e-3,
+        "the part changes the step"
+    );
+    assert!(max_abs_diff(&separate, &together) < 1e-5);
+}

@@ -6,7 +6,7 @@ use std::{
     process::{Command, Output},
 };
 
-use super::{fake_hub, fixture, free_port, pictor, ready};
+use super::{fake_hub, fixture, free_port, generate, pictor, ready};
 
 /// `pictor models pull ARGS` with the fake Hub, the cache under `home/hf` and the data
 /// folder and working directory in `home`.
@@ -229,21 +229,7 @@ fn a_quantized_catalogue_model_links_the_gguf_beside_the_other_parts() {
         .unwrap();
     assert!(inspect.status.success(), "{}", text(&inspect));
     let image = home.path().join("out.png");
-    let generated = pictor()
-        .args(["generate", "--model"])
-        .arg(&folder)
-        .args([
-            "--prompt",
-            "a red circle",
-            "--size",
-            "64x48",
-            "--steps",
-            "2",
-            "-o",
-        ])
-        .arg(&image)
-        .output()
-        .unwrap();
+    let generated = generate(folder.to_str().unwrap(), &image, &[]);
     assert!(generated.status.success(), "{}", text(&generated));
     assert!(image.is_file());
 }
