@@ -38,7 +38,7 @@ pub fn load(name: &str, m: &ModelConfig, config: &Config) -> anyhow::Result<Load
         if let Some(target) = &m.quantize {
             crate::quantized::apply_zimage(&mut files, target, data_dir)?;
         }
-        return load_zimage(name, m, &files, memory_budget);
+        return load_zimage(name, m, &files, config);
     }
     let mut files = ModelFiles::resolve(&path)
         .with_context(|| format!("finding model {name} at {}", m.path))?;
@@ -81,8 +81,9 @@ fn load_zimage(
     name: &str,
     m: &ModelConfig,
     files: &pictor_engine::zimage::ZImageFiles,
-    memory_budget: Option<u64>,
+    config: &Config,
 ) -> anyhow::Result<Loaded> {
+    let memory_budget = config.memory_budget()?;
     use pictor_engine::{DeviceChoice, zimage};
     let dtype: DTypeChoice = m.dtype.parse().map_err(anyhow::Error::msg)?;
     let device = m
@@ -95,6 +96,7 @@ fn load_zimage(
     let options = zimage::ZImageOptions {
         dtype,
         memory_budget,
+        lora_dir: Some(config.lora_dir()),
     };
     let pipeline = zimage::ZImagePipeline::load_files(files, options)
         .with_context(|| format!("loading model {name} from {}", m.path))?;

@@ -512,22 +512,11 @@ impl FluxPipeline {
         if loras.is_empty() {
             return Ok(crate::lora::Prepared::none());
         }
-        let library = self
-            .loras
-            .as_ref()
-            .ok_or_else(|| EngineError::InvalidInput {
-                field: "loras",
-                message: "Invalid 'loras': this server has no LoRA folder (lora_dir).".into(),
-            })?;
+        let library = crate::lora::library(self.loras.as_ref())?;
         // The transformer's linear layers from its architecture: it may be staged out.
-        let layers: std::collections::BTreeMap<String, (usize, usize)> =
-            model::tensor_names(&self.denoiser.transformer_arch().config)
-                .into_iter()
-                .filter_map(|(name, shape)| match shape[..] {
-                    [out, inp] => Some((name.strip_suffix(".weight")?.to_string(), (out, inp))),
-                    _ => None,
-                })
-                .collect();
+        let layers = crate::lora::linear_layers(model::tensor_names(
+            &self.denoiser.transformer_arch().config,
+        ));
         let names =
             crate::lora::Names::new(&layers, crate::weights::Scheme::DiffusersFluxTransformer);
         let clip =

@@ -103,6 +103,29 @@ struct Cache {
     bound: u64,
 }
 
+/// The library a request's LoRAs come from, or the request error when the server has no
+/// LoRA folder.
+pub(crate) fn library(library: Option<&LoraLibrary>) -> Result<&LoraLibrary> {
+    library.ok_or_else(|| EngineError::InvalidInput {
+        field: "loras",
+        message: "Invalid 'loras': this server has no LoRA folder (lora_dir).".into(),
+    })
+}
+
+/// A network's linear layers, `(outputs, inputs)` by canonical name, from its list of
+/// tensors (`tensor_names`): every 2-D `….weight`.
+pub(crate) fn linear_layers(
+    tensors: Vec<(String, Vec<usize>)>,
+) -> BTreeMap<String, (usize, usize)> {
+    tensors
+        .into_iter()
+        .filter_map(|(name, shape)| match shape[..] {
+            [out, inp] => Some((name.strip_suffix(".weight")?.to_string(), (out, inp))),
+            _ => None,
+        })
+        .collect()
+}
+
 impl LoraLibrary {
     /// The LoRAs in `dir`, keeping at most `cache_bytes` of parsed files in memory.
     pub fn new(dir: PathBuf, cache_bytes: u64) -> Self {

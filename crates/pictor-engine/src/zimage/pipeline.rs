@@ -34,7 +34,7 @@ use crate::{
 const MAX_TOKENS: usize = 512;
 
 /// How to load a Z-Image model.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ZImageOptions {
     /// The weights' dtype: `Auto` is f32 when the model fits the budget in f32, else bf16
     /// (Z-Image-Turbo is 40 GB in f32, 20 GB in bf16). Quantized (GGUF) transformers keep
@@ -43,6 +43,9 @@ pub struct ZImageOptions {
     /// Bytes the model may take (`None`: no limit): see [`super::memory::plan`]. A model
     /// over it even staged is refused before loading.
     pub memory_budget: Option<u64>,
+    /// The folder of LoRA files requests may name (`None`: requests with LoRAs are
+    /// refused).
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 /// A loaded Z-Image-Turbo.
@@ -65,6 +68,9 @@ pub struct ZImagePipeline {
     device: Device,
     /// Where it runs and in which dtype, as [`Generation::device`] spells it.
     runs_on: String,
+    /// The transformer's hyper-parameters (it may be staged out).
+    config: super::transformer::Config,
+    loras: Option<crate::lora::LoraLibrary>,
 }
 
 impl ZImagePipeline {
@@ -75,7 +81,7 @@ impl ZImagePipeline {
             &files,
             ZImageOptions {
                 dtype: DTypeChoice::F32,
-                memory_budget: None,
+                ..ZImageOptions::default()
             },
         )
     }
@@ -133,7 +139,40 @@ impl ZImagePipeline {
             shift,
             device,
             runs_on,
+            config,
+            loras: options
+                .lora_dir
+                .clone()
+                .map(|dir| crate::lora::LoraLibrary::new(dir, crate::lora::DEFAULT_CACHE_BYTES)),
         })
+    }
+
+    /// Reads `loras` and checks them against the transformer's layers (Z-Image's original
+    /// names; diffusers' and kohya's spellings found through them). Its text encoder takes
+    /// none.
+    pub fn prepare_loras(
+        &self,
+        loras: &[pictor_core::LoraRequest],
+    ) -> Result<crate::lora::Prepared> {
+        if loras.is_empty() {
+            return Ok(crate::lora::Prepared::none());
+        }
+        let library = crate::lora::library(self.loras.as_ref())?;
+        let layers = crate::lora::linear_layers(super::transformer::tensor_names(&self.config));
+        let names = crate::lora::Names::new(&layers, crate::weights::Scheme::DiffusersZImage);
+        library.prepare(loras, &names, None, &self.device)
+    }
+
+    /// Attaches prepared LoRAs to the loaded transformer until the answer drops.
+    pub fn attach_loras(&self, loras: crate::lora::Prepared) -> Result<crate::lora::Applied> {
+        if loras.is_empty() {
+            return Ok(crate::lora::Applied::none());
+        }
+        let transformer = self
+            .transformer
+            .as_ref()
+            .ok_or_else(|| EngineError::load("transformer", "staged out"))?;
+        Ok(loras.attach(transformer.layers()))
     }
 
     /// Where it runs, as receipts spell it.
@@ -332,6 +371,9 @@ impl ZImagePipeline {
         progress: &mut dyn FnMut(Progress) -> Control,
     ) -> Result<Generation> {
         self.rules().without_serving_limits().check(req)?;
+        // LoRAs are read and checked before anything runs, attached once the transformer
+        // is loaded and taken off when `applied` drops.
+        let loras = self.prepare_loras(&req.loras)?;
         if progress(Progress::Encoding) == Control::Cancel {
             return Err(EngineError::Cancelled);
         }
@@ -340,6 +382,7 @@ impl ZImagePipeline {
         self.stage_encoder()?;
         let (caption, prompt) = self.encode_prompt(&req.prompt)?;
         self.stage_transformer()?;
+        let applied = self.attach_loras(loras)?;
         let edit = match &req.edit {
             Some(edit) => Some(self.prepare_edit(edit, req.width, req.height, req.steps)?),
             None => None,
@@ -407,7 +450,7 @@ impl ZImagePipeline {
             prompt,
             phases,
             device: self.runs_on.clone(),
-            loras: Vec::new(),
+            loras: applied.used().to_vec(),
         })
     }
 }
@@ -428,7 +471,7 @@ impl Pipeline for ZImagePipeline {
             max_steps: 50,
             default_guidance: None,
             takes_negative_prompt: false,
-            takes_loras: false,
+            takes_loras: true,
         }
     }
 

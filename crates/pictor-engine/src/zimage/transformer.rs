@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use crate::{
     error::{EngineError, Result},
-    layers::{Linear, Source, Weights},
+    layers::{LayerTable, Linear, Source, Weights},
     layout::Part,
     weights::{GgufFile, MappedWeights, SafetensorFiles, Scheme},
 };
@@ -327,6 +327,8 @@ impl Block {
 
 /// The network.
 pub struct Transformer {
+    /// Its linear layers, where a request's LoRA updates attach.
+    table: LayerTable,
     x_embedder: Linear,
     cap_norm: RmsNorm,
     cap_embedder: Linear,
@@ -363,8 +365,9 @@ impl Transformer {
                 .collect()
         };
         let adaln = cfg.adaln_width();
+        let x_embedder = src.linear("x_embedder", p * p * c, dim)?;
         Ok(Self {
-            x_embedder: src.linear("x_embedder", p * p * c, dim)?,
+            x_embedder,
             cap_norm: src.rms_norm("cap_embedder.0.weight", cfg.cap_feat_dim, cfg.norm_eps)?,
             cap_embedder: src.linear("cap_embedder.1", cfg.cap_feat_dim, dim)?,
             x_pad_token: src.tensor("x_pad_token", &[1, dim])?,
@@ -378,7 +381,13 @@ impl Transformer {
             final_linear: src.linear("final_layer.linear", dim, p * p * c)?,
             dtype: src.compute(),
             cfg: cfg.clone(),
+            table: src.layers(),
         })
+    }
+
+    /// Its linear layers by original name.
+    pub(crate) fn layers(&self) -> &LayerTable {
+        &self.table
     }
 
     /// The model's output for one latent `(C, 1, H, W)` at `t` (`1 - sigma`), given the

@@ -364,3 +364,62 @@ fn a_file_updating_a_layer_whole_and_by_part_sums_both() {
     );
     assert!(max_abs_diff(&separate, &together) < 1e-5);
 }
+
+/// Z-Image-Turbo takes LoRAs in diffusers' PEFT names and in the original (fused `qkv`)
+/// names as ComfyUI and kohya write them (`tools/make_tiny_zimage_lora.py`): the final
+/// latents land on diffusers' fused z-peft at 0.8, from the reference's noise and features.
+#[test]
+fn z_image_takes_loras_in_every_naming() {
+    use pictor_engine::zimage::{ZImageFiles, ZImageOptions, ZImagePipeline};
+    let base = fixture().join("../tiny-z-image-turbo");
+    let loras = fixture().join("../tiny-loras-zimage");
+    let options = ZImageOptions {
+        dtype: pictor_engine::DTypeChoice::F32,
+        lora_dir: Some(loras.clone()),
+        ..ZImageOptions::default()
+    };
+    let p = ZImagePipeline::load_files(&ZImageFiles::diffusers(&base).unwrap(), options).unwrap();
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (r, want) = (load(&base), load(&loras));
+    let noise = tensor(&r, "noise").squeeze(0).unwrap();
+    let caption = tensor(&r, "text_features");
+    let run = || {
+        p.denoise(&noise, &caption, 8, |_, _| Ok(Control::Continue))
+            .unwrap()
+    };
+    let expected = tensor(&want, "z-peft.final_latents").squeeze(0).unwrap();
+    let moved = max_abs_diff(&expected, &tensor(&r, "final_latents").squeeze(0).unwrap());
+    let mut report = Vec::new();
+    for name in ["z-peft", "z-comfy", "z-kohya"] {
+        let applied = p
+            .attach_loras(p.prepare_loras(&ask(&[(name, 0.8)])).unwrap())
+            .unwrap();
+        assert_eq!(applied.used()[0].name, name);
+        let d = max_abs_diff(&run(), &expected);
+        drop(applied);
+        report.push(format!("{name} {d:.1e}"));
+        assert!(d <= STEP_TOL, "{name}: {d}");
+    }
+    eprintln!(
+        "Z-Image final latents vs diffusers (the LoRA moves them {moved:.2}): {}",
+        report.join(", ")
+    );
+    assert!(moved > 0.05);
+    let d = max_abs_diff(&run(), &tensor(&r, "final_latents").squeeze(0).unwrap());
+    assert!(d <= STEP_TOL, "after the LoRAs came off: {d}");
+    // A FLUX LoRA is refused, naming a layer.
+    let flux = ZImageOptions {
+        dtype: pictor_engine::DTypeChoice::F32,
+        lora_dir: Some(loras_dir()),
+        ..ZImageOptions::default()
+    };
+    let z = ZImagePipeline::load_files(&ZImageFiles::diffusers(&base).unwrap(), flux).unwrap();
+    let err = z
+        .prepare_loras(&ask(&[("pixel-kohya", 1.0)]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("another model family"), "{err}");
+}

@@ -52,6 +52,7 @@ fn load(files: &ZImageFiles, dtype: DTypeChoice) -> ZImagePipeline {
     let options = ZImageOptions {
         dtype,
         memory_budget: None,
+        lora_dir: None,
     };
     ZImagePipeline::load_files(files, options).expect("loads")
 }
@@ -184,6 +185,7 @@ fn the_memory_plan_narrows_then_stages_to_fit_the_budget() {
         ZImageOptions {
             dtype: DTypeChoice::Auto,
             memory_budget: Some(bf16_turns - 1),
+            lora_dir: None,
         },
     )
     .err()
@@ -213,6 +215,7 @@ fn a_staged_pipeline_draws_what_a_resident_one_draws() {
             ZImageOptions {
                 dtype: DTypeChoice::F32,
                 memory_budget: budget,
+                lora_dir: None,
             },
         )
         .expect("loads")
