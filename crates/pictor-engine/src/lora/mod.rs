@@ -421,3 +421,35 @@ impl Delta {
         Tensor::cat(&rows, 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(bytes: u64) -> Arc<LoraFile> {
+        Arc::new(LoraFile {
+            modules: BTreeMap::new(),
+            bytes,
+        })
+    }
+
+    #[test]
+    fn the_cache_keeps_the_most_recently_used_files_within_its_bound() {
+        let mut cache = Cache {
+            bound: 100,
+            ..Cache::default()
+        };
+        cache.insert("a".into(), file(40));
+        cache.insert("b".into(), file(40));
+        cache.touch("a");
+        // "b" was used longest ago: it goes to make room.
+        cache.insert("c".into(), file(40));
+        let mut kept: Vec<&String> = cache.files.keys().collect();
+        kept.sort();
+        assert_eq!(kept, ["a", "c"]);
+        assert_eq!(cache.bytes, 80);
+        // A file larger than the bound is used but not kept.
+        cache.insert("huge".into(), file(101));
+        assert!(!cache.files.contains_key("huge") && cache.bytes == 80);
+    }
+}
