@@ -3,14 +3,14 @@
 //! ([`crate::layers::Delta`]) for one batch. The shared weights are never changed: the
 //! updates run beside them, so quantized weights take LoRAs too.
 
+mod cache;
 mod file;
 mod names;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
-    time::SystemTime,
 };
 
 use candle_core::{Device, Tensor};
@@ -21,6 +21,7 @@ use crate::{
     error::{EngineError, Result},
     layers::{Delta, LayerTable},
 };
+use cache::Cache;
 use file::LoraFile;
 pub(crate) use names::Names;
 
@@ -92,17 +93,6 @@ pub struct LoraLibrary {
     cache: Mutex<Cache>,
 }
 
-/// Parsed files by SHA-256, least recently used first out; and each path's hash while its
-/// size and modification time stay the same (so a file is hashed once).
-#[derive(Default)]
-struct Cache {
-    hashes: HashMap<PathBuf, (u64, Option<SystemTime>, String)>,
-    files: HashMap<String, Arc<LoraFile>>,
-    order: VecDeque<String>,
-    bytes: u64,
-    bound: u64,
-}
-
 /// The library a request's LoRAs come from, or the request error when the server has no
 /// LoRA folder.
 pub(crate) fn library(library: Option<&LoraLibrary>) -> Result<&LoraLibrary> {
@@ -131,10 +121,7 @@ impl LoraLibrary {
     pub fn new(dir: PathBuf, cache_bytes: u64) -> Self {
         Self {
             dir,
-            cache: Mutex::new(Cache {
-                bound: cache_bytes,
-                ..Cache::default()
-            }),
+            cache: Mutex::new(Cache::new(cache_bytes)),
         }
     }
 
@@ -240,34 +227,6 @@ impl LoraLibrary {
             );
         cache.insert(sha.clone(), file.clone());
         Ok((sha, file))
-    }
-}
-
-impl Cache {
-    fn touch(&mut self, sha: &str) {
-        if let Some(i) = self.order.iter().position(|s| s == sha) {
-            let s = self.order.remove(i).unwrap_or_default();
-            self.order.push_back(s);
-        }
-    }
-
-    /// Keeps `file`, dropping the least recently used ones past the bound (a file larger
-    /// than the bound is used but not kept).
-    fn insert(&mut self, sha: String, file: Arc<LoraFile>) {
-        if file.bytes > self.bound {
-            return;
-        }
-        self.bytes += file.bytes;
-        self.files.insert(sha.clone(), file);
-        self.order.push_back(sha);
-        while self.bytes > self.bound {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            if let Some(f) = self.files.remove(&old) {
-                self.bytes -= f.bytes;
-            }
-        }
     }
 }
 
@@ -419,37 +378,5 @@ impl Delta {
             )?);
         }
         Tensor::cat(&rows, 0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn file(bytes: u64) -> Arc<LoraFile> {
-        Arc::new(LoraFile {
-            modules: BTreeMap::new(),
-            bytes,
-        })
-    }
-
-    #[test]
-    fn the_cache_keeps_the_most_recently_used_files_within_its_bound() {
-        let mut cache = Cache {
-            bound: 100,
-            ..Cache::default()
-        };
-        cache.insert("a".into(), file(40));
-        cache.insert("b".into(), file(40));
-        cache.touch("a");
-        // "b" was used longest ago: it goes to make room.
-        cache.insert("c".into(), file(40));
-        let mut kept: Vec<&String> = cache.files.keys().collect();
-        kept.sort();
-        assert_eq!(kept, ["a", "c"]);
-        assert_eq!(cache.bytes, 80);
-        // A file larger than the bound is used but not kept.
-        cache.insert("huge".into(), file(101));
-        assert!(!cache.files.contains_key("huge") && cache.bytes == 80);
     }
 }
