@@ -220,6 +220,8 @@ pub struct CreateVariationRequest {
     /// Extension: how far from the input, above 0 to 1 (default 0.6).
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub strength: Option<f64>,
+    /// Extension: LoRAs to add, as for edits.
+    pub loras: Option<String>,
 }
 
 /// `quality`.

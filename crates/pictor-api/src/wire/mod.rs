@@ -178,6 +178,7 @@ pub(crate) const KNOWN_VARIATION: &[&str] = &[
     "seed",
     "steps",
     "strength",
+    "loras",
 ];
 
 /// The fields whose parsing is more than a type and a range.

@@ -227,4 +227,27 @@ async fn an_edit_takes_loras_as_a_form_field() {
         decode(&png_of(&with)).into_raw(),
         decode(&png_of(&without)).into_raw()
     );
+    // A variation takes them the same way.
+    let part = reqwest::multipart::Part::bytes(image.clone())
+        .file_name("in.png")
+        .mime_str("image/png")
+        .unwrap();
+    let form = reqwest::multipart::Form::new()
+        .text("model", MODEL)
+        .text("steps", "2")
+        .text("response_format", "b64_json")
+        .text("loras", "pixel-bfl:0.5")
+        .part("image", part);
+    let varied: Value = s
+        .client
+        .post(format!("{}/v1/images/variations", s.url))
+        .bearer_auth(&s.key)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(varied["data"][0]["loras"][0]["scale"], 0.5, "{varied}");
 }
