@@ -143,6 +143,11 @@ test('an edit with a painted mask lands in the gallery', async () => {
   await page.click('#go');
   await page.waitForFunction((n) => document.querySelectorAll('#gallery li').length > n, before);
   await shot('5-edit');
+  // The newest card is the edit: its Python snippet edits input.png.
+  await page.click('#gallery li:first-child button:has-text("Copy python")');
+  const python = await page.getAttribute('#gallery li:first-child button[data-snippet]', 'data-snippet');
+  assert.match(python, /client\.images\.edit\(image=open\("input\.png", "rb"\), model="tiny-flux-schnell", prompt="a green square"/);
+  assert.match(python, /"strength": 0\.75/);
   await page.click('#tab-generate');
 });
 

@@ -300,24 +300,47 @@ async function keep(d, body) {
   // What makes this image again: its own seed and the steps it ran.
   const request = { ...body, seed: d.seed, steps: d.steps, quality: undefined, n: 1,
     stream: undefined, stream_progress: undefined, partial_images: undefined };
+  if (state.mode === 'edit') request.strength = Number($('strength').value);
   const entry = { created: Date.now(), blob: new Blob([bytes], { type: `image/${d.output_format || 'png'}` }), receipt, request, mode: state.mode };
   entry.id = await store('readwrite', (s) => s.add(entry));
   $('gallery').prepend(card(entry));
 }
 
-function snippet(kind, request) {
+// A value as a Python literal (JSON's, with None, True and False).
+function py(v) {
+  if (v === null) return 'None';
+  if (typeof v === 'boolean') return v ? 'True' : 'False';
+  if (Array.isArray(v)) return `[${v.map(py).join(', ')}]`;
+  if (typeof v === 'object') {
+    return `{${Object.entries(v).filter(([, x]) => x !== undefined).map(([k, x]) => `${JSON.stringify(k)}: ${py(x)}`).join(', ')}}`;
+  }
+  return JSON.stringify(v);
+}
+
+// The call that makes the same image again: curl, Python or Node, for a generation or
+// an edit (whose input image the user supplies as input.png).
+function snippet(kind, request, mode) {
   const body = { ...request };
-  delete body.stream;
-  delete body.stream_progress;
-  delete body.partial_images;
-  delete body.response_format;
+  for (const k of ['stream', 'stream_progress', 'partial_images', 'response_format']) delete body[k];
   const base = location.origin;
+  const edit = mode === 'edit';
   const { model, prompt, size, n, ...extra } = body;
+  const quote = (v) => `'${String(v).replace(/'/g, "'\\''")}'`;
   if (kind === 'curl') {
-    return `curl ${base}/v1/images/generations -H 'Content-Type: application/json' \\\n  -H "Authorization: Bearer $PICTOR_KEY" \\\n  -d '${JSON.stringify({ ...body, response_format: 'b64_json' }).replace(/'/g, "'\\''")}'`;
+    if (edit) {
+      const fields = Object.entries({ ...body, response_format: 'b64_json' })
+        .filter(([, v]) => v !== undefined)
+        .map(([k, v]) => `-F ${k}=${quote(typeof v === 'object' ? JSON.stringify(v) : v)}`).join(' \\\n  ');
+      return `curl ${base}/v1/images/edits -H "Authorization: Bearer $PICTOR_KEY" \\\n  -F image=@input.png \\\n  ${fields}`;
+    }
+    return `curl ${base}/v1/images/generations -H 'Content-Type: application/json' \\\n  -H "Authorization: Bearer $PICTOR_KEY" \\\n  -d ${quote(JSON.stringify({ ...body, response_format: 'b64_json' }))}`;
   }
   if (kind === 'python') {
-    return `from openai import OpenAI\nclient = OpenAI(base_url="${base}/v1", api_key="sk-...")\nr = client.images.generate(model=${JSON.stringify(model)}, prompt=${JSON.stringify(prompt)}, size=${JSON.stringify(size)}, n=${n || 1},\n                           response_format="b64_json", extra_body=${JSON.stringify(extra)})`;
+    const call = edit ? `client.images.edit(image=open("input.png", "rb"), ` : 'client.images.generate(';
+    return `from openai import OpenAI\nclient = OpenAI(base_url="${base}/v1", api_key="sk-...")\nr = ${call}model=${py(model)}, prompt=${py(prompt)}, size=${py(size)}, n=${n || 1},\n    response_format="b64_json", extra_body=${py(extra)})`;
+  }
+  if (edit) {
+    return `import fs from 'node:fs';\nimport OpenAI from 'openai';\nconst client = new OpenAI({ baseURL: '${base}/v1', apiKey: 'sk-...' });\nconst r = await client.images.edit({ image: fs.createReadStream('input.png'), ...${JSON.stringify({ ...body, response_format: 'b64_json' })} });`;
   }
   return `import OpenAI from 'openai';\nconst client = new OpenAI({ baseURL: '${base}/v1', apiKey: 'sk-...' });\nconst r = await client.images.generate(${JSON.stringify({ ...body, response_format: 'b64_json' })});`;
 }
@@ -353,7 +376,7 @@ function card(entry) {
   };
   for (const kind of ['curl', 'python', 'node']) {
     const b = button(`Copy ${kind}`, async () => {
-      const text = snippet(kind, entry.request);
+      const text = snippet(kind, entry.request, entry.mode);
       try { await navigator.clipboard.writeText(text); b.textContent = 'Copied'; } catch { b.textContent = 'Copy failed'; }
       b.dataset.snippet = text;
       setTimeout(() => { b.textContent = `Copy ${kind}`; }, 1500);
