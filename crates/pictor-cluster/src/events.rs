@@ -29,6 +29,8 @@ pub(crate) enum Event {
         index: usize,
         step: usize,
     },
+    /// Its worker finished `step` of `total` denoising steps.
+    Progress { step: usize, total: usize },
 }
 
 type Subscribers = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>>;
@@ -68,6 +70,11 @@ fn parse(payload: &str) -> Option<(&str, Event)> {
             let mut n = || parts.next()?.parse().ok();
             let (image, index, step) = (n()?, n()?, n()?);
             Some((id, Event::Preview { image, index, step }))
+        }
+        ("progress", id) => {
+            let mut n = || parts.next()?.parse().ok();
+            let (step, total) = (n()?, n()?);
+            Some((id, Event::Progress { step, total }))
         }
         _ => None,
     }

@@ -10,7 +10,9 @@ use std::{
 };
 
 use pictor_core::{Generation, GenerationRequest, PartMemory, PipelineError};
-use pictor_sched::{BoxFuture, JobError, JobQueue, Outcome, Preview, Reply, SubmitError, Ticket};
+use pictor_sched::{
+    BoxFuture, JobError, JobProgress, JobQueue, Outcome, Preview, Reply, SubmitError, Ticket,
+};
 
 use crate::{
     Cluster, ClusterError,
@@ -243,6 +245,12 @@ impl Follow {
                     Some(Event::Preview { image, index, step }) => {
                         self.preview(&reply, image, index, step).await;
                     }
+                    Some(Event::Progress { step, total }) => reply.progress(JobProgress {
+                        running: true,
+                        ahead: 0,
+                        step,
+                        total,
+                    }),
                     Some(Event::Done) => {
                         // Read the row; an event it does not bear out is ignored.
                         if let Some(ended) = self.result().await {

@@ -251,7 +251,24 @@ impl Worker {
         };
         let lease = self.options.lease.as_millis() as i64;
         let started = std::time::Instant::now();
-        let run = async {
+        // Each step the local queue reports goes out as a notification, for the API node
+        // whose client streams progress.
+        let watch = ticket.progress();
+        let progress = async {
+            let Some(mut watch) = watch else { return };
+            // Ends when the local job is over (its sender is dropped).
+            while watch.changed().await {
+                let now = watch.now();
+                if !now.running {
+                    continue;
+                }
+                let event = format!("progress:{}:{}:{}", job.id, now.step, now.total);
+                if let Err(e) = jobs::notify(pool, EVENTS_CHANNEL, &event).await {
+                    tracing::debug!(job = %job.id, error = %e, "publishing progress");
+                }
+            }
+        };
+        let previews_then_result = async {
             while let Some(p) = ticket.next_preview().await {
                 let name = objects::preview(&job.id, p.image, p.index);
                 let published = async {
@@ -270,6 +287,7 @@ impl Worker {
             }
             ticket.wait().await
         };
+        let run = async { tokio::join!(previews_then_result, progress).0 };
         tokio::pin!(run);
         let first = tokio::time::Instant::now() + self.options.heartbeat;
         let mut beat = tokio::time::interval_at(first, self.options.heartbeat);

@@ -45,6 +45,12 @@ impl ProgressWatch {
         now
     }
 
+    /// Whether it can tell the job's place in the line (a local queue can; a cluster's
+    /// reports steps only).
+    pub fn knows_place(&self) -> bool {
+        self.line.is_some()
+    }
+
     /// Waits for the worker to report a change; `false` once the job is over.
     pub async fn changed(&mut self) -> bool {
         self.rx.changed().await.is_ok()
@@ -108,10 +114,12 @@ impl Drop for Ticket {
 }
 
 /// The other end of a [`Ticket`], for a queue whose jobs run elsewhere (a cluster's
-/// workers): it hands the caller previews and the result, and sees the caller leave.
+/// workers): it hands the caller previews, progress and the result, and sees the caller
+/// leave.
 pub struct Reply {
     result: oneshot::Sender<Result<Outcome, JobError>>,
     previews: Option<mpsc::UnboundedSender<Preview>>,
+    progress: watch::Sender<JobProgress>,
 }
 
 impl Reply {
@@ -120,6 +128,11 @@ impl Reply {
         if let Some(tx) = &self.previews {
             let _ = tx.send(preview);
         }
+    }
+
+    /// Tells the caller where the job has got to.
+    pub fn progress(&self, progress: JobProgress) {
+        self.progress.send_replace(progress);
     }
 
     /// Hands the caller the result.
@@ -142,6 +155,7 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
     } else {
         (None, None)
     };
+    let (progress, progress_rx) = watch::channel(JobProgress::default());
     (
         Ticket {
             rx,
@@ -149,11 +163,16 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
             result: None,
             cancel: Arc::new(AtomicBool::new(false)),
             job: None,
-            progress: None,
+            // The place in the line is the remote queue's to tell (none here).
+            progress: Some(ProgressWatch {
+                rx: progress_rx,
+                line: None,
+            }),
         },
         Reply {
             result,
             previews: previews_tx,
+            progress,
         },
     )
 }

@@ -3,6 +3,7 @@ two API nodes and two workers (`pictor serve --role api|worker`) on loopback, dr
 official `openai` SDK as a client of either node."""
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +91,28 @@ def test_previews_and_edits_cross_the_cluster(cluster):
                                        extra_body={"steps": 2})
     assert size_of(base64.b64decode(r.data[0].b64_json)) == (64, 48)
     assert r.data[0].model_dump()["strength"] == 1.0
+
+
+def test_progress_crosses_the_cluster(cluster):
+    # The worker publishes each step; the API node that holds the stream relays them.
+    body = json.dumps({"model": MODEL, "prompt": "a green star", "size": "64x64", "steps": 6,
+                       "seed": 3, "stream": True, "stream_progress": True}).encode()
+    req = urllib.request.Request(cluster["apis"][0]["url"] + "/v1/images/generations", data=body,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": "Bearer " + cluster["key"]})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        text = r.read().decode()
+    events = []
+    for block in text.split("\n\n"):
+        name = next((l[6:].strip() for l in block.splitlines() if l.startswith("event:")), None)
+        data = "".join(l[5:].strip() for l in block.splitlines() if l.startswith("data:"))
+        if name and data:
+            events.append((name, json.loads(data)))
+    steps = [(d["step"], d["total"]) for n, d in events if n == "pictor.progress" and d["total"]]
+    assert steps and steps[-1] == (6, 6), events
+    # A cluster cannot tell the place in the line: it says none rather than a wrong one.
+    assert all(d["queue_position"] is None for n, d in events if n == "pictor.progress")
+    assert any(n == "image_generation.completed" for n, _ in events)
 
 
 def test_a_worker_killed_mid_job_loses_nothing(cluster):
