@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import inspect
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_flux as mtf  # noqa: E402  (sets 1 thread, offline mode, quiet logging)
+from lora_fixture import bf16_exact, fuse_group, max_diff, plain_state_dict, prepare_out, rel, save  # noqa: E402
 
 import diffusers  # noqa: E402
 import peft  # noqa: E402
@@ -103,11 +103,6 @@ NAMES = ["pixel-peft", "pixel-kohya", "pixel-bfl", "pixel-xlabs", "te-kohya"]
 # The update
 # ----------------------------------------------------------------------------
 
-def bf16_exact(t: torch.Tensor) -> torch.Tensor:
-    """Round to bfloat16-representable values (kept as float32), so that every file can store
-    them in either dtype without changing the update."""
-    return t.to(torch.bfloat16).to(torch.float32)
-
 
 def make_update(shapes: dict[str, tuple[int, int]], modules: list[str], seed: int, gain: float) -> dict:
     """{module: (A [RANK, in], B [out, RANK])}, float32, bf16-exact."""
@@ -154,14 +149,6 @@ def bfl_groups(cfg) -> list[tuple[str, list[str]]]:
         ]
     groups += [("img_in", ["x_embedder"]), ("txt_in", ["context_embedder"])]
     return groups
-
-
-def fuse_group(upd: dict, members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LoRA on a fused BFL layer carrying the members' separate LoRAs exactly:
-    down = [A_1; A_2; ...] (rank n*r), up = block-diagonal(B_1, B_2, ...)."""
-    down = torch.cat([upd[m][0] for m in members], dim=0)
-    up = torch.block_diag(*[upd[m][1] for m in members])
-    return down.contiguous(), up.contiguous()
 
 
 def pad_rank(down: torch.Tensor, up: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +235,6 @@ def xlabs_dict(cfg, upd: dict) -> tuple[dict, int]:
         put(p + "qkv_lora", *fuse_group(upd, [s + "attn.to_q", s + "attn.to_k", s + "attn.to_v"]))
         put(p + "proj_lora", *upd[s + "proj_out"])
     return sd, rank
-
-
-def save(sd: dict, path: Path, dtype: torch.dtype) -> None:
-    safetensors.torch.save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path))
 
 
 # ----------------------------------------------------------------------------
@@ -369,27 +352,12 @@ def generate(ctx: Ctx, pipe: FluxPipeline) -> dict:
     return res
 
 
-def plain_state_dict(model: torch.nn.Module) -> dict:
-    """Weights without PEFT's wrapping (`x.base_layer.weight` -> `x.weight`), LoRA tensors dropped."""
-    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in model.state_dict().items()
-            if ".lora_" not in k}
-
-
 def expected_weights(base_sd: dict, terms: list[tuple[float, dict]]) -> dict:
     want = dict(base_sd)
     for scale, upd in terms:
         for m, (a, b) in upd.items():
             want[m + ".weight"] = want[m + ".weight"] + (b @ a) * scale
     return want
-
-
-def max_diff(got: dict, want: dict) -> float:
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    return max(float((got[k] - want[k]).abs().max()) for k in want)
-
-
-def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x - y).norm() / y.norm())
 
 
 # ----------------------------------------------------------------------------
@@ -473,14 +441,6 @@ def probe_unpatched(ctx: Ctx, files: dict) -> list[str]:
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
-
-def prepare_out(out: Path) -> None:
-    if out.exists():
-        entries = list(out.iterdir())
-        if entries and not (out / "reference.json").exists():
-            raise SystemExit(f"{out} exists, is not empty and does not look like a previous fixture; refusing")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
 
 
 def std(t: torch.Tensor) -> float:

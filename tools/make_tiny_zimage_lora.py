@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +51,7 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_tiny_zimage as mtz  # noqa: E402  (sets 1 thread; PROMPT, sizes, steps, seeds)
+from lora_fixture import bf16_exact, fuse_group, max_diff, plain_state_dict, prepare_out, rel, save  # noqa: E402
 
 import accelerate  # noqa: E402
 import diffusers  # noqa: E402
@@ -90,10 +90,6 @@ ADALN = "adaLN_modulation.0"
 # ----------------------------------------------------------------------------
 # The update
 # ----------------------------------------------------------------------------
-
-def bf16_exact(t: torch.Tensor) -> torch.Tensor:
-    """Round to bfloat16-representable values (kept as float32)."""
-    return t.to(torch.bfloat16).to(torch.float32)
 
 
 def blocks(cfg) -> list[str]:
@@ -138,14 +134,6 @@ def make_update(shapes: dict[str, tuple[int, int]], modules: list[str]) -> dict:
     return upd
 
 
-def fuse_group(upd: dict, members: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LoRA on a fused original layer carrying the members' LoRAs exactly:
-    down = [A_q; A_k; A_v] (rank 3r), up = block-diagonal(B_q, B_k, B_v) (exact zeros elsewhere)."""
-    down = torch.cat([upd[m][0] for m in members], dim=0)
-    up = torch.block_diag(*[upd[m][1] for m in members])
-    return down.contiguous(), up.contiguous()
-
-
 def kohya_fraction(orig: str) -> float:
     return KOHYA_FRACTION_QKV if orig.endswith(".attention.qkv") else KOHYA_FRACTION
 
@@ -181,10 +169,6 @@ def kohya_dict(groups, upd: dict) -> dict:
         sd[key + ".lora_up.weight"] = up / frac  # exact: frac is a power of two
         sd[key + ".alpha"] = torch.tensor(down.shape[0] * frac)
     return sd
-
-
-def save(sd: dict, path: Path, dtype: torch.dtype) -> None:
-    safetensors.torch.save_file({k: v.to(dtype).contiguous() for k, v in sorted(sd.items())}, str(path))
 
 
 # ----------------------------------------------------------------------------
@@ -284,12 +268,6 @@ def generate(ctx: Ctx, pipe: ZImagePipeline) -> dict:
     return res
 
 
-def plain_state_dict(model: torch.nn.Module) -> dict:
-    """Weights without PEFT's wrapping (`x.base_layer.weight` -> `x.weight`), LoRA tensors dropped."""
-    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in model.state_dict().items()
-            if ".lora_" not in k}
-
-
 def lora_modules(model: torch.nn.Module, adapter: str) -> list[str]:
     return sorted(n for n, m in model.named_modules() if adapter in getattr(m, "lora_A", {}))
 
@@ -299,15 +277,6 @@ def expected_weights(base_sd: dict, upd: dict, scale: float) -> dict:
     for m, (a, b) in upd.items():
         want[m + ".weight"] = want[m + ".weight"] + (b @ a) * scale
     return want
-
-
-def max_diff(got: dict, want: dict) -> float:
-    assert set(got) == set(want), sorted(set(got) ^ set(want))
-    return max(float((got[k] - want[k]).abs().max()) for k in want)
-
-
-def rel(x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((x - y).norm() / y.norm())
 
 
 def fused_original_check(groups, base_sd: dict, peft_fused: dict, files: dict) -> dict:
@@ -388,14 +357,6 @@ def probe_unpatched(ctx: Ctx, groups, n_modules: int) -> list[str]:
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
-
-def prepare_out(out: Path) -> None:
-    if out.exists():
-        entries = list(out.iterdir())
-        if entries and not (out / "reference.json").exists():
-            raise SystemExit(f"{out} exists, is not empty and does not look like a previous fixture; refusing")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
 
 
 def versions() -> dict:
