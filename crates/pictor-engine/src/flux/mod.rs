@@ -504,33 +504,26 @@ impl FluxPipeline {
     }
 
     /// Reads `loras` (files in the LoRA folder) and checks them against this model's
-    /// transformer and CLIP layers, before anything runs.
+    /// transformer (from its architecture: it may be staged out) and CLIP, before anything
+    /// runs.
     pub fn prepare_loras(
         &self,
         loras: &[pictor_core::LoraRequest],
     ) -> Result<crate::lora::Prepared> {
-        if loras.is_empty() {
-            return Ok(crate::lora::Prepared::none());
-        }
-        let library = crate::lora::library(self.loras.as_ref())?;
-        // The transformer's linear layers from its architecture: it may be staged out.
-        let layers = crate::lora::linear_layers(model::tensor_names(
-            &self.denoiser.transformer_arch().config,
-        ));
-        let names =
-            crate::lora::Names::new(&layers, crate::weights::Scheme::DiffusersFluxTransformer);
-        let clip =
-            crate::lora::Names::new(self.text.clip.layers(), crate::weights::Scheme::Identity);
-        library.prepare(loras, &names, Some(&clip), &self.device)
+        crate::lora::prepare(
+            self.loras.as_ref(),
+            loras,
+            || model::tensor_names(&self.denoiser.transformer_arch().config),
+            crate::weights::Scheme::DiffusersFluxTransformer,
+            Some(self.text.clip.layers()),
+            &self.device,
+        )
     }
 
     /// Attaches prepared LoRAs' transformer updates to the loaded transformer until the
     /// answer drops; the shared weights are not changed.
     pub fn attach_loras(&self, loras: crate::lora::Prepared) -> Result<crate::lora::Applied> {
-        if loras.is_empty() {
-            return Ok(crate::lora::Applied::none());
-        }
-        Ok(loras.attach(self.denoiser.layers()?))
+        loras.attach(|| self.denoiser.layers())
     }
 
     /// [`FluxPipeline::encode_prompt`] through CLIP with prepared LoRAs' text-encoder

@@ -20,10 +20,11 @@ use sha2::Digest;
 use crate::{
     error::{EngineError, Result},
     layers::{Delta, LayerTable},
+    weights::Scheme,
 };
 use cache::Cache;
 use file::LoraFile;
-pub(crate) use names::Names;
+use names::Names;
 
 /// A request's LoRAs, read and checked against the network's layers, not yet attached:
 /// the transformer's low-rank updates and the text encoder's dense ones.
@@ -53,12 +54,19 @@ impl Prepared {
         &self.text_encoder
     }
 
-    /// Attaches the transformer's updates to its `layers` until the answer drops.
-    pub(crate) fn attach(self, layers: &LayerTable) -> Applied {
-        Applied {
-            _attached: Some(layers.attach(self.transformer)),
-            used: self.used,
+    /// Attaches the transformer's updates to its layers (asked for only when there are
+    /// LoRAs) until the answer drops.
+    pub(crate) fn attach<'a>(
+        self,
+        layers: impl FnOnce() -> Result<&'a LayerTable>,
+    ) -> Result<Applied> {
+        if self.is_empty() {
+            return Ok(Applied::none());
         }
+        Ok(Applied {
+            _attached: Some(layers()?.attach(self.transformer)),
+            used: self.used,
+        })
     }
 }
 
@@ -93,27 +101,37 @@ pub struct LoraLibrary {
     cache: Mutex<Cache>,
 }
 
-/// The library a request's LoRAs come from, or the request error when the server has no
-/// LoRA folder.
-pub(crate) fn library(library: Option<&LoraLibrary>) -> Result<&LoraLibrary> {
-    library.ok_or_else(|| EngineError::InvalidInput {
+/// What every pipeline does with a request's LoRAs before it runs: read them from
+/// `library` and check them against the transformer whose tensors `tensors` lists (its
+/// `tensor_names`, in canonical names, diffusers' given by `scheme`; asked for only when
+/// there are LoRAs, and without loading it) and, for a model whose text encoder takes
+/// LoRAs, that encoder's linear layers. No LoRA folder is a request error.
+pub(crate) fn prepare(
+    library: Option<&LoraLibrary>,
+    loras: &[LoraRequest],
+    tensors: impl FnOnce() -> Vec<(String, Vec<usize>)>,
+    scheme: Scheme,
+    text_encoder: Option<&BTreeMap<String, (usize, usize)>>,
+    device: &Device,
+) -> Result<Prepared> {
+    if loras.is_empty() {
+        return Ok(Prepared::none());
+    }
+    let library = library.ok_or_else(|| EngineError::InvalidInput {
         field: "loras",
         message: "Invalid 'loras': this server has no LoRA folder (lora_dir).".into(),
-    })
-}
-
-/// A network's linear layers, `(outputs, inputs)` by canonical name, from its list of
-/// tensors (`tensor_names`): every 2-D `….weight`.
-pub(crate) fn linear_layers(
-    tensors: Vec<(String, Vec<usize>)>,
-) -> BTreeMap<String, (usize, usize)> {
-    tensors
+    })?;
+    // Every 2-D `….weight` is a linear layer's matrix.
+    let layers: BTreeMap<String, (usize, usize)> = tensors()
         .into_iter()
         .filter_map(|(name, shape)| match shape[..] {
             [out, inp] => Some((name.strip_suffix(".weight")?.to_string(), (out, inp))),
             _ => None,
         })
-        .collect()
+        .collect();
+    let names = Names::new(&layers, scheme);
+    let text_encoder = text_encoder.map(|layers| Names::new(layers, Scheme::Identity));
+    library.prepare(loras, &names, text_encoder.as_ref(), device)
 }
 
 impl LoraLibrary {

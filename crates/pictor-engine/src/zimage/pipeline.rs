@@ -154,25 +154,24 @@ impl ZImagePipeline {
         &self,
         loras: &[pictor_core::LoraRequest],
     ) -> Result<crate::lora::Prepared> {
-        if loras.is_empty() {
-            return Ok(crate::lora::Prepared::none());
-        }
-        let library = crate::lora::library(self.loras.as_ref())?;
-        let layers = crate::lora::linear_layers(super::transformer::tensor_names(&self.config));
-        let names = crate::lora::Names::new(&layers, crate::weights::Scheme::DiffusersZImage);
-        library.prepare(loras, &names, None, &self.device)
+        crate::lora::prepare(
+            self.loras.as_ref(),
+            loras,
+            || super::transformer::tensor_names(&self.config),
+            crate::weights::Scheme::DiffusersZImage,
+            None,
+            &self.device,
+        )
     }
 
     /// Attaches prepared LoRAs to the loaded transformer until the answer drops.
     pub fn attach_loras(&self, loras: crate::lora::Prepared) -> Result<crate::lora::Applied> {
-        if loras.is_empty() {
-            return Ok(crate::lora::Applied::none());
-        }
-        let transformer = self
-            .transformer
-            .as_ref()
-            .ok_or_else(|| EngineError::load("transformer", "staged out"))?;
-        Ok(loras.attach(transformer.layers()))
+        loras.attach(|| {
+            self.transformer
+                .as_ref()
+                .map(Transformer::layers)
+                .ok_or_else(|| EngineError::load("transformer", "staged out"))
+        })
     }
 
     /// Where it runs, as receipts spell it.
