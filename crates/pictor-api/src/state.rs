@@ -80,17 +80,6 @@ impl Default for Connections {
     }
 }
 
-/// A model name with case, the owner (`owner/`), dots, underscores and spaces not counting.
-fn loose_name(name: &str) -> String {
-    let name = name.rsplit('/').next().unwrap_or(name);
-    name.chars()
-        .map(|c| match c {
-            '.' | '_' | ' ' => '-',
-            c => c.to_ascii_lowercase(),
-        })
-        .collect()
-}
-
 /// A configured model, before it loads.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -288,13 +277,13 @@ impl AppState {
             [] => "This server serves no model.".to_string(),
             _ => format!("This server serves {}.", served.join(", ")),
         };
-        let wanted = loose_name(name);
+        let wanted = pictor_core::loose_model_name(name);
         if let Some((_, hint)) = self
             .0
             .config
             .model_hints
             .iter()
-            .find(|(known, _)| loose_name(known) == wanted)
+            .find(|(known, _)| pictor_core::loose_model_name(known) == wanted)
         {
             help.push(' ');
             help.push_str(hint);

@@ -51,6 +51,18 @@ pub fn edit_start(steps: usize, strength: f64) -> Result<usize, crate::Invalid> 
     Ok(start)
 }
 
+/// A model name with case, the owner (`owner/`), dots, underscores and spaces not counting:
+/// `black-forest-labs/FLUX.1-schnell`, `FLUX.1 schnell` and `flux-1-schnell` are one name.
+pub fn loose_model_name(name: &str) -> String {
+    let name = name.rsplit('/').next().unwrap_or(name);
+    name.chars()
+        .map(|c| match c {
+            '.' | '_' | ' ' => '-',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ mod rules;
 
 pub use error::{Invalid, PipelineError, Result};
 pub use image::RgbImage;
-pub use input::{MAX_SEED, edit_start, prompt_problem};
+pub use input::{MAX_SEED, edit_start, loose_model_name, prompt_problem};
 pub use pipeline::{
     Control, EditInput, Generation, GenerationRequest, LORA_EXTENSION, LoraRequest, LoraUse,
     PartMemory, Phases, Pipeline, Progress, PromptInfo, lora_files, lora_name_problem,

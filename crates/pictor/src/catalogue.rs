@@ -153,23 +153,15 @@ pub const ENTRIES: &[Entry] = &[
     },
 ];
 
-/// Lower-case letters and digits only: `FLUX.1-schnell`, `flux-1-schnell` and
-/// `flux1schnell` are one name.
-pub fn loose(name: &str) -> String {
-    name.chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
-}
-
 /// The entry `name` names exactly.
 pub fn find(name: &str) -> Option<&'static Entry> {
     ENTRIES.iter().find(|e| e.name == name)
 }
 
-/// The entry a client's model name most likely means (its name or its family's, loosely),
-/// preferring the full-precision one.
+/// The entry a client's model name most likely means (its name or its family's, loosely,
+/// as the server's "model not found" hints match them), preferring the full-precision one.
 pub fn guess(name: &str) -> Option<&'static Entry> {
+    use pictor_core::loose_model_name as loose;
     let wanted = loose(name);
     ENTRIES
         .iter()
