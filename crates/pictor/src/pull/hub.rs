@@ -139,11 +139,10 @@ impl Hub {
         })
     }
 
-    /// The cached copy of `file`, if one of the right size is already in the snapshot.
-    pub fn cached(&self, listing: &Listing, file: &RemoteFile) -> Option<PathBuf> {
+    /// Whether a copy of `file` of the right size is already in the snapshot.
+    pub fn is_cached(&self, listing: &Listing, file: &RemoteFile) -> bool {
         let path = self.snapshot(listing).join(&file.name);
-        let meta = fs::metadata(&path).ok()?;
-        (meta.len() == file.size).then_some(path)
+        fs::metadata(path).is_ok_and(|meta| meta.len() == file.size)
     }
 
     /// The snapshot folder of the listed commit.

@@ -79,11 +79,17 @@ pub fn run(args: PullArgs, config_file: Option<&Path>) -> anyhow::Result<()> {
         chosen.push((w, listing, files));
     }
     let total: u64 = chosen.iter().flat_map(|(_, _, f)| f).map(|f| f.size).sum();
-    let here: u64 = chosen
+    // What is not in the cache yet, looked at once.
+    let missing: Vec<(&Listing, &RemoteFile)> = chosen
         .iter()
-        .flat_map(|(_, l, files)| files.iter().filter(|f| hub.cached(l, f).is_some()))
-        .map(|f| f.size)
-        .sum();
+        .flat_map(|(_, l, files)| {
+            files
+                .iter()
+                .filter(|f| !hub.is_cached(l, f))
+                .map(move |f| (l, f))
+        })
+        .collect();
+    let here = total - missing.iter().map(|(_, f)| f.size).sum::<u64>();
     let count: usize = chosen.iter().map(|(_, _, f)| f.len()).sum();
     println!(
         "Pulling `{target}`: {count} files, {} ({} already here), into {}",
@@ -92,22 +98,17 @@ pub fn run(args: PullArgs, config_file: Option<&Path>) -> anyhow::Result<()> {
         cache.display()
     );
     let bars = progress::Bars::new(total, here);
-    for (_, listing, files) in &chosen {
-        for file in files {
-            if hub.cached(listing, file).is_some() {
-                continue;
-            }
-            let bar = bars.file(&file.name);
-            let result = hub.download(listing, file, bar.clone());
-            bar.done();
-            result?;
-            bars.println(&format!(
-                "  {}/{} ({}) checked",
-                listing.repo,
-                file.name,
-                ByteSize(file.size)
-            ));
-        }
+    for (listing, file) in missing {
+        let bar = bars.file(&file.name);
+        let result = hub.download(listing, file, bar.clone());
+        bar.done();
+        result?;
+        bars.println(&format!(
+            "  {}/{} ({}) checked",
+            listing.repo,
+            file.name,
+            ByteSize(file.size)
+        ));
     }
     bars.finish();
 
