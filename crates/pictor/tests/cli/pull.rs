@@ -6,7 +6,10 @@ use std::{
     process::{Command, Output},
 };
 
-use super::{fake_hub, fixture, free_port, generate, pictor, ready};
+use super::{
+    fake_hub, fixture, generate, pictor,
+    serve::{free_port, ready},
+};
 
 /// `pictor models pull ARGS` with the fake Hub, the cache under `home/hf` and the data
 /// folder and working directory in `home`.
