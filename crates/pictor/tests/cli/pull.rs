@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     fake_hub, fixture, generate, pictor,
-    serve::{free_port, ready},
+    serve::{self, ready},
 };
 
 /// `pictor models pull ARGS` with the fake Hub, the cache under `home/hf` and the data
@@ -139,16 +139,11 @@ fn a_catalogue_model_is_pulled_resumed_checked_and_served() {
     );
 
     // `pictor serve` serves it by the written configuration, from the cache.
-    let port = free_port();
-    let mut server = pictor()
-        .env("HF_HOME", home.path().join("hf"))
+    let mut cmd = pictor();
+    cmd.env("HF_HOME", home.path().join("hf"))
         .env("XDG_DATA_HOME", home.path())
-        .current_dir(home.path())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+        .current_dir(home.path());
+    let (mut server, url) = serve::start(cmd, std::process::Stdio::null());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let answer = rt.block_on(async {
         let client = reqwest::Client::new();

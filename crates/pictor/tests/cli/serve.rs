@@ -18,7 +18,22 @@ pub(crate) async fn ready(client: &reqwest::Client, url: &str) -> bool {
     false
 }
 
-pub(crate) fn free_port() -> u16 {
+/// Starts `cmd serve` on a free loopback port, its stderr going to `stderr`; returns the
+/// process and the server's URL.
+pub(crate) fn start(
+    mut cmd: Command,
+    stderr: std::process::Stdio,
+) -> (std::process::Child, String) {
+    let port = free_port();
+    let child = cmd
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -46,15 +61,9 @@ fn serve_refuses_a_public_address_without_a_key() {
 #[test]
 fn serve_answers_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = pictor()
-        .env("XDG_DATA_HOME", dir.path())
-        .current_dir(dir.path())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
+    let mut cmd = pictor();
+    cmd.env("XDG_DATA_HOME", dir.path()).current_dir(dir.path());
+    let (mut child, url) = start(cmd, std::process::Stdio::piped());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let answered = rt.block_on(async {
         let client = reqwest::Client::new();
