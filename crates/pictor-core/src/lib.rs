@@ -25,6 +25,6 @@ pub use input::{MAX_SEED, edit_start, loose_model_name, prompt_problem};
 pub use pipeline::{
     Control, EditInput, Generation, GenerationRequest, LORA_EXTENSION, LoraRequest, LoraUse,
     PartMemory, Phases, Pipeline, Progress, PromptInfo, lora_files, lora_name_problem,
-    preview_steps,
+    missing_lora, preview_steps,
 };
 pub use rules::{Dimensions, MAX_LORA_SCALE, MAX_LORAS, ModelRules};

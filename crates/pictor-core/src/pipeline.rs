@@ -93,6 +93,25 @@ pub fn lora_files(dir: &std::path::Path) -> Vec<(String, u64)> {
     found
 }
 
+/// The request error for LoRA `name` that is not in folder `dir` (`None`: the server has
+/// no LoRA folder), listing the LoRAs there are.
+pub fn missing_lora(name: &str, dir: Option<&std::path::Path>) -> crate::Invalid {
+    let known: Vec<String> = dir
+        .map(lora_files)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let there = match known.is_empty() {
+        true => "none (put .safetensors files in its lora_dir)".to_string(),
+        false => known.join(", "),
+    };
+    crate::Invalid::new(
+        "loras",
+        format!("Invalid 'loras': there is no LoRA `{name}`; this server has {there}."),
+    )
+}
+
 /// An image to edit: image to image, or inpainting where a mask is given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditInput {

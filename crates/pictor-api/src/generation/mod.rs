@@ -102,26 +102,16 @@ fn check_loras(state: &AppState, loras: &[pictor_core::LoraRequest]) -> Result<(
     if loras.is_empty() {
         return Ok(());
     }
-    let known: Vec<String> = match &state.0.config.lora_dir {
-        Some(dir) => pictor_core::lora_files(dir)
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect(),
-        None => Vec::new(),
-    };
+    let dir = state.0.config.lora_dir.as_deref();
+    let known: Vec<String> = dir
+        .map(pictor_core::lora_files)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     match loras.iter().find(|l| !known.contains(&l.name)) {
         None => Ok(()),
-        Some(missing) => Err(ApiError::invalid(
-            "loras",
-            format!(
-                "Invalid 'loras': there is no LoRA `{}`; this server has {}.",
-                missing.name,
-                match known.is_empty() {
-                    true => "none (put .safetensors files in its lora_dir)".to_string(),
-                    false => known.join(", "),
-                }
-            ),
-        )),
+        Some(missing) => Err(pictor_core::missing_lora(&missing.name, dir).into()),
     }
 }
 

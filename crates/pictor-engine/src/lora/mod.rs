@@ -197,20 +197,10 @@ impl LoraLibrary {
             .dir
             .join(format!("{name}.{}", pictor_core::LORA_EXTENSION));
         let missing = || {
-            let known: Vec<String> = pictor_core::lora_files(&self.dir)
-                .into_iter()
-                .map(|(n, _)| n)
-                .collect();
+            let invalid = pictor_core::missing_lora(name, Some(&self.dir));
             EngineError::InvalidInput {
-                field: "loras",
-                message: format!(
-                    "Invalid 'loras': there is no LoRA `{name}` (no {}); this server has: {}.",
-                    path.display(),
-                    match known.is_empty() {
-                        true => "none".to_string(),
-                        false => known.join(", "),
-                    }
-                ),
+                field: invalid.param,
+                message: invalid.message,
             }
         };
         if pictor_core::lora_name_problem(name).is_some() {
