@@ -365,9 +365,8 @@ impl Transformer {
                 .collect()
         };
         let adaln = cfg.adaln_width();
-        let x_embedder = src.linear("x_embedder", p * p * c, dim)?;
         Ok(Self {
-            x_embedder,
+            x_embedder: src.linear("x_embedder", p * p * c, dim)?,
             cap_norm: src.rms_norm("cap_embedder.0.weight", cfg.cap_feat_dim, cfg.norm_eps)?,
             cap_embedder: src.linear("cap_embedder.1", cfg.cap_feat_dim, dim)?,
             x_pad_token: src.tensor("x_pad_token", &[1, dim])?,
