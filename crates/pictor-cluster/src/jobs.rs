@@ -108,8 +108,8 @@ pub(crate) async fn claim(
                          SELECT j.id, j.created_at FROM jobs j
                          WHERE j.state = 'queued' AND j.model = free.model
                            AND j.images <= free.room AND j.deadline > {NOW_MS}
-                         ORDER BY j.created_at LIMIT 1 FOR UPDATE SKIP LOCKED) AS oldest
-                     ORDER BY oldest.created_at LIMIT 1)
+                         ORDER BY j.created_at, j.id LIMIT 1 FOR UPDATE SKIP LOCKED) AS oldest
+                     ORDER BY oldest.created_at, oldest.id LIMIT 1)
          RETURNING id, model, request, attempts, images, started_at - created_at AS waited"
     ))
     .bind(worker)
@@ -246,6 +246,24 @@ pub(crate) async fn cancel(pool: &PgPool, id: &str) -> Result<()> {
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// How many jobs of the same model were queued before job `id` and still wait (claims
+/// take the oldest first, a tie in milliseconds by id); `None` once it no longer waits.
+pub(crate) async fn place(pool: &PgPool, id: &str) -> Result<Option<i64>> {
+    let row = sqlx::query(&format!(
+        "SELECT (SELECT COUNT(*) FROM jobs q
+                     WHERE q.state = 'queued' AND q.model = j.model
+                       AND (q.created_at, q.id) < (j.created_at, j.id)
+                       AND q.deadline > {NOW_MS}) AS ahead
+         FROM jobs j WHERE j.id = $1 AND j.state = 'queued'"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| r.try_get("ahead"))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// A job's state, result and error.

@@ -239,18 +239,26 @@ impl Follow {
     async fn run(self, mut events: Subscription, mut reply: Reply) {
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
+        // While the job waits, its place in the line is looked up every second for a
+        // caller who reads its progress.
+        let mut waiting = true;
+        let mut look = tokio::time::interval(Duration::from_secs(1));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ended = loop {
             tokio::select! {
                 event = events.rx.recv() => match event {
                     Some(Event::Preview { image, index, step }) => {
                         self.preview(&reply, image, index, step).await;
                     }
-                    Some(Event::Progress { step, total }) => reply.progress(JobProgress {
-                        running: true,
-                        ahead: 0,
-                        step,
-                        total,
-                    }),
+                    Some(Event::Progress { step, total }) => {
+                        waiting = false;
+                        reply.progress(JobProgress {
+                            running: true,
+                            ahead: None,
+                            step,
+                            total,
+                        });
+                    }
                     Some(Event::Done) => {
                         // Read the row; an event it does not bear out is ignored.
                         if let Some(ended) = self.result().await {
@@ -259,6 +267,11 @@ impl Follow {
                     }
                     None => {}
                 },
+                _ = look.tick(), if waiting => {
+                    if reply.watched() {
+                        waiting = self.tell_place(&reply).await;
+                    }
+                }
                 // The caller left (its ticket dropped): the job is cancelled at once.
                 () = reply.left() => break Err(false),
                 () = &mut deadline => break Err(true),
@@ -278,6 +291,25 @@ impl Follow {
         }
         reply.finish(result);
         self.clean_up(row.as_ref());
+    }
+
+    /// Tells the caller how many jobs wait before this one; `false` once it no longer
+    /// waits (a failed lookup is tried again at the next tick).
+    async fn tell_place(&self, reply: &Reply) -> bool {
+        match jobs::place(&self.cluster.pool, &self.id).await {
+            Ok(Some(ahead)) => {
+                reply.progress(JobProgress {
+                    ahead: Some(ahead.max(0) as usize),
+                    ..JobProgress::default()
+                });
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(job = %self.id, error = %e, "looking up a job's place");
+                true
+            }
+        }
     }
 
     /// The caller left or the deadline passed: the job is cancelled.

@@ -59,6 +59,37 @@ async fn admission_is_bounded_by_the_waiting_jobs() {
 }
 
 #[tokio::test]
+async fn a_waiting_job_knows_how_many_of_its_model_wait_before_it() {
+    let (_, pool) = pool().await;
+    // Admitted within the same millisecond or not: the order claims take is the order told.
+    for id in ["a", "b", "c"] {
+        jobs::admit(&pool, &job(id, 1), 10).await.expect("admit");
+    }
+    let other = NewJob {
+        model: "other",
+        ..job("o", 1)
+    };
+    jobs::admit(&pool, &other, 10).await.expect("admit");
+    let place = |id: &'static str| {
+        let pool = pool.clone();
+        async move { jobs::place(&pool, id).await.expect("place") }
+    };
+    assert_eq!(
+        (place("a").await, place("b").await, place("c").await),
+        (Some(0), Some(1), Some(2))
+    );
+    assert_eq!(place("o").await, Some(0), "another model's line is its own");
+    let m = ["m".to_string()];
+    let claimed = jobs::claim(&pool, "w", &m, &[i64::MAX], 10_000).await;
+    assert_eq!(claimed.expect("claim").map(|j| j.id), Some("a".into()));
+    assert_eq!(place("a").await, None, "a running job waits no more");
+    assert_eq!(place("c").await, Some(1));
+    jobs::cancel(&pool, "b").await.expect("cancel");
+    assert_eq!(place("c").await, Some(0), "a cancelled job leaves the line");
+    assert_eq!(place("nobody").await, None);
+}
+
+#[tokio::test]
 async fn a_claim_takes_only_a_job_that_fits_the_room() {
     let (_, pool) = pool().await;
     jobs::admit(&pool, &job("big", 4), 10).await.expect("admit");

@@ -109,8 +109,9 @@ pub struct Preview {
 pub struct JobProgress {
     /// Whether the worker has started it.
     pub running: bool,
-    /// Jobs admitted before it and not yet started (while it waits).
-    pub ahead: usize,
+    /// Jobs admitted before it and not yet started, while it waits and where its queue
+    /// can tell.
+    pub ahead: Option<usize>,
     /// Denoising steps finished.
     pub step: usize,
     /// Denoising steps to run (0 until it runs).
@@ -309,6 +310,7 @@ impl ModelQueue {
                 progress: Some(ProgressWatch {
                     rx: progress_rx,
                     line: Some((Arc::clone(&self.stats), number)),
+                    watched: Arc::default(),
                 }),
             }),
             Err(e) => {

@@ -314,10 +314,10 @@ async fn progress_tells_the_place_in_line_then_the_steps() {
     let second = q.submit(req(2)).unwrap();
     let third = q.submit(req(2)).unwrap();
     let (mut watch, third_watch) = (second.progress().unwrap(), third.progress().unwrap());
-    assert_eq!((watch.now().running, watch.now().ahead), (false, 0));
+    assert_eq!((watch.now().running, watch.now().ahead), (false, Some(0)));
     assert_eq!(
         third_watch.now().ahead,
-        1,
+        Some(1),
         "the second job is ahead of the third"
     );
     let first_watch = first.progress().unwrap();
@@ -329,7 +329,7 @@ async fn progress_tells_the_place_in_line_then_the_steps() {
     }
     assert!(first.wait().await.is_ok());
     until(|| watch.now().running).await;
-    assert_eq!(third_watch.now().ahead, 0);
+    assert_eq!(third_watch.now().ahead, Some(0));
     let mut seen = vec![watch.now().step];
     for _ in 0..3 {
         open.send(()).unwrap();

@@ -28,8 +28,12 @@ pub struct Ticket {
 #[derive(Clone)]
 pub struct ProgressWatch {
     pub(crate) rx: watch::Receiver<JobProgress>,
-    /// The queue's counts and the job's number in its line, to tell how many are ahead.
+    /// A local queue's counts and the job's number in its line, to tell how many are
+    /// ahead (a remote queue's [`Reply`] tells that itself).
     pub(crate) line: Option<(Arc<Stats>, u64)>,
+    /// Set once somebody asks for the watch, so that a remote queue looks up the place
+    /// in its line only for jobs whose caller reads it.
+    pub(crate) watched: Arc<AtomicBool>,
 }
 
 impl ProgressWatch {
@@ -40,15 +44,9 @@ impl ProgressWatch {
             && let Some((stats, number)) = &self.line
         {
             let left = stats.left.load(Ordering::Relaxed);
-            now.ahead = number.saturating_sub(left) as usize;
+            now.ahead = Some(number.saturating_sub(left) as usize);
         }
         now
-    }
-
-    /// Whether it can tell the job's place in the line (a local queue can; a cluster's
-    /// reports steps only).
-    pub fn knows_place(&self) -> bool {
-        self.line.is_some()
     }
 
     /// Waits for the worker to report a change; `false` once the job is over.
@@ -63,9 +61,11 @@ impl Ticket {
         self.job.as_deref()
     }
 
-    /// The job's progress, where its queue reports one (a cluster's does not).
+    /// The job's progress, where its queue reports one.
     pub fn progress(&self) -> Option<ProgressWatch> {
-        self.progress.clone()
+        let watch = self.progress.clone()?;
+        watch.watched.store(true, Ordering::Relaxed);
+        Some(watch)
     }
 
     /// This ticket, naming its remote job `id`.
@@ -120,6 +120,7 @@ pub struct Reply {
     result: oneshot::Sender<Result<Outcome, JobError>>,
     previews: Option<mpsc::UnboundedSender<Preview>>,
     progress: watch::Sender<JobProgress>,
+    watched: Arc<AtomicBool>,
 }
 
 impl Reply {
@@ -133,6 +134,12 @@ impl Reply {
     /// Tells the caller where the job has got to.
     pub fn progress(&self, progress: JobProgress) {
         self.progress.send_replace(progress);
+    }
+
+    /// Whether the caller reads the job's progress (asked its ticket for it), so that
+    /// finding the place in the line is worth a query.
+    pub fn watched(&self) -> bool {
+        self.watched.load(Ordering::Relaxed)
     }
 
     /// Hands the caller the result.
@@ -156,6 +163,7 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
         (None, None)
     };
     let (progress, progress_rx) = watch::channel(JobProgress::default());
+    let watched = Arc::new(AtomicBool::new(false));
     (
         Ticket {
             rx,
@@ -163,16 +171,18 @@ pub fn ticket(previews: bool) -> (Ticket, Reply) {
             result: None,
             cancel: Arc::new(AtomicBool::new(false)),
             job: None,
-            // The place in the line is the remote queue's to tell (none here).
+            // The place in the line is the remote queue's to tell, through the reply.
             progress: Some(ProgressWatch {
                 rx: progress_rx,
                 line: None,
+                watched: Arc::clone(&watched),
             }),
         },
         Reply {
             result,
             previews: previews_tx,
             progress,
+            watched,
         },
     )
 }

@@ -147,7 +147,7 @@ impl Worker {
                 for job in &batch {
                     job.progress.send_replace(JobProgress {
                         running: true,
-                        ahead: 0,
+                        ahead: None,
                         step,
                         total,
                     });

@@ -93,11 +93,9 @@ def test_previews_and_edits_cross_the_cluster(cluster):
     assert r.data[0].model_dump()["strength"] == 1.0
 
 
-def test_progress_crosses_the_cluster(cluster):
-    # The worker publishes each step; the API node that holds the stream relays them.
-    body = json.dumps({"model": MODEL, "prompt": "a green star", "size": "64x64", "steps": 6,
-                       "seed": 3, "stream": True, "stream_progress": True}).encode()
-    req = urllib.request.Request(cluster["apis"][0]["url"] + "/v1/images/generations", data=body,
+def stream_events(cluster, body):
+    req = urllib.request.Request(cluster["apis"][0]["url"] + "/v1/images/generations",
+                                 data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json",
                                           "Authorization": "Bearer " + cluster["key"]})
     with urllib.request.urlopen(req, timeout=120) as r:
@@ -108,10 +106,48 @@ def test_progress_crosses_the_cluster(cluster):
         data = "".join(l[5:].strip() for l in block.splitlines() if l.startswith("data:"))
         if name and data:
             events.append((name, json.loads(data)))
-    steps = [(d["step"], d["total"]) for n, d in events if n == "pictor.progress" and d["total"]]
+    return events
+
+
+def test_progress_crosses_the_cluster(cluster):
+    # With every worker stopped, two jobs queue; a third, streamed with progress, is told
+    # that two wait before it (the API node looks its place up in the shared table), then,
+    # once the workers go on, each step the worker that runs it publishes.
+    workers = [w["pid"] for w in cluster["workers"]]
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    threads, result = [], {}
+    try:
+        for i in range(2):
+            t = threading.Thread(target=lambda i=i: client(cluster, 1, timeout=120)
+                                 .images.generate(model=MODEL, prompt=f"ahead {i}", size="64x64",
+                                                  extra_body={"steps": 2, "seed": i}))
+            t.start()
+            threads.append(t)
+            for _ in range(200):
+                if sql(cluster, "SELECT COUNT(*) FROM jobs WHERE state = 'queued'") == str(i + 1):
+                    break
+                time.sleep(0.02)
+        body = {"model": MODEL, "prompt": "a green star", "size": "64x64", "steps": 6,
+                "seed": 3, "stream": True, "stream_progress": True}
+        streamed = threading.Thread(target=lambda: result.update(
+            events=stream_events(cluster, body)))
+        streamed.start()
+        time.sleep(2.5)
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    streamed.join(timeout=120)
+    for t in threads:
+        t.join(timeout=120)
+    events = result["events"]
+    progress = [d for n, d in events if n == "pictor.progress"]
+    places = [d["queue_position"] for d in progress if d["queue_position"] is not None]
+    assert places and places[0] == 2, events
+    assert places == sorted(places, reverse=True), "the place only comes closer"
+    steps = [(d["step"], d["total"]) for d in progress if d["total"]]
     assert steps and steps[-1] == (6, 6), events
-    # A cluster cannot tell the place in the line: it says none rather than a wrong one.
-    assert all(d["queue_position"] is None for n, d in events if n == "pictor.progress")
+    assert all(d["queue_position"] is None for d in progress if d["total"]), "none while running"
     assert any(n == "image_generation.completed" for n, _ in events)
 
 

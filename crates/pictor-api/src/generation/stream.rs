@@ -78,7 +78,7 @@ async fn report_progress(mut watch: pictor_sched::ProgressWatch, tx: mpsc::Sende
             last = Some(now);
             let data = ProgressEvent {
                 kind: "pictor.progress",
-                queue_position: (!now.running && watch.knows_place()).then_some(now.ahead),
+                queue_position: if now.running { None } else { now.ahead },
                 step: now.step,
                 total: now.total,
             };

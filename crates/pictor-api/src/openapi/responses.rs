@@ -347,8 +347,8 @@ pub struct ProgressEvent {
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// Jobs ahead of it in the model's queue while it waits (about: jobs set aside for
-    /// another batch may overtake); `null` once it runs, and where the queue cannot tell
-    /// (a cluster's reports steps only).
+    /// another batch may overtake; a cluster counts the jobs of that model queued before
+    /// it on every API node); `null` once it runs.
     pub queue_position: Option<usize>,
     /// Denoising steps finished (of the images denoised together now).
     pub step: usize,
