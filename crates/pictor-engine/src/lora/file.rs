@@ -37,16 +37,23 @@ pub(crate) struct LoraFile {
     pub bytes: u64,
 }
 
-const DOWN: [&str; 4] = [
+/// Suffixes of down (`A`) and up (`B`) matrices, the longer before the shorter that ends
+/// them: diffusers' older attention-processor files (`….lora.down.weight`,
+/// `….lora_linear_layer.down.weight`) before XLabs' `….down.weight`.
+const DOWN: [&str; 6] = [
     ".lora_A.weight",
     ".lora_down.weight",
     ".lora_A.default.weight",
+    ".lora_linear_layer.down.weight",
+    ".lora.down.weight",
     ".down.weight",
 ];
-const UP: [&str; 4] = [
+const UP: [&str; 6] = [
     ".lora_B.weight",
     ".lora_up.weight",
     ".lora_B.default.weight",
+    ".lora_linear_layer.up.weight",
+    ".lora.up.weight",
     ".up.weight",
 ];
 
@@ -142,4 +149,80 @@ fn adapter_alpha(bytes: &[u8]) -> Option<f64> {
         .clone();
     let json: serde_json::Value = serde_json::from_str(&text).ok()?;
     json.get("lora_alpha")?.as_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn file(keys: &[(&str, Vec<usize>)]) -> Vec<u8> {
+        let tensors: HashMap<String, Tensor> = keys
+            .iter()
+            .map(|(name, shape)| {
+                let t = Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).expect("tensor");
+                (name.to_string(), t)
+            })
+            .collect();
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("l.safetensors");
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        std::fs::read(&path).expect("read")
+    }
+
+    #[test]
+    fn every_naming_of_a_pair_gives_the_module_name() {
+        let q = "transformer.x.to_q";
+        let cases = [
+            (
+                format!("{q}.lora_A.weight"),
+                format!("{q}.lora_B.weight"),
+                q,
+            ),
+            (
+                format!("{q}.lora.down.weight"),
+                format!("{q}.lora.up.weight"),
+                q,
+            ),
+            (
+                format!("{q}.lora_linear_layer.down.weight"),
+                format!("{q}.lora_linear_layer.up.weight"),
+                q,
+            ),
+            (
+                "k_qkv.lora_down.weight".into(),
+                "k_qkv.lora_up.weight".into(),
+                "k_qkv",
+            ),
+            (
+                "x.processor.qkv_lora1.down.weight".into(),
+                "x.processor.qkv_lora1.up.weight".into(),
+                "x.processor.qkv_lora1",
+            ),
+        ];
+        for (down, up, module) in cases {
+            let bytes = file(&[(&down, vec![2, 8]), (&up, vec![6, 2])]);
+            let parsed = parse(&bytes, Path::new("l")).expect(&down);
+            let names: Vec<_> = parsed.modules.keys().cloned().collect();
+            assert_eq!(names, [module], "{down}");
+            assert_eq!(parsed.modules[module].rank(), 2);
+        }
+    }
+
+    #[test]
+    fn a_pair_that_does_not_match_is_refused_by_name() {
+        let bytes = file(&[
+            ("a.lora_A.weight", vec![2, 8]),
+            ("a.lora_B.weight", vec![6, 3]),
+        ]);
+        let err = parse(&bytes, Path::new("l")).err().expect("refused");
+        assert!(err.contains("`a`") && err.contains("rank-r pair"), "{err}");
+        let bytes = file(&[("a.lora_A.weight", vec![2, 8])]);
+        let err = parse(&bytes, Path::new("l")).err().expect("refused");
+        assert!(err.contains("no up matrix"), "{err}");
+        let bytes = file(&[("a.dora_scale", vec![6])]);
+        let err = parse(&bytes, Path::new("l")).err().expect("refused");
+        assert!(err.contains("DoRA"), "{err}");
+    }
 }
