@@ -89,7 +89,9 @@ pub fn run(args: PullArgs, config_file: Option<&Path>) -> anyhow::Result<()> {
                 .map(move |f| (l, f))
         })
         .collect();
-    let here = total - missing.iter().map(|(_, f)| f.size).sum::<u64>();
+    let needed = missing.iter().map(|(_, f)| f.size).sum::<u64>();
+    let here = total - needed;
+    check_room(&cache, needed)?;
     let count: usize = chosen.iter().map(|(_, _, f)| f.len()).sum();
     println!(
         "Pulling `{target}`: {count} files, {} ({} already here), into {}",
@@ -398,6 +400,27 @@ fn add_to_config(file: &Path, name: &str, path: &str) -> anyhow::Result<()> {
         .with_context(|| format!("{} is not valid TOML", file.display()))?;
     add_model(&mut doc, name, path)?;
     std::fs::write(file, doc.to_string()).with_context(|| format!("writing {}", file.display()))
+}
+
+/// Refuses a pull the cache's disk cannot hold, before anything moves (a disk that cannot
+/// say how much room it has is not in the way).
+fn check_room(cache: &Path, needed: u64) -> anyhow::Result<()> {
+    let Some(existing) = cache.ancestors().find(|p| p.exists()) else {
+        return Ok(());
+    };
+    let Ok(free) = fs4::available_space(existing) else {
+        return Ok(());
+    };
+    if needed > free {
+        bail!(
+            "The pull needs {} more and {} has {} free: make room, or point HF_HUB_CACHE \
+             (or HF_HOME) at a larger disk",
+            ByteSize(needed),
+            cache.display(),
+            ByteSize(free)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

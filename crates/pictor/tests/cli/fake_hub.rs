@@ -32,6 +32,8 @@ pub struct Repo {
     pub corrupt: HashSet<String>,
     /// The first full download of these stops half way through.
     pub drop_once: HashSet<String>,
+    /// Sizes the listing claims instead of the files' own.
+    pub listed_size: BTreeMap<String, u64>,
 }
 
 impl Repo {
@@ -134,9 +136,16 @@ async fn info(
         .files
         .iter()
         .map(|(f, bytes)| {
-            let mut s = serde_json::json!({"rfilename": f, "size": bytes.len(), "blobId": git_sha1(bytes)});
+            let size = repo
+                .listed_size
+                .get(f)
+                .copied()
+                .unwrap_or(bytes.len() as u64);
+            let mut s =
+                serde_json::json!({"rfilename": f, "size": size, "blobId": git_sha1(bytes)});
             if is_lfs(f) {
-                s["lfs"] = serde_json::json!({"sha256": sha256(bytes), "size": bytes.len(), "pointerSize": 134});
+                s["lfs"] =
+                    serde_json::json!({"sha256": sha256(bytes), "size": size, "pointerSize": 134});
             }
             s
         })

@@ -415,3 +415,27 @@ fn a_lora_repo_is_linked_into_the_lora_folder_and_used() {
         .unwrap();
     assert!(run.status.success(), "{}", text(&run));
 }
+
+#[test]
+fn a_pull_larger_than_the_free_disk_stops_before_fetching() {
+    let home = tempfile::tempdir().unwrap();
+    let mut repo = fake_hub::Repo {
+        commit: "5555555555555555555555555555555555555555".into(),
+        ..Default::default()
+    };
+    repo.files.insert("huge.safetensors".into(), vec![7u8; 100]);
+    repo.listed_size.insert("huge.safetensors".into(), 1 << 55);
+    let hub = fake_hub::start(BTreeMap::from([("acme/huge".to_string(), repo)]));
+    let out = pull(
+        &hub,
+        home.path(),
+        &["acme/huge", "--include", "*.safetensors"],
+    );
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(
+        said.contains("needs 32.0 PiB more") && said.contains("free") && said.contains("HF_HOME"),
+        "{said}"
+    );
+    assert!(hub.log().is_empty(), "nothing fetched: {:?}", hub.log());
+}
