@@ -8,6 +8,7 @@ mod generate;
 mod hash;
 mod keys;
 mod load;
+mod model_list;
 mod models;
 mod pull;
 mod quantized;

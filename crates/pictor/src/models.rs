@@ -1,5 +1,6 @@
 //! `pictor models inspect` and `pictor quantize`: what model files hold, and making a
-//! small GGUF copy of a transformer or T5 encoder once (`pictor models pull` is `pull`).
+//! small GGUF copy of a transformer or T5 encoder once (`pictor models pull` is `pull`,
+//! `pictor models list` is `model_list`).
 
 use std::{
     path::{Path, PathBuf},
@@ -28,6 +29,9 @@ pub enum ModelsCommand {
     /// Download a model from the Hugging Face Hub into its standard cache (resumed,
     /// checked by size and hash), then print the configuration lines that serve it.
     Pull(crate::pull::PullArgs),
+    /// List the configured models (complete or not, size on disk), the LoRAs, and the
+    /// Hugging Face cache's repositories with the models that use them.
+    List,
 }
 
 /// Arguments of `pictor quantize`.
@@ -60,6 +64,7 @@ fn parse_component(s: &str) -> Result<Component, String> {
 pub fn run(command: ModelsCommand, config: Option<&Path>) -> anyhow::Result<()> {
     match command {
         ModelsCommand::Pull(args) => crate::pull::run(args, config),
+        ModelsCommand::List => crate::model_list::run(&crate::config::Config::load(config)?),
         ModelsCommand::Inspect { paths } => {
             for path in paths {
                 inspect(&path)?;

@@ -138,6 +138,50 @@ fn a_catalogue_model_is_pulled_resumed_checked_and_served() {
         text(&twice)
     );
 
+    // `pictor models list` finds it complete and in the cache, beside what is not.
+    let mut config = std::fs::read_to_string(home.path().join("pictor.toml")).unwrap();
+    config.push_str("[models.gone]\npath = \"acme/not-pulled\"\n");
+    config.push_str("[models.half]\npath = \"half\"\n");
+    let half = home.path().join("half");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::copy(
+        fixture().join("ae.safetensors"),
+        half.join("ae.safetensors"),
+    )
+    .unwrap();
+    let listed_config = home.path().join("listed.toml");
+    std::fs::write(&listed_config, config).unwrap();
+    let loras = home.path().join("pictor/loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    std::fs::write(loras.join("pixel-art.safetensors"), [0u8; 2048]).unwrap();
+    let listed = pictor()
+        .env("HF_HOME", home.path().join("hf"))
+        .env("XDG_DATA_HOME", home.path())
+        .current_dir(home.path())
+        .args(["--config", "listed.toml", "models", "list"])
+        .output()
+        .unwrap();
+    let said = text(&listed);
+    assert!(listed.status.success(), "{said}");
+    let line = |start: &str| {
+        said.lines()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no line for {start}: {said}"))
+            .to_string()
+    };
+    assert!(line("flux-1-schnell:").contains("FLUX, complete"), "{said}");
+    assert!(line("gone:").contains("not found"), "{said}");
+    let half_line = line("half:");
+    assert!(
+        half_line.contains("incomplete") && half_line.contains("no transformer"),
+        "{said}"
+    );
+    assert!(line("pixel-art").contains("2.0 kB"), "{said}");
+    assert!(
+        line("black-forest-labs/FLUX.1-schnell").contains("used by flux-1-schnell"),
+        "{said}"
+    );
+
     // `pictor serve` serves it by the written configuration, from the cache.
     let mut cmd = pictor();
     cmd.env("HF_HOME", home.path().join("hf"))
