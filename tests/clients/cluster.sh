@@ -22,6 +22,7 @@ export PICTOR_DATABASE_URL="$base/$name"
 export PICTOR_STORAGE__URL="s3://pictor/$name"
 cat > "$dir/pictor.toml" << TOML
 shutdown_grace_secs = 5
+lora_dir = "$root/tests/data/tiny-loras"
 [limits]
 queue_depth = 16
 [models.tiny-flux-schnell]

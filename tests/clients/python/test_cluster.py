@@ -17,7 +17,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from pngs import disc, left_half_mask, size_of
+from pngs import disc, idat, left_half_mask, size_of
 
 HERE = Path(__file__).resolve().parent
 MODEL = "tiny-flux-schnell"
@@ -91,6 +91,25 @@ def test_previews_and_edits_cross_the_cluster(cluster):
                                        extra_body={"steps": 2})
     assert size_of(base64.b64decode(r.data[0].b64_json)) == (64, 48)
     assert r.data[0].model_dump()["strength"] == 1.0
+
+
+def test_loras_cross_the_cluster(cluster):
+    # The API node checks the name against the LoRA folder; the worker applies the file.
+    kw = dict(model=MODEL, prompt="a red circle", size="64x64", response_format="b64_json")
+    plain = client(cluster, 0).images.generate(**kw, extra_body={"seed": 9, "steps": 2}).data[0]
+    styled = client(cluster, 1).images.generate(
+        **kw, extra_body={"seed": 9, "steps": 2, "loras": [{"name": "pixel-kohya", "scale": 0.8}]}
+    ).data[0]
+    [used] = styled.model_extra["loras"]
+    assert used["name"] == "pixel-kohya" and used["scale"] == 0.8 and len(used["sha256"]) == 64
+    # The same update in PEFT's naming, through the other node: the same pixels.
+    same = client(cluster, 0).images.generate(
+        **kw, extra_body={"seed": 9, "steps": 2, "loras": ["pixel-peft:0.8"]}).data[0]
+    pixels = lambda d: idat(base64.b64decode(d.b64_json))
+    assert pixels(same) == pixels(styled) != pixels(plain)
+    with pytest.raises(openai.BadRequestError) as e:
+        client(cluster, 1).images.generate(**kw, extra_body={"loras": ["no-such-lora"]})
+    assert e.value.param == "loras" and "pixel-kohya" in e.value.message
 
 
 def stream_events(cluster, body):
