@@ -116,25 +116,16 @@ impl Linear {
             && xs.iter().all(|x| crate::ops::linear_is_fast(x, w))
         {
             let ys = crate::ops::linear(xs, w, self.bias.as_ref())?;
-            return match self.adapted() {
-                true => self.adapt(&Tensor::cat(xs, D::Minus1)?, ys),
-                false => Ok(ys),
-            };
+            return self.adapt(xs, ys);
         }
         Tensor::cat(xs, D::Minus1)?.apply(self)
     }
 
-    fn adapted(&self) -> bool {
-        let list = self
-            .adapters
-            .0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        !list.is_empty()
-    }
-
-    /// `ys` plus the attached updates' `(x·downᵀ)·upᵀ` (only this view's rows).
-    fn adapt(&self, xs: &Tensor, ys: Tensor) -> candle_core::Result<Tensor> {
+    /// `ys` plus the attached updates' `(x·downᵀ)·upᵀ` (only this view's rows), where `xs`
+    /// are the input's column blocks (one, or those `forward_parts` was given). `ys` is the
+    /// layer's fresh output: on the CPU in f32 each part's product is added into its own
+    /// columns in place; elsewhere with tensor ops.
+    fn adapt(&self, xs: &[&Tensor], ys: Tensor) -> candle_core::Result<Tensor> {
         let list = self
             .adapters
             .0
@@ -143,49 +134,41 @@ impl Linear {
         if list.is_empty() {
             return Ok(ys);
         }
-        let x = xs.to_dtype(DType::F32)?;
         let width = ys.dim(D::Minus1)?;
         let (start, end) = match self.rows {
             Some((start, len)) => (start, start + len),
             None => (0, width),
         };
+        let xs: Vec<Tensor> = xs
+            .iter()
+            .map(|x| x.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        let in_place = crate::ops::can_add_columns(&ys);
         let mut sum: Option<Tensor> = None;
         for delta in list.iter() {
-            let low = x.broadcast_matmul(&delta.down.t()?)?;
-            let zeros = |n: usize| {
-                let mut shape = low.dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = n;
-                }
-                Tensor::zeros(shape, DType::F32, low.device())
-            };
-            // This view's rows, part by part, zeros where no part lands.
-            let (mut parts, mut at, mut col) = (Vec::new(), start, 0);
+            let low = low_rank(&xs, &delta.down)?;
+            // This view's rows, part by part.
+            let (mut parts, mut col) = (Vec::new(), 0);
             for (offset, up) in &delta.ups {
                 let (len, rank) = up.dims2()?;
                 let (a, b) = ((*offset).max(start), (offset + len).min(end));
                 if a < b {
-                    if a > at {
-                        parts.push(zeros(a - at)?);
-                    }
                     let rows = up.narrow(0, a - offset, b - a)?;
                     let part = low.narrow(D::Minus1, col, rank)?;
-                    parts.push(part.broadcast_matmul(&rows.t()?)?);
-                    at = b;
+                    parts.push((a - start, part.broadcast_matmul(&rows.t()?)?));
                 }
                 col += rank;
             }
-            if parts.is_empty() {
-                continue;
+            if in_place {
+                for (at, part) in &parts {
+                    crate::ops::add_columns(&ys, part, *at)?;
+                }
+            } else if let Some(add) = spread(parts, end - start)? {
+                sum = Some(match sum {
+                    Some(s) => (s + add)?,
+                    None => add,
+                });
             }
-            if at < end {
-                parts.push(zeros(end - at)?);
-            }
-            let add = Tensor::cat(&parts, D::Minus1)?;
-            sum = Some(match sum {
-                Some(s) => (s + add)?,
-                None => add,
-            });
         }
         match sum {
             Some(add) => {
@@ -235,8 +218,54 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let ys = self.plain(xs)?;
-        self.adapt(xs, ys)
+        self.adapt(&[xs], ys)
     }
+}
+
+/// `x·downᵀ` for the input given as column blocks `xs` (f32), without joining them.
+fn low_rank(xs: &[Tensor], down: &Tensor) -> candle_core::Result<Tensor> {
+    if let [x] = xs {
+        return x.broadcast_matmul(&down.t()?);
+    }
+    let (mut low, mut at): (Option<Tensor>, usize) = (None, 0);
+    for x in xs {
+        let cols = x.dim(D::Minus1)?;
+        let block = x.broadcast_matmul(&down.narrow(1, at, cols)?.contiguous()?.t()?)?;
+        low = Some(match low {
+            Some(l) => (l + block)?,
+            None => block,
+        });
+        at += cols;
+    }
+    low.ok_or_else(|| candle_core::Error::Msg("a layer with no input".into()))
+}
+
+/// The parts `(first column, product)` laid out over `width` columns, zeros where no part
+/// lands; `None` without parts.
+fn spread(parts: Vec<(usize, Tensor)>, width: usize) -> candle_core::Result<Option<Tensor>> {
+    let Some((_, first)) = parts.first() else {
+        return Ok(None);
+    };
+    let (lead, device) = (first.dims().to_vec(), first.device().clone());
+    let zeros = |n: usize| {
+        let mut shape = lead.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Tensor::zeros(shape, DType::F32, &device)
+    };
+    let (mut blocks, mut at) = (Vec::new(), 0);
+    for (col, part) in parts {
+        if col > at {
+            blocks.push(zeros(col - at)?);
+        }
+        at = col + part.dim(D::Minus1)?;
+        blocks.push(part);
+    }
+    if at < width {
+        blocks.push(zeros(width - at)?);
+    }
+    Ok(Some(Tensor::cat(&blocks, D::Minus1)?))
 }
 
 /// Where layers come from: dense safetensors or quantized GGUF weights, by canonical

@@ -21,6 +21,7 @@
 //!
 //! Other devices and dtypes use candle's own ops, so CUDA is unaffected.
 
+mod accumulate;
 mod attention;
 mod dpbf16;
 mod gelu;
@@ -28,6 +29,7 @@ mod linear;
 mod modulate;
 mod winograd;
 
+pub(crate) use accumulate::{add_columns, can_add_columns};
 pub use attention::{QkvPart, flux_attention};
 pub(crate) use dpbf16::available as native_bf16;
 pub use gelu::gelu;
