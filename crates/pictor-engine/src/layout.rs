@@ -300,6 +300,17 @@ pub struct Survey {
 }
 
 impl Survey {
+    /// Each network part with the name users are told (`transformer`, `autoencoder`,
+    /// `CLIP`, `T5`), in that order.
+    pub fn parts(&self) -> [(&'static str, &Result<Part>); 4] {
+        [
+            ("transformer", &self.transformer),
+            ("autoencoder", &self.vae),
+            ("CLIP", &self.clip),
+            ("T5", &self.t5),
+        ]
+    }
+
     /// The model, if every part was found.
     pub fn into_files(self) -> Result<ModelFiles> {
         Ok(ModelFiles {

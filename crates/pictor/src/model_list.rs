@@ -84,12 +84,7 @@ fn state(model: &ModelConfig) -> State {
         Ok(survey) => survey,
         Err(e) => return not_found(e),
     };
-    let parts = [
-        ("transformer", &survey.transformer),
-        ("autoencoder", &survey.vae),
-        ("CLIP", &survey.clip),
-        ("T5", &survey.t5),
-    ];
+    let parts = survey.parts();
     let missing: Vec<&str> = parts
         .iter()
         .filter(|(_, p)| p.is_err())

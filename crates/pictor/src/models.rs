@@ -123,12 +123,7 @@ fn inspect(spec: &str) -> anyhow::Result<()> {
         Err(e) => bail!("{spec}: {e}"),
     };
     println!("{spec}:");
-    let parts = [
-        ("transformer", &survey.transformer),
-        ("autoencoder", &survey.vae),
-        ("CLIP", &survey.clip),
-        ("T5", &survey.t5),
-    ];
+    let parts = survey.parts();
     let mut missing = Vec::new();
     for (label, part) in parts {
         let part = match part {
