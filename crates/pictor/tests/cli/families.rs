@@ -1,7 +1,7 @@
 //! The model families beside FLUX.1-schnell from the command line: FLUX.1-dev's guidance
 //! and a Z-Image-Turbo folder.
 
-use super::{fixture, from_image_of, generate, pictor};
+use super::{fixture, from_image_of, generate, pictor, small_generate};
 
 /// FLUX.1-dev from the command line: `--guidance` reaches the image and its receipt, and
 /// `--from-image` reproduces it at that guidance; schnell refuses a guidance scale.
@@ -184,18 +184,8 @@ fn z_image_quantizes_with_pictor_quantize_and_at_load() {
     );
 
     let at_load = |name: &str| {
-        pictor()
+        small_generate(&z)
             .env("XDG_DATA_HOME", dir.path())
-            .args(["generate", "--model"])
-            .arg(&z)
-            .args([
-                "--prompt",
-                "a red circle",
-                "--size",
-                "64x48",
-                "--steps",
-                "2",
-            ])
             .args(["--quantize", "q8_0", "-o"])
             .arg(dir.path().join(name))
             .output()

@@ -21,6 +21,21 @@ fn pictor() -> Command {
     cmd
 }
 
+/// `pictor generate --model MODEL` of a small red circle (64x48, 2 steps), for a test to
+/// add its own flags to.
+fn small_generate(model: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = pictor();
+    cmd.args(["generate", "--model"]).arg(model).args([
+        "--prompt",
+        "a red circle",
+        "--size",
+        "64x48",
+        "--steps",
+        "2",
+    ]);
+    cmd
+}
+
 fn generate(model: &str, out: &Path, extra: &[&str]) -> std::process::Output {
     pictor()
         .args([

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{fixture, generate, pictor};
+use super::{fixture, generate, pictor, small_generate};
 
 #[test]
 fn quantize_then_inspect_then_generate_from_the_gguf_pair() {
@@ -124,24 +124,14 @@ fn quantize_then_inspect_then_generate_from_the_gguf_pair() {
 fn quantize_at_load_converts_once_and_a_small_budget_is_refused_by_part() {
     let dir = tempfile::tempdir().unwrap();
     let run = |extra: &[&str], config: Option<&str>| {
-        let mut cmd = pictor();
+        let mut cmd = small_generate(fixture());
         cmd.env("XDG_DATA_HOME", dir.path());
         if let Some(text) = config {
             let path = dir.path().join("pictor.toml");
             std::fs::write(&path, text).unwrap();
             cmd.arg("--config").arg(path);
         }
-        cmd.args(["generate", "--model"])
-            .arg(fixture())
-            .args([
-                "--prompt",
-                "a red circle",
-                "--size",
-                "64x48",
-                "--steps",
-                "2",
-                "-o",
-            ])
+        cmd.arg("-o")
             .arg(dir.path().join("q.png"))
             .args(extra)
             .output()
@@ -293,17 +283,7 @@ fn rope_axes_in_the_settings_serve_a_transformer_that_records_none() {
         String::from_utf8_lossy(&served.stderr)
     );
     let reference = dir.path().join("diffusers.png");
-    let run = pictor()
-        .args(["generate", "--model"])
-        .arg(fixture())
-        .args([
-            "--prompt",
-            "a red circle",
-            "--size",
-            "64x48",
-            "--steps",
-            "2",
-        ])
+    let run = small_generate(fixture())
         .args(["--seed", "3", "-o"])
         .arg(&reference)
         .output()

@@ -9,6 +9,7 @@ use std::{
 use super::{
     fake_hub, fixture, generate, pictor,
     serve::{self, ready},
+    small_generate,
 };
 
 /// `pictor models pull ARGS` with the fake Hub, the cache under `home/hf` and the data
@@ -439,21 +440,9 @@ fn a_lora_repo_is_linked_into_the_lora_folder_and_used() {
         std::fs::read(loras.join("pixel-kohya.safetensors")).unwrap()
     );
     let image = home.path().join("out.png");
-    let run = pictor()
+    let run = small_generate(fixture())
         .env("XDG_DATA_HOME", home.path())
-        .args(["generate", "--model"])
-        .arg(fixture())
-        .args([
-            "--prompt",
-            "a red circle",
-            "--size",
-            "64x48",
-            "--steps",
-            "2",
-            "--lora",
-            "pixel:0.8",
-            "-o",
-        ])
+        .args(["--lora", "pixel:0.8", "-o"])
         .arg(&image)
         .output()
         .unwrap();
