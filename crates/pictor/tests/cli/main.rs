@@ -364,30 +364,17 @@ fn loras_on_the_command_line_are_recorded_and_reproduced() {
     let dir = tempfile::tempdir().unwrap();
     let loras = fixture().join("../tiny-loras");
     let run = |args: &[&str], out: &Path| {
-        pictor()
+        small_generate(fixture())
             .env("PICTOR_LORA_DIR", &loras)
-            .args(["generate", "--model", fixture().to_str().unwrap()])
+            .args(["--seed", "3"])
             .args(args)
             .arg("-o")
             .arg(out)
             .output()
             .expect("pictor runs")
     };
-    let base = [
-        "--prompt",
-        "a red circle",
-        "--size",
-        "64x48",
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-    ];
     let styled = dir.path().join("styled.png");
-    let out = run(
-        &[&base[..], &["--lora", "pixel-kohya:0.8"]].concat(),
-        &styled,
-    );
+    let out = run(&["--lora", "pixel-kohya:0.8"], &styled);
     assert!(
         out.status.success(),
         "{}",
@@ -402,9 +389,18 @@ fn loras_on_the_command_line_are_recorded_and_reproduced() {
         ("pixel-kohya", 0.8, 12)
     );
     let plain = dir.path().join("plain.png");
-    assert!(run(&base, &plain).status.success());
+    assert!(run(&[], &plain).status.success());
     let again = dir.path().join("again.png");
-    let out = run(&["--from-image", styled.to_str().unwrap()], &again);
+    let out = pictor()
+        .env("PICTOR_LORA_DIR", &loras)
+        .args(["generate", "--model"])
+        .arg(fixture())
+        .arg("--from-image")
+        .arg(&styled)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .expect("pictor runs");
     assert!(
         out.status.success(),
         "{}",
@@ -417,10 +413,7 @@ fn loras_on_the_command_line_are_recorded_and_reproduced() {
         "--from-image re-applies the LoRA"
     );
     assert_ne!(pixels(&styled), pixels(&plain));
-    let missing = run(
-        &[&base[..], &["--lora", "nope"]].concat(),
-        &dir.path().join("x.png"),
-    );
+    let missing = run(&["--lora", "nope"], &dir.path().join("x.png"));
     assert!(!missing.status.success());
     let said = String::from_utf8_lossy(&missing.stderr);
     assert!(
